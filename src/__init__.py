@@ -1,0 +1,1 @@
+"""Image geolocation in Croatia from four Street View views (LUMEN Data Science 2022)."""

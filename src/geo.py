@@ -1,0 +1,57 @@
+"""Coordinates: EPSG:4326 <-> EPSG:3766 projection, haversine distances, the Croatia border."""
+
+from functools import lru_cache
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import shapely
+import torch
+from pyproj import Transformer
+
+WGS84 = "EPSG:4326"
+CROATIA_CRS = "EPSG:3766"  # HTRS96 / Croatia LCC, metres
+EARTH_RADIUS_KM = 6371.0088  # IUGG mean radius
+BORDER_FILE = Path(__file__).resolve().parent.parent / "data" / "croatia.geojson"
+
+
+@lru_cache(maxsize=None)
+def _transformer(source: str, target: str) -> Transformer:
+    return Transformer.from_crs(source, target, always_xy=True)
+
+
+def project(lat, lng) -> tuple[np.ndarray, np.ndarray]:
+    """Latitude/longitude in degrees (arrays or scalars) to EPSG:3766 x/y in metres."""
+    x, y = _transformer(WGS84, CROATIA_CRS).transform(np.asarray(lng, float), np.asarray(lat, float))
+    return np.asarray(x), np.asarray(y)
+
+
+def unproject(x, y) -> tuple[np.ndarray, np.ndarray]:
+    """EPSG:3766 x/y in metres to latitude/longitude in degrees."""
+    lng, lat = _transformer(CROATIA_CRS, WGS84).transform(np.asarray(x, float), np.asarray(y, float))
+    return np.asarray(lat), np.asarray(lng)
+
+
+def haversine_km(lat1, lng1, lat2, lng2) -> np.ndarray:
+    """Great-circle distance in km between points given in degrees (numpy, broadcasting)."""
+    lat1, lng1, lat2, lng2 = (np.radians(np.asarray(v, float)) for v in (lat1, lng1, lat2, lng2))
+    a = np.sin((lat2 - lat1) / 2) ** 2 + np.cos(lat1) * np.cos(lat2) * np.sin((lng2 - lng1) / 2) ** 2
+    return 2 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(np.clip(a, 0.0, 1.0)))
+
+
+def haversine_km_torch(lat1: torch.Tensor, lng1: torch.Tensor, lat2: torch.Tensor, lng2: torch.Tensor) -> torch.Tensor:
+    """Great-circle distance in km (torch, batched, differentiable away from zero distance)."""
+    lat1, lng1, lat2, lng2 = (torch.deg2rad(v) for v in (lat1, lng1, lat2, lng2))
+    a = torch.sin((lat2 - lat1) / 2) ** 2 + torch.cos(lat1) * torch.cos(lat2) * torch.sin((lng2 - lng1) / 2) ** 2
+    # clamp keeps sqrt/asin finite (and their gradients) at 0 and antipodes
+    return 2 * EARTH_RADIUS_KM * torch.asin(torch.sqrt(a.clamp(1e-12, 1.0)))
+
+
+@lru_cache(maxsize=4)
+def load_border(mainland_only: bool = False, crs: str = WGS84) -> shapely.MultiPolygon | shapely.Polygon:
+    """Croatia's border (Natural Earth 1:10m) in `crs`; `mainland_only` keeps the largest polygon."""
+    border = gpd.read_file(BORDER_FILE).to_crs(crs).geometry.union_all()
+    if mainland_only and isinstance(border, shapely.MultiPolygon):
+        border = max(border.geoms, key=lambda part: part.area)
+    shapely.prepare(border)
+    return border
