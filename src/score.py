@@ -1,0 +1,242 @@
+"""Score a submission CSV against ground truth: km error statistics and a GeoGuessr-style score.
+
+    python -m src.score SUBMISSION TRUTH [--allow-missing] [--split test]
+
+The GeoGuessr score of one guess is 5000 * exp(-d / s) with d the great-circle error in km.
+GeoGuessr scales s with the map: s = (diagonal of the map's bounding box) / 10. For Croatia
+(Natural Earth border, bounding box 13.50-19.41 E, 42.42-46.55 N) the diagonal is 655.8 km,
+so s = 65.6 km: a guess 65.6 km off scores 5000/e = 1839, one 10 km off scores 4291.
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tabulate import tabulate
+
+from src.errors import UserError, run_cli
+from src.geo import haversine_km, load_border
+
+SUBMISSION_COLUMNS = ["uuid", "latitude", "longitude"]
+WITHIN_KM = (1, 5, 25, 100)
+GEOGUESSR_MAX = 5000.0
+
+
+@lru_cache(maxsize=1)
+def geoguessr_scale_km() -> float:
+    """GeoGuessr's distance scale s for a Croatia-sized map: bounding-box diagonal of the border / 10."""
+    lng_min, lat_min, lng_max, lat_max = load_border().bounds
+    return float(haversine_km(lat_min, lng_min, lat_max, lng_max)) / 10.0
+
+
+def geoguessr_score(distances_km, scale_km: float | None = None) -> np.ndarray:
+    """Per-guess GeoGuessr-style points 5000 * exp(-d / s) (s defaults to Croatia's scale)."""
+    scale_km = geoguessr_scale_km() if scale_km is None else scale_km
+    return GEOGUESSR_MAX * np.exp(-np.asarray(distances_km, float) / scale_km)
+
+
+def summarize_km(distances_km, scale_km: float | None = None) -> dict[str, float]:
+    """Error statistics of great-circle distances in km.
+
+    Keys: count, mean_km, median_km, p90_km, within_{1,5,25,100}km (shares in 0..1), geoguessr
+    (mean points per location, 0..5000).
+    """
+    d = np.asarray(distances_km, float).ravel()
+    if d.size == 0:
+        raise ValueError("summarize_km needs at least one distance")
+    stats = {
+        "count": int(d.size),
+        "mean_km": float(d.mean()),
+        "median_km": float(np.median(d)),
+        "p90_km": float(np.percentile(d, 90)),
+    }
+    for km in WITHIN_KM:
+        stats[f"within_{km}km"] = float((d <= km).mean())
+    stats["geoguessr"] = float(geoguessr_score(d, scale_km).mean())
+    return stats
+
+
+def format_summary(stats: dict[str, float], scale_km: float | None = None) -> str:
+    """A two-column tabulate table of `summarize_km` output."""
+    scale_km = geoguessr_scale_km() if scale_km is None else scale_km
+    rows = [
+        ["locations", f"{stats['count']:d}"],
+        ["mean km", f"{stats['mean_km']:.2f}"],
+        ["median km", f"{stats['median_km']:.2f}"],
+        ["p90 km", f"{stats['p90_km']:.2f}"],
+    ]
+    rows += [[f"within {km} km", f"{100 * stats[f'within_{km}km']:.1f}%"] for km in WITHIN_KM]
+    rows.append([f"GeoGuessr score (s={scale_km:.1f} km)", f"{stats['geoguessr']:.0f} / 5000"])
+    return tabulate(rows, headers=["metric", "value"], tablefmt="github")
+
+
+def read_locations(path: str | Path, what: str) -> pd.DataFrame:
+    """Read uuid/latitude/longitude (extra columns kept) from a CSV, validating every row.
+
+    `what` names the file's role ("submission", "truth") in error messages.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: {what} file not found; pass the path of a CSV with columns uuid,latitude,longitude")
+    try:
+        frame = pd.read_csv(path, dtype={"uuid": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        raise UserError(f"{path}: not a readable CSV ({error}); expected columns uuid,latitude,longitude") from None
+    missing = [c for c in SUBMISSION_COLUMNS if c not in frame.columns]
+    if missing:
+        raise UserError(
+            f"{path}: {what} lacks column(s) {', '.join(missing)} (has {', '.join(map(str, frame.columns))}); "
+            "the header must name uuid,latitude,longitude"
+        )
+    if frame.empty:
+        raise UserError(f"{path}: {what} has a header but no rows")
+    # CSV row numbers: header is line 1, so data row i is line i + 2
+    for column in ("latitude", "longitude"):
+        values = pd.to_numeric(frame[column], errors="coerce")
+        bad = values.isna() | ~np.isfinite(values.to_numpy(float, na_value=np.nan))
+        if bad.any():
+            i = int(np.flatnonzero(bad.to_numpy())[0])
+            raise UserError(
+                f"{path}: line {i + 2} (uuid {frame['uuid'].iloc[i]}): {column} {frame[column].iloc[i]!r} is not a "
+                f"number ({int(bad.sum())} such row(s)); every row needs numeric coordinates in degrees"
+            )
+        frame[column] = values.astype(float)
+    limits = {"latitude": 90.0, "longitude": 180.0}
+    for column, limit in limits.items():
+        bad = frame[column].abs() > limit
+        if bad.any():
+            i = int(np.flatnonzero(bad.to_numpy())[0])
+            raise UserError(
+                f"{path}: line {i + 2}: {column} {frame[column].iloc[i]} is outside +-{limit:g}; "
+                "coordinates must be WGS84 degrees (are latitude and longitude swapped or projected?)"
+            )
+    if frame["uuid"].isna().any():
+        i = int(np.flatnonzero(frame["uuid"].isna().to_numpy())[0])
+        raise UserError(f"{path}: line {i + 2}: empty uuid; every row needs the location's uuid")
+    frame["uuid"] = frame["uuid"].str.strip()
+    duplicated = frame["uuid"].duplicated(keep=False)
+    if duplicated.any():
+        dups = sorted(frame.loc[duplicated, "uuid"].unique())
+        raise UserError(
+            f"{path}: {len(dups)} uuid(s) appear more than once (e.g. {dups[0]}); give one row per location"
+        )
+    return frame
+
+
+@dataclass
+class Scored:
+    """Per-location errors of a submission against truth, plus the uuids that did not match."""
+
+    errors: pd.DataFrame  # uuid, true_lat, true_lng, pred_lat, pred_lng, error_km (sorted by uuid)
+    missing: list[str]  # truth uuids with no submission row
+    extra: list[str]  # submission uuids not in truth
+
+
+def match_and_measure(submission: pd.DataFrame, truth: pd.DataFrame, allow_missing: bool = False,
+                      where: str = "submission vs truth") -> Scored:
+    """Join submission and truth on uuid and compute each location's great-circle error in km.
+
+    A differing uuid set raises UserError unless `allow_missing`, which scores the common uuids.
+    """
+    sub_ids, truth_ids = set(submission["uuid"]), set(truth["uuid"])
+    missing, extra = sorted(truth_ids - sub_ids), sorted(sub_ids - truth_ids)
+    if (missing or extra) and not allow_missing:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} of {len(truth_ids)} truth uuid(s) have no submission row (e.g. {missing[0]})")
+        if extra:
+            parts.append(f"{len(extra)} submission uuid(s) are not in truth (e.g. {extra[0]})")
+        raise UserError(
+            f"{where}: uuid sets differ: {'; '.join(parts)}; score against the matching truth "
+            "file (or --split), or pass --allow-missing for a partial score"
+        )
+    joined = truth[SUBMISSION_COLUMNS].merge(submission[SUBMISSION_COLUMNS], on="uuid", suffixes=("_true", "_pred"))
+    if joined.empty:
+        raise UserError(f"{where}: no uuid in common; are these files for the same locations?")
+    joined = joined.sort_values("uuid", ignore_index=True)
+    errors = pd.DataFrame({
+        "uuid": joined["uuid"],
+        "true_lat": joined["latitude_true"], "true_lng": joined["longitude_true"],
+        "pred_lat": joined["latitude_pred"], "pred_lng": joined["longitude_pred"],
+    })
+    errors["error_km"] = haversine_km(errors["true_lat"], errors["true_lng"], errors["pred_lat"], errors["pred_lng"])
+    return Scored(errors=errors, missing=missing, extra=extra)
+
+
+def score_files(submission_path: str | Path, truth_path: str | Path, allow_missing: bool = False,
+                split: str | None = None) -> tuple[Scored, dict[str, float]]:
+    """Read, validate, match and summarize a submission against a truth CSV (optionally one split of it)."""
+    submission = read_locations(submission_path, "submission")
+    truth = read_locations(truth_path, "truth")
+    if split is not None:
+        if "split" not in truth.columns:
+            raise UserError(f"{truth_path}: --split {split} given but the file has no split column; "
+                            "use an enriched CSV or drop --split")
+        truth = truth[truth["split"] == split]
+        if truth.empty:
+            raise UserError(f"{truth_path}: no row has split == {split!r}; splits present: train, val, test")
+    scored = match_and_measure(submission, truth, allow_missing,
+                               where=f"{submission_path} vs {truth_path}")
+    return scored, summarize_km(scored.errors["error_km"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m src.score",
+        description="Score a submission (uuid,latitude,longitude) against truth: km statistics and GeoGuessr score.",
+    )
+    parser.add_argument("submission", help="submission CSV: uuid,latitude,longitude")
+    parser.add_argument("truth", help="truth CSV with uuid,latitude,longitude (a data.csv or an enriched CSV)")
+    parser.add_argument("--allow-missing", action="store_true",
+                        help="score only the uuids present in both files instead of stopping on a mismatch")
+    parser.add_argument("--split", choices=["train", "val", "test"],
+                        help="only the truth rows of this split (needs a split column)")
+    parser.add_argument("--errors-out", type=Path,
+                        help="also write the per-location errors (uuid, true/pred lat/lng, error_km) to this CSV")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    return parser
+
+
+def write_csv_atomic(frame: pd.DataFrame, path: str | Path, float_format: str | None = None) -> None:
+    """Write `frame` to `path` via a temporary file in the same directory and os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="") as handle:
+            frame.to_csv(handle, index=False, float_format=float_format)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    """CLI: print the score table; the last stdout line is `mean_km: <value>`."""
+    args = build_parser().parse_args(argv)
+    scored, stats = score_files(args.submission, args.truth, args.allow_missing, args.split)
+    if scored.missing:
+        total = stats["count"] + len(scored.missing)
+        print(f"warning: partial score: {len(scored.missing)} of {total} truth location(s) have no submission row "
+              f"(first: {', '.join(scored.missing[:5])})", file=sys.stderr)
+    if scored.extra:
+        print(f"warning: ignored {len(scored.extra)} submission row(s) whose uuid is not in the truth file "
+              f"(first: {', '.join(scored.extra[:5])})", file=sys.stderr)
+    if args.errors_out:
+        write_csv_atomic(scored.errors, args.errors_out)
+        print(f"per-location errors: {args.errors_out}", file=sys.stderr)
+    print(format_summary(stats))
+    if scored.missing:
+        print(f"partial: {len(scored.missing)} missing of {stats['count'] + len(scored.missing)}")
+    print(f"mean_km: {stats['mean_km']:.4f}")
+    return stats
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,123 @@
+"""Score: km statistics and GeoGuessr points on hand-made submissions with known distances."""
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from src.errors import UserError
+from src.score import geoguessr_scale_km, main, score_files, summarize_km
+
+REPO = Path(__file__).resolve().parent.parent
+EARTH_RADIUS_KM = 6371.0088
+KM_PER_DEG_LAT = math.pi * EARTH_RADIUS_KM / 180  # along a meridian the great circle is exact: 111.195 km
+
+
+def write(path: Path, rows: list[tuple], columns=("uuid", "latitude", "longitude")) -> Path:
+    pd.DataFrame(rows, columns=list(columns)).to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture
+def files(tmp_path):
+    """Truth at (45, 16); predictions 0, 0.01, 0.1 and 1 degree further north (rows shuffled)."""
+    truth = write(tmp_path / "truth.csv", [("a", 45.0, 16.0), ("b", 45.0, 16.0), ("c", 45.0, 16.0), ("d", 45.0, 16.0)])
+    sub = write(tmp_path / "sub.csv", [("d", 46.0, 16.0), ("a", 45.0, 16.0), ("c", 45.1, 16.0), ("b", 45.01, 16.0)])
+    expected = np.array([0.0, 0.01, 0.1, 1.0]) * KM_PER_DEG_LAT  # a, b, c, d
+    return sub, truth, expected
+
+
+def test_scale_is_a_tenth_of_croatias_bounding_box_diagonal():
+    # Croatia spans about 13.5-19.4 E and 42.4-46.55 N: a diagonal of roughly 650-660 km
+    assert 64.0 < geoguessr_scale_km() < 67.0
+
+
+def test_statistics_on_known_distances(files):
+    sub, truth, expected = files
+    scored, stats = score_files(sub, truth)
+    assert list(scored.errors["uuid"]) == ["a", "b", "c", "d"]
+    np.testing.assert_allclose(scored.errors["error_km"], expected, atol=1e-6)
+    assert stats["count"] == 4
+    assert stats["mean_km"] == pytest.approx(expected.mean(), abs=1e-6)
+    assert stats["median_km"] == pytest.approx((expected[1] + expected[2]) / 2, abs=1e-6)
+    # p90 of 4 sorted values (linear interpolation): position 0.9 * 3 = 2.7
+    assert stats["p90_km"] == pytest.approx(expected[2] + 0.7 * (expected[3] - expected[2]), abs=1e-6)
+    # 1.11 km is not within 1 km; 11.1 km is within 25 but 111 km not within 100
+    assert (stats["within_1km"], stats["within_5km"], stats["within_25km"], stats["within_100km"]) == (
+        0.25, 0.5, 0.75, 0.75)
+    s = geoguessr_scale_km()
+    assert stats["geoguessr"] == pytest.approx(np.mean([5000 * math.exp(-d / s) for d in expected]), rel=1e-9)
+
+
+def test_geoguessr_points_at_zero_and_at_the_scale():
+    s = geoguessr_scale_km()
+    assert summarize_km([0.0])["geoguessr"] == pytest.approx(5000.0)
+    assert summarize_km([s])["geoguessr"] == pytest.approx(5000 / math.e)
+    assert summarize_km([10.0], scale_km=10.0)["geoguessr"] == pytest.approx(5000 / math.e)
+
+
+def test_cli_prints_table_and_mean_last(files, capsys):
+    sub, truth, expected = files
+    main([str(sub), str(truth)])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1] == f"mean_km: {expected.mean():.4f}"
+    text = "\n".join(out)
+    for label in ("median km", "p90 km", "within 1 km", "within 100 km", "GeoGuessr score (s=65."):
+        assert label in text
+
+
+def test_uuid_mismatch_is_an_error_unless_allowed(tmp_path, files, capsys):
+    sub, truth, expected = files
+    short = write(tmp_path / "short.csv", [("a", 45.0, 16.0), ("d", 46.0, 16.0)])
+    with pytest.raises(UserError, match=r"2 of 4 truth uuid\(s\) have no submission row"):
+        score_files(short, truth)
+    stats = main([str(short), str(truth), "--allow-missing"])
+    assert stats["count"] == 2
+    assert stats["mean_km"] == pytest.approx((expected[0] + expected[3]) / 2, abs=1e-6)
+    captured = capsys.readouterr()
+    assert "partial score: 2 of 4 truth location(s)" in captured.err
+    assert "partial: 2 missing of 4" in captured.out
+    extra = write(tmp_path / "extra.csv", [("a", 45.0, 16.0), ("b", 45.0, 16.0), ("c", 45.0, 16.0),
+                                           ("d", 45.0, 16.0), ("zzz", 45.0, 16.0)])
+    with pytest.raises(UserError, match=r"1 submission .* not in truth"):
+        score_files(extra, truth)
+
+
+@pytest.mark.parametrize("rows, columns, message", [
+    ([("a", 45.0, 16.0)], ("uuid", "lat", "lng"), "lacks column"),
+    ([("a", "north", 16.0)], ("uuid", "latitude", "longitude"), "line 2 .* latitude 'north' is not a number"),
+    ([("a", 45.0, 16.0), ("a", 45.1, 16.0)], ("uuid", "latitude", "longitude"), "appear more than once"),
+    ([("a", 4995000.0, 16.0)], ("uuid", "latitude", "longitude"), "outside"),
+])
+def test_malformed_submission_is_a_user_error(tmp_path, files, rows, columns, message):
+    _, truth, _ = files
+    bad = write(tmp_path / "bad.csv", rows, columns)
+    with pytest.raises(UserError, match=message):
+        score_files(bad, truth, allow_missing=True)
+
+
+def test_split_filters_an_enriched_truth(tmp_path):
+    truth = write(tmp_path / "enriched.csv",
+                  [("a", 45.0, 16.0, "train"), ("b", 45.0, 16.0, "test"), ("c", 45.0, 16.0, "test")],
+                  ("uuid", "latitude", "longitude", "split"))
+    sub = write(tmp_path / "sub.csv", [("b", 45.5, 16.0), ("c", 45.0, 16.0)])
+    scored, stats = score_files(sub, truth, split="test")
+    assert stats["count"] == 2
+    assert stats["mean_km"] == pytest.approx(0.25 * KM_PER_DEG_LAT, abs=1e-6)
+
+
+def test_command_line_exit_codes(files, tmp_path):
+    sub, truth, expected = files
+    ok = subprocess.run([sys.executable, "-m", "src.score", str(sub), str(truth)], cwd=REPO,
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.strip().splitlines()[-1] == f"mean_km: {expected.mean():.4f}"
+    short = write(tmp_path / "short.csv", [("a", 45.0, 16.0)])
+    bad = subprocess.run([sys.executable, "-m", "src.score", str(short), str(truth)], cwd=REPO,
+                         capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert bad.stderr.startswith("error: ") and len(bad.stderr.strip().splitlines()) == 1
