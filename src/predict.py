@@ -1,0 +1,292 @@
+"""Predict a location for every folder of a test set: a `uuid,latitude,longitude` CSV, sorted by uuid.
+
+    python -m src.predict [--checkpoint PATH ...] [--images DIR] [--tta] [--batch-size N] > submission.csv
+
+Without --checkpoint the newest best checkpoint under reports/ is used; without --images the test
+split of that checkpoint's run. Several checkpoints form an ensemble: their predictions are averaged
+in EPSG:3766 metres. --tta also averages over the mirrored quadruplet (see `mirror_quadruplet`).
+Every location gets a row: unreadable views are replaced by readable views of the same location, and
+a location without any readable view gets the training prior (train-mean location); both are listed
+on stderr. stdout carries only the CSV.
+"""
+
+import argparse
+import contextlib
+import io
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from src.errors import UserError, run_cli
+from src.geo import project, unproject
+from src.images import VIEWS, check_image, load_image, view_paths
+from src.score import write_csv_atomic
+
+REPORTS_DIR = Path(__file__).resolve().parent.parent / "reports"
+# a missing view is replaced by the first readable one in this order: its neighbours, then the opposite view
+SUBSTITUTE_ORDER = {i: [(i + 1) % 4, (i + 3) % 4, (i + 2) % 4] for i in range(4)}
+
+
+def mirror_quadruplet(views: torch.Tensor) -> torch.Tensor:
+    """The mirror image of a scene: every view flipped horizontally and the 90 and 270 views swapped.
+
+    `views` is [..., 4, C, H, W] in view order 0, 90, 180, 270. Mirroring the world left-right keeps the
+    0 and 180 headings but exchanges what is on the right (90) with what is on the left (270).
+    """
+    flipped = torch.flip(views, dims=[-1])
+    return flipped[..., [0, 3, 2, 1], :, :, :]
+
+
+def latest_checkpoint(reports_dir: str | Path = REPORTS_DIR) -> Path:
+    """The most recently written best checkpoint (`*best*.ckpt`) under `reports_dir`."""
+    candidates = [p for p in Path(reports_dir).glob("**/checkpoints/*.ckpt") if "best" in p.name]
+    if not candidates:
+        raise UserError(
+            f"{reports_dir}: no best checkpoint (reports/<run>/version_N/checkpoints/*best*.ckpt) found; "
+            "train one with `python -m src.train --approach classification` or pass --checkpoint PATH"
+        )
+    return max(candidates, key=lambda p: p.stat().st_mtime)
+
+
+def load_model(path: str | Path, device: str = "cpu"):
+    """A GeoModel from a checkpoint, in eval mode on `device`."""
+    from src.model import GeoModel
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--checkpoint {path}: file not found; pass a .ckpt written by src.train")
+    try:
+        model = GeoModel.load_from_checkpoint(path, map_location=device)
+    except (KeyError, RuntimeError, EOFError, ValueError) as error:
+        raise UserError(f"--checkpoint {path}: not a GeoModel checkpoint ({type(error).__name__}: {error}); "
+                        "pass a .ckpt written by src.train") from None
+    return model.to(device).eval()
+
+
+def locations_from_images(images: str | Path) -> list[tuple[str, Path]]:
+    """(uuid, folder) of every location folder of a dataset dir (data/ or images/ inside) or a folder of uuids."""
+    from src.ingest import find_image_root, list_location_dirs
+
+    images = Path(images)
+    if not images.is_dir():
+        raise UserError(f"--images {images}: not a directory; pass a dataset dir or a dir of uuid folders")
+    found = list_location_dirs(find_image_root(images))
+    if not found:
+        raise UserError(f"--images {images}: no location folders found (expected <uuid>/0.jpg ... 270.jpg, "
+                        "directly or under data/ or images/)")
+    return sorted((str(uuid), Path(folder)) for uuid, folder in found.items())
+
+
+def locations_from_checkpoint(model, checkpoint: Path) -> list[tuple[str, Path]]:
+    """The (uuid, folder) pairs of the test split recorded in a checkpoint's hparams."""
+    test_locations = model.hparams.get("test_locations")
+    if not test_locations:
+        raise UserError(f"--checkpoint {checkpoint}: records no test split (test_locations); pass --images DIR")
+    return sorted((str(uuid), Path(folder)) for uuid, folder in test_locations)
+
+
+@dataclass
+class ViewIssues:
+    """Data defects met while predicting: replaced views and locations that fell back to the prior."""
+
+    replaced: list[str] = field(default_factory=list)  # "uuid view: reason -> used view"
+    no_views: list[str] = field(default_factory=list)  # uuids predicted at the prior
+
+    def report(self, prior: tuple[float, float]) -> list[str]:
+        lines = []
+        if self.replaced:
+            lines.append(f"warning: replaced {len(self.replaced)} missing/unreadable view(s) by another view "
+                         "of the same location:")
+            lines += [f"  {item}" for item in self.replaced]
+        if self.no_views:
+            lines.append(f"warning: {len(self.no_views)} location(s) have no readable view and get the training "
+                         f"prior ({prior[0]:.5f}, {prior[1]:.5f}):")
+            lines += [f"  {uuid}" for uuid in self.no_views]
+        return lines
+
+
+class QuadrupletFolders(Dataset):
+    """Location folders -> per image size a [4, 3, S, S] tensor whose unreadable views are None.
+
+    Item: (uuid, {size: [tensor or None] * 4}, [reason or None] * 4). The collate fills the gaps.
+    """
+
+    def __init__(self, locations: list[tuple[str, Path]], image_sizes: list[int]):
+        from src.data import eval_transform
+
+        self.locations = locations
+        self.image_sizes = sorted(set(image_sizes))
+        self.transforms = {size: eval_transform(size) for size in self.image_sizes}
+
+    def __len__(self) -> int:
+        return len(self.locations)
+
+    def __getitem__(self, index: int):
+        uuid, folder = self.locations[index]
+        views = {size: [None] * 4 for size in self.image_sizes}
+        reasons: list[str | None] = [None] * 4
+        for i, path in enumerate(view_paths(folder)):
+            reasons[i] = check_image(path)
+            if reasons[i] is not None:
+                continue
+            try:
+                for size in self.image_sizes:
+                    views[size][i] = self.transforms[size](load_image(path, size))
+            except Exception as error:  # a file that passes the header check can still fail to decode
+                reasons[i] = f"decode failed ({type(error).__name__})"
+                for size in self.image_sizes:
+                    views[size][i] = None
+        return uuid, views, reasons
+
+
+def collate_quadruplets(items):
+    """Batch items of QuadrupletFolders, replacing each unreadable view by a readable view of its location.
+
+    Returns (uuids, {size: Tensor[B, 4, 3, S, S]}, has_views: bool Tensor[B], replaced: list[str]).
+    A location with no readable view gets zeros and has_views False (its prediction is replaced by the prior).
+    """
+    uuids, batches, has_views, replaced = [], {}, [], []
+    sizes = list(items[0][1].keys())
+    per_size = {size: [] for size in sizes}
+    for uuid, views, reasons in items:
+        uuids.append(uuid)
+        readable = [i for i in range(4) if reasons[i] is None]
+        has_views.append(bool(readable))
+        for i in range(4):
+            if reasons[i] is not None and readable:
+                source = next(j for j in SUBSTITUTE_ORDER[i] if j in readable)
+                replaced.append(f"{uuid} {VIEWS[i]}.jpg: {reasons[i]} -> used {VIEWS[source]}.jpg")
+        for size in sizes:
+            filled = []
+            for i in range(4):
+                if reasons[i] is None:
+                    filled.append(views[size][i])
+                elif readable:
+                    filled.append(views[size][next(j for j in SUBSTITUTE_ORDER[i] if j in readable)])
+                else:
+                    filled.append(torch.zeros(3, size, size))
+            per_size[size].append(torch.stack(filled))
+    for size in sizes:
+        batches[size] = torch.stack(per_size[size])
+    return uuids, batches, torch.tensor(has_views), replaced
+
+
+@torch.no_grad()
+def predict_xy(model, views: torch.Tensor, tta: bool = False) -> torch.Tensor:
+    """EPSG:3766 x/y [B, 2] of one model; with `tta` the mean over the quadruplet and its mirror."""
+    xy = model.predict_xy(views)
+    if tta:
+        xy = (xy + model.predict_xy(mirror_quadruplet(views))) / 2
+    return xy.double()
+
+
+def ensemble_prior(models) -> tuple[float, float]:
+    """The models' training priors averaged in EPSG:3766, as (lat, lng)."""
+    x, y = project([m.hparams["prior_lat"] for m in models], [m.hparams["prior_lng"] for m in models])
+    lat, lng = unproject(np.mean(x), np.mean(y))
+    return float(lat), float(lng)
+
+
+def predict_locations(models, locations: list[tuple[str, Path]], tta: bool = False, batch_size: int = 32,
+                      num_workers: int = 0, device: str = "cpu", progress: bool = True
+                      ) -> tuple[pd.DataFrame, ViewIssues]:
+    """Stream `locations` through the ensemble `models`; one row (uuid, latitude, longitude) per location.
+
+    Coordinates are averaged over models (and the TTA mirror) in EPSG:3766, then converted to degrees.
+    """
+    sizes = [int(m.hparams["image_size"]) for m in models]
+    loader = DataLoader(QuadrupletFolders(locations, sizes), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers, collate_fn=collate_quadruplets,
+                        pin_memory=device.startswith("cuda"))
+    prior = ensemble_prior(models)
+    prior_xy = np.array(project(prior[0], prior[1]), float)
+    issues = ViewIssues()
+    all_uuids, all_xy = [], []
+    for uuids, batches, has_views, replaced in tqdm(loader, desc="predict", unit="batch", file=sys.stderr,
+                                                    disable=not progress):
+        xy = torch.zeros(len(uuids), 2, dtype=torch.float64)
+        for model, size in zip(models, sizes):
+            xy += predict_xy(model, batches[size].to(device, non_blocking=True), tta).cpu()
+        xy = (xy / len(models)).numpy()
+        xy[~has_views.numpy()] = prior_xy
+        issues.replaced += replaced
+        issues.no_views += [u for u, ok in zip(uuids, has_views.tolist()) if not ok]
+        all_uuids += uuids
+        all_xy.append(xy)
+    xy = np.concatenate(all_xy)
+    lat, lng = unproject(xy[:, 0], xy[:, 1])
+    frame = pd.DataFrame({"uuid": all_uuids, "latitude": lat, "longitude": lng})
+    return frame.sort_values("uuid", ignore_index=True), issues
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m src.predict",
+        description="Write uuid,latitude,longitude for every location folder (CSV on stdout or --out).",
+    )
+    parser.add_argument("--checkpoint", type=Path, nargs="+", action="extend",
+                        help="checkpoint(s); several form an ensemble averaged in EPSG:3766 "
+                             "(default: the newest *best*.ckpt under reports/)")
+    parser.add_argument("--images", type=Path,
+                        help="dataset dir (with data/ or images/) or a dir of uuid folders; no CSV needed "
+                             "(default: the test split of the (first) checkpoint's run)")
+    parser.add_argument("--tta", action="store_true",
+                        help="also predict the mirrored quadruplet (views flipped, 90/270 swapped) and average")
+    parser.add_argument("--batch-size", type=int, default=32, help="locations per batch (default: 32)")
+    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--out", type=Path, help="write the CSV here (atomically) instead of stdout")
+    parser.add_argument("--reports-dir", type=Path, default=REPORTS_DIR,
+                        help="where to look for the newest best checkpoint (default: reports/)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> pd.DataFrame:
+    """CLI: predictions as CSV on stdout (or --out); logs, progress and warnings on stderr."""
+    args = build_parser().parse_args(argv)
+    if args.batch_size < 1 or args.num_workers < 0:
+        raise UserError("--batch-size must be >= 1 and --num-workers >= 0")
+    stdout = sys.stdout
+    # anything a library prints while loading or predicting must not end up in the CSV
+    with contextlib.redirect_stdout(sys.stderr):
+        checkpoints = args.checkpoint or [latest_checkpoint(args.reports_dir)]
+        models = []
+        for path in checkpoints:
+            models.append(load_model(path, args.device))
+            hp = models[-1].hparams
+            print(f"checkpoint {path}: {hp.get('approach')} {hp.get('backbone')} {hp.get('image_size')} px",
+                  file=sys.stderr)
+        if args.images is not None:
+            locations = locations_from_images(args.images)
+            source = f"--images {args.images}"
+        else:
+            locations = locations_from_checkpoint(models[0], checkpoints[0])
+            source = f"the test split of {checkpoints[0]}"
+        print(f"predicting {len(locations)} location(s) from {source}"
+              f"{' with TTA' if args.tta else ''}{f', ensemble of {len(models)}' if len(models) > 1 else ''}",
+              file=sys.stderr)
+        frame, issues = predict_locations(models, locations, args.tta, args.batch_size, args.num_workers,
+                                          args.device)
+        for line in issues.report(ensemble_prior(models)):
+            print(line, file=sys.stderr)
+    if args.out is not None:
+        write_csv_atomic(frame, args.out, float_format="%.7f")
+        print(f"wrote {len(frame)} rows to {args.out}", file=sys.stderr)
+    else:
+        buffer = io.StringIO()
+        frame.to_csv(buffer, index=False, float_format="%.7f")
+        stdout.write(buffer.getvalue())
+        stdout.flush()
+    return frame
+
+
+if __name__ == "__main__":
+    run_cli(main)
