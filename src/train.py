@@ -1,0 +1,245 @@
+"""Train a quadruplet geolocation model (classification or regression) with Lightning.
+
+    python -m src.train --approach classification [--dataset-dirs DIR ...] [options]
+
+Without --dataset-dirs the synthetic demo dataset in data/demo is used (generated when missing).
+Logs and checkpoints go to <out-dir>/<run-name>/version_N/ (TensorBoard); the test split's metrics
+print as a table and the last stdout line is `checkpoint: <best checkpoint>`.
+"""
+
+import argparse
+import contextlib
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.loggers import TensorBoardLogger
+from tabulate import tabulate
+
+from src import geo
+from src.backbones import default_backbone, list_backbones
+from src.data import AUGMENT_CHOICES, GeoDataModule
+from src.enrich import add_enrich_arguments, enrich_from_args
+from src.errors import UserError, run_cli
+from src.model import APPROACHES, CENTROID_KINDS, OPTIMIZERS, SCHEDULERS, FreezeThenUnfreeze, GeoModel
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_DIR = ROOT / "data" / "demo"
+DEFAULT_CACHE_DIR = ROOT / "data" / "cache" / "features"
+# defaults that depend on the situation: (backbone, image size, epochs, unfreeze epoch; -1 = never)
+DEMO_DEFAULTS = {"backbone": "efficientnet_lite0", "image_size": 96, "epochs": 30, "unfreeze_at_epoch": -1}
+CPU_DEFAULTS = {"image_size": 224, "epochs": 20, "unfreeze_at_epoch": 12}
+GPU_DEFAULTS = {"image_size": 224, "epochs": 20, "unfreeze_at_epoch": 5}
+QUICK_DEFAULTS = {"image_size": 64, "epochs": 2}
+
+
+def say(message: str) -> None:
+    """A progress/log line on stderr."""
+    print(message, file=sys.stderr, flush=True)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temporary file in the same folder, then renamed into place."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(handle, "wb") as file:
+                torch.save(checkpoint, file)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The train CLI's argument parser (enrich's data options included)."""
+    parser = argparse.ArgumentParser(prog="python -m src.train", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--approach", choices=APPROACHES, required=True, help="predict a grid class or x/y directly")
+    add_enrich_arguments(parser)
+    model = parser.add_argument_group("model")
+    model.add_argument("--backbone", choices=list_backbones(), default=None,
+                       help="default: resnext101_32x8d with a GPU, efficientnet_lite0 on CPU")
+    model.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
+                       help="start from ImageNet weights")
+    model.add_argument("--image-size", type=int, default=None,
+                       help="input side in pixels (default: 224; 96 on the demo set; 64 with --quick)")
+    model.add_argument("--centroids", choices=CENTROID_KINDS, default="weighted",
+                       help="class centroids averaged by the classification prediction")
+    model.add_argument("--topk", type=int, default=0, help="average only the k most likely classes (0: all)")
+    model.add_argument("--hidden", type=int, default=512, help="hidden units of the head (0: linear head)")
+    model.add_argument("--dropout", type=float, default=0.2, help="dropout in the head")
+    opt = parser.add_argument_group("optimisation")
+    opt.add_argument("--epochs", type=int, default=None, help="default: 20; 30 on the demo set; 2 with --quick")
+    opt.add_argument("--batch-size", type=int, default=32, help="locations per batch (4 images each)")
+    opt.add_argument("--lr", type=float, default=1e-3, help="learning rate of the head")
+    opt.add_argument("--lr-finetune", type=float, default=1e-4, help="learning rate of the unfrozen backbone")
+    opt.add_argument("--unfreeze-at-epoch", type=int, default=None,
+                     help="epoch at which the backbone unfreezes, -1 never (default: 12 CPU, 5 GPU, never on the demo set)")
+    opt.add_argument("--unfreeze-blocks", type=int, default=0,
+                     help="unfreeze only the backbone's last N stages (0: all)")
+    opt.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
+    opt.add_argument("--weight-decay", type=float, default=1e-4)
+    opt.add_argument("--scheduler", choices=SCHEDULERS, default="plateau",
+                     help="plateau: ReduceLROnPlateau on val km; cosine: with --warmup-epochs linear warmup")
+    opt.add_argument("--warmup-epochs", type=int, default=1, help="warmup of the cosine scheduler")
+    data = parser.add_argument_group("input pipeline")
+    data.add_argument("--augment", choices=AUGMENT_CHOICES, default="finetune",
+                      help="colour jitter + random resized crop: never, once the backbone unfreezes, or always")
+    data.add_argument("--mirror-p", type=float, default=0.0,
+                      help="probability of mirroring a training quadruplet (all views flipped, 90/270 swapped)")
+    data.add_argument("--cache-features", action=argparse.BooleanOptionalAction, default=True,
+                      help="reuse backbone features from disk while the backbone is frozen and unaugmented")
+    data.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help="feature cache folder")
+    data.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1) - 1,
+                      help="data loader worker processes")
+    run = parser.add_argument_group("run")
+    run.add_argument("--out-dir", type=Path, default=Path("reports"), help="TensorBoard logs and checkpoints")
+    run.add_argument("--run-name", default=None, help="default: <approach>-<backbone>")
+    run.add_argument("--resume", type=Path, default=None, help="continue training from this checkpoint")
+    run.add_argument("--quick", action="store_true",
+                     help="smoke run: 2 epochs of at most 2 batches, 64 px (unless given)")
+    run.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu, ...")
+    run.add_argument("--devices", default="auto", help="Lightning devices: auto, N or a list")
+    run.add_argument("--precision", default=None, help="Lightning precision, e.g. 16-mixed, bf16-mixed")
+    run.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp")
+    run.add_argument("--num-nodes", type=int, default=1, help="Lightning nodes (multi-node DDP)")
+    run.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    return parser
+
+
+def resolve_defaults(args: argparse.Namespace, demo: bool) -> None:
+    """Fill the situation-dependent defaults (backbone, image size, epochs, unfreeze epoch) in place."""
+    if args.backbone is None:
+        if demo:
+            args.backbone, reason = DEMO_DEFAULTS["backbone"], "the demo set (fast on CPU, offline weights)"
+        else:
+            args.backbone, reason = default_backbone()
+        say(f"backbone: {args.backbone} ({reason})")
+    else:
+        say(f"backbone: {args.backbone} (--backbone)")
+    table = DEMO_DEFAULTS if demo else GPU_DEFAULTS if torch.cuda.is_available() else CPU_DEFAULTS
+    if args.quick:
+        table = {**table, **QUICK_DEFAULTS}
+    for key in ("image_size", "epochs", "unfreeze_at_epoch"):
+        if getattr(args, key) is None:
+            setattr(args, key, table[key])
+    if args.unfreeze_at_epoch is not None and args.unfreeze_at_epoch < 0:
+        args.unfreeze_at_epoch = None
+    if args.epochs < 1 or args.batch_size < 1 or args.image_size < 16:
+        raise UserError("--epochs and --batch-size must be >= 1 and --image-size >= 16")
+    if args.run_name is None:
+        args.run_name = f"{args.approach}-{args.backbone}"
+
+
+def use_demo_dataset_if_none(args: argparse.Namespace) -> bool:
+    """Point --dataset-dirs at the demo set when none was given (generating it when missing)."""
+    if args.dataset_dirs:
+        return False
+    if not (DEMO_DIR / "data.csv").exists():
+        from src.demo import write_demo_dataset
+
+        say(f"no --dataset-dirs given: generating the demo dataset in {DEMO_DIR} (about a minute)")
+        write_demo_dataset(DEMO_DIR, progress=True)
+    say(f"no --dataset-dirs given: training on the synthetic demo dataset in {DEMO_DIR}")
+    args.dataset_dirs = [str(DEMO_DIR)]
+    return True
+
+
+def class_table(classes) -> dict[str, list]:
+    """The enriched class table as checkpoint hparams: cells, train counts and centroid x/y per kind."""
+    table = {"cell": [int(c) for c in classes["cell"]], "n_train": [int(n) for n in classes["n_train"]]}
+    for kind, prefix in (("weighted", "weighted"), ("clipped", "clipped"), ("plain", "centroid")):
+        x, y = geo.project(classes[f"{prefix}_lat"].to_numpy(), classes[f"{prefix}_lng"].to_numpy())
+        table[kind] = np.stack([np.atleast_1d(x), np.atleast_1d(y)], axis=1).tolist()
+    return table
+
+
+def distance_summary(km: np.ndarray) -> dict[str, float]:
+    """Count, mean, median, p90 km and shares within 25 / 100 km."""
+    return {
+        "n": len(km), "mean km": km.mean(), "median km": np.median(km), "p90 km": np.percentile(km, 90),
+        "<= 25 km": (km <= 25).mean(), "<= 100 km": (km <= 100).mean(),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse the CLI, train, test the best checkpoint, print the table and the checkpoint path."""
+    args = build_parser().parse_args(argv)
+    demo = use_demo_dataset_if_none(args)
+    resolve_defaults(args, demo)
+    if args.resume is not None and not args.resume.is_file():
+        raise UserError(f"--resume {args.resume}: no such checkpoint file")
+    enriched = enrich_from_args(args)
+    locations = enriched.locations
+    counts = locations["split"].value_counts()
+    if not counts.get("train") or not counts.get("val") or not counts.get("test"):
+        raise UserError(f"--dataset-dirs: the splits need train, val and test locations; got {counts.to_dict()}")
+    pl.seed_everything(args.seed, workers=True, verbose=False)
+    train = locations[locations["split"] == "train"]
+    test = locations[locations["split"] == "test"]
+    model = GeoModel(
+        approach=args.approach, backbone=args.backbone, image_size=args.image_size,
+        classes=class_table(enriched.classes), scaler={k: float(v) for k, v in enriched.scaler.items()},
+        centroids=args.centroids, topk=args.topk, hidden=args.hidden, dropout=args.dropout,
+        lr=args.lr, lr_finetune=args.lr_finetune, unfreeze_at_epoch=args.unfreeze_at_epoch,
+        unfreeze_blocks=args.unfreeze_blocks, optimizer=args.optimizer, weight_decay=args.weight_decay,
+        scheduler=args.scheduler, warmup_epochs=args.warmup_epochs, seed=args.seed, spacing=args.spacing,
+        dataset_dirs=[str(d) for d in args.dataset_dirs],
+        prior_lat=float(train["latitude"].mean()), prior_lng=float(train["longitude"].mean()),
+        test_locations=test[["uuid", "image_dir"]].astype(str).values.tolist(),
+        backbone_weights="imagenet" if args.pretrained else "random", pretrained=args.pretrained,
+    )
+    datamodule = GeoDataModule(
+        locations, image_size=args.image_size, batch_size=args.batch_size, num_workers=args.num_workers,
+        augment=args.augment, mirror_p=args.mirror_p, unfreeze_at_epoch=args.unfreeze_at_epoch,
+        cache_dir=args.cache_dir if args.cache_features else None, backbone_name=args.backbone,
+    )
+    logger = TensorBoardLogger(args.out_dir, name=args.run_name, default_hp_metric=False)
+    checkpoint = ModelCheckpoint(
+        monitor="val/km_mean", mode="min", save_last=True, auto_insert_metric_name=False,
+        filename="best-epoch{epoch:02d}-km{val/km_mean:.1f}",
+    )
+    quick = {"limit_train_batches": 2, "limit_val_batches": 2, "limit_test_batches": 2} if args.quick else {}
+    trainer = pl.Trainer(
+        max_epochs=args.epochs, accelerator=args.accelerator, devices=args.devices, precision=args.precision,
+        strategy=args.strategy, num_nodes=args.num_nodes, logger=logger,
+        callbacks=[checkpoint, LearningRateMonitor(logging_interval="epoch"),
+                   FreezeThenUnfreeze(args.unfreeze_at_epoch, args.unfreeze_blocks)],
+        plugins=[AtomicCheckpointIO()], reload_dataloaders_every_n_epochs=1,
+        log_every_n_steps=1, deterministic=False, **quick,
+    )
+    baseline_val = geo.haversine_km(model.hparams.prior_lat, model.hparams.prior_lng,
+                                    *locations.loc[locations["split"] == "val", ["latitude", "longitude"]].to_numpy().T)
+    say(f"{len(train)} train / {counts['val']} val / {len(test)} test locations, {len(enriched.classes)} classes; "
+        f"constant baseline (train mean location): val mean {baseline_val.mean():.1f} km; logs in {logger.log_dir}")
+    with contextlib.redirect_stdout(sys.stderr):  # Lightning's progress bars and tables -> stderr
+        trainer.fit(model, datamodule=datamodule, ckpt_path=args.resume)
+        best = checkpoint.best_model_path or checkpoint.last_model_path
+        trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)
+    test_km = model.test_km
+    baseline_km = geo.haversine_km(model.hparams.prior_lat, model.hparams.prior_lng,
+                                   test["latitude"].to_numpy(), test["longitude"].to_numpy())
+    rows = [{"model": f"{args.approach} ({args.backbone})", **distance_summary(test_km)},
+            {"model": "constant (train mean location)", **distance_summary(baseline_km)}]
+    logger.log_hyperparams(
+        {k: v for k, v in model.hparams.items() if not isinstance(v, (dict, list))},
+        metrics={"hp/test_km_mean": float(test_km.mean()), "hp/val_km_best": float(checkpoint.best_model_score or np.nan)},
+    )
+    print(f"test split of {', '.join(map(str, args.dataset_dirs))}:")
+    print(tabulate(rows, headers="keys", floatfmt=".3g"))
+    print(f"checkpoint: {best}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
