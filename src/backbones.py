@@ -12,34 +12,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torchvision
 from torch import nn
 
 from src.errors import UserError
-
-
-def _import_torchvision():
-    """Import torchvision, tolerating a wheel whose C++ ops cannot load.
-
-    PyPI's Linux torchvision wheel is a CUDA build; next to a CPU-only torch its `_C` extension
-    does not load, and torchvision 0.28 then fails at import while registering fake kernels for
-    `torchvision::nms`/`qnms`. Defining those two schemas first lets the pure-Python parts
-    (models, transforms) import; the detection ops themselves stay unavailable (not used here).
-    """
-    try:
-        import torchvision
-    except RuntimeError as error:
-        if "torchvision::" not in str(error):
-            raise
-        library = torch.library.Library("torchvision", "FRAGMENT")
-        for op in ("nms", "qnms"):
-            library.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        _OP_SCHEMAS.append(library)  # keep the definitions alive
-        import torchvision
-    return torchvision
-
-
-_OP_SCHEMAS: list = []
-torchvision = _import_torchvision()
 
 
 class Backbone(nn.Module):

@@ -14,12 +14,11 @@ import pandas as pd
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
 
-from src.backbones import torchvision
 from src.features import FeatureCache
 from src.images import load_image, view_paths
 
-T = torchvision.transforms
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
