@@ -1,0 +1,199 @@
+"""The enrich stage: dataset dirs -> kept locations with EPSG:3766 coordinates, split, grid class, centroids.
+
+    python -m src.enrich --dataset-dirs DIR [DIR ...] [--spacing 0.5] [--seed 0] [--out reports/enriched.csv]
+"""
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tabulate import tabulate
+
+from src import geo
+from src.errors import UserError, run_cli
+from src.files import atomic_path
+from src.grid import CENTROID_PREFIX, Grid, build_grid, class_table, nearest_class
+from src.ingest import Ingested, read_datasets
+
+SPLITS = ("train", "val", "test")
+DEFAULT_SPLIT = (0.8, 0.1, 0.1)
+DEFAULT_OUT = Path("reports/enriched.csv")
+CENTROID_COLUMNS = [f"{prefix}_{axis}" for prefix in CENTROID_PREFIX.values() for axis in ("lat", "lng")]
+OUTPUT_COLUMNS = ["uuid", "latitude", "longitude", "dataset_dir", "image_dir", "split", "crs_x", "crs_y",
+                  "cell", "label", *CENTROID_COLUMNS]
+LISTED_PER_REASON = 10
+
+
+@dataclass
+class Enriched:
+    """Everything later stages need: locations, the class table, the train scaler and the grid."""
+
+    locations: pd.DataFrame  # OUTPUT_COLUMNS, one row per kept location
+    classes: pd.DataFrame  # indexed 0..C-1, see grid.class_table
+    scaler: dict  # x_min, x_max, y_min, y_max of TRAIN rows in EPSG:3766 metres
+    grid: Grid
+    ingested: Ingested
+
+
+def split_locations(locations: pd.DataFrame, seed: int, fractions=DEFAULT_SPLIT, holdout_dirs=()) -> np.ndarray:
+    """'train'/'val'/'test' per row, fixed by `seed` and independent of row order.
+
+    Rows from `holdout_dirs` all go to test; the others are split by the train and val fractions
+    (renormalized) when dirs are held out, else by all three.
+    """
+    fractions = np.asarray(fractions, float)
+    if fractions.shape != (3,) or (fractions < 0).any() or abs(fractions.sum() - 1) > 1e-6 or fractions[0] <= 0:
+        raise UserError(f"--split {' '.join(map(str, fractions))}: give three fractions train val test, "
+                        "non-negative, summing to 1, train > 0 (e.g. 0.8 0.1 0.1)")
+    holdout = locations["dataset_dir"].isin([str(Path(d)) for d in holdout_dirs]).to_numpy()
+    if holdout_dirs:
+        fractions = np.array([fractions[0], fractions[1], 0.0]) / (fractions[0] + fractions[1])
+    split = np.full(len(locations), "test", dtype=object)
+    pool = np.flatnonzero(~holdout)
+    # sort by (dataset_dir, uuid) first so the split does not depend on CSV row order
+    pool = pool[np.lexsort((locations["uuid"].to_numpy()[pool], locations["dataset_dir"].to_numpy()[pool]))]
+    pool = pool[np.random.default_rng(seed).permutation(len(pool))]
+    n_val, n_test = (np.round(fractions[1:] * len(pool))).astype(int)
+    n_train = len(pool) - n_val - n_test
+    split[pool[:n_train]] = "train"
+    split[pool[n_train:n_train + n_val]] = "val"
+    return split
+
+
+def minmax_scaler(x: np.ndarray, y: np.ndarray) -> dict:
+    """Min-max parameters of EPSG:3766 x/y (compute them from TRAIN rows only)."""
+    return {"x_min": float(np.min(x)), "x_max": float(np.max(x)), "y_min": float(np.min(y)), "y_max": float(np.max(y))}
+
+
+def enrich_locations(locations: pd.DataFrame, grid: Grid, seed: int = 0, fractions=DEFAULT_SPLIT,
+                     holdout_dirs=()) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Project, split, assign cells and classes, attach class centroids: (locations, classes, scaler)."""
+    out = locations.copy()
+    out["split"] = split_locations(out, seed, fractions, holdout_dirs)
+    train = (out["split"] == "train").to_numpy()
+    if not train.any():
+        raise UserError("no location left for training: add data or lower the val/test fractions")
+    out["crs_x"], out["crs_y"] = geo.project(out["latitude"].to_numpy(), out["longitude"].to_numpy())
+    out["cell"] = grid.assign(out["latitude"].to_numpy(), out["longitude"].to_numpy())
+    classes = class_table(grid, out["cell"].to_numpy()[train], out["crs_x"].to_numpy()[train],
+                          out["crs_y"].to_numpy()[train])
+    out["label"] = nearest_class(classes, grid, out["cell"].to_numpy(), out["latitude"].to_numpy(),
+                                 out["longitude"].to_numpy())
+    out[CENTROID_COLUMNS] = classes[CENTROID_COLUMNS].to_numpy()[out["label"].to_numpy()]
+    scaler = minmax_scaler(out["crs_x"].to_numpy()[train], out["crs_y"].to_numpy()[train])
+    return out[OUTPUT_COLUMNS], classes, scaler
+
+
+def enrich(dataset_dirs, spacing: float = 0.5, seed: int = 0, fractions=DEFAULT_SPLIT, holdout_dirs=(),
+           check_images: bool = True, full_decode: bool = False, max_outside_km: float = 10.0,
+           mainland_only: bool = False, progress: bool = True) -> Enriched:
+    """Read the dataset dirs and enrich their locations (see the module docstring)."""
+    if not spacing > 0:
+        raise UserError(f"--spacing {spacing}: must be a positive number of degrees (e.g. 0.5)")
+    unknown = [d for d in holdout_dirs if str(Path(d)) not in {str(Path(x)) for x in dataset_dirs}]
+    if unknown:
+        raise UserError(f"--holdout-dirs {' '.join(map(str, unknown))}: not among --dataset-dirs")
+    ingested = read_datasets(dataset_dirs, check_images, full_decode, max_outside_km, mainland_only, progress)
+    if ingested.locations.empty:
+        raise UserError(f"{', '.join(map(str, dataset_dirs))}: no usable location "
+                        f"({len(ingested.skipped)} skipped; see the skip list)")
+    grid = build_grid(spacing, mainland_only)
+    locations, classes, scaler = enrich_locations(ingested.locations, grid, seed, fractions, holdout_dirs)
+    return Enriched(locations, classes, scaler, grid, ingested)
+
+
+def add_enrich_arguments(parser: argparse.ArgumentParser, require_dataset: bool = False) -> None:
+    """The data flags shared by every command that reads dataset dirs (enrich, train)."""
+    group = parser.add_argument_group("data")
+    group.add_argument("--dataset-dirs", nargs="+", type=Path, required=require_dataset, metavar="DIR",
+                       help="LUMEN dataset dirs (data.csv + data/ or images/ with one folder per uuid)")
+    group.add_argument("--spacing", type=float, default=0.5, help="grid cell size in degrees (default: 0.5)")
+    group.add_argument("--seed", type=int, default=0, help="seed of the split and of training (default: 0)")
+    group.add_argument("--split", type=float, nargs=3, default=DEFAULT_SPLIT, metavar=("TRAIN", "VAL", "TEST"),
+                       help="split fractions (default: 0.8 0.1 0.1)")
+    group.add_argument("--holdout-dirs", nargs="+", type=Path, default=[], metavar="DIR",
+                       help="dataset dirs used whole as the test split (default: none)")
+    group.add_argument("--full-decode", action="store_true",
+                       help="check images by decoding every pixel (default: header and end marker only)")
+    group.add_argument("--max-outside-km", type=float, default=10.0,
+                       help="reject points farther than this outside the border (default: 10)")
+    group.add_argument("--mainland-only", action="store_true",
+                       help="use the mainland polygon only, without islands (default: off)")
+
+
+def enrich_from_args(args: argparse.Namespace, progress: bool = True) -> Enriched:
+    """enrich() with the flags of add_enrich_arguments."""
+    return enrich(args.dataset_dirs, args.spacing, args.seed, args.split, args.holdout_dirs,
+                  full_decode=args.full_decode, max_outside_km=args.max_outside_km,
+                  mainland_only=args.mainland_only, progress=progress)
+
+
+def summary(enriched: Enriched) -> str:
+    """A tabulate summary: locations read / kept / skipped per reason, cells, classes, class sizes."""
+    ingested, locations = enriched.ingested, enriched.locations
+    rows = [("CSV rows read", ingested.n_read), ("locations kept", len(locations))]
+    rows += [(f"skipped: {reason}", count) for reason, count in ingested.skipped["reason"].value_counts().items()]
+    rows += [("image folders without a CSV row", len(ingested.orphans))]
+    rows += [(f"split: {name}", int((locations["split"] == name).sum())) for name in SPLITS]
+    sizes = enriched.classes["n_train"]
+    rows += [("grid spacing (deg)", enriched.grid.spacing), ("grid cells", enriched.grid.n_cols * enriched.grid.n_rows),
+             ("cells intersecting Croatia", len(enriched.grid.cells)), ("classes (cells with train data)", len(sizes)),
+             ("train locations per class (min / median / max)", f"{sizes.min()} / {sizes.median():g} / {sizes.max()}")]
+    return tabulate(rows, headers=["", "count"], tablefmt="github")
+
+
+def skip_listing(ingested: Ingested, report_path: Path) -> str:
+    """Console listing of skipped rows and orphan folders, a few per reason; the full list is in the report."""
+    lines = []
+    for reason, group in ingested.skipped.groupby("reason", sort=True):
+        lines.append(f"warning: skipped {len(group)} location(s): {reason}")
+        lines += [f"  {row.dataset_dir}: {row.uuid} ({row.detail})" for row in group.head(LISTED_PER_REASON).itertuples()]
+        if len(group) > LISTED_PER_REASON:
+            lines.append(f"  ... and {len(group) - LISTED_PER_REASON} more in {report_path}")
+    if len(ingested.orphans):
+        lines.append(f"warning: {len(ingested.orphans)} image folder(s) have no row in data.csv (not used)")
+        lines += [f"  {folder}" for folder in ingested.orphans["folder"].head(LISTED_PER_REASON)]
+        if len(ingested.orphans) > LISTED_PER_REASON:
+            lines.append(f"  ... and {len(ingested.orphans) - LISTED_PER_REASON} more in {report_path}")
+    return "\n".join(lines)
+
+
+def write_skip_report(ingested: Ingested, path: Path) -> None:
+    """All skipped rows and orphan folders as one CSV (reason 'folder without CSV row' for orphans)."""
+    orphans = pd.DataFrame({"dataset_dir": ingested.orphans["dataset_dir"], "uuid": ingested.orphans["folder"].map(lambda f: Path(f).name),
+                            "reason": "folder without CSV row", "detail": ingested.orphans["folder"]})
+    with atomic_path(path) as tmp:
+        pd.concat([ingested.skipped, orphans], ignore_index=True).to_csv(tmp, index=False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Read LUMEN dataset dirs and write the enriched location table.")
+    add_enrich_arguments(parser, require_dataset=True)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"enriched CSV (default: {DEFAULT_OUT})")
+    parser.add_argument("--figures-dir", type=Path, default=Path("figures"), help="where figures go (default: figures)")
+    parser.add_argument("--no-figures", action="store_true", help="skip the figures")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = parser.parse_args(argv)
+
+    enriched = enrich_from_args(args)
+    report_path = args.out.with_name(f"{args.out.stem}_skipped.csv")
+    with atomic_path(args.out) as tmp:
+        enriched.locations.to_csv(tmp, index=False)
+    write_skip_report(enriched.ingested, report_path)
+    listing = skip_listing(enriched.ingested, report_path)
+    if listing:
+        print(listing, file=sys.stderr)
+    if not args.no_figures:
+        from src.plots import enrich_figures  # matplotlib is only needed here
+
+        for path in enrich_figures(enriched, args.figures_dir):
+            print(f"figure: {path}", file=sys.stderr)
+    print(summary(enriched))
+    print(f"enriched CSV: {args.out} ({len(enriched.locations)} rows); skip report: {report_path}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
