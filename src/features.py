@@ -8,8 +8,6 @@ so a changed image, other weights or another input size never reuse a stale entr
 
 import hashlib
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -18,20 +16,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from src.backbones import Backbone
+from src.files import atomic_path
 from src.images import view_paths
 
 log = logging.getLogger(__name__)
-
-
-def _atomic_torch_save(obj, path: Path) -> None:
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            torch.save(obj, file)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class _Quadruplets(Dataset):
@@ -74,7 +62,8 @@ class FeatureCache:
     def put(self, image_dir: str | Path, features: torch.Tensor) -> None:
         """Store a location's [4, D] features (atomically)."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        _atomic_torch_save(features.detach().cpu().contiguous(), self.entry_path(image_dir))
+        with atomic_path(self.entry_path(image_dir)) as tmp:
+            torch.save(features.detach().cpu().contiguous().clone(), tmp)
 
     @torch.no_grad()
     def compute_missing(

@@ -11,7 +11,6 @@ import argparse
 import contextlib
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,8 @@ from src.backbones import default_backbone, list_backbones
 from src.data import AUGMENT_CHOICES, GeoDataModule
 from src.enrich import add_enrich_arguments, enrich_from_args
 from src.errors import UserError, run_cli
+from src.files import atomic_path
+from src.grid import CENTROID_PREFIX
 from src.model import APPROACHES, CENTROID_KINDS, OPTIMIZERS, SCHEDULERS, FreezeThenUnfreeze, GeoModel
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,16 +50,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Checkpoints written to a temporary file in the same folder, then renamed into place."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(handle, "wb") as file:
-                torch.save(checkpoint, file)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(path) as tmp:
+            torch.save(checkpoint, tmp)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,9 +152,8 @@ def use_demo_dataset_if_none(args: argparse.Namespace) -> bool:
 def class_table(classes) -> dict[str, list]:
     """The enriched class table as checkpoint hparams: cells, train counts and centroid x/y per kind."""
     table = {"cell": [int(c) for c in classes["cell"]], "n_train": [int(n) for n in classes["n_train"]]}
-    for kind, prefix in (("weighted", "weighted"), ("clipped", "clipped"), ("plain", "centroid")):
-        x, y = geo.project(classes[f"{prefix}_lat"].to_numpy(), classes[f"{prefix}_lng"].to_numpy())
-        table[kind] = np.stack([np.atleast_1d(x), np.atleast_1d(y)], axis=1).tolist()
+    for kind, prefix in CENTROID_PREFIX.items():
+        table[kind] = classes[[f"{prefix}_x", f"{prefix}_y"]].to_numpy(float).tolist()
     return table
 
 

@@ -1,0 +1,77 @@
+"""Feature cache: cached features equal fresh ones, reuse, and keys that notice changes."""
+
+import shutil
+
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from src.backbones import create_backbone
+from src.data import eval_transform, load_quadruplet
+from src.features import FeatureCache
+from src.ingest import find_image_root
+
+
+@pytest.fixture()
+def image_dirs(demo_dir, tmp_path):
+    """Copies of six demo locations (tests may modify them)."""
+    uuids = pd.read_csv(demo_dir / "data.csv")["uuid"].head(6)
+    root = find_image_root(demo_dir)
+    dirs = []
+    for uuid in uuids:
+        shutil.copytree(root / uuid, tmp_path / "images" / uuid)
+        dirs.append(str(tmp_path / "images" / uuid))
+    return dirs
+
+
+def load(image_dir):
+    return load_quadruplet(image_dir, 32, eval_transform(32))
+
+
+def fresh_features(backbone, image_dir):
+    backbone.eval()
+    with torch.no_grad():
+        return backbone(load(image_dir))
+
+
+def test_cached_features_equal_fresh_ones_and_are_reused(image_dirs, tmp_path):
+    torch.manual_seed(0)
+    backbone = create_backbone("tiny", pretrained=False)
+    cache = FeatureCache(tmp_path / "cache", "tiny", backbone, 32)
+    backbone.train()  # the cache must compute in eval mode regardless
+    assert cache.compute_missing(image_dirs, backbone, load, batch_size=4) == 6
+    assert backbone.training
+    for image_dir in image_dirs:
+        torch.testing.assert_close(cache.get(image_dir), fresh_features(backbone, image_dir), rtol=1e-5, atol=1e-6)
+    stacked = cache.load_all(image_dirs)
+    assert stacked.shape == (6, 4, 64)
+    # a later run with the same weights reuses every entry
+    again = FeatureCache(tmp_path / "cache", "tiny", backbone, 32)
+    assert again.compute_missing(image_dirs, backbone, load) == 0
+    torch.testing.assert_close(again.load_all(image_dirs), stacked)
+
+
+def test_cache_key_covers_image_file_weights_and_size(image_dirs, tmp_path):
+    torch.manual_seed(0)
+    backbone = create_backbone("tiny", pretrained=False)
+    cache = FeatureCache(tmp_path / "cache", "tiny", backbone, 32)
+    cache.compute_missing(image_dirs, backbone, load)
+    # a changed image file invalidates its location's entry only
+    Image.new("RGB", (64, 64), (255, 0, 0)).save(f"{image_dirs[0]}/90.jpg")
+    assert cache.get(image_dirs[0]) is None
+    assert cache.compute_missing(image_dirs, backbone, load) == 1
+    torch.testing.assert_close(cache.get(image_dirs[0]), fresh_features(backbone, image_dirs[0]), rtol=1e-5, atol=1e-6)
+    # other weights or another image size use other entries
+    other = create_backbone("tiny", pretrained=False)
+    assert FeatureCache(tmp_path / "cache", "tiny", other, 32).directory != cache.directory
+    assert FeatureCache(tmp_path / "cache", "tiny", backbone, 48).directory != cache.directory
+    assert FeatureCache(tmp_path / "cache", "tiny", backbone, 32).directory == cache.directory
+
+
+def test_cache_entries_are_written_atomically(image_dirs, tmp_path):
+    backbone = create_backbone("tiny", pretrained=False)
+    cache = FeatureCache(tmp_path / "cache", "tiny", backbone, 32)
+    cache.compute_missing(image_dirs[:2], backbone, load)
+    names = sorted(p.name for p in cache.directory.iterdir())
+    assert len(names) == 2 and all(name.endswith(".pt") for name in names)  # no temp files left behind

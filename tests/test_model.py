@@ -1,0 +1,102 @@
+"""GeoModel: batched views, centroid averaging, regression scaling, km metric."""
+
+import numpy as np
+import pytest
+import torch
+
+from src import geo
+from src.model import GeoModel, scale_xy, unscale_xy, weighted_centroid_xy, xy_to_km
+
+SCALER = {"x_min": 300_000.0, "x_max": 800_000.0, "y_min": 4_700_000.0, "y_max": 5_100_000.0}
+CLASSES = {
+    "cell": [3, 7, 9], "n_train": [5, 2, 1],
+    "weighted": [[400_000.0, 5_000_000.0], [500_000.0, 4_900_000.0], [600_000.0, 4_800_000.0]],
+    "clipped": [[410_000.0, 5_010_000.0], [510_000.0, 4_910_000.0], [610_000.0, 4_810_000.0]],
+    "plain": [[420_000.0, 5_020_000.0], [520_000.0, 4_920_000.0], [620_000.0, 4_820_000.0]],
+}
+
+
+def make_model(approach="classification", **kwargs) -> GeoModel:
+    torch.manual_seed(0)
+    return GeoModel(approach=approach, backbone="tiny", image_size=32, classes=CLASSES, scaler=SCALER,
+                    hidden=16, **kwargs).eval()
+
+
+def test_batched_views_equal_four_separate_forwards():
+    model = make_model()
+    views = torch.randn(2, 4, 3, 32, 32)
+    with torch.no_grad():
+        batched = model(views)
+        separate = torch.cat([model.backbone(views[:, v]) for v in range(4)], dim=1)  # view order 0, 90, 180, 270
+        expected = model.head(separate)
+    assert batched.shape == (2, 3)
+    torch.testing.assert_close(batched, expected)
+
+
+def test_view_order_matters():
+    model = make_model()
+    views = torch.randn(1, 4, 3, 32, 32)
+    with torch.no_grad():
+        assert not torch.allclose(model(views), model(views[:, [1, 0, 2, 3]]))
+
+
+def test_weighted_mean_of_hand_made_probabilities():
+    class_xy = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 20.0]], dtype=torch.float64)
+    probabilities = torch.tensor([[0.5, 0.25, 0.25], [0.0, 1.0, 0.0]])
+    expected = torch.tensor([[2.5, 5.0], [10.0, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(weighted_centroid_xy(probabilities, class_xy), expected)
+    # top-2: 0.5 and 0.25 renormalised to 2/3 and 1/3
+    top2 = weighted_centroid_xy(probabilities[:1], class_xy, topk=2)
+    torch.testing.assert_close(top2, torch.tensor([[10 / 3, 0.0]], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("kind", ["weighted", "clipped", "plain"])
+def test_confident_classifier_predicts_the_chosen_centroid(kind):
+    model = make_model(centroids=kind)
+    last = model.head[-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.copy_(torch.tensor([0.0, 50.0, 0.0]))
+    xy = model.predict_xy(torch.randn(2, 4, 3, 32, 32))
+    assert xy.shape == (2, 2)
+    np.testing.assert_allclose(xy.numpy(), [CLASSES[kind][1]] * 2, atol=1e-3)
+
+
+def test_regression_scaling_round_trip():
+    xy = torch.tensor([[300_000.0, 4_700_000.0], [800_000.0, 5_100_000.0], [512_345.6, 4_987_654.3]],
+                      dtype=torch.float64)
+    scaled = scale_xy(xy, SCALER)
+    torch.testing.assert_close(scaled[:2], torch.tensor([[0.0, 0.0], [1.0, 1.0]], dtype=torch.float64))
+    torch.testing.assert_close(unscale_xy(scaled, SCALER), xy)
+
+
+def test_regression_predicts_unscaled_metres():
+    model = make_model("regression")
+    last = model.head[-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.copy_(torch.tensor([0.5, 0.25]))
+    xy = model.predict_xy(torch.randn(3, 4, 3, 32, 32))
+    np.testing.assert_allclose(xy.numpy(), [[550_000.0, 4_800_000.0]] * 3, rtol=1e-6)
+
+
+def test_predict_xy_restores_training_mode():
+    model = make_model().train()
+    model.predict_xy(torch.randn(1, 4, 3, 32, 32))
+    assert model.training
+
+
+def test_xy_to_km_matches_haversine_on_degrees():
+    lat = np.array([45.815, 43.508]); lng = np.array([15.982, 16.440])  # Zagreb, Split
+    x, y = geo.project(lat, lng)
+    predicted = torch.tensor(np.stack([x, y], axis=1)[::-1].copy())  # swapped: each predicts the other city
+    km = xy_to_km(predicted, torch.tensor(lat), torch.tensor(lng))
+    expected = geo.haversine_km(lat[::-1], lng[::-1], lat, lng)
+    np.testing.assert_allclose(km.numpy(), expected, rtol=1e-6)
+    assert 250 < km[0] < 270  # Zagreb - Split is about 260 km
+
+
+def test_pretrained_is_not_saved_so_a_checkpoint_rebuilds_offline():
+    model = make_model()
+    assert "pretrained" not in model.hparams
+    assert model.hparams.backbone == "tiny" and model.hparams.classes == CLASSES
