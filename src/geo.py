@@ -40,11 +40,11 @@ def haversine_km(lat1, lng1, lat2, lng2) -> np.ndarray:
 
 
 def haversine_km_torch(lat1: torch.Tensor, lng1: torch.Tensor, lat2: torch.Tensor, lng2: torch.Tensor) -> torch.Tensor:
-    """Great-circle distance in km (torch, batched, differentiable away from zero distance)."""
+    """Great-circle distance in km (torch, batched, differentiable, finite gradient at zero distance)."""
     lat1, lng1, lat2, lng2 = (torch.deg2rad(v) for v in (lat1, lng1, lat2, lng2))
     a = torch.sin((lat2 - lat1) / 2) ** 2 + torch.cos(lat1) * torch.cos(lat2) * torch.sin((lng2 - lng1) / 2) ** 2
-    # clamp keeps sqrt/asin finite (and their gradients) at 0 and antipodes
-    return 2 * EARTH_RADIUS_KM * torch.asin(torch.sqrt(a.clamp(1e-12, 1.0)))
+    # the clamp keeps sqrt's gradient finite at zero distance without biasing small distances
+    return 2 * EARTH_RADIUS_KM * torch.asin(torch.sqrt(a.clamp(torch.finfo(a.dtype).tiny, 1.0)))
 
 
 @lru_cache(maxsize=4)

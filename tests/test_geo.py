@@ -1,0 +1,83 @@
+import numpy as np
+import pytest
+import torch
+from pyproj import Geod, Proj
+
+from src import geo
+
+# EPSG:3766 (HTRS96 / Croatia LCC) written out from its definition, independent of the EPSG database
+HTRS96_LCC = Proj("+proj=lcc +lat_1=45.9166666666667 +lat_2=43.0833333333333 +lat_0=0 +lon_0=16.5 "
+                  "+x_0=0 +y_0=0 +ellps=GRS80 +units=m +no_defs")
+CITIES = {  # lat, lng
+    "Zagreb": (45.8150, 15.9819),
+    "Split": (43.5081, 16.4402),
+    "Osijek": (45.5550, 18.6955),
+    "Dubrovnik": (42.6507, 18.0944),
+    "Pula": (44.8666, 13.8496),
+}
+
+
+def test_projection_matches_the_crs_definition():
+    lat, lng = np.array(list(CITIES.values())).T
+    x, y = geo.project(lat, lng)
+    ref_x, ref_y = HTRS96_LCC(lng, lat)
+    np.testing.assert_allclose(x, ref_x, atol=0.01)
+    np.testing.assert_allclose(y, ref_y, atol=0.01)
+
+
+def test_projection_round_trip_and_scalars():
+    lat, lng = np.array(list(CITIES.values())).T
+    back_lat, back_lng = geo.unproject(*geo.project(lat, lng))
+    np.testing.assert_allclose(back_lat, lat, atol=1e-9)
+    np.testing.assert_allclose(back_lng, lng, atol=1e-9)
+    x, y = geo.project(45.0, 16.5)
+    assert abs(float(x)) < 1e-6  # the central meridian maps to x = 0
+
+
+def test_haversine_numpy_matches_geodesic_within_half_percent():
+    geod = Geod(ellps="WGS84")
+    names = list(CITIES)
+    for a in names:
+        for b in names:
+            if a == b:
+                continue
+            (lat1, lng1), (lat2, lng2) = CITIES[a], CITIES[b]
+            reference = geod.inv(lng1, lat1, lng2, lat2)[2] / 1000
+            assert geo.haversine_km(lat1, lng1, lat2, lng2) == pytest.approx(reference, rel=0.005)
+    assert geo.haversine_km(45.0, 16.0, 45.0, 16.0) == 0.0
+
+
+def test_haversine_known_distance_zagreb_split():
+    # great-circle Zagreb-Split is about 259 km
+    assert geo.haversine_km(*CITIES["Zagreb"], *CITIES["Split"]) == pytest.approx(259.2, abs=1.0)
+
+
+def test_haversine_torch_matches_numpy_batched_and_differentiable():
+    rng = np.random.default_rng(0)
+    lat1, lat2 = rng.uniform(42.4, 46.5, (2, 64))
+    lng1, lng2 = rng.uniform(13.5, 19.4, (2, 64))
+    expected = geo.haversine_km(lat1, lng1, lat2, lng2)
+    t = [torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in (lat1, lng1, lat2, lng2)]
+    got = geo.haversine_km_torch(*t)
+    np.testing.assert_allclose(got.detach().numpy(), expected, rtol=1e-9)
+    got.sum().backward()
+    assert all(torch.isfinite(v.grad).all() for v in t)
+    same = torch.tensor([45.0], requires_grad=True)
+    d = geo.haversine_km_torch(same, same, same, same)
+    d.backward()
+    assert torch.isfinite(same.grad).all() and float(d.detach()) < 1e-9
+
+
+def test_border_contains_cities_and_mainland_option():
+    import shapely
+
+    border = geo.load_border()
+    inland = [name for name in CITIES if name not in ("Split", "Dubrovnik")]  # coastal centres can fall at sea at 1:10m
+    lat, lng = np.array([CITIES[name] for name in inland]).T
+    assert shapely.contains_xy(border, lng, lat).all()
+    mainland = geo.load_border(mainland_only=True)
+    assert mainland.geom_type == "Polygon"
+    assert not shapely.contains_xy(mainland, 16.65, 43.35)  # Brač island
+    assert shapely.contains_xy(border, 16.65, 43.35)
+    # Ljubljana (Slovenia) is not in Croatia
+    assert not shapely.contains_xy(border, 14.5058, 46.0569)
