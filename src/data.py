@@ -61,10 +61,10 @@ def mirror_views(views: torch.Tensor) -> torch.Tensor:
 
 def _targets(locations: pd.DataFrame) -> dict[str, torch.Tensor]:
     return {
-        "label": torch.as_tensor(locations["label"].to_numpy(), dtype=torch.long),
-        "xy": torch.as_tensor(locations[["crs_x", "crs_y"]].to_numpy(), dtype=torch.float64),
-        "lat": torch.as_tensor(locations["latitude"].to_numpy(), dtype=torch.float64),
-        "lng": torch.as_tensor(locations["longitude"].to_numpy(), dtype=torch.float64),
+        "label": torch.tensor(locations["label"].to_numpy(), dtype=torch.long),
+        "xy": torch.tensor(locations[["crs_x", "crs_y"]].to_numpy(), dtype=torch.float64),
+        "lat": torch.tensor(locations["latitude"].to_numpy(), dtype=torch.float64),
+        "lng": torch.tensor(locations["longitude"].to_numpy(), dtype=torch.float64),
     }
 
 
