@@ -79,8 +79,8 @@ def _bad_views(image_dirs: list[Path], full_decode: bool, progress: bool) -> lis
 
 
 def read_dataset(dataset_dir: str | Path, check_images: bool = True, full_decode: bool = False,
-                 progress: bool = True) -> tuple[pd.DataFrame, list[pd.DataFrame], pd.DataFrame, int]:
-    """One dataset dir: (candidate locations, skip tables, orphan folders, rows read)."""
+                 progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, int]:
+    """One dataset dir: (candidate locations, skipped rows, orphan folders, rows read)."""
     dataset_dir = Path(dataset_dir)
     root = find_image_root(dataset_dir)
     table = read_table(dataset_dir / "data.csv")
@@ -89,32 +89,28 @@ def read_dataset(dataset_dir: str | Path, check_images: bool = True, full_decode
     csv_uuids = set(table["uuid"])
     orphans = pd.DataFrame({"dataset_dir": str(dataset_dir),
                             "folder": [str(folder) for uuid, folder in folders.items() if uuid not in csv_uuids]})
-    skips = []
-
-    def skip(mask, reason, detail):
-        skips.append(pd.DataFrame({"dataset_dir": str(dataset_dir), "uuid": table.loc[mask, "uuid"],
-                                   "reason": reason, "detail": detail[mask] if isinstance(detail, pd.Series) else detail}))
-
     line = "line " + table["line"].astype(str)
-    bad_uuid = table["uuid"].eq("") | table["uuid"].str.lower().eq("nan")
-    skip(bad_uuid, "missing uuid", line)
-    bad_coords = ~bad_uuid & (table["latitude"].isna() | table["longitude"].isna()
-                              | ~table["latitude"].between(-90, 90) | ~table["longitude"].between(-180, 180))
-    skip(bad_coords, "invalid coordinates", line)
-    table = table[~bad_uuid & ~bad_coords]
-    dup = table["uuid"].duplicated()
-    skip(dup, "duplicate uuid", line + " repeats an earlier row")
-    table = table[~dup].copy()
     table["image_dir"] = table["uuid"].map(lambda uuid: str(folders[uuid]) if uuid in folders else "")
-    no_folder = table["image_dir"].eq("")
-    skip(no_folder, "missing folder", f"no folder {root}/<uuid>")
-    table = table[~no_folder]
-    if check_images and len(table):
-        problems = pd.Series(_bad_views([Path(d) for d in table["image_dir"]], full_decode, progress), index=table.index)
-        bad = problems.notna()
-        skip(bad, "bad view", problems)
-        table = table[~bad]
-    return table, skips, orphans, len(bad_uuid)
+    reason = pd.Series(None, index=table.index, dtype=object)
+    detail = pd.Series(None, index=table.index, dtype=object)
+
+    def skip(mask: pd.Series, why: str, what) -> None:
+        mask = mask & reason.isna()  # the first defect found is the one reported
+        reason[mask] = why
+        detail[mask] = what[mask] if isinstance(what, pd.Series) else what
+
+    skip(table["uuid"].eq("") | table["uuid"].str.lower().eq("nan"), "missing uuid", line)
+    skip(table["latitude"].isna() | table["longitude"].isna() | ~table["latitude"].between(-90, 90)
+         | ~table["longitude"].between(-180, 180), "invalid coordinates", line)
+    skip(table["uuid"].duplicated(), "duplicate uuid", line + " repeats an earlier row")
+    skip(table["image_dir"].eq(""), "missing folder", pd.Series(f"no folder {root}/", index=table.index) + table["uuid"])
+    if check_images:
+        candidates = reason.isna()
+        problems = pd.Series(_bad_views([Path(d) for d in table.loc[candidates, "image_dir"]], full_decode, progress),
+                             index=table.index[candidates], dtype=object).reindex(table.index)
+        skip(problems.notna(), "bad view", problems)
+    skipped = pd.DataFrame({"dataset_dir": str(dataset_dir), "uuid": table["uuid"], "reason": reason, "detail": detail})
+    return table[reason.isna()], skipped[reason.notna()], orphans, len(table)
 
 
 def read_datasets(dataset_dirs, check_images: bool = True, full_decode: bool = False,
@@ -131,7 +127,7 @@ def read_datasets(dataset_dirs, check_images: bool = True, full_decode: bool = F
     for dataset_dir in dataset_dirs:
         table, dir_skips, dir_orphans, dir_read = read_dataset(dataset_dir, check_images, full_decode, progress)
         tables.append(table)
-        skips += dir_skips
+        skips.append(dir_skips)
         orphans.append(dir_orphans)
         n_read += dir_read
     locations = pd.concat(tables, ignore_index=True)
