@@ -53,7 +53,7 @@ def split_locations(locations: pd.DataFrame, seed: int, fractions=DEFAULT_SPLIT,
         fractions = np.array([fractions[0], fractions[1], 0.0]) / (fractions[0] + fractions[1])
     split = np.full(len(locations), "test", dtype=object)
     pool = np.flatnonzero(~holdout)
-    # sort by (dataset_dir, uuid) first so the split does not depend on CSV row order
+    # a canonical (dataset_dir, uuid) order first: the split depends on the seed and the rows, not their order
     pool = pool[np.lexsort((locations["uuid"].to_numpy()[pool], locations["dataset_dir"].to_numpy()[pool]))]
     pool = pool[np.random.default_rng(seed).permutation(len(pool))]
     n_val, n_test = (np.round(fractions[1:] * len(pool))).astype(int)
@@ -70,12 +70,18 @@ def minmax_scaler(x: np.ndarray, y: np.ndarray) -> dict:
 
 def enrich_locations(locations: pd.DataFrame, grid: Grid, seed: int = 0, fractions=DEFAULT_SPLIT,
                      holdout_dirs=()) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """Project, split, assign cells and classes, attach class centroids: (locations, classes, scaler)."""
-    out = locations.copy()
-    out["split"] = split_locations(out, seed, fractions, holdout_dirs)
-    train = (out["split"] == "train").to_numpy()
-    if not train.any():
+    """Split, then locate (see locate_locations): (locations, classes, scaler)."""
+    split = split_locations(locations, seed, fractions, holdout_dirs)
+    if not (split == "train").any():
         raise UserError("no location left for training: add data or lower the val/test fractions")
+    return locate_locations(locations, split, grid)
+
+
+def locate_locations(locations: pd.DataFrame, split: np.ndarray, grid: Grid) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Project to EPSG:3766, assign cells and classes, attach class centroids and the train scaler."""
+    out = locations.copy()
+    out["split"] = split
+    train = split == "train"
     out["crs_x"], out["crs_y"] = geo.project(out["latitude"].to_numpy(), out["longitude"].to_numpy())
     out["cell"] = grid.assign(out["latitude"].to_numpy(), out["longitude"].to_numpy())
     classes = class_table(grid, out["cell"].to_numpy()[train], out["crs_x"].to_numpy()[train],

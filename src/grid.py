@@ -83,15 +83,19 @@ def class_table(grid: Grid, cell: np.ndarray, crs_x: np.ndarray, crs_y: np.ndarr
     clipped: the plain centroid, or the nearest point of the cell's land when the plain one is at sea;
     weighted: the mean of the class's train locations in EPSG:3766.
     """
-    train = pd.DataFrame({"cell": cell, "x": crs_x, "y": crs_y}).groupby("cell").agg(
-        n_train=("x", "size"), weighted_x=("x", "mean"), weighted_y=("y", "mean"))
-    table = grid.cells.loc[train.index, ["col", "row"]].join(train).reset_index()
-    land = grid.cells.loc[train.index, "land"].to_numpy()
+    cells, inverse = np.unique(cell, return_inverse=True)
+    n_train = np.bincount(inverse)
+    table = grid.cells.loc[cells, ["col", "row"]].reset_index()
+    table["n_train"] = n_train
+    table["weighted_x"] = np.bincount(inverse, weights=crs_x) / n_train
+    table["weighted_y"] = np.bincount(inverse, weights=crs_y) / n_train
+    land = grid.cells.loc[cells, "land"].to_numpy()
     plain = shapely.centroid(land)
-    on_land = shapely.contains(land, plain)
-    inset = shapely.buffer(land, -CLIP_INSET_M)
-    target = np.where(shapely.is_empty(inset), land, inset)
-    clipped = np.where(on_land, plain, shapely.get_point(shapely.shortest_line(target, plain), 0))
+    clipped = plain.copy()
+    at_sea = ~shapely.contains(land, plain)
+    inset = shapely.buffer(land[at_sea], -CLIP_INSET_M)
+    target = np.where(shapely.is_empty(inset), land[at_sea], inset)
+    clipped[at_sea] = shapely.get_point(shapely.shortest_line(target, plain[at_sea]), 0)
     table["centroid_x"], table["centroid_y"] = shapely.get_x(plain), shapely.get_y(plain)
     table["clipped_x"], table["clipped_y"] = shapely.get_x(clipped), shapely.get_y(clipped)
     for prefix in CENTROID_PREFIX.values():
