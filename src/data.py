@@ -146,7 +146,7 @@ class GeoDataModule(pl.LightningDataModule):
         return self.locations[self.locations["split"] == name].reset_index(drop=True)
 
     def _epoch(self) -> int:
-        return self.trainer.current_epoch if self._trainer is not None else 0
+        return self.trainer.current_epoch if self.trainer is not None else 0
 
     def frozen_epoch(self) -> bool:
         """Whether the backbone is frozen in the current epoch."""

@@ -198,15 +198,15 @@ def main(argv: list[str] | None = None) -> None:
         cache_dir=args.cache_dir if args.cache_features else None, backbone_name=args.backbone,
     )
     logger = TensorBoardLogger(args.out_dir, name=args.run_name, default_hp_metric=False)
-    checkpoint = ModelCheckpoint(
-        monitor="val/km_mean", mode="min", save_last=True, auto_insert_metric_name=False,
-        filename="best-epoch{epoch:02d}-km{val/km_mean:.1f}",
-    )
+    checkpoint = ModelCheckpoint(monitor="val/km_mean", mode="min", auto_insert_metric_name=False,
+                                 filename="best-epoch{epoch:02d}-km{val/km_mean:.1f}")
+    # every epoch's state as last.ckpt, for --resume (save_last=True only follows improvements)
+    last = ModelCheckpoint(monitor=None, save_top_k=1, filename="last", enable_version_counter=False)
     quick = {"limit_train_batches": 2, "limit_val_batches": 2, "limit_test_batches": 2} if args.quick else {}
     trainer = pl.Trainer(
         max_epochs=args.epochs, accelerator=args.accelerator, devices=args.devices, precision=args.precision,
         strategy=args.strategy, num_nodes=args.num_nodes, logger=logger,
-        callbacks=[checkpoint, LearningRateMonitor(logging_interval="epoch"),
+        callbacks=[checkpoint, last, LearningRateMonitor(logging_interval="epoch"),
                    FreezeThenUnfreeze(args.unfreeze_at_epoch, args.unfreeze_blocks)],
         plugins=[AtomicCheckpointIO()], reload_dataloaders_every_n_epochs=1,
         log_every_n_steps=1, deterministic=False, **quick,
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
         f"constant baseline (train mean location): val mean {baseline_val.mean():.1f} km; logs in {logger.log_dir}")
     with contextlib.redirect_stdout(sys.stderr):  # Lightning's progress bars and tables -> stderr
         trainer.fit(model, datamodule=datamodule, ckpt_path=args.resume)
-        best = checkpoint.best_model_path or checkpoint.last_model_path
+        best = checkpoint.best_model_path or last.best_model_path
         trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)
     test_km = model.test_km
     baseline_km = geo.haversine_km(model.hparams.prior_lat, model.hparams.prior_lng,

@@ -1,0 +1,161 @@
+"""Training end to end on a generated demo set: CLI output, checkpoint contents, resume, fine-tuning."""
+
+import contextlib
+import io
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from src import geo
+from src.data import GeoDataModule, eval_transform, load_quadruplet
+from src.enrich import enrich
+from src.errors import run_cli
+from src.model import FreezeThenUnfreeze, GeoModel
+from src.train import class_table, main
+
+
+def run_main(argv):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        main([str(a) for a in argv])
+    return out.getvalue().splitlines()
+
+
+def checkpoint_path(lines):
+    assert lines[-1].startswith("checkpoint: ")
+    return lines[-1].removeprefix("checkpoint: ")
+
+
+@pytest.fixture(scope="module")
+def trained(demo_dir, tmp_path_factory):
+    """A classification run on the demo set: pretrained efficientnet_lite0, frozen, cached features."""
+    out = tmp_path_factory.mktemp("reports")
+    lines = run_main(["--approach", "classification", "--dataset-dirs", demo_dir, "--backbone", "efficientnet_lite0",
+                      "--image-size", 64, "--epochs", 12, "--lr", 3e-3, "--num-workers", 0,
+                      "--out-dir", out, "--cache-dir", out / "cache", "--run-name", "e2e"])
+    return lines, out
+
+
+def test_end_to_end_training_beats_the_constant_baseline(trained, demo_dir):
+    lines, out = trained
+    path = checkpoint_path(lines)
+    assert "/e2e/version_0/checkpoints/best-" in path
+    assert any("constant (train mean location)" in line for line in lines)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    best_val_km = next(state["best_model_score"] for key, state in checkpoint["callbacks"].items()
+                       if "val/km_mean" in key).item()
+    # independent reference: the constant prediction (train mean location) on the same split
+    locations = enrich([demo_dir], spacing=0.5, seed=0, progress=False).locations
+    train, val = locations[locations.split == "train"], locations[locations.split == "val"]
+    baseline = geo.haversine_km(train.latitude.mean(), train.longitude.mean(), val.latitude, val.longitude).mean()
+    assert best_val_km <= 0.75 * baseline, (best_val_km, baseline)
+    assert (out / "e2e" / "version_0" / "checkpoints" / "last.ckpt").exists()
+    assert list((out / "e2e" / "version_0").glob("events.out.tfevents.*"))
+
+
+def test_checkpoint_holds_what_predict_needs(trained, demo_dir):
+    path = checkpoint_path(trained[0])
+    model = GeoModel.load_from_checkpoint(path, map_location="cpu")
+    hp = model.hparams
+    enriched = enrich([demo_dir], spacing=0.5, seed=0, progress=False)
+    test = enriched.locations[enriched.locations.split == "test"]
+    train = enriched.locations[enriched.locations.split == "train"]
+    assert (hp.approach, hp.backbone, hp.image_size, hp.centroids, hp.seed, hp.spacing) == \
+        ("classification", "efficientnet_lite0", 64, "weighted", 0, 0.5)
+    assert hp.classes == class_table(enriched.classes) and set(hp.classes) >= {"weighted", "clipped", "plain"}
+    assert hp.scaler == pytest.approx(enriched.scaler)
+    assert hp.dataset_dirs == [str(demo_dir)]
+    assert hp.prior_lat == pytest.approx(train.latitude.mean()) and hp.prior_lng == pytest.approx(train.longitude.mean())
+    assert hp.test_locations == test[["uuid", "image_dir"]].astype(str).values.tolist()
+    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key])
+    # predictions of the reloaded model: metres in EPSG:3766, close to the truth on average
+    views = torch.stack([load_quadruplet(d, 64, eval_transform(64)) for _, d in hp.test_locations])
+    xy = model.predict_xy(views).numpy()
+    lat, lng = geo.unproject(xy[:, 0], xy[:, 1])
+    km = geo.haversine_km(lat, lng, test.latitude, test.longitude)
+    baseline = geo.haversine_km(hp.prior_lat, hp.prior_lng, test.latitude, test.longitude)
+    assert km.mean() < baseline.mean()
+
+
+def test_resume_continues_from_the_checkpoint(trained, demo_dir):
+    lines, out = trained
+    last = out / "e2e" / "version_0" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=False)["epoch"] == 11
+    lines = run_main(["--approach", "classification", "--dataset-dirs", demo_dir, "--backbone", "efficientnet_lite0",
+                      "--image-size", 64, "--epochs", 13, "--num-workers", 0, "--out-dir", out,
+                      "--cache-dir", out / "cache", "--run-name", "e2e", "--resume", last])
+    assert "/e2e/version_1/" in checkpoint_path(lines)
+    resumed = torch.load(out / "e2e" / "version_1" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert resumed["epoch"] == 12  # one more epoch, not thirteen
+
+
+class RecordBackbone(pl.Callback):
+    """Backbone and head state (parameters and BatchNorm buffers) at the start and the end of each epoch."""
+
+    def __init__(self):
+        self.backbone, self.head = [], []
+
+    def snapshot(self, pl_module):
+        self.backbone.append({k: v.clone() for k, v in pl_module.backbone.state_dict().items()})
+        self.head.append({k: v.clone() for k, v in pl_module.head.state_dict().items()})
+
+    def on_train_start(self, trainer, pl_module):
+        self.snapshot(pl_module)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.snapshot(pl_module)
+
+
+def same(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_backbone_stays_frozen_until_the_unfreeze_epoch(demo_dir, tmp_path, cache):
+    enriched = enrich([demo_dir], spacing=1.0, seed=0, progress=False)
+    pl.seed_everything(0)
+    model = GeoModel(approach="regression", backbone="tiny", image_size=32, classes=class_table(enriched.classes),
+                     scaler=enriched.scaler, hidden=16, lr=1e-2, lr_finetune=1e-2, unfreeze_at_epoch=2)
+    data = GeoDataModule(enriched.locations, image_size=32, batch_size=32, unfreeze_at_epoch=2,
+                         cache_dir=tmp_path / "cache" if cache else None, backbone_name="tiny")
+    record = RecordBackbone()
+    trainer = pl.Trainer(max_epochs=3, callbacks=[FreezeThenUnfreeze(2), record], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         reload_dataloaders_every_n_epochs=1, limit_val_batches=1)
+    trainer.fit(model, datamodule=data)
+    start, after0, after1, after2 = record.backbone
+    assert same(start, after0) and same(start, after1)  # frozen: weights and BatchNorm statistics unchanged
+    assert not same(after1, after2)  # unfrozen at epoch 2: it trains
+    assert not same(record.head[0], record.head[1])  # the head trains from the first epoch
+    assert all(p.requires_grad for p in model.backbone.parameters())
+    assert bool(data._features) == cache
+
+
+def test_unfreezing_only_the_last_stages(demo_dir, tmp_path):
+    enriched = enrich([demo_dir], spacing=1.0, seed=0, progress=False)
+    model = GeoModel(approach="classification", backbone="tiny", image_size=32,
+                     classes=class_table(enriched.classes), scaler=enriched.scaler, hidden=16, unfreeze_at_epoch=1)
+    data = GeoDataModule(enriched.locations, image_size=32, batch_size=64, unfreeze_at_epoch=1,
+                         cache_dir=tmp_path / "cache", backbone_name="tiny")
+    record = RecordBackbone()
+    trainer = pl.Trainer(max_epochs=2, callbacks=[FreezeThenUnfreeze(1, blocks=1), record], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         reload_dataloaders_every_n_epochs=1, limit_val_batches=1)
+    trainer.fit(model, datamodule=data)
+    before, after = record.backbone[1], record.backbone[2]
+    changed = {k.split(".")[1] for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"2"}  # body.2 is the last stage of the tiny CNN; the first two stay as they were
+
+
+def test_cli_offline_weights_error_is_one_line(demo_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, ["--approach", "regression", "--dataset-dirs", str(demo_dir), "--backbone", "resnet50",
+                       "--out-dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("error: --backbone resnet50:") and "resnet50-11ad3fa6.pth" in error
