@@ -176,7 +176,8 @@ def write_skip_report(ingested: Ingested, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Read LUMEN dataset dirs and write the enriched location table.")
+    parser = argparse.ArgumentParser(prog="python -m src.enrich",
+                                     description="Read LUMEN dataset dirs and write the enriched location table.")
     add_enrich_arguments(parser, require_dataset=True)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"enriched CSV (default: {DEFAULT_OUT})")
     parser.add_argument("--figures-dir", type=Path, default=Path("figures"), help="where figures go (default: figures)")
