@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -168,6 +169,8 @@ def distance_summary(km: np.ndarray) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> None:
     """Parse the CLI, train, test the best checkpoint, print the table and the checkpoint path."""
     args = build_parser().parse_args(argv)
+    # Lightning 2.6 calls a torch pytree API that torch 2.14 deprecates, once per batch: noise, not news
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     demo = use_demo_dataset_if_none(args)
     resolve_defaults(args, demo)
     if args.resume is not None and not args.resume.is_file():
