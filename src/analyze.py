@@ -5,8 +5,6 @@
 Figures go to figures/, tables to reports/analysis/ (both written atomically) and print on stdout.
 """
 
-import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -20,6 +18,7 @@ from matplotlib.collections import LineCollection  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
+from src.files import atomic_path  # noqa: E402
 from src.geo import haversine_km, load_border  # noqa: E402
 from src.images import VIEWS, check_image, load_image, view_paths  # noqa: E402
 
@@ -27,20 +26,13 @@ CENTROID_KINDS = ("centroid", "clipped", "weighted")  # column prefixes: plain, 
 
 
 def save_figure(fig: plt.Figure, path: str | Path, dpi: int = 120) -> Path:
-    """Save `fig` atomically (temporary file in the same directory, then os.replace) and close it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
+    """Save `fig` atomically (src.files.atomic_path) and close it."""
     try:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
     finally:
         plt.close(fig)
-    return path
+    return Path(path)
 
 
 def draw_border(ax: plt.Axes) -> None:

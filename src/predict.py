@@ -4,7 +4,8 @@
 
 Without --checkpoint the newest best checkpoint under reports/ is used; without --images the test
 split of that checkpoint's run. Several checkpoints form an ensemble: their predictions are averaged
-in EPSG:3766 metres. --tta also averages over the mirrored quadruplet (see `mirror_quadruplet`).
+in EPSG:3766 metres. --tta also averages over the mirrored quadruplet (`src.data.mirror_views`: every view
+flipped horizontally and the 90 and 270 views swapped, a geometrically consistent mirror image).
 Every location gets a row: unreadable views are replaced by readable views of the same location, and
 a location without any readable view gets the training prior (train-mean location); both are listed
 on stderr. stdout carries only the CSV.
@@ -23,24 +24,17 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from src.data import eval_transform, mirror_views
 from src.errors import UserError, run_cli
+from src.files import atomic_path
 from src.geo import project, unproject
 from src.images import VIEWS, check_image, load_image, view_paths
-from src.score import write_csv_atomic
+from src.ingest import find_image_root, list_location_dirs
+from src.model import GeoModel
 
 REPORTS_DIR = Path(__file__).resolve().parent.parent / "reports"
 # a missing view is replaced by the first readable one in this order: its neighbours, then the opposite view
 SUBSTITUTE_ORDER = {i: [(i + 1) % 4, (i + 3) % 4, (i + 2) % 4] for i in range(4)}
-
-
-def mirror_quadruplet(views: torch.Tensor) -> torch.Tensor:
-    """The mirror image of a scene: every view flipped horizontally and the 90 and 270 views swapped.
-
-    `views` is [..., 4, C, H, W] in view order 0, 90, 180, 270. Mirroring the world left-right keeps the
-    0 and 180 headings but exchanges what is on the right (90) with what is on the left (270).
-    """
-    flipped = torch.flip(views, dims=[-1])
-    return flipped[..., [0, 3, 2, 1], :, :, :]
 
 
 def latest_checkpoint(reports_dir: str | Path = REPORTS_DIR) -> Path:
@@ -56,8 +50,6 @@ def latest_checkpoint(reports_dir: str | Path = REPORTS_DIR) -> Path:
 
 def load_model(path: str | Path, device: str = "cpu"):
     """A GeoModel from a checkpoint, in eval mode on `device`."""
-    from src.model import GeoModel
-
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--checkpoint {path}: file not found; pass a .ckpt written by src.train")
@@ -71,8 +63,6 @@ def load_model(path: str | Path, device: str = "cpu"):
 
 def locations_from_images(images: str | Path) -> list[tuple[str, Path]]:
     """(uuid, folder) of every location folder of a dataset dir (data/ or images/ inside) or a folder of uuids."""
-    from src.ingest import find_image_root, list_location_dirs
-
     images = Path(images)
     if not images.is_dir():
         raise UserError(f"--images {images}: not a directory; pass a dataset dir or a dir of uuid folders")
@@ -118,8 +108,6 @@ class QuadrupletFolders(Dataset):
     """
 
     def __init__(self, locations: list[tuple[str, Path]], image_sizes: list[int]):
-        from src.data import eval_transform
-
         self.locations = locations
         self.image_sizes = sorted(set(image_sizes))
         self.transforms = {size: eval_transform(size) for size in self.image_sizes}
@@ -182,7 +170,7 @@ def predict_xy(model, views: torch.Tensor, tta: bool = False) -> torch.Tensor:
     """EPSG:3766 x/y [B, 2] of one model; with `tta` the mean over the quadruplet and its mirror."""
     xy = model.predict_xy(views)
     if tta:
-        xy = (xy + model.predict_xy(mirror_quadruplet(views))) / 2
+        xy = (xy + model.predict_xy(mirror_views(views))) / 2
     return xy.double()
 
 
@@ -278,7 +266,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         for line in issues.report(ensemble_prior(models)):
             print(line, file=sys.stderr)
     if args.out is not None:
-        write_csv_atomic(frame, args.out, float_format="%.7f")
+        with atomic_path(args.out) as tmp:
+            frame.to_csv(tmp, index=False, float_format="%.7f")
         print(f"wrote {len(frame)} rows to {args.out}", file=sys.stderr)
     else:
         buffer = io.StringIO()

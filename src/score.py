@@ -9,9 +9,7 @@ so s = 65.6 km: a guess 65.6 km off scores 5000/e = 1839, one 10 km off scores 4
 """
 
 import argparse
-import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -21,6 +19,7 @@ import pandas as pd
 from tabulate import tabulate
 
 from src.errors import UserError, run_cli
+from src.files import atomic_path
 from src.geo import haversine_km, load_border
 
 SUBMISSION_COLUMNS = ["uuid", "latitude", "longitude"]
@@ -203,20 +202,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def write_csv_atomic(frame: pd.DataFrame, path: str | Path, float_format: str | None = None) -> None:
-    """Write `frame` to `path` via a temporary file in the same directory and os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as handle:
-            frame.to_csv(handle, index=False, float_format=float_format)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """CLI: print the score table; the last stdout line is `mean_km: <value>`."""
     args = build_parser().parse_args(argv)
@@ -229,7 +214,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         print(f"warning: ignored {len(scored.extra)} submission row(s) whose uuid is not in the truth file "
               f"(first: {', '.join(scored.extra[:5])})", file=sys.stderr)
     if args.errors_out:
-        write_csv_atomic(scored.errors, args.errors_out)
+        with atomic_path(args.errors_out) as tmp:
+            scored.errors.to_csv(tmp, index=False)
         print(f"per-location errors: {args.errors_out}", file=sys.stderr)
     print(format_summary(stats))
     if scored.missing:

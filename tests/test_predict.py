@@ -1,9 +1,27 @@
 """Predict: the TTA mirror, view substitution, row-per-uuid CSV output and ensemble averaging."""
 
+import contextlib
+import io
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
+import pandas as pd
+import pytest
 import torch
 
-from src.predict import collate_quadruplets, mirror_quadruplet
+from src import geo
+from src.data import eval_transform, mirror_views
+from src.images import VIEWS, load_image
+from src.model import GeoModel
+from src.predict import collate_quadruplets, predict_locations
+from src.predict import main as predict_main
+from src.train import main as train_main
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def panorama_views(panorama: np.ndarray) -> torch.Tensor:
@@ -23,18 +41,18 @@ def test_mirror_equals_the_views_of_the_mirrored_panorama():
     source = (width - 1 - np.arange(4 * width)) % (4 * width)
     mirrored = panorama[..., source]
     expected = panorama_views(mirrored)
-    assert torch.equal(mirror_quadruplet(panorama_views(panorama)), expected)
+    assert torch.equal(mirror_views(panorama_views(panorama)), expected)
     # batched input, and mirroring twice is the identity
     batch = torch.stack([panorama_views(panorama), panorama_views(mirrored)])
-    assert torch.equal(mirror_quadruplet(batch)[0], expected)
-    assert torch.equal(mirror_quadruplet(mirror_quadruplet(batch)), batch)
+    assert torch.equal(mirror_views(batch)[0], expected)
+    assert torch.equal(mirror_views(mirror_views(batch)), batch)
 
 
 def test_mirror_on_a_hand_made_quadruplet():
     # view v is a 1x1x2 image [10v + 1, 10v + 2] (left pixel, right pixel)
     views = torch.tensor([[[[10.0 * v + 1, 10.0 * v + 2]]] for v in range(4)])  # [4, 1, 1, 2]
     expected = torch.tensor([[[[2.0, 1.0]]], [[[32.0, 31.0]]], [[[22.0, 21.0]]], [[[12.0, 11.0]]]])
-    assert torch.equal(mirror_quadruplet(views), expected)
+    assert torch.equal(mirror_views(views), expected)
 
 
 def test_collate_substitutes_unreadable_views_and_flags_empty_locations():
@@ -58,3 +76,131 @@ def test_collate_substitutes_unreadable_views_and_flags_empty_locations():
         "b 90.jpg: truncated JPEG -> used 270.jpg",
         "b 180.jpg: empty file -> used 270.jpg",
     ]
+
+
+# ---- with real (tiny) checkpoints trained through the train CLI ---------------------------------------------
+
+def train_checkpoint(argv) -> Path:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        train_main([str(a) for a in argv])
+    last = out.getvalue().splitlines()[-1]
+    assert last.startswith("checkpoint: ")
+    return Path(last.removeprefix("checkpoint: "))
+
+
+@pytest.fixture(scope="module")
+def checkpoints(demo_dir, tmp_path_factory):
+    """Two 1-epoch runs on the demo set: tiny classification at 32 px and tiny regression at 48 px."""
+    out = tmp_path_factory.mktemp("predict_reports")
+    common = ["--dataset-dirs", demo_dir, "--backbone", "tiny", "--no-pretrained", "--epochs", 1,
+              "--num-workers", 0, "--batch-size", 16, "--out-dir", out, "--cache-dir", out / "cache"]
+    classification = train_checkpoint(["--approach", "classification", "--image-size", 32, "--run-name", "cls",
+                                       *common])
+    regression = train_checkpoint(["--approach", "regression", "--image-size", 48, "--run-name", "reg", *common])
+    return out, classification, regression
+
+
+def reference_xy(model, folder: Path, views: list[int] | None = None, mirror: bool = False) -> np.ndarray:
+    """One location's prediction [x, y] built by hand: load the chosen view files (default 0, 90, 180, 270)."""
+    size = model.hparams.image_size
+    transform = eval_transform(size)
+    files = [folder / f"{v}.jpg" for v in (views or VIEWS)]
+    quad = torch.stack([transform(load_image(f, size)) for f in files])
+    if mirror:  # flip every view left-right, then the 90 view shows the old 270 and vice versa
+        quad = torch.stack([quad[0].flip(-1), quad[3].flip(-1), quad[2].flip(-1), quad[1].flip(-1)])
+    return model.predict_xy(quad[None]).double().numpy()[0]
+
+
+def to_latlng(xy) -> tuple[float, float]:
+    lat, lng = geo.unproject(xy[0], xy[1])
+    return float(lat), float(lng)
+
+
+@pytest.fixture
+def damaged_images(demo_dir, tmp_path):
+    """Eight demo locations as a LUMEN test set without CSV, with a truncated, a missing, a non-image view and
+    a location without any view."""
+    source = sorted((demo_dir / "data").iterdir())[:8]
+    root = tmp_path / "testset" / "images"
+    for folder in source:
+        shutil.copytree(folder, root / folder.name)
+    names = [f.name for f in source]
+    truncated = root / names[0] / "90.jpg"
+    data = truncated.read_bytes()
+    truncated.write_bytes(data[:len(data) // 2])
+    (root / names[1] / "0.jpg").unlink()
+    (root / names[2] / "270.jpg").write_text("not a jpeg")
+    for view in VIEWS:
+        (root / names[3] / f"{view}.jpg").unlink()
+    return tmp_path / "testset", root, names
+
+
+def test_row_for_every_folder_with_corrupt_and_missing_views(checkpoints, damaged_images):
+    _, classification, _ = checkpoints
+    dataset, root, names = damaged_images
+    run = subprocess.run([sys.executable, "-m", "src.predict", "--checkpoint", str(classification),
+                          "--images", str(dataset), "--batch-size", "3"], cwd=REPO, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[0] == "uuid,latitude,longitude"
+    submission = pd.read_csv(io.StringIO(run.stdout))
+    assert submission["uuid"].tolist() == sorted(names)
+    assert np.isfinite(submission[["latitude", "longitude"]].to_numpy()).all()
+    got = submission.set_index("uuid")
+    model = GeoModel.load_from_checkpoint(classification, map_location="cpu").eval()
+    # the location without views sits at the training prior (train-mean location)
+    assert got.loc[names[3]].tolist() == pytest.approx([model.hparams.prior_lat, model.hparams.prior_lng], abs=1e-6)
+    # a replaced view is its nearest readable neighbour: 90 -> 180, 0 -> 90, 270 -> 0
+    expected = {
+        names[0]: [0, 180, 180, 270], names[1]: [90, 90, 180, 270], names[2]: [0, 90, 180, 0],
+        names[4]: [0, 90, 180, 270],
+    }
+    for uuid, views in expected.items():
+        assert got.loc[uuid].tolist() == pytest.approx(to_latlng(reference_xy(model, root / uuid, views)), abs=1e-6)
+    for text in (f"{names[0]} 90.jpg: truncated JPEG", f"{names[1]} 0.jpg: missing -> used 90.jpg",
+                 f"{names[2]} 270.jpg: not a readable image", "1 location(s) have no readable view", names[3]):
+        assert text in run.stderr
+
+
+def test_default_checkpoint_and_test_split_to_out_file(checkpoints, tmp_path, capsys):
+    reports, classification, regression = checkpoints
+    os.utime(classification)  # the newest best checkpoint is the default
+    out = tmp_path / "sub" / "submission.csv"
+    frame = predict_main(["--reports-dir", str(reports), "--out", str(out)])
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert f"checkpoint {classification}" in captured.err
+    model = GeoModel.load_from_checkpoint(classification, map_location="cpu")
+    written = pd.read_csv(out)
+    assert written["uuid"].tolist() == sorted(u for u, _ in model.hparams.test_locations)
+    assert written[["latitude", "longitude"]].to_numpy() == pytest.approx(frame[["latitude", "longitude"]].to_numpy(),
+                                                                           abs=1e-6)
+    assert [p.name for p in out.parent.iterdir()] == ["submission.csv"]
+
+
+def test_tta_averages_the_quadruplet_and_its_mirror(checkpoints, demo_dir):
+    _, classification, _ = checkpoints
+    model = GeoModel.load_from_checkpoint(classification, map_location="cpu").eval()
+    folders = sorted((demo_dir / "data").iterdir())[:5]
+    frame, issues = predict_locations([model], [(f.name, f) for f in folders], tta=True, batch_size=2,
+                                      progress=False)
+    assert not issues.replaced and not issues.no_views
+    for folder, row in zip(folders, frame.itertuples()):
+        plain, mirrored = reference_xy(model, folder), reference_xy(model, folder, mirror=True)
+        assert not np.allclose(plain, mirrored)  # the mirror is a different input, so TTA changes something
+        assert (row.latitude, row.longitude) == pytest.approx(to_latlng((plain + mirrored) / 2), abs=1e-6)
+
+
+def test_ensemble_averages_x_y_across_checkpoints(checkpoints, demo_dir, capsys):
+    _, classification, regression = checkpoints
+    images = str(demo_dir)
+    single = [predict_main(["--checkpoint", str(path), "--images", images]) for path in (classification, regression)]
+    ensemble = predict_main(["--checkpoint", str(classification), str(regression), "--images", images, "--tta"])
+    tta = [predict_main(["--checkpoint", str(path), "--images", images, "--tta"]) for path in (classification, regression)]
+    capsys.readouterr()
+    assert len(ensemble) == 120 and ensemble["uuid"].is_monotonic_increasing
+    assert not np.allclose(single[0][["latitude"]], single[1][["latitude"]])
+    x = [geo.project(t["latitude"], t["longitude"]) for t in tta]
+    lat, lng = geo.unproject((x[0][0] + x[1][0]) / 2, (x[0][1] + x[1][1]) / 2)
+    np.testing.assert_allclose(ensemble["latitude"], lat, atol=1e-6)
+    np.testing.assert_allclose(ensemble["longitude"], lng, atol=1e-6)
