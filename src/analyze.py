@@ -1,10 +1,15 @@
 """Analysis of a grid and a submission: oracle ceiling, error map, worst-N gallery, per-class accuracy.
 
-    python -m src.analyze [--dataset-dirs DIR ...] [--spacing 0.5] [--seed 0] [--submission CSV]
+    python -m src.analyze [--submission CSV] [--checkpoint PATH | --dataset-dirs DIR ...] [--spacings ...]
 
-Figures go to figures/, tables to reports/analysis/ (both written atomically) and print on stdout.
+The locations (truth, image folders, split, classes) come from the enrich stage: of --dataset-dirs with
+the enrich flags, or, without --dataset-dirs, of the run of --checkpoint (default: the newest best
+checkpoint under reports/), with its dataset dirs, spacing and seed.
+Figures go to figures/, tables to reports/analysis/ (both written atomically); tables also print on stdout.
 """
 
+import argparse
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -18,11 +23,19 @@ from matplotlib.collections import LineCollection  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
+from tabulate import tabulate  # noqa: E402
+
+from src.enrich import SPLITS, Enriched, add_enrich_arguments, enrich_from_args, enrich_locations  # noqa: E402
+from src.errors import UserError, run_cli  # noqa: E402
 from src.files import atomic_path  # noqa: E402
 from src.geo import haversine_km, load_border  # noqa: E402
+from src.grid import CENTROID_PREFIX, build_grid, nearest_class  # noqa: E402
 from src.images import VIEWS, check_image, load_image, view_paths  # noqa: E402
+from src.predict import REPORTS_DIR, latest_checkpoint  # noqa: E402
+from src.score import format_summary, match_and_measure, read_locations, summarize_km  # noqa: E402
 
-CENTROID_KINDS = ("centroid", "clipped", "weighted")  # column prefixes: plain, clipped to land, train-weighted
+KINDS = ("plain", "clipped", "weighted")
+DEFAULT_SPACINGS = (0.25, 0.5, 1.0, 2.0)
 
 
 def save_figure(fig: plt.Figure, path: str | Path, dpi: int = 120) -> Path:
@@ -112,14 +125,13 @@ def worst_gallery(errors: pd.DataFrame, image_dirs: dict[str, str | Path], path:
 def oracle_errors(locations: pd.DataFrame) -> pd.DataFrame:
     """Per-location km error when predicting each location at its true class's centroid, per centroid kind.
 
-    `locations` has latitude, longitude and, per kind in CENTROID_KINDS, `<kind>_lat`/`<kind>_lng`
-    (the centroids of the row's class, as in `src.enrich.Enriched.locations`). Columns: plain, clipped,
-    weighted.
+    `locations` has latitude, longitude and, per centroid kind, `<prefix>_lat`/`<prefix>_lng` (the centroids
+    of the row's class, as in `src.enrich.Enriched.locations`). Columns: plain, clipped, weighted.
     """
     return pd.DataFrame({
-        name: haversine_km(locations["latitude"], locations["longitude"], locations[f"{kind}_lat"],
-                           locations[f"{kind}_lng"])
-        for name, kind in zip(("plain", "clipped", "weighted"), CENTROID_KINDS)
+        kind: haversine_km(locations["latitude"], locations["longitude"], locations[f"{CENTROID_PREFIX[kind]}_lat"],
+                           locations[f"{CENTROID_PREFIX[kind]}_lng"])
+        for kind in KINDS
     }, index=locations.index)
 
 
@@ -156,3 +168,167 @@ def confusion_summary(true_class, pred_class, classes: list[int], top: int = 3) 
             "predicted as": ", ".join(f"{int(c)} ({int(k)})" for c, k in counts.head(top).items()),
         })
     return pd.DataFrame(rows, columns=["class", "n", "accuracy", "predicted as"])
+
+
+def rows_of_split(locations: pd.DataFrame, split: str) -> pd.DataFrame:
+    """The rows of one split ('all' keeps every row)."""
+    return locations if split == "all" else locations[locations["split"] == split]
+
+
+def oracle_ceiling(enriched: Enriched, spacings, split: str = "test", seed: int = 0, fractions=(0.8, 0.1, 0.1),
+                   holdout_dirs=(), mainland_only: bool = False) -> pd.DataFrame:
+    """Mean and median km of the oracle (true class's centroid) per spacing and centroid kind on `split`.
+
+    The kept locations of `enriched` are re-gridded at every spacing with the same split settings.
+    Columns: spacing, classes, locations, plain_km, clipped_km, weighted_km, plain_median_km, ...
+    """
+    rows = []
+    for spacing in sorted(set(float(s) for s in spacings)):
+        if spacing == enriched.grid.spacing:
+            locations, classes = enriched.locations, enriched.classes
+        else:
+            locations, classes, _ = enrich_locations(enriched.ingested.locations, build_grid(spacing, mainland_only),
+                                                     seed, fractions, holdout_dirs)
+        chosen = rows_of_split(locations, split)
+        errors = oracle_errors(chosen)
+        row = {"spacing": spacing, "classes": len(classes), "locations": len(chosen)}
+        row.update({f"{kind}_km": float(errors[kind].mean()) for kind in KINDS})
+        row.update({f"{kind}_median_km": float(errors[kind].median()) for kind in KINDS})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def oracle_figure(table: pd.DataFrame, path: str | Path, split: str) -> Path:
+    """Oracle mean km against grid spacing, one line per centroid kind."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for kind in KINDS:
+        ax.plot(table["spacing"], table[f"{kind}_km"], marker="o", label=kind)
+    ax.set_xlabel("grid spacing (degrees)")
+    ax.set_ylabel(f"oracle mean km ({split} locations)")
+    ax.set_title("What the grid alone costs: every location at its true class's centroid")
+    ax.grid(alpha=0.3)
+    ax.legend(title="centroid")
+    return save_figure(fig, path)
+
+
+def predicted_classes(enriched: Enriched, lat, lng) -> np.ndarray:
+    """The class a predicted point falls in: its cell's class, else the nearest class (as for labels)."""
+    cell = enriched.grid.assign(lat, lng)
+    return nearest_class(enriched.classes, enriched.grid, cell, lat, lng)
+
+
+def write_table(frame: pd.DataFrame, path: Path) -> Path:
+    """A CSV table, atomically."""
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
+    return path
+
+
+def enrich_args_from_checkpoint(args: argparse.Namespace) -> Path:
+    """Fill --dataset-dirs, --spacing and --seed from a checkpoint's hparams; returns the checkpoint used."""
+    import torch
+
+    path = args.checkpoint or latest_checkpoint(args.reports_dir)
+    if not Path(path).is_file():
+        raise UserError(f"--checkpoint {path}: file not found; pass a .ckpt written by src.train")
+    try:
+        hparams = torch.load(path, map_location="cpu", weights_only=False)["hyper_parameters"]
+        args.dataset_dirs, args.spacing, args.seed = hparams["dataset_dirs"], hparams["spacing"], hparams["seed"]
+    except (KeyError, RuntimeError, EOFError, TypeError) as error:
+        raise UserError(f"--checkpoint {path}: not a src.train checkpoint ({type(error).__name__}: {error}); "
+                        "pass --dataset-dirs instead") from None
+    return Path(path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m src.analyze",
+        description="Oracle ceiling of the grid; with --submission: error map, worst-N gallery, per-class accuracy.",
+    )
+    add_enrich_arguments(parser)
+    group = parser.add_argument_group("analysis")
+    group.add_argument("--checkpoint", type=Path,
+                       help="take --dataset-dirs/--spacing/--seed from this run when --dataset-dirs is not given "
+                            "(default: the newest *best*.ckpt under reports/)")
+    group.add_argument("--reports-dir", type=Path, default=REPORTS_DIR, help="where to find checkpoints (default: reports/)")
+    group.add_argument("--submission", type=Path, help="a predict CSV (uuid,latitude,longitude) to analyse")
+    group.add_argument("--eval-split", choices=[*SPLITS, "all"], default="test",
+                       help="the locations analysed: oracle rows and the submission's truth (default: test)")
+    group.add_argument("--allow-missing", action="store_true",
+                       help="analyse the uuids common to submission and --eval-split instead of stopping on a mismatch")
+    group.add_argument("--spacings", type=float, nargs="+", default=list(DEFAULT_SPACINGS), metavar="DEG",
+                       help="grid spacings of the oracle table (default: 0.25 0.5 1 2)")
+    group.add_argument("--worst", type=int, default=8, help="rows of the worst-N gallery (default: 8)")
+    group.add_argument("--least-accurate", type=int, default=10,
+                       help="classes in the confusion summary (default: 10)")
+    group.add_argument("--figures-dir", type=Path, default=Path("figures"), help="figure folder (default: figures)")
+    group.add_argument("--tables-dir", type=Path, default=Path("reports/analysis"),
+                       help="table folder (default: reports/analysis)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """CLI: oracle table, and for a submission its scores, figures and per-class tables. Returns the tables."""
+    args = build_parser().parse_args(argv)
+    if args.worst < 1 or args.least_accurate < 1 or any(s <= 0 for s in args.spacings):
+        raise UserError("--worst and --least-accurate must be >= 1 and --spacings positive")
+    if not args.dataset_dirs:
+        checkpoint = enrich_args_from_checkpoint(args)
+        print(f"locations of the run of {checkpoint}: --dataset-dirs {' '.join(map(str, args.dataset_dirs))} "
+              f"--spacing {args.spacing} --seed {args.seed}", file=sys.stderr)
+    enriched = enrich_from_args(args, progress=False)
+    out: dict = {}
+
+    oracle = oracle_ceiling(enriched, [*args.spacings, args.spacing], args.eval_split, args.seed, args.split,
+                            args.holdout_dirs, args.mainland_only)
+    out["oracle"] = oracle
+    print(f"oracle ceiling ({args.eval_split} locations at their true class's centroid), mean / median km:")
+    print(tabulate([[r.spacing, r.classes, r.locations, *(f"{getattr(r, f'{k}_km'):.2f} / "
+                                                          f"{getattr(r, f'{k}_median_km'):.2f}" for k in KINDS)]
+                    for r in oracle.itertuples()],
+                   headers=["spacing", "classes", "locations", *KINDS], tablefmt="github"))
+    paths = [write_table(oracle, args.tables_dir / "oracle_ceiling.csv"),
+             oracle_figure(oracle, args.figures_dir / "oracle_ceiling.png", args.eval_split)]
+
+    if args.submission is not None:
+        name = args.submission.stem
+        truth = rows_of_split(enriched.locations, args.eval_split)
+        scored = match_and_measure(read_locations(args.submission, "submission"), truth, args.allow_missing,
+                                   where=f"{args.submission} vs the {args.eval_split} locations")
+        if scored.missing or scored.extra:
+            print(f"warning: analysing {len(scored.errors)} common uuid(s); {len(scored.missing)} {args.eval_split} "
+                  f"location(s) without a submission row, {len(scored.extra)} submission row(s) not among them",
+                  file=sys.stderr)
+        errors = scored.errors
+        stats = summarize_km(errors["error_km"])
+        print(f"\nsubmission {args.submission} on {len(errors)} {args.eval_split} locations:")
+        print(format_summary(stats))
+        labels = truth.set_index("uuid").loc[errors["uuid"]]
+        errors["true_class"] = labels["label"].to_numpy()
+        errors["pred_class"] = predicted_classes(enriched, errors["pred_lat"].to_numpy(), errors["pred_lng"].to_numpy())
+        accuracy = per_class_accuracy(errors["true_class"], errors["pred_class"], errors["error_km"], enriched.classes)
+        confusion = confusion_summary(errors["true_class"], errors["pred_class"],
+                                      accuracy["class"].head(args.least_accurate).tolist())
+        overall = float((errors["true_class"] == errors["pred_class"]).mean())
+        print(f"\nclass accuracy (prediction in the true class's cell): {100 * overall:.1f}% over "
+              f"{accuracy['class'].nunique()} classes; the {len(confusion)} least accurate:")
+        print(tabulate(confusion, headers="keys", tablefmt="github", showindex=False, floatfmt=".2f"))
+        image_dirs = dict(zip(labels.index, labels["image_dir"]))
+        gallery, worst = worst_gallery(errors, image_dirs, args.figures_dir / f"{name}_worst.png", n=args.worst)
+        paths += [
+            write_table(errors, args.tables_dir / f"{name}_errors.csv"),
+            write_table(accuracy, args.tables_dir / f"{name}_per_class.csv"),
+            write_table(confusion, args.tables_dir / f"{name}_confusion.csv"),
+            error_map(errors, args.figures_dir / f"{name}_error_map.png"),
+            gallery,
+        ]
+        out.update(errors=errors, stats=stats, per_class=accuracy, confusion=confusion, worst=worst,
+                   class_accuracy=overall)
+    for path in paths:
+        print(f"wrote {path}", file=sys.stderr)
+    return out
+
+
+if __name__ == "__main__":
+    run_cli(main)

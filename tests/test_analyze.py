@@ -5,9 +5,15 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+import shapely
 from PIL import Image
 
-from src.analyze import confusion_summary, error_map, per_class_accuracy, worst_gallery
+from src.analyze import (confusion_summary, error_map, oracle_ceiling, oracle_errors, per_class_accuracy,
+                         worst_gallery)
+from src.analyze import main as analyze_main
+from src.enrich import enrich
+from src.errors import UserError
+from src.geo import haversine_km
 
 EARTH_RADIUS_KM = 6371.0088
 KM_PER_DEG_LAT = math.pi * EARTH_RADIUS_KM / 180
@@ -57,3 +63,82 @@ def test_worst_gallery_shows_the_largest_errors_first(tmp_path, errors):
     assert shown["uuid"].tolist() == ["c", "d", "b"]
     with Image.open(path) as image:
         assert image.format == "PNG" and image.height > image.width / 2  # three rows of thumbnails
+
+
+def test_oracle_errors_on_hand_made_centroids():
+    locations = pd.DataFrame({"latitude": [45.0, 44.0], "longitude": [16.0, 15.0]})
+    for prefix, shift in (("centroid", 0.1), ("clipped", 0.2), ("weighted", 0.0)):
+        locations[f"{prefix}_lat"] = locations["latitude"] + [shift, 2 * shift]
+        locations[f"{prefix}_lng"] = locations["longitude"]
+    errors = oracle_errors(locations)
+    np.testing.assert_allclose(errors["plain"], [0.1 * KM_PER_DEG_LAT, 0.2 * KM_PER_DEG_LAT], atol=1e-6)
+    np.testing.assert_allclose(errors["clipped"], [0.2 * KM_PER_DEG_LAT, 0.4 * KM_PER_DEG_LAT], atol=1e-6)
+    np.testing.assert_allclose(errors["weighted"], [0.0, 0.0], atol=1e-6)
+
+
+def write_dataset(folder, points):
+    """A LUMEN dataset of tiny grey views at the given (lat, lng) points."""
+    rows = []
+    for i, (lat, lng) in enumerate(points):
+        uuid = f"loc{i}"
+        (folder / "data" / uuid).mkdir(parents=True)
+        for view in (0, 90, 180, 270):
+            Image.new("RGB", (16, 16), (120, 120, 120)).save(folder / "data" / uuid / f"{view}.jpg")
+        rows.append((uuid, lat, lng))
+    pd.DataFrame(rows, columns=["uuid", "latitude", "longitude"]).to_csv(folder / "data.csv", index=False)
+    return folder
+
+
+def test_oracle_ceiling_on_a_hand_made_grid(tmp_path):
+    # 0.5 degree cells start at Croatia's lower-left bound (13.501935 E, 42.415929 N); the cells
+    # 16.00-16.50 E x 45.42-45.92 N and 16.50-17.00 E x 45.42-45.92 N lie entirely on Croatian land.
+    lng0, lat0 = 13.501935 + 5 * 0.5, 42.415929 + 6 * 0.5
+    a, b = (lat0 + 0.10, lng0 + 0.10), (lat0 + 0.20, lng0 + 0.10)  # two train points 0.1 degree apart
+    c = (lat0 + 0.30, lng0 + 0.80)  # alone in the next cell east
+    enriched = enrich([write_dataset(tmp_path / "hand", [a, b, c])], spacing=0.5, fractions=(1.0, 0.0, 0.0),
+                      progress=False)
+    cells = enriched.grid.cells.loc[enriched.classes["cell"]]
+    # precondition: both class cells are whole squares of land, so the plain centroid is the square's centre
+    assert np.allclose(shapely.area(cells["land"].to_numpy()), cells.to_crs("EPSG:3766").geometry.area, rtol=1e-6)
+    table = oracle_ceiling(enriched, [0.5, 0.01], split="all", fractions=(1.0, 0.0, 0.0))
+    coarse = table.set_index("spacing").loc[0.5]
+    # weighted: a and b are each half their 0.1 degree separation from their mean; c is its own mean
+    assert coarse["weighted_km"] == pytest.approx((2 * 0.05 * KM_PER_DEG_LAT + 0) / 3, rel=2e-3)
+    # plain = clipped: distance to the centre of each point's square (a projected square's centroid is within
+    # a few hundred metres of the centre in degrees)
+    centre = [(lat0 + 0.25, lng0 + 0.25), (lat0 + 0.25, lng0 + 0.25), (lat0 + 0.25, lng0 + 0.75)]
+    expected = np.mean([haversine_km(*p, *q) for p, q in zip((a, b, c), centre)])
+    assert coarse["plain_km"] == pytest.approx(expected, abs=0.3)
+    assert coarse["clipped_km"] == pytest.approx(coarse["plain_km"], abs=1e-9)
+    assert (coarse["classes"], coarse["locations"]) == (2, 3)
+    # with 0.01 degree cells every point is alone in its class: the weighted oracle is exact
+    fine = table.set_index("spacing").loc[0.01]
+    assert fine["classes"] == 3 and fine["weighted_km"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_cli_on_an_oracle_submission(demo_dir, tmp_path, capsys):
+    """Predicting every test location at its true class's weighted centroid: 100% class accuracy and the
+    weighted oracle's mean km."""
+    locations = enrich([demo_dir], spacing=0.5, seed=0, progress=False).locations
+    test = locations[locations["split"] == "test"]
+    submission = tmp_path / "oracle.csv"
+    test[["uuid", "weighted_lat", "weighted_lng"]].set_axis(["uuid", "latitude", "longitude"], axis=1).to_csv(
+        submission, index=False)
+    figures, tables = tmp_path / "figures", tmp_path / "tables"
+    out = analyze_main(["--dataset-dirs", str(demo_dir), "--submission", str(submission), "--spacings", "0.5", "1",
+                        "--worst", "3", "--figures-dir", str(figures), "--tables-dir", str(tables)])
+    printed = capsys.readouterr().out
+    oracle = out["oracle"].set_index("spacing")
+    assert out["stats"]["mean_km"] == pytest.approx(oracle.loc[0.5, "weighted_km"], abs=1e-6)
+    assert out["class_accuracy"] == 1.0 and (out["per_class"]["accuracy"] == 1.0).all()
+    assert out["per_class"]["n"].sum() == len(test)
+    assert "oracle ceiling" in printed and "class accuracy" in printed
+    assert sorted(p.name for p in figures.iterdir()) == ["oracle_ceiling.png", "oracle_error_map.png",
+                                                         "oracle_worst.png"]
+    assert sorted(p.name for p in tables.iterdir()) == ["oracle_ceiling.csv", "oracle_confusion.csv",
+                                                        "oracle_errors.csv", "oracle_per_class.csv"]
+    # a submission that misses test locations is an error, unless --allow-missing
+    test.head(3)[["uuid", "latitude", "longitude"]].to_csv(tmp_path / "short.csv", index=False)
+    with pytest.raises(UserError, match="uuid sets differ"):
+        analyze_main(["--dataset-dirs", str(demo_dir), "--submission", str(tmp_path / "short.csv"),
+                      "--spacings", "0.5", "--figures-dir", str(figures), "--tables-dir", str(tables)])
