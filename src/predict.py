@@ -14,6 +14,7 @@ on stderr. stdout carries only the CSV.
 import argparse
 import contextlib
 import io
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,29 +140,22 @@ def collate_quadruplets(items):
     Returns (uuids, {size: Tensor[B, 4, 3, S, S]}, has_views: bool Tensor[B], replaced: list[str]).
     A location with no readable view gets zeros and has_views False (its prediction is replaced by the prior).
     """
-    uuids, batches, has_views, replaced = [], {}, [], []
+    uuids, has_views, replaced = [], [], []
     sizes = list(items[0][1].keys())
     per_size = {size: [] for size in sizes}
     for uuid, views, reasons in items:
         uuids.append(uuid)
         readable = [i for i in range(4) if reasons[i] is None]
         has_views.append(bool(readable))
-        for i in range(4):
-            if reasons[i] is not None and readable:
-                source = next(j for j in SUBSTITUTE_ORDER[i] if j in readable)
-                replaced.append(f"{uuid} {VIEWS[i]}.jpg: {reasons[i]} -> used {VIEWS[source]}.jpg")
+        # the view file that fills each slot (None: no readable view at all)
+        source = [i if reasons[i] is None else next((j for j in SUBSTITUTE_ORDER[i] if j in readable), None)
+                  for i in range(4)]
+        replaced += [f"{uuid} {VIEWS[i]}.jpg: {reasons[i]} -> used {VIEWS[j]}.jpg"
+                     for i, j in enumerate(source) if j is not None and j != i]
         for size in sizes:
-            filled = []
-            for i in range(4):
-                if reasons[i] is None:
-                    filled.append(views[size][i])
-                elif readable:
-                    filled.append(views[size][next(j for j in SUBSTITUTE_ORDER[i] if j in readable)])
-                else:
-                    filled.append(torch.zeros(3, size, size))
-            per_size[size].append(torch.stack(filled))
-    for size in sizes:
-        batches[size] = torch.stack(per_size[size])
+            per_size[size].append(torch.stack([views[size][j] if j is not None else torch.zeros(3, size, size)
+                                               for j in source]))
+    batches = {size: torch.stack(per_size[size]) for size in sizes}
     return uuids, batches, torch.tensor(has_views), replaced
 
 
@@ -227,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tta", action="store_true",
                         help="also predict the mirrored quadruplet (views flipped, 90/270 swapped) and average")
     parser.add_argument("--batch-size", type=int, default=32, help="locations per batch (default: 32)")
-    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
+    parser.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1) - 1,
+                        help="DataLoader worker processes decoding JPEGs (default: min(4, CPUs) - 1)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--out", type=Path, help="write the CSV here (atomically) instead of stdout")
