@@ -56,9 +56,13 @@ def load_model(path: str | Path, device: str = "cpu"):
         raise UserError(f"--checkpoint {path}: file not found; pass a .ckpt written by src.train")
     try:
         model = GeoModel.load_from_checkpoint(path, map_location=device)
-    except (KeyError, RuntimeError, EOFError, ValueError) as error:
-        raise UserError(f"--checkpoint {path}: not a GeoModel checkpoint ({type(error).__name__}: {error}); "
+    except Exception as error:  # torch/pickle/Lightning raise many types for a file that is not a checkpoint
+        raise UserError(f"--checkpoint {path}: not a readable GeoModel checkpoint ({type(error).__name__}: {error}); "
                         "pass a .ckpt written by src.train") from None
+    missing = [key for key in ("image_size", "prior_lat", "prior_lng") if key not in model.hparams]
+    if missing:
+        raise UserError(f"--checkpoint {path}: lacks {', '.join(missing)} in its hparams (an older src.train?); "
+                        "retrain it with the current src.train")
     return model.to(device).eval()
 
 
