@@ -75,16 +75,35 @@ def format_summary(stats: dict[str, float], scale_km: float | None = None) -> st
     return tabulate(rows, headers=["metric", "value"], tablefmt="github")
 
 
-def read_locations(path: str | Path, what: str) -> pd.DataFrame:
+def _row_defects(frame: pd.DataFrame) -> pd.Series:
+    """Per row: None when uuid and coordinates are usable, else what is wrong (the first defect found)."""
+    reason = pd.Series(None, index=frame.index, dtype=object)
+
+    def mark(mask, why) -> None:
+        reason[mask & reason.isna()] = why[mask & reason.isna()] if isinstance(why, pd.Series) else why
+
+    mark(frame["uuid"].isna() | frame["uuid"].eq(""), "empty uuid")
+    for column, limit in (("latitude", 90.0), ("longitude", 180.0)):
+        values = pd.to_numeric(frame[column], errors="coerce")
+        mark(~np.isfinite(values.to_numpy(float, na_value=np.nan)),
+             f"{column} " + frame[column].map(repr) + " is not a number")
+        mark(values.abs() > limit, f"{column} " + values.astype(str) + f" is outside +-{limit:g} (not WGS84 degrees?)")
+    mark(frame["uuid"].duplicated(), "uuid " + frame["uuid"].astype(str) + " repeats an earlier row")
+    return reason
+
+
+def read_locations(path: str | Path, what: str, strict: bool = True) -> pd.DataFrame:
     """Read uuid/latitude/longitude (extra columns kept) from a CSV, validating every row.
 
-    `what` names the file's role ("submission", "truth") in error messages.
+    `what` names the file's role ("submission", "truth") in messages. A bad row (empty or repeated uuid,
+    coordinates that are not WGS84 degrees) is a UserError when `strict` (a submission is the user's
+    output); otherwise (truth data) it is skipped and listed in a warning on stderr.
     """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: {what} file not found; pass the path of a CSV with columns uuid,latitude,longitude")
     try:
-        frame = pd.read_csv(path, dtype={"uuid": str})
+        frame = pd.read_csv(path, dtype={"uuid": str}, skipinitialspace=True)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
         raise UserError(f"{path}: not a readable CSV ({error}); expected columns uuid,latitude,longitude") from None
     missing = [c for c in SUBMISSION_COLUMNS if c not in frame.columns]
@@ -95,36 +114,21 @@ def read_locations(path: str | Path, what: str) -> pd.DataFrame:
         )
     if frame.empty:
         raise UserError(f"{path}: {what} has a header but no rows")
-    # CSV row numbers: header is line 1, so data row i is line i + 2
-    for column in ("latitude", "longitude"):
-        values = pd.to_numeric(frame[column], errors="coerce")
-        bad = values.isna() | ~np.isfinite(values.to_numpy(float, na_value=np.nan))
-        if bad.any():
-            i = int(np.flatnonzero(bad.to_numpy())[0])
-            raise UserError(
-                f"{path}: line {i + 2} (uuid {frame['uuid'].iloc[i]}): {column} {frame[column].iloc[i]!r} is not a "
-                f"number ({int(bad.sum())} such row(s)); every row needs numeric coordinates in degrees"
-            )
-        frame[column] = values.astype(float)
-    limits = {"latitude": 90.0, "longitude": 180.0}
-    for column, limit in limits.items():
-        bad = frame[column].abs() > limit
-        if bad.any():
-            i = int(np.flatnonzero(bad.to_numpy())[0])
-            raise UserError(
-                f"{path}: line {i + 2}: {column} {frame[column].iloc[i]} is outside +-{limit:g}; "
-                "coordinates must be WGS84 degrees (are latitude and longitude swapped or projected?)"
-            )
-    if frame["uuid"].isna().any():
-        i = int(np.flatnonzero(frame["uuid"].isna().to_numpy())[0])
-        raise UserError(f"{path}: line {i + 2}: empty uuid; every row needs the location's uuid")
     frame["uuid"] = frame["uuid"].str.strip()
-    duplicated = frame["uuid"].duplicated(keep=False)
-    if duplicated.any():
-        dups = sorted(frame.loc[duplicated, "uuid"].unique())
-        raise UserError(
-            f"{path}: {len(dups)} uuid(s) appear more than once (e.g. {dups[0]}); give one row per location"
-        )
+    reason = _row_defects(frame)
+    bad = reason.notna().to_numpy()
+    # CSV line numbers: the header is line 1, so data row i is line i + 2
+    listing = [f"line {i + 2}: {reason.iloc[i]}" for i in np.flatnonzero(bad)]
+    if bad.any() and strict:
+        raise UserError(f"{path}: {len(listing)} bad {what} row(s), first {listing[0]}; every row needs a unique "
+                        "uuid and latitude/longitude in degrees")
+    if bad.any():
+        print(f"warning: {path}: skipped {len(listing)} {what} row(s) that cannot be scored:", file=sys.stderr)
+        print("\n".join(f"  {line}" for line in listing), file=sys.stderr)
+    frame = frame[~bad].copy()
+    if frame.empty:
+        raise UserError(f"{path}: no usable {what} row left")
+    frame[["latitude", "longitude"]] = frame[["latitude", "longitude"]].apply(pd.to_numeric).astype(float)
     return frame
 
 
@@ -172,7 +176,7 @@ def score_files(submission_path: str | Path, truth_path: str | Path, allow_missi
                 split: str | None = None) -> tuple[Scored, dict[str, float]]:
     """Read, validate, match and summarize a submission against a truth CSV (optionally one split of it)."""
     submission = read_locations(submission_path, "submission")
-    truth = read_locations(truth_path, "truth")
+    truth = read_locations(truth_path, "truth", strict=False)
     if split is not None:
         if "split" not in truth.columns:
             raise UserError(f"{truth_path}: --split {split} given but the file has no split column; "

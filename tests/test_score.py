@@ -89,8 +89,8 @@ def test_uuid_mismatch_is_an_error_unless_allowed(tmp_path, files, capsys):
 
 @pytest.mark.parametrize("rows, columns, message", [
     ([("a", 45.0, 16.0)], ("uuid", "lat", "lng"), "lacks column"),
-    ([("a", "north", 16.0)], ("uuid", "latitude", "longitude"), "line 2 .* latitude 'north' is not a number"),
-    ([("a", 45.0, 16.0), ("a", 45.1, 16.0)], ("uuid", "latitude", "longitude"), "appear more than once"),
+    ([("a", "north", 16.0)], ("uuid", "latitude", "longitude"), "line 2: latitude 'north' is not a number"),
+    ([("a", 45.0, 16.0), ("a", 45.1, 16.0)], ("uuid", "latitude", "longitude"), "line 3: uuid a repeats an earlier row"),
     ([("a", 4995000.0, 16.0)], ("uuid", "latitude", "longitude"), "outside"),
 ])
 def test_malformed_submission_is_a_user_error(tmp_path, files, rows, columns, message):
@@ -98,6 +98,18 @@ def test_malformed_submission_is_a_user_error(tmp_path, files, rows, columns, me
     bad = write(tmp_path / "bad.csv", rows, columns)
     with pytest.raises(UserError, match=message):
         score_files(bad, truth, allow_missing=True)
+
+
+def test_bad_truth_rows_are_skipped_and_listed(tmp_path, capsys):
+    truth = write(tmp_path / "truth.csv", [("a", 45.0, 16.0), ("b", "", 16.0), ("c", 45.0, 16.0), ("a", 44.0, 16.0),
+                                           ("d", 45.0, 16.0)])
+    sub = write(tmp_path / "sub.csv", [("a", 45.0, 16.0), ("c", 45.1, 16.0), ("d", 45.0, 16.0)])
+    scored, stats = score_files(sub, truth)
+    assert scored.errors["uuid"].tolist() == ["a", "c", "d"]  # the first row of a repeated uuid is kept
+    assert stats["mean_km"] == pytest.approx(0.1 * KM_PER_DEG_LAT / 3, abs=1e-6)
+    err = capsys.readouterr().err
+    assert "skipped 2 truth row(s)" in err
+    assert "line 3: latitude nan is not a number" in err and "line 5: uuid a repeats an earlier row" in err
 
 
 def test_split_filters_an_enriched_truth(tmp_path):
