@@ -18,7 +18,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-import shapely  # noqa: E402
 from matplotlib.collections import LineCollection  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
@@ -250,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--checkpoint", type=Path,
                        help="take --dataset-dirs/--spacing/--seed from this run when --dataset-dirs is not given "
                             "(default: the newest *best*.ckpt under reports/)")
-    group.add_argument("--reports-dir", type=Path, default=REPORTS_DIR, help="where to find checkpoints (default: reports/)")
+    group.add_argument("--reports-dir", type=Path, default=REPORTS_DIR,
+                       help="where to find checkpoints (default: reports/)")
     group.add_argument("--submission", type=Path, help="a predict CSV (uuid,latitude,longitude) to analyse")
     group.add_argument("--eval-split", choices=[*SPLITS, "all"], default="test",
                        help="the locations analysed: oracle rows and the submission's truth (default: test)")

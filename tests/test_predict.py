@@ -196,7 +196,8 @@ def test_ensemble_averages_x_y_across_checkpoints(checkpoints, demo_dir, capsys)
     images = str(demo_dir)
     single = [predict_main(["--checkpoint", str(path), "--images", images]) for path in (classification, regression)]
     ensemble = predict_main(["--checkpoint", str(classification), str(regression), "--images", images, "--tta"])
-    tta = [predict_main(["--checkpoint", str(path), "--images", images, "--tta"]) for path in (classification, regression)]
+    tta = [predict_main(["--checkpoint", str(path), "--images", images, "--tta"])
+           for path in (classification, regression)]
     capsys.readouterr()
     assert len(ensemble) == 120 and ensemble["uuid"].is_monotonic_increasing
     assert not np.allclose(single[0][["latitude"]], single[1][["latitude"]])

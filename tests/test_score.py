@@ -90,7 +90,8 @@ def test_uuid_mismatch_is_an_error_unless_allowed(tmp_path, files, capsys):
 @pytest.mark.parametrize("rows, columns, message", [
     ([("a", 45.0, 16.0)], ("uuid", "lat", "lng"), "lacks column"),
     ([("a", "north", 16.0)], ("uuid", "latitude", "longitude"), "line 2: latitude 'north' is not a number"),
-    ([("a", 45.0, 16.0), ("a", 45.1, 16.0)], ("uuid", "latitude", "longitude"), "line 3: uuid a repeats an earlier row"),
+    ([("a", 45.0, 16.0), ("a", 45.1, 16.0)], ("uuid", "latitude", "longitude"),
+     "line 3: uuid a repeats an earlier row"),
     ([("a", 4995000.0, 16.0)], ("uuid", "latitude", "longitude"), "outside"),
 ])
 def test_malformed_submission_is_a_user_error(tmp_path, files, rows, columns, message):
