@@ -189,6 +189,8 @@ def oracle_ceiling(enriched: Enriched, spacings, split: str = "test", seed: int 
             locations, classes, _ = enrich_locations(enriched.ingested.locations, build_grid(spacing, mainland_only),
                                                      seed, fractions, holdout_dirs)
         chosen = rows_of_split(locations, split)
+        if chosen.empty:
+            raise UserError(f"--eval-split {split}: no {split} location at spacing {spacing}; pick another split or all")
         errors = oracle_errors(chosen)
         row = {"spacing": spacing, "classes": len(classes), "locations": len(chosen)}
         row.update({f"{kind}_km": float(errors[kind].mean()) for kind in KINDS})
