@@ -83,7 +83,11 @@ def locations_from_checkpoint(model, checkpoint: Path) -> list[tuple[str, Path]]
     test_locations = model.hparams.get("test_locations")
     if not test_locations:
         raise UserError(f"--checkpoint {checkpoint}: records no test split (test_locations); pass --images DIR")
-    return sorted((str(uuid), Path(folder)) for uuid, folder in test_locations)
+    locations = sorted((str(uuid), Path(folder)) for uuid, folder in test_locations)
+    if not any(folder.is_dir() for _, folder in locations):
+        raise UserError(f"--checkpoint {checkpoint}: none of the {len(locations)} image folders of its test split "
+                        f"exists here (e.g. {locations[0][1]}); pass --images DIR")
+    return locations
 
 
 @dataclass
