@@ -74,6 +74,8 @@ def error_map(errors: pd.DataFrame, path: str | Path, title: str = "") -> Path:
     ax.scatter(errors["pred_lng"], errors["pred_lat"], marker="x", s=10, color="0.2", linewidths=0.6, zorder=3,
                label="prediction")
     colorbar = fig.colorbar(points, ax=ax, shrink=0.8, label="error km (true point colour)")
+    ticks = [t for t in (1, 2, 5, 10, 20, 50, 100, 200, 500) if norm.vmin <= t <= norm.vmax]
+    colorbar.set_ticks(ticks or [norm.vmin, norm.vmax])
     colorbar.ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     colorbar.ax.yaxis.set_minor_formatter(FuncFormatter(lambda value, _: ""))
     ax.legend(loc="upper right")
