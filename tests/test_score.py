@@ -60,9 +60,12 @@ def test_geoguessr_points_at_zero_and_at_the_scale():
     assert summarize_km([10.0], scale_km=10.0)["geoguessr"] == pytest.approx(5000 / math.e)
 
 
-def test_cli_prints_table_and_mean_last(files, capsys):
+def test_cli_prints_table_and_mean_last(files, capsys, tmp_path):
     sub, truth, expected = files
-    main([str(sub), str(truth)])
+    main([str(sub), str(truth), "--errors-out", str(tmp_path / "out" / "errors.csv")])
+    errors = pd.read_csv(tmp_path / "out" / "errors.csv")
+    assert errors["uuid"].tolist() == ["a", "b", "c", "d"]
+    np.testing.assert_allclose(errors["error_km"], expected, atol=1e-6)
     out = capsys.readouterr().out.strip().splitlines()
     assert out[-1] == f"mean_km: {expected.mean():.4f}"
     text = "\n".join(out)
