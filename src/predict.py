@@ -13,7 +13,6 @@ on stderr. stdout carries only the CSV.
 
 import argparse
 import contextlib
-import io
 import os
 import sys
 from dataclasses import dataclass, field
@@ -273,9 +272,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             frame.to_csv(tmp, index=False, float_format="%.7f")
         print(f"wrote {len(frame)} rows to {args.out}", file=sys.stderr)
     else:
-        buffer = io.StringIO()
-        frame.to_csv(buffer, index=False, float_format="%.7f")
-        stdout.write(buffer.getvalue())
+        frame.to_csv(stdout, index=False, float_format="%.7f")
         stdout.flush()
     return frame
 
