@@ -18,10 +18,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+import torch  # noqa: E402
 from matplotlib.collections import LineCollection  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
-
 from tabulate import tabulate  # noqa: E402
 
 from src.enrich import SPLITS, Enriched, add_enrich_arguments, enrich_from_args, enrich_locations  # noqa: E402
@@ -229,8 +229,6 @@ def write_table(frame: pd.DataFrame, path: Path) -> Path:
 
 def enrich_args_from_checkpoint(args: argparse.Namespace) -> Path:
     """Fill --dataset-dirs, --spacing and --seed from a checkpoint's hparams; returns the checkpoint used."""
-    import torch
-
     path = args.checkpoint or latest_checkpoint(args.reports_dir)
     if not Path(path).is_file():
         raise UserError(f"--checkpoint {path}: file not found; pass a .ckpt written by src.train")

@@ -1,5 +1,7 @@
 """Analysis: oracle ceiling on a hand-made grid, per-class accuracy/confusion, error map and gallery files."""
 
+import contextlib
+import io
 import math
 
 import numpy as np
@@ -14,6 +16,10 @@ from src.analyze import main as analyze_main
 from src.enrich import enrich
 from src.errors import UserError
 from src.geo import haversine_km
+from src.model import GeoModel
+from src.predict import main as predict_main
+from src.score import score_files
+from src.train import main as train_main
 
 EARTH_RADIUS_KM = 6371.0088
 KM_PER_DEG_LAT = math.pi * EARTH_RADIUS_KM / 180
@@ -142,3 +148,32 @@ def test_cli_on_an_oracle_submission(demo_dir, tmp_path, capsys):
     with pytest.raises(UserError, match="uuid sets differ"):
         analyze_main(["--dataset-dirs", str(demo_dir), "--submission", str(tmp_path / "short.csv"),
                       "--spacings", "0.5", "--figures-dir", str(figures), "--tables-dir", str(tables)])
+
+
+def test_cli_takes_the_locations_of_a_checkpoints_run(demo_dir, tmp_path, capsys):
+    """Without --dataset-dirs the run's dataset, spacing and seed come from the checkpoint: the analysed test
+    split is the one the checkpoint recorded, and the errors agree with src.score."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        train_main(["--approach", "regression", "--dataset-dirs", str(demo_dir), "--backbone", "tiny",
+                    "--no-pretrained", "--epochs", "1", "--image-size", "32", "--spacing", "1.0", "--seed", "3",
+                    "--num-workers", "0", "--out-dir", str(tmp_path / "reports"),
+                    "--cache-dir", str(tmp_path / "cache")])
+    checkpoint = printed.getvalue().splitlines()[-1].removeprefix("checkpoint: ")
+    submission = tmp_path / "sub.csv"
+    predict_main(["--checkpoint", checkpoint, "--out", str(submission), "--num-workers", "0"])
+    out = analyze_main(["--checkpoint", checkpoint, "--submission", str(submission), "--spacings", "1.0",
+                        "--worst", "2", "--figures-dir", str(tmp_path / "f"), "--tables-dir", str(tmp_path / "t")])
+    assert "--spacing 1.0 --seed 3" in capsys.readouterr().err
+    hparams = GeoModel.load_from_checkpoint(checkpoint, map_location="cpu").hparams
+    test_uuids = sorted(u for u, _ in hparams.test_locations)
+    assert out["errors"]["uuid"].tolist() == test_uuids
+    assert out["oracle"]["locations"].tolist() == [len(test_uuids)]
+    truth = pd.read_csv(demo_dir / "data.csv")
+    _, stats = score_files(submission, write_truth(truth[truth["uuid"].isin(test_uuids)], tmp_path / "truth.csv"))
+    assert out["stats"]["mean_km"] == pytest.approx(stats["mean_km"], abs=1e-9)
+
+
+def write_truth(frame: pd.DataFrame, path):
+    frame.to_csv(path, index=False)
+    return path
