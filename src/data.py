@@ -162,11 +162,12 @@ class GeoDataModule(pl.LightningDataModule):
         return self.augment == "always" or (self.augment == "finetune" and not self.frozen_epoch())
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        in_memory = isinstance(dataset, FeatureDataset)  # worker processes would only add start-up time
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
-            num_workers=self.num_workers,
+            num_workers=0 if in_memory else self.num_workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=False,
         )

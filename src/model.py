@@ -109,6 +109,12 @@ class GeoModel(pl.LightningModule):
             )
         else:
             self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(in_features, n_outputs))
+        with torch.no_grad():  # start from the prior: class frequencies / the middle of the train extent
+            last = self.head[-1]
+            if approach == "classification":
+                last.bias.copy_(torch.log(torch.tensor(classes["n_train"], dtype=torch.float32).clamp(min=1)))
+            else:
+                last.bias.fill_(0.5)
         self.register_buffer("class_xy", torch.tensor(classes[centroids], dtype=torch.float64), persistent=False)
         self._test_km: list[torch.Tensor] = []
         self.test_km = np.empty(0)

@@ -156,6 +156,17 @@ def use_demo_dataset_if_none(args: argparse.Namespace) -> bool:
     return True
 
 
+def check_resume(args: argparse.Namespace) -> None:
+    """--resume must name a checkpoint of the same approach, backbone and image size."""
+    if not args.resume.is_file():
+        raise UserError(f"--resume {args.resume}: no such checkpoint file")
+    saved = torch.load(args.resume, map_location="cpu", weights_only=False).get("hyper_parameters", {})
+    for key in ("approach", "backbone", "image_size"):
+        if saved.get(key) != getattr(args, key):
+            raise UserError(f"--resume {args.resume}: it was trained with {key} {saved.get(key)}, not "
+                            f"{getattr(args, key)}; pass the same --{key.replace('_', '-')}")
+
+
 def class_table(classes) -> dict[str, list]:
     """The enriched class table as checkpoint hparams: cells, train counts and centroid x/y per kind."""
     table = {"cell": [int(c) for c in classes["cell"]], "n_train": [int(n) for n in classes["n_train"]]}
@@ -179,8 +190,8 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     demo = use_demo_dataset_if_none(args)
     resolve_defaults(args, demo)
-    if args.resume is not None and not args.resume.is_file():
-        raise UserError(f"--resume {args.resume}: no such checkpoint file")
+    if args.resume is not None:
+        check_resume(args)
     enriched = enrich_from_args(args)
     locations = enriched.locations
     counts = locations["split"].value_counts()

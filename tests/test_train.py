@@ -159,3 +159,52 @@ def test_cli_offline_weights_error_is_one_line(demo_dir, tmp_path, monkeypatch, 
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("error: --backbone resnet50:") and "resnet50-11ad3fa6.pth" in error
+
+
+class RecordLearningRates(pl.Callback):
+    """Learning rates of the (head, backbone) parameter groups at each epoch and step start."""
+
+    def __init__(self):
+        self.epochs, self.steps = [], []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.epochs.append([group["lr"] for group in trainer.optimizers[0].param_groups])
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.steps.append([group["lr"] for group in trainer.optimizers[0].param_groups])
+
+
+def fit_with_scheduler(demo_dir, tmp_path, **hparams):
+    enriched = enrich([demo_dir], spacing=1.0, seed=0, progress=False)
+    model = GeoModel(approach="classification", backbone="tiny", image_size=32, classes=class_table(enriched.classes),
+                     scaler=enriched.scaler, hidden=16, lr=0.01, lr_finetune=0.001, **hparams)
+    data = GeoDataModule(enriched.locations, image_size=32, batch_size=32, cache_dir=tmp_path, backbone_name="tiny")
+    record = RecordLearningRates()
+    trainer = pl.Trainer(max_epochs=3, callbacks=[FreezeThenUnfreeze(None), record], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         reload_dataloaders_every_n_epochs=1, limit_val_batches=1)
+    trainer.fit(model, datamodule=data)
+    return record
+
+
+def test_cosine_schedule_with_linear_warmup(demo_dir, tmp_path):
+    record = fit_with_scheduler(demo_dir, tmp_path, scheduler="cosine", warmup_epochs=1)
+    # hand-computed factors for 3 epochs, 1 warmup epoch: 1/2, then cos from 1: 1, (1 + cos(pi/2)) / 2
+    np.testing.assert_allclose(record.epochs, [[0.005, 0.0005], [0.01, 0.001], [0.005, 0.0005]])
+
+
+def test_one_cycle_schedule_per_step(demo_dir, tmp_path):
+    record = fit_with_scheduler(demo_dir, tmp_path, scheduler="onecycle", optimizer="adam")
+    head, backbone = np.array(record.steps).T
+    assert len(head) >= 6
+    np.testing.assert_allclose([head[0], backbone[0]], [0.01 / 25, 0.001 / 25])  # OneCycle's default div_factor
+    assert 0.005 < head.max() <= 0.01 and head[-1] < head.max() / 2
+    np.testing.assert_allclose(head / backbone, 10)
+
+
+def test_resume_with_another_approach_is_refused(trained, demo_dir, tmp_path, capsys):
+    last = trained[1] / "e2e" / "version_0" / "checkpoints" / "last.ckpt"
+    with pytest.raises(SystemExit):
+        run_cli(main, ["--approach", "regression", "--dataset-dirs", str(demo_dir), "--backbone", "efficientnet_lite0",
+                       "--image-size", "64", "--out-dir", str(tmp_path), "--resume", str(last)])
+    assert "trained with approach classification" in capsys.readouterr().err
