@@ -235,6 +235,10 @@ def main(argv: list[str] | None = None) -> None:
                                     *locations.loc[locations["split"] == "val", ["latitude", "longitude"]].to_numpy().T)
     say(f"{len(train)} train / {counts['val']} val / {len(test)} test locations, {len(enriched.classes)} classes; "
         f"constant baseline (train mean location): val mean {baseline_val.mean():.1f} km; logs in {logger.log_dir}")
+    # scalar hparams (not the class table or test list) for TensorBoard's HPARAMS tab and hparams.yaml;
+    # the -1 placeholders (Lightning's convention) are overwritten by the final metrics
+    logger.log_hyperparams({k: v for k, v in model.hparams.items() if not isinstance(v, (dict, list))},
+                           metrics={"hp/test_km_mean": -1, "hp/val_km_best": -1})
     with contextlib.redirect_stdout(sys.stderr):  # Lightning's progress bars and tables -> stderr
         trainer.fit(model, datamodule=datamodule, ckpt_path=args.resume)
         best = checkpoint.best_model_path or last.best_model_path
@@ -244,10 +248,10 @@ def main(argv: list[str] | None = None) -> None:
                                    test["latitude"].to_numpy(), test["longitude"].to_numpy())
     rows = [{"model": f"{args.approach} ({args.backbone})", **distance_summary(test_km)},
             {"model": "constant (train mean location)", **distance_summary(baseline_km)}]
-    logger.log_hyperparams(
-        {k: v for k, v in model.hparams.items() if not isinstance(v, (dict, list))},
-        metrics={"hp/test_km_mean": float(test_km.mean()), "hp/val_km_best": float(checkpoint.best_model_score or np.nan)},
-    )
+    best_val = checkpoint.best_model_score
+    logger.log_metrics({"hp/test_km_mean": float(test_km.mean()),
+                        "hp/val_km_best": float(best_val) if best_val is not None else float("nan")})
+    logger.save()
     print(f"test split of {', '.join(map(str, args.dataset_dirs))}:")
     print(tabulate(rows, headers="keys", floatfmt=".3g"))
     print(f"checkpoint: {best}")
