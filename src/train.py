@@ -167,6 +167,16 @@ def check_resume(args: argparse.Namespace) -> None:
                             f"{getattr(args, key)}; pass the same --{key.replace('_', '-')}")
 
 
+def resumed_version(args: argparse.Namespace) -> str | None:
+    """The version folder of a --resume checkpoint of this run (so logs and best tracking continue there)."""
+    if args.resume is None:
+        return None
+    folder = args.resume.resolve().parent
+    if folder.name == "checkpoints" and folder.parent.parent == (args.out_dir / args.run_name).resolve():
+        return folder.parent.name
+    return None
+
+
 def class_table(classes) -> dict[str, list]:
     """The enriched class table as checkpoint hparams: cells, train counts and centroid x/y per kind."""
     table = {"cell": [int(c) for c in classes["cell"]], "n_train": [int(n) for n in classes["n_train"]]}
@@ -217,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
         augment=args.augment, mirror_p=args.mirror_p, unfreeze_at_epoch=args.unfreeze_at_epoch,
         cache_dir=args.cache_dir if args.cache_features else None, backbone_name=args.backbone,
     )
-    logger = TensorBoardLogger(args.out_dir, name=args.run_name, default_hp_metric=False)
+    logger = TensorBoardLogger(args.out_dir, name=args.run_name, version=resumed_version(args), default_hp_metric=False)
     checkpoint = ModelCheckpoint(monitor="val/km_mean", mode="min", auto_insert_metric_name=False,
                                  filename="best-epoch{epoch:02d}-km{val/km_mean:.1f}")
     # every epoch's state as last.ckpt, for --resume (save_last=True only follows improvements)

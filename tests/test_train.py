@@ -92,9 +92,10 @@ def test_resume_continues_from_the_checkpoint(trained, demo_dir):
     lines = run_main(["--approach", "classification", "--dataset-dirs", demo_dir, "--backbone", "efficientnet_lite0",
                       "--image-size", 64, "--epochs", 13, "--num-workers", 0, "--out-dir", out,
                       "--cache-dir", out / "cache", "--run-name", "e2e", "--resume", last])
-    assert "/e2e/version_1/" in checkpoint_path(lines)
-    resumed = torch.load(out / "e2e" / "version_1" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert "/e2e/version_0/" in checkpoint_path(lines)  # continues in the run's own folder
+    resumed = torch.load(last, map_location="cpu", weights_only=False)
     assert resumed["epoch"] == 12  # one more epoch, not thirteen
+    assert not (out / "e2e" / "version_1").exists()
 
 
 class RecordBackbone(pl.Callback):
