@@ -58,57 +58,56 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 def build_parser() -> argparse.ArgumentParser:
     """The train CLI's argument parser (enrich's data options included)."""
-    parser = argparse.ArgumentParser(prog="python -m src.train", description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--approach", choices=APPROACHES, required=True, help="predict a grid class or x/y directly")
+    parser = argparse.ArgumentParser(prog="python -m src.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--approach", choices=APPROACHES, required=True, help="predict a grid class or the x/y position directly")
     add_enrich_arguments(parser)
     model = parser.add_argument_group("model")
     model.add_argument("--backbone", choices=list_backbones(), default=None,
-                       help="default: resnext101_32x8d with a GPU, efficientnet_lite0 on CPU")
+                       help="(default: resnext101_32x8d with a GPU, else efficientnet_lite0; efficientnet_lite0 on the demo set)")
     model.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
-                       help="start from ImageNet weights")
+                       help="start from ImageNet weights (default: on)")
     model.add_argument("--image-size", type=int, default=None,
                        help="input side in pixels (default: 224; 96 on the demo set; 64 with --quick)")
     model.add_argument("--centroids", choices=CENTROID_KINDS, default="weighted",
-                       help="class centroids averaged by the classification prediction")
-    model.add_argument("--topk", type=int, default=0, help="average only the k most likely classes (0: all)")
-    model.add_argument("--hidden", type=int, default=512, help="hidden units of the head (0: linear head)")
-    model.add_argument("--dropout", type=float, default=0.2, help="dropout in the head")
+                       help="class centroids averaged by the classification prediction (default: weighted)")
+    model.add_argument("--topk", type=int, default=0, help="average only the k most likely classes, 0 for all (default: 0)")
+    model.add_argument("--hidden", type=int, default=512, help="hidden units of the head, 0 for a linear head (default: 512)")
+    model.add_argument("--dropout", type=float, default=0.2, help="dropout in the head (default: 0.2)")
     opt = parser.add_argument_group("optimisation")
-    opt.add_argument("--epochs", type=int, default=None, help="default: 20 with a GPU, else 30; 2 with --quick")
-    opt.add_argument("--batch-size", type=int, default=32, help="locations per batch (4 images each)")
-    opt.add_argument("--lr", type=float, default=1e-3, help="learning rate of the head")
-    opt.add_argument("--lr-finetune", type=float, default=1e-4, help="learning rate of the unfrozen backbone")
+    opt.add_argument("--epochs", type=int, default=None, help="(default: 20 with a GPU, else 30; 2 with --quick)")
+    opt.add_argument("--batch-size", type=int, default=32, help="locations per batch, 4 images each (default: 32)")
+    opt.add_argument("--lr", type=float, default=1e-3, help="learning rate of the head (default: 1e-3)")
+    opt.add_argument("--lr-finetune", type=float, default=1e-4, help="learning rate of the unfrozen backbone (default: 1e-4)")
     opt.add_argument("--unfreeze-at-epoch", type=int, default=None,
-                     help="epoch at which the backbone unfreezes, -1 never (default: 5 with a GPU, else never)")
+                     help="epoch at which the backbone unfreezes, -1 for never (default: 5 with a GPU, else never)")
     opt.add_argument("--unfreeze-blocks", type=int, default=0,
-                     help="unfreeze only the backbone's last N stages (0: all)")
-    opt.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
-    opt.add_argument("--weight-decay", type=float, default=1e-4)
+                     help="unfreeze only the backbone's last N stages, 0 for all (default: 0)")
+    opt.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw", help="(default: adamw)")
+    opt.add_argument("--weight-decay", type=float, default=1e-4, help="(default: 1e-4)")
     opt.add_argument("--scheduler", choices=SCHEDULERS, default="plateau",
-                     help="plateau: ReduceLROnPlateau on val km; cosine: with --warmup-epochs linear warmup")
-    opt.add_argument("--warmup-epochs", type=int, default=1, help="warmup of the cosine scheduler")
+                     help="plateau: ReduceLROnPlateau on val mean km; onecycle: per step; cosine: after --warmup-epochs linear warmup (default: plateau)")
+    opt.add_argument("--warmup-epochs", type=int, default=1, help="linear warmup epochs of the cosine scheduler (default: 1)")
     data = parser.add_argument_group("input pipeline")
     data.add_argument("--augment", choices=AUGMENT_CHOICES, default="finetune",
-                      help="colour jitter + random resized crop: never, once the backbone unfreezes, or always")
+                      help="colour jitter + random resized crop: never, once the backbone unfreezes, or always (default: finetune)")
     data.add_argument("--mirror-p", type=float, default=0.0,
-                      help="probability of mirroring a training quadruplet (all views flipped, 90/270 swapped)")
+                      help="probability of mirroring an augmented training quadruplet: all views flipped, 90/270 swapped (default: 0)")
     data.add_argument("--cache-features", action=argparse.BooleanOptionalAction, default=True,
-                      help="reuse backbone features from disk while the backbone is frozen and unaugmented")
-    data.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help="feature cache folder")
+                      help="reuse backbone features from disk while the backbone is frozen and unaugmented (default: on)")
+    data.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help="feature cache folder (default: data/cache/features)")
     data.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1) - 1,
-                      help="data loader worker processes")
+                      help="data loader worker processes (default: CPU cores - 1, at most 3)")
     run = parser.add_argument_group("run")
-    run.add_argument("--out-dir", type=Path, default=Path("reports"), help="TensorBoard logs and checkpoints")
-    run.add_argument("--run-name", default=None, help="default: <approach>-<backbone>")
-    run.add_argument("--resume", type=Path, default=None, help="continue training from this checkpoint")
+    run.add_argument("--out-dir", type=Path, default=Path("reports"), help="TensorBoard logs and checkpoints go to OUT_DIR/RUN_NAME/version_N (default: reports)")
+    run.add_argument("--run-name", default=None, help="(default: <approach>-<backbone>)")
+    run.add_argument("--resume", type=Path, default=None, help="continue training from this checkpoint (same approach, backbone, image size)")
     run.add_argument("--quick", action="store_true",
                      help="smoke run: 2 epochs of at most 2 batches, 64 px (unless given)")
-    run.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu, ...")
-    run.add_argument("--devices", default="auto", help="Lightning devices: auto, N or a list")
-    run.add_argument("--precision", default=None, help="Lightning precision, e.g. 16-mixed, bf16-mixed")
-    run.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp")
-    run.add_argument("--num-nodes", type=int, default=1, help="Lightning nodes (multi-node DDP)")
+    run.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu, ... (default: auto)")
+    run.add_argument("--devices", default="auto", help="Lightning devices: auto, N or a list (default: auto)")
+    run.add_argument("--precision", default=None, help="Lightning precision, e.g. 16-mixed, bf16-mixed (default: 32-true)")
+    run.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp (default: auto)")
+    run.add_argument("--num-nodes", type=int, default=1, help="Lightning nodes, for multi-node DDP (default: 1)")
     run.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     return parser
 
