@@ -31,7 +31,8 @@ from src.geo import haversine_km, load_border  # noqa: E402
 from src.grid import CENTROID_PREFIX, build_grid, nearest_class  # noqa: E402
 from src.images import VIEWS, check_image, load_image, view_paths  # noqa: E402
 from src.predict import REPORTS_DIR, latest_checkpoint  # noqa: E402
-from src.score import format_summary, match_and_measure, read_locations, summarize_km  # noqa: E402
+from src.geo import summarize_km  # noqa: E402
+from src.score import format_summary, match_and_measure, read_locations  # noqa: E402
 
 KINDS = ("plain", "clipped", "weighted")
 DEFAULT_SPACINGS = (0.25, 0.5, 1.0, 2.0)

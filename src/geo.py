@@ -1,4 +1,10 @@
-"""Coordinates: EPSG:4326 <-> EPSG:3766 projection, haversine distances, the Croatia border."""
+"""Coordinates and distances: EPSG:4326 <-> EPSG:3766, haversine, the Croatia border, error statistics.
+
+The GeoGuessr-style score of one guess is 5000 * exp(-d / s) with d the great-circle error in km.
+GeoGuessr scales s with the map: s = (diagonal of the map's bounding box) / 10. For Croatia
+(Natural Earth border, bounding box 13.50-19.41 E, 42.42-46.55 N) the diagonal is 655.8 km,
+so s = 65.6 km: a guess 65.6 km off scores 5000/e = 1839, one 10 km off scores 4291.
+"""
 
 from functools import lru_cache
 from pathlib import Path
@@ -55,3 +61,41 @@ def load_border(mainland_only: bool = False, crs: str = WGS84) -> shapely.MultiP
         border = max(border.geoms, key=lambda part: part.area)
     shapely.prepare(border)
     return border
+
+
+WITHIN_KM = (1, 5, 25, 100)
+GEOGUESSR_MAX = 5000.0
+
+
+@lru_cache(maxsize=1)
+def geoguessr_scale_km() -> float:
+    """GeoGuessr's distance scale s for a Croatia-sized map: bounding-box diagonal of the border / 10."""
+    lng_min, lat_min, lng_max, lat_max = load_border().bounds
+    return float(haversine_km(lat_min, lng_min, lat_max, lng_max)) / 10.0
+
+
+def geoguessr_score(distances_km, scale_km: float | None = None) -> np.ndarray:
+    """Per-guess GeoGuessr-style points 5000 * exp(-d / s) (s defaults to Croatia's scale)."""
+    scale_km = geoguessr_scale_km() if scale_km is None else scale_km
+    return GEOGUESSR_MAX * np.exp(-np.asarray(distances_km, float) / scale_km)
+
+
+def summarize_km(distances_km, scale_km: float | None = None) -> dict[str, float]:
+    """Error statistics of great-circle distances in km.
+
+    Keys: count, mean_km, median_km, p90_km, within_{1,5,25,100}km (shares in 0..1), geoguessr
+    (mean points per location, 0..5000).
+    """
+    d = np.asarray(distances_km, float).ravel()
+    if d.size == 0:
+        raise ValueError("summarize_km needs at least one distance")
+    stats = {
+        "count": int(d.size),
+        "mean_km": float(d.mean()),
+        "median_km": float(np.median(d)),
+        "p90_km": float(np.percentile(d, 90)),
+    }
+    for km in WITHIN_KM:
+        stats[f"within_{km}km"] = float((d <= km).mean())
+    stats["geoguessr"] = float(geoguessr_score(d, scale_km).mean())
+    return stats

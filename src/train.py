@@ -184,12 +184,12 @@ def class_table(classes) -> dict[str, list]:
     return table
 
 
-def distance_summary(km: np.ndarray) -> dict[str, float]:
-    """Count, mean, median, p90 km and shares within 25 / 100 km."""
-    return {
-        "n": len(km), "mean km": km.mean(), "median km": np.median(km), "p90 km": np.percentile(km, 90),
-        "<= 25 km": (km <= 25).mean(), "<= 100 km": (km <= 100).mean(),
-    }
+def distance_row(name: str, km: np.ndarray) -> dict[str, float | str]:
+    """One row of the test table: geo.summarize_km's statistics (the ones src.score prints)."""
+    stats = geo.summarize_km(km)
+    return {"model": name, "n": stats["count"], "mean km": stats["mean_km"], "median km": stats["median_km"],
+            "p90 km": stats["p90_km"], "<= 25 km": stats["within_25km"], "<= 100 km": stats["within_100km"],
+            "GeoGuessr": stats["geoguessr"]}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -255,8 +255,8 @@ def main(argv: list[str] | None = None) -> None:
     test_km = model.test_km
     baseline_km = geo.haversine_km(model.hparams.prior_lat, model.hparams.prior_lng,
                                    test["latitude"].to_numpy(), test["longitude"].to_numpy())
-    rows = [{"model": f"{args.approach} ({args.backbone})", **distance_summary(test_km)},
-            {"model": "constant (train mean location)", **distance_summary(baseline_km)}]
+    rows = [distance_row(f"{args.approach} ({args.backbone})", test_km),
+            distance_row("constant (train mean location)", baseline_km)]
     best_val = checkpoint.best_model_score
     logger.log_metrics({"hp/test_km_mean": float(test_km.mean()),
                         "hp/val_km_best": float(best_val) if best_val is not None else float("nan")})

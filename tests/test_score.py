@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 
 from src.errors import UserError
-from src.score import geoguessr_scale_km, main, score_files, summarize_km
+from src.geo import geoguessr_scale_km, summarize_km
+from src.score import main, score_files
 
 REPO = Path(__file__).resolve().parent.parent
 EARTH_RADIUS_KM = 6371.0088
