@@ -4,6 +4,10 @@ An entry holds the [4, D] features of a location's four views (view order 0, 90,
 computed with the evaluation transform. Its key covers the four image files (resolved path,
 size, modification time), the backbone (name and a hash of its weights) and the image size,
 so a changed image, other weights or another input size never reuse a stale entry.
+
+Entries are written to a temporary file and renamed. An entry that cannot be read back as a
+finite float [4, D] tensor (truncated, zero-byte, garbage, wrong shape) is treated as missing:
+it is deleted and recomputed, with a warning that counts and lists such entries.
 """
 
 import hashlib
@@ -20,6 +24,8 @@ from src.files import atomic_path
 from src.images import view_paths
 
 log = logging.getLogger(__name__)
+N_VIEWS = 4
+LISTED_CORRUPT = 5
 
 
 class _Quadruplets(Dataset):
@@ -42,6 +48,30 @@ class FeatureCache:
         self.image_size = image_size
         self.weights_hash = backbone.fingerprint()[:16]
         self.directory = Path(root) / f"{backbone_name}-{image_size}px-{self.weights_hash}"
+        self.dim = backbone.out_features
+        self.corrupt: list[Path] = []  # entries found unusable (and deleted) by this object
+
+    def _read(self, path: Path) -> torch.Tensor | None:
+        """The entry at `path`, or None when it is missing or unusable (then it is deleted)."""
+        if not path.exists():
+            return None
+        try:
+            features = torch.load(path, map_location="cpu", weights_only=True)
+            problem = None
+            if not isinstance(features, torch.Tensor):
+                problem = f"holds a {type(features).__name__}, not a tensor"
+            elif tuple(features.shape) != (N_VIEWS, self.dim) or not features.is_floating_point():
+                problem = f"shape {tuple(features.shape)} {features.dtype}, expected ({N_VIEWS}, {self.dim}) float"
+            elif not torch.isfinite(features).all():
+                problem = "non-finite values"
+        except Exception as error:  # truncated, zero-byte or garbage files fail in many ways
+            features, problem = None, f"unreadable ({type(error).__name__})"
+        if problem is None:
+            return features
+        log.debug("feature cache: %s: %s", path, problem)
+        self.corrupt.append(path)
+        path.unlink(missing_ok=True)
+        return None
 
     def entry_path(self, image_dir: str | Path) -> Path:
         """The cache file of the location whose four views are in `image_dir`."""
@@ -54,10 +84,7 @@ class FeatureCache:
 
     def get(self, image_dir: str | Path) -> torch.Tensor | None:
         """The cached [4, D] features of a location, or None."""
-        path = self.entry_path(image_dir)
-        if not path.exists():
-            return None
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return self._read(self.entry_path(image_dir))
 
     def put(self, image_dir: str | Path, features: torch.Tensor) -> None:
         """Store a location's [4, D] features (atomically)."""
@@ -78,15 +105,25 @@ class FeatureCache:
         """Compute and store the entries missing for `image_dirs`; returns how many were computed.
 
         `load(image_dir)` gives the [4, 3, H, W] evaluation-transformed quadruplet. The backbone
-        runs in eval mode; its previous mode is restored afterwards.
+        runs in eval mode; its previous mode is restored afterwards. Unusable entries count as missing
+        (see the module docstring). The loader has its own random generator: filling the cache
+        draws nothing from torch's global RNG, so a cold and a warm cache give the same training run.
         """
-        missing = [image_dir for image_dir in dict.fromkeys(image_dirs) if not self.entry_path(image_dir).exists()]
+        corrupt_before = len(self.corrupt)
+        missing = [image_dir for image_dir in dict.fromkeys(image_dirs) if self.get(image_dir) is None]
+        corrupt = self.corrupt[corrupt_before:]
+        if corrupt:
+            listed = ", ".join(str(p) for p in corrupt[:LISTED_CORRUPT])
+            more = f" and {len(corrupt) - LISTED_CORRUPT} more" if len(corrupt) > LISTED_CORRUPT else ""
+            log.warning("warning: feature cache: %d corrupt entr%s (truncated, unreadable or wrong shape) "
+                        "deleted and recomputed: %s%s", len(corrupt), "y" if len(corrupt) == 1 else "ies", listed, more)
         if not missing:
             return 0
         log.info("feature cache: computing %d of %d locations into %s", len(missing), len(set(image_dirs)), self.directory)
         was_training = backbone.training
         backbone.eval()
-        loader = DataLoader(_Quadruplets(missing, load), batch_size=batch_size, num_workers=num_workers)
+        loader = DataLoader(_Quadruplets(missing, load), batch_size=batch_size, num_workers=num_workers,
+                            generator=torch.Generator().manual_seed(0))
         try:
             for indices, views in tqdm(loader, desc="caching features", unit="batch", leave=False):
                 batch, n_views = views.shape[:2]
@@ -98,5 +135,12 @@ class FeatureCache:
         return len(missing)
 
     def load_all(self, image_dirs: Sequence[str]) -> torch.Tensor:
-        """Stacked [len(image_dirs), 4, D] features; every entry must exist."""
-        return torch.stack([torch.load(self.entry_path(d), map_location="cpu", weights_only=True) for d in image_dirs])
+        """Stacked [len(image_dirs), 4, D] features; every entry must exist and be usable
+        (call `compute_missing` first)."""
+        entries = []
+        for image_dir in image_dirs:
+            features = self.get(image_dir)
+            if features is None:
+                raise RuntimeError(f"feature cache: no usable entry for {image_dir}; call compute_missing first")
+            entries.append(features)
+        return torch.stack(entries)

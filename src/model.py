@@ -85,6 +85,11 @@ class GeoModel(pl.LightningModule):
         seed: int = 0,
         spacing: float = 0.5,
         dataset_dirs: list[str] | None = None,
+        split_fractions: list[float] | None = None,
+        holdout_dirs: list[str] | None = None,
+        full_decode: bool = False,
+        max_outside_km: float = 10.0,
+        mainland_only: bool = False,
         prior_lat: float = 0.0,
         prior_lng: float = 0.0,
         test_locations: list[list[str]] | None = None,
@@ -92,7 +97,11 @@ class GeoModel(pl.LightningModule):
         pretrained: bool = False,
     ):
         """`pretrained` loads ImageNet weights into the backbone now; it is not saved, so
-        `load_from_checkpoint` rebuilds the backbone without downloads and loads the state dict."""
+        `load_from_checkpoint` rebuilds the backbone without downloads and loads the state dict.
+
+        The data hparams (seed, spacing, dataset_dirs, split_fractions, holdout_dirs, full_decode,
+        max_outside_km, mainland_only; paths absolute) are not used here: with them
+        `src.enrich.enrich` rebuilds the run's locations and split exactly. None means enrich's default."""
         super().__init__()
         if approach not in APPROACHES:
             raise ValueError(f"approach must be one of {APPROACHES}")

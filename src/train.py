@@ -4,12 +4,21 @@
 
 Without --dataset-dirs the synthetic demo dataset in data/demo is used (generated when missing).
 Logs and checkpoints go to <out-dir>/<run-name>/version_N/ (TensorBoard); the test split's metrics
-print as a table and the last stdout line is `checkpoint: <best checkpoint>`.
+print as a table (and go to metrics.json there) and the last stdout line is `checkpoint: <best checkpoint>`.
+
+Ctrl+C (SIGINT) or SIGTERM stops training gracefully: checkpoints/last.ckpt keeps the state at the end
+of the last completed epoch, and the command exits with status 130 (143 for SIGTERM) and one line
+naming the `--resume` command that continues the run, in the same folder, to the same --epochs.
+With the same --seed, data and flags a CPU run is repeatable: the same split, classes, metrics and
+weights, whether the feature cache is cold or warm.
 """
 
 import argparse
 import contextlib
+import json
 import os
+import shlex
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -20,8 +29,11 @@ import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.core.saving import save_hparams_to_yaml
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from tabulate import tabulate
+from tqdm import tqdm
 
 from src import geo
 from src.backbones import default_backbone, list_backbones
@@ -41,6 +53,9 @@ DEMO_DEFAULTS = {"backbone": "efficientnet_lite0", "image_size": 96, "epochs": 3
 CPU_DEFAULTS = {"image_size": 224, "epochs": 30, "unfreeze_at_epoch": -1}
 GPU_DEFAULTS = {"image_size": 224, "epochs": 20, "unfreeze_at_epoch": 5}
 QUICK_DEFAULTS = {"image_size": 64, "epochs": 2}
+MAX_IMAGE_SIZE = 2048
+# hparams that, with dataset_dirs, seed and spacing, rebuild a run's split exactly (see enrich.enrich)
+DATA_HPARAMS = ("split_fractions", "holdout_dirs", "full_decode", "max_outside_km", "mainland_only")
 
 
 def say(message: str) -> None:
@@ -54,6 +69,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         with atomic_path(path) as tmp:
             torch.save(checkpoint, tmp)
+
+
+class AtomicTensorBoardLogger(TensorBoardLogger):
+    """TensorBoardLogger whose hparams.yaml is written to a temporary file and renamed into place."""
+
+    @rank_zero_only
+    def save(self) -> None:
+        super(TensorBoardLogger, self).save()  # flush the event file
+        path = Path(self.log_dir) / self.NAME_HPARAMS_FILE
+        if path.parent.is_dir() and not path.is_file():
+            with atomic_path(path) as tmp:
+                save_hparams_to_yaml(tmp, self.hparams)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--precision", default=None, help="Lightning precision, e.g. 16-mixed, bf16-mixed (default: 32-true)")
     run.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp (default: auto)")
     run.add_argument("--num-nodes", type=int, default=1, help="Lightning nodes, for multi-node DDP (default: 1)")
+    run.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None,
+                     help="deterministic algorithms (Trainer(deterministic=...)); on a GPU only warnings for "
+                          "nondeterministic ops (default: on without a GPU, off with one)")
     run.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     return parser
 
@@ -116,7 +146,7 @@ def resolve_defaults(args: argparse.Namespace, demo: bool) -> None:
     """Fill the situation-dependent defaults (backbone, image size, epochs, unfreeze epoch) in place."""
     if args.backbone is None:
         if demo:
-            args.backbone, reason = DEMO_DEFAULTS["backbone"], "the demo set (fast on CPU, offline weights)"
+            args.backbone, reason = DEMO_DEFAULTS["backbone"], "default for the demo set: fast on CPU, offline weights"
         else:
             args.backbone, reason = default_backbone()
         say(f"backbone: {args.backbone} ({reason})")
@@ -135,10 +165,33 @@ def resolve_defaults(args: argparse.Namespace, demo: bool) -> None:
     else:
         stages = f"its last {args.unfreeze_blocks} stages" if args.unfreeze_blocks > 0 else "all of it"
         say(f"fine-tuning: the backbone unfreezes at epoch {args.unfreeze_at_epoch} ({stages}, lr {args.lr_finetune:g})")
-    if args.epochs < 1 or args.batch_size < 1 or args.image_size < 16:
-        raise UserError("--epochs and --batch-size must be >= 1 and --image-size >= 16")
+    check_numbers(args)
     if args.run_name is None:
         args.run_name = f"{args.approach}-{args.backbone}"
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """One-line UserErrors for numeric flags out of range (None: not given, a default follows)."""
+    checks = [
+        ("epochs", lambda v: v >= 1, "a whole number of epochs >= 1"),
+        ("batch_size", lambda v: v >= 1, "a number of locations per batch >= 1"),
+        ("image_size", lambda v: 16 <= v <= MAX_IMAGE_SIZE, f"a side in pixels from 16 to {MAX_IMAGE_SIZE}"),
+        ("num_workers", lambda v: v >= 0, "0 (load in the main process) or more worker processes"),
+        ("lr", lambda v: 0 < v < float("inf"), "a positive learning rate, e.g. 1e-3"),
+        ("lr_finetune", lambda v: 0 < v < float("inf"), "a positive learning rate, e.g. 1e-4"),
+        ("weight_decay", lambda v: 0 <= v < float("inf"), "0 or more"),
+        ("dropout", lambda v: 0 <= v < 1, "a probability in [0, 1)"),
+        ("mirror_p", lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+        ("topk", lambda v: v >= 0, "0 (all classes) or more"),
+        ("hidden", lambda v: v >= 0, "0 (a linear head) or more units"),
+        ("warmup_epochs", lambda v: v >= 0, "0 or more epochs"),
+        ("unfreeze_blocks", lambda v: v >= 0, "0 (all stages) or more"),
+        ("num_nodes", lambda v: v >= 1, "1 or more"),
+    ]
+    for key, ok, expected in checks:
+        value = getattr(args, key, None)
+        if value is not None and not ok(value):
+            raise UserError(f"--{key.replace('_', '-')} {value}: must be {expected}")
 
 
 def use_demo_dataset_if_none(args: argparse.Namespace) -> bool:
@@ -155,15 +208,39 @@ def use_demo_dataset_if_none(args: argparse.Namespace) -> bool:
     return True
 
 
+def data_hparams(args: argparse.Namespace) -> dict[str, Any]:
+    """The data flags that decide the run's locations and split, as checkpoint hparams (paths absolute)."""
+    return {"seed": args.seed, "spacing": args.spacing, "dataset_dirs": [str(d) for d in args.dataset_dirs],
+            "split_fractions": [float(f) for f in args.split], "holdout_dirs": [str(d) for d in args.holdout_dirs],
+            "full_decode": bool(args.full_decode), "max_outside_km": float(args.max_outside_km),
+            "mainland_only": bool(args.mainland_only)}
+
+
 def check_resume(args: argparse.Namespace) -> None:
-    """--resume must name a checkpoint of the same approach, backbone and image size."""
-    if not args.resume.is_file():
-        raise UserError(f"--resume {args.resume}: no such checkpoint file")
-    saved = torch.load(args.resume, map_location="cpu", weights_only=False).get("hyper_parameters", {})
+    """--resume must name a readable src.train checkpoint of the same approach, backbone, image size and data."""
+    path = args.resume
+    if not path.is_file():
+        raise UserError(f"--resume {path}: no such checkpoint file; give the last.ckpt of the interrupted run")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # truncated, empty or not a torch file at all
+        raise UserError(f"--resume {path}: not a readable checkpoint ({type(error).__name__}); the file is damaged or "
+                        "not a checkpoint, give the last.ckpt of the interrupted run") from None
+    saved = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    if (not isinstance(saved, dict) or "state_dict" not in checkpoint or "loops" not in checkpoint
+            or not {"approach", "backbone", "image_size", "classes"} <= set(saved)):
+        raise UserError(f"--resume {path}: not a training checkpoint written by src.train "
+                        "(no model hparams or loop state); give the last.ckpt of the interrupted run")
     for key in ("approach", "backbone", "image_size"):
         if saved.get(key) != getattr(args, key):
-            raise UserError(f"--resume {args.resume}: it was trained with {key} {saved.get(key)}, not "
+            raise UserError(f"--resume {path}: it was trained with {key} {saved.get(key)}, not "
                             f"{getattr(args, key)}; pass the same --{key.replace('_', '-')}")
+    flags = {"split_fractions": "split", "dataset_dirs": "dataset-dirs", "holdout_dirs": "holdout-dirs"}
+    for key, value in data_hparams(args).items():
+        if key in saved and saved[key] != value:  # older checkpoints lack some keys: not compared
+            shown = " ".join(map(str, saved[key])) if isinstance(saved[key], list) else saved[key]
+            raise UserError(f"--resume {path}: it was trained with {key} {shown}, not the same data; "
+                            f"pass the run's own --{flags.get(key, key.replace('_', '-'))}")
 
 
 def resumed_version(args: argparse.Namespace) -> str | None:
@@ -192,12 +269,88 @@ def distance_row(name: str, km: np.ndarray) -> dict[str, float | str]:
             "GeoGuessr": stats["geoguessr"]}
 
 
+class Interrupt:
+    """SIGINT and SIGTERM during a run: the first one raises KeyboardInterrupt (Lightning's graceful
+    shutdown: callbacks' on_exception, loggers finalized, no half-written checkpoint thanks to
+    AtomicCheckpointIO), later ones are ignored while shutting down. Records which signal came."""
+
+    def __init__(self):
+        self.signal: str | None = None
+        self.last_checkpoint: Path | None = None  # this run's last.ckpt, once its folder is known
+
+    def handler(self, signum: int, frame) -> None:
+        if self.signal is None:
+            self.signal = signal.Signals(signum).name
+            raise KeyboardInterrupt(self.signal)
+
+    @contextlib.contextmanager
+    def installed(self):
+        previous = {sig: signal.signal(sig, self.handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def resume_command(argv: list[str], checkpoint: Path) -> str:
+    """The command line that continues this run from `checkpoint` (any earlier --resume replaced)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--resume":
+            skip = True
+        elif not arg.startswith("--resume="):
+            kept.append(arg)
+    return shlex.join(["python", "-m", "src.train", *kept, "--resume", str(checkpoint)])
+
+
+def interrupted_message(interrupt: Interrupt, argv: list[str], args: argparse.Namespace, epochs: int | None) -> str:
+    """The one line printed when a run is interrupted."""
+    name = interrupt.signal or "SIGINT"
+    candidates = [interrupt.last_checkpoint, args.resume]
+    checkpoint = next((Path(p) for p in candidates if p is not None and Path(p).is_file()), None)
+    if checkpoint is None:
+        return f"interrupted by {name} before the first epoch ended: no checkpoint to resume from; run the same command again"
+    try:
+        epoch = int(torch.load(checkpoint, map_location="cpu", weights_only=False)["epoch"]) + 1
+        done = f"{epoch} of {epochs} epochs" if epochs else f"{epoch} epochs"
+    except Exception:
+        done = "the last completed epoch"
+    return f"interrupted by {name}; {checkpoint} holds {done}; continue with: {resume_command(argv, checkpoint)}"
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Parse the CLI, train, test the best checkpoint, print the table and the checkpoint path."""
+    """Parse the CLI, train, test the best checkpoint, print the table and the checkpoint path.
+
+    SIGINT/SIGTERM: one line with the --resume command on stderr, exit status 128 + signal number.
+    """
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = build_parser().parse_args(argv)
+    check_numbers(args)
+    interrupt = Interrupt()
+    with interrupt.installed():
+        try:
+            train(args, interrupt)
+        except (KeyboardInterrupt, SystemExit) as exception:
+            # Lightning turns a KeyboardInterrupt inside fit/test into sys.exit(1) after its graceful shutdown
+            if interrupt.signal is None and not isinstance(exception, KeyboardInterrupt):
+                raise
+            for bar in list(getattr(tqdm, "_instances", ())):  # Lightning's bars: closed now, not after our line
+                bar.close()
+            print(f"error: {interrupted_message(interrupt, argv, args, args.epochs)}", file=sys.stderr, flush=True)
+            raise SystemExit(128 + signal.Signals[interrupt.signal or "SIGINT"].value) from None
+
+
+def train(args: argparse.Namespace, interrupt: Interrupt) -> None:
+    """Enrich, train, test and report (see the module docstring)."""
     # Lightning 2.6 calls a torch pytree API that torch 2.14 deprecates, once per batch: noise, not news
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     demo = use_demo_dataset_if_none(args)
+    # absolute paths: the split's canonical order, the hparams and the test folders do not depend on the cwd
+    args.dataset_dirs = [Path(d).resolve() for d in args.dataset_dirs]
+    args.holdout_dirs = [Path(d).resolve() for d in args.holdout_dirs]
     resolve_defaults(args, demo)
     if args.resume is not None:
         check_resume(args)
@@ -215,8 +368,7 @@ def main(argv: list[str] | None = None) -> None:
         centroids=args.centroids, topk=args.topk, hidden=args.hidden, dropout=args.dropout,
         lr=args.lr, lr_finetune=args.lr_finetune, unfreeze_at_epoch=args.unfreeze_at_epoch,
         unfreeze_blocks=args.unfreeze_blocks, optimizer=args.optimizer, weight_decay=args.weight_decay,
-        scheduler=args.scheduler, warmup_epochs=args.warmup_epochs, seed=args.seed, spacing=args.spacing,
-        dataset_dirs=[str(d) for d in args.dataset_dirs],
+        scheduler=args.scheduler, warmup_epochs=args.warmup_epochs, **data_hparams(args),
         prior_lat=float(train["latitude"].mean()), prior_lng=float(train["longitude"].mean()),
         test_locations=test[["uuid", "image_dir"]].astype(str).values.tolist(),
         backbone_weights="imagenet" if args.pretrained else "random", pretrained=args.pretrained,
@@ -226,25 +378,33 @@ def main(argv: list[str] | None = None) -> None:
         augment=args.augment, mirror_p=args.mirror_p, unfreeze_at_epoch=args.unfreeze_at_epoch,
         cache_dir=args.cache_dir if args.cache_features else None, backbone_name=args.backbone,
     )
-    logger = TensorBoardLogger(args.out_dir, name=args.run_name, version=resumed_version(args), default_hp_metric=False)
+    logger = AtomicTensorBoardLogger(args.out_dir, name=args.run_name, version=resumed_version(args),
+                                     default_hp_metric=False)
+    interrupt.last_checkpoint = Path(logger.log_dir) / "checkpoints" / "last.ckpt"
     checkpoint = ModelCheckpoint(monitor="val/km_mean", mode="min", auto_insert_metric_name=False,
                                  filename="best-epoch{epoch:02d}-km{val/km_mean:.1f}")
-    # every epoch's state as last.ckpt, for --resume (save_last=True only follows improvements)
+    # every epoch's state as last.ckpt, for --resume (save_last=True only follows improvements); an
+    # interrupted run keeps the one of its last completed epoch (a mid-epoch state would not resume exactly)
     last = ModelCheckpoint(monitor=None, save_top_k=1, filename="last", enable_version_counter=False)
     quick = {"limit_train_batches": 2, "limit_val_batches": 2, "limit_test_batches": 2} if args.quick else {}
+    gpu = args.accelerator not in ("cpu",) and torch.cuda.is_available()
+    if args.deterministic is None:
+        args.deterministic = not gpu
+    # on a GPU some ops (e.g. adaptive pooling's backward) have no deterministic kernel: warn, do not fail
+    deterministic = ("warn" if gpu else True) if args.deterministic else False
     trainer = pl.Trainer(
         max_epochs=args.epochs, accelerator=args.accelerator, devices=args.devices, precision=args.precision,
         strategy=args.strategy, num_nodes=args.num_nodes, logger=logger,
         callbacks=[checkpoint, last, LearningRateMonitor(logging_interval="epoch"),
                    FreezeThenUnfreeze(args.unfreeze_at_epoch, args.unfreeze_blocks)],
         plugins=[AtomicCheckpointIO()], reload_dataloaders_every_n_epochs=1,
-        log_every_n_steps=1, deterministic=False, **quick,
+        log_every_n_steps=1, deterministic=deterministic, **quick,
     )
     baseline_val = geo.haversine_km(model.hparams.prior_lat, model.hparams.prior_lng,
                                     *locations.loc[locations["split"] == "val", ["latitude", "longitude"]].to_numpy().T)
     say(f"{len(train)} train / {counts['val']} val / {len(test)} test locations, {len(enriched.classes)} classes; "
         f"constant baseline (train mean location): val mean {baseline_val.mean():.1f} km; logs in {logger.log_dir}")
-    # scalar hparams (not the class table or test list) for TensorBoard's HPARAMS tab and hparams.yaml;
+    # scalar hparams (not the class table or lists) for TensorBoard's HPARAMS tab and hparams.yaml;
     # the -1 placeholders (Lightning's convention) are overwritten by the final metrics
     logger.log_hyperparams({k: v for k, v in model.hparams.items() if not isinstance(v, (dict, list))},
                            metrics={"hp/test_km_mean": -1, "hp/val_km_best": -1})
@@ -257,10 +417,13 @@ def main(argv: list[str] | None = None) -> None:
                                    test["latitude"].to_numpy(), test["longitude"].to_numpy())
     rows = [distance_row(f"{args.approach} ({args.backbone})", test_km),
             distance_row("constant (train mean location)", baseline_km)]
-    best_val = checkpoint.best_model_score
-    logger.log_metrics({"hp/test_km_mean": float(test_km.mean()),
-                        "hp/val_km_best": float(best_val) if best_val is not None else float("nan")})
+    best_val = float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else float("nan")
+    logger.log_metrics({"hp/test_km_mean": float(test_km.mean()), "hp/val_km_best": best_val})
     logger.save()
+    metrics = {"checkpoint": str(best), "epochs": trainer.current_epoch, "val_km_best": best_val,
+               "test": geo.summarize_km(test_km), "test_constant_baseline": geo.summarize_km(baseline_km)}
+    with atomic_path(Path(logger.log_dir) / "metrics.json") as tmp:
+        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
     print(f"test split of {', '.join(map(str, args.dataset_dirs))}:")
     print(tabulate(rows, headers="keys", floatfmt=".3g"))
     print(f"checkpoint: {best}")

@@ -1,0 +1,88 @@
+"""Interruption for real: a training subprocess gets SIGINT or SIGTERM after its first epoch, leaves a
+usable last checkpoint and a one-line --resume command, and that command finishes the run."""
+
+import contextlib
+import io
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from src.model import GeoModel
+from src.train import Interrupt, build_parser, interrupted_message, main, resume_command
+
+ROOT = Path(__file__).resolve().parent.parent
+EPOCHS = 3
+
+pytestmark = pytest.mark.filterwarnings(r"ignore:.*isinstance\(treespec, LeafSpec\)")
+
+
+def train_args(demo_dir, out):
+    # images, not cached features, and small batches: an epoch takes about a second, so the signal
+    # (sent within ~50 ms of the first last.ckpt) arrives while later epochs are still to come
+    return ["--approach", "classification", "--dataset-dirs", str(demo_dir), "--backbone", "tiny", "--no-pretrained",
+            "--image-size", "32", "--hidden", "16", "--batch-size", "8", "--num-workers", "0", "--no-cache-features",
+            "--epochs", str(EPOCHS), "--out-dir", str(out), "--run-name", "run"]
+
+
+def wait_for(path, process, timeout=180):
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, f"training ended early: {process.communicate()[1][-3000:]}"
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_leaves_a_usable_checkpoint_and_resume_finishes_the_run(demo_dir, tmp_path, signum):
+    out = tmp_path / "reports"
+    process = subprocess.Popen([sys.executable, "-m", "src.train", *train_args(demo_dir, out)], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    last = out / "run" / "version_0" / "checkpoints" / "last.ckpt"
+    try:
+        wait_for(last, process)
+        process.send_signal(signum)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 128 + signum, stderr[-3000:]
+    assert "Traceback" not in stderr and "checkpoint:" not in stdout
+    line = stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: interrupted by {signum.name}; {last} holds ")
+    # the state at the end of a completed epoch, before the last one: it loads as a model
+    saved = torch.load(last, map_location="cpu", weights_only=False)
+    assert saved["epoch"] < EPOCHS - 1
+    assert f"holds {saved['epoch'] + 1} of {EPOCHS} epochs" in line
+    model = GeoModel.load_from_checkpoint(last, map_location="cpu")
+    assert model.hparams.backbone == "tiny" and model.hparams.dataset_dirs == [str(Path(demo_dir).resolve())]
+    assert not list(last.parent.glob(".*tmp*"))  # no temporary file left behind
+    # the printed command, run as given (from another working directory), finishes the run in its folder
+    command = shlex.split(line.split("continue with: ", 1)[1])
+    assert command[:3] == ["python", "-m", "src.train"] and command[-2:] == ["--resume", str(last)]
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        main(command[3:])
+    final = stdout.getvalue().splitlines()[-1]
+    assert final.startswith(f"checkpoint: {out / 'run' / 'version_0' / 'checkpoints'}/best-")
+    assert torch.load(last, map_location="cpu", weights_only=False)["epoch"] == EPOCHS - 1
+    assert not (out / "run" / "version_1").exists()
+
+
+def test_message_without_a_checkpoint_says_to_start_again(tmp_path):
+    args = build_parser().parse_args(["--approach", "regression"])
+    interrupt = Interrupt()
+    interrupt.signal, interrupt.last_checkpoint = "SIGTERM", tmp_path / "last.ckpt"
+    message = interrupted_message(interrupt, [], args, 5)
+    assert message.startswith("interrupted by SIGTERM before the first epoch ended: no checkpoint")
+
+
+def test_resume_command_replaces_an_earlier_resume():
+    argv = ["--approach", "regression", "--resume", "old.ckpt", "--run-name", "a b", "--resume=older.ckpt"]
+    assert resume_command(argv, Path("x/last.ckpt")) == \
+        "python -m src.train --approach regression --run-name 'a b' --resume x/last.ckpt"
