@@ -216,9 +216,8 @@ def data_hparams(args: argparse.Namespace) -> dict[str, Any]:
             "mainland_only": bool(args.mainland_only)}
 
 
-def check_resume(args: argparse.Namespace) -> None:
-    """--resume must name a readable src.train checkpoint of the same approach, backbone, image size and data."""
-    path = args.resume
+def read_resume(path: Path) -> dict[str, Any]:
+    """The hparams of a --resume checkpoint; a one-line UserError when it is missing, damaged or not ours."""
     if not path.is_file():
         raise UserError(f"--resume {path}: no such checkpoint file; give the last.ckpt of the interrupted run")
     try:
@@ -231,6 +230,12 @@ def check_resume(args: argparse.Namespace) -> None:
             or not {"approach", "backbone", "image_size", "classes"} <= set(saved)):
         raise UserError(f"--resume {path}: not a training checkpoint written by src.train "
                         "(no model hparams or loop state); give the last.ckpt of the interrupted run")
+    return saved
+
+
+def check_resume(args: argparse.Namespace, saved: dict[str, Any]) -> None:
+    """--resume must name a checkpoint of the same approach, backbone, image size and data (`saved`: its hparams)."""
+    path = args.resume
     for key in ("approach", "backbone", "image_size"):
         if saved.get(key) != getattr(args, key):
             raise UserError(f"--resume {path}: it was trained with {key} {saved.get(key)}, not "
@@ -347,13 +352,14 @@ def train(args: argparse.Namespace, interrupt: Interrupt) -> None:
     """Enrich, train, test and report (see the module docstring)."""
     # Lightning 2.6 calls a torch pytree API that torch 2.14 deprecates, once per batch: noise, not news
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    saved = read_resume(args.resume) if args.resume is not None else None  # before anything else is printed
     demo = use_demo_dataset_if_none(args)
     # absolute paths: the split's canonical order, the hparams and the test folders do not depend on the cwd
     args.dataset_dirs = [Path(d).resolve() for d in args.dataset_dirs]
     args.holdout_dirs = [Path(d).resolve() for d in args.holdout_dirs]
     resolve_defaults(args, demo)
-    if args.resume is not None:
-        check_resume(args)
+    if saved is not None:
+        check_resume(args, saved)
     enriched = enrich_from_args(args)
     locations = enriched.locations
     counts = locations["split"].value_counts()

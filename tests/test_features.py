@@ -75,3 +75,50 @@ def test_cache_entries_are_written_atomically(image_dirs, tmp_path):
     cache.compute_missing(image_dirs[:2], backbone, load)
     names = sorted(p.name for p in cache.directory.iterdir())
     assert len(names) == 2 and all(name.endswith(".pt") for name in names)  # no temp files left behind
+
+
+def damage(path, how):
+    """Spoil a cache entry the ways an interrupted or buggy writer (or a full disk) could."""
+    if how == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif how == "zero-byte":
+        path.write_bytes(b"")
+    elif how == "garbage":
+        path.write_bytes(b"\xff\xd8 not a torch file " * 20)
+    elif how == "wrong shape":
+        torch.save(torch.zeros(4, 32), path)
+    elif how == "not a tensor":
+        torch.save({"features": torch.zeros(4, 64)}, path)
+    elif how == "non-finite":
+        torch.save(torch.full((4, 64), float("nan")), path)
+
+
+@pytest.mark.parametrize("how", ["truncated", "zero-byte", "garbage", "wrong shape", "not a tensor", "non-finite"])
+def test_corrupt_entries_are_recomputed_with_a_counted_warning(image_dirs, tmp_path, caplog, how):
+    torch.manual_seed(0)
+    backbone = create_backbone("tiny", pretrained=False)
+    cache = FeatureCache(tmp_path / "cache", "tiny", backbone, 32)
+    cache.compute_missing(image_dirs, backbone, load)
+    good = cache.load_all(image_dirs)
+    spoiled = [cache.entry_path(image_dirs[1]), cache.entry_path(image_dirs[4])]
+    for path in spoiled:
+        damage(path, how)
+    later = FeatureCache(tmp_path / "cache", "tiny", backbone, 32)  # a later run finds the damaged entries
+    with caplog.at_level("WARNING", logger="src.features"):
+        assert later.compute_missing(image_dirs, backbone, load) == 2  # recomputed, the others reused
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "2 corrupt entries" in warnings[0]
+    assert all(str(path) in warnings[0] for path in spoiled)
+    assert later.corrupt == spoiled
+    torch.testing.assert_close(later.load_all(image_dirs), good, rtol=1e-5, atol=1e-6)
+    assert FeatureCache(tmp_path / "cache", "tiny", backbone, 32).compute_missing(image_dirs, backbone, load) == 0
+
+
+def test_a_corrupt_entry_is_never_used(image_dirs, tmp_path):
+    backbone = create_backbone("tiny", pretrained=False)
+    cache = FeatureCache(tmp_path / "cache", "tiny", backbone, 32)
+    cache.compute_missing(image_dirs[:2], backbone, load)
+    damage(cache.entry_path(image_dirs[0]), "wrong shape")
+    assert cache.get(image_dirs[0]) is None and not cache.entry_path(image_dirs[0]).exists()
+    with pytest.raises(RuntimeError, match="no usable entry"):
+        cache.load_all(image_dirs[:2])

@@ -1,7 +1,9 @@
 """Training end to end on a generated demo set: CLI output, checkpoint contents, resume, fine-tuning."""
 
+import argparse
 import contextlib
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ from src.data import GeoDataModule, eval_transform, load_quadruplet
 from src.enrich import enrich
 from src.errors import run_cli
 from src.model import FreezeThenUnfreeze, GeoModel
-from src.train import class_table, main
+from src.train import class_table, main, resolve_defaults
 
 # Lightning 2.6 with torch 2.14: a deprecation warning per batch, from Lightning's own code
 pytestmark = pytest.mark.filterwarnings(r"ignore:.*isinstance\(treespec, LeafSpec\)")
@@ -70,7 +72,13 @@ def test_checkpoint_holds_what_predict_needs(trained, demo_dir):
         ("classification", "efficientnet_lite0", 64, "weighted", 0, 0.5)
     assert hp.classes == class_table(enriched.classes) and set(hp.classes) >= {"weighted", "clipped", "plain"}
     assert hp.scaler == pytest.approx(enriched.scaler)
-    assert hp.dataset_dirs == [str(demo_dir)]
+    # every data flag that decides the split, paths absolute (predict/analyze from any working directory)
+    assert hp.dataset_dirs == [str(demo_dir.resolve())] and hp.holdout_dirs == []
+    assert (hp.split_fractions, hp.max_outside_km, hp.mainland_only, hp.full_decode) == ([0.8, 0.1, 0.1], 10.0, False, False)
+    rebuilt = enrich(hp.dataset_dirs, hp.spacing, hp.seed, hp.split_fractions, hp.holdout_dirs, full_decode=hp.full_decode,
+                     max_outside_km=hp.max_outside_km, mainland_only=hp.mainland_only, progress=False).locations
+    assert rebuilt[["uuid", "split"]].equals(enriched.locations[["uuid", "split"]])
+    assert all(Path(image_dir).is_absolute() for _, image_dir in hp.test_locations)
     assert hp.prior_lat == pytest.approx(train.latitude.mean()) and hp.prior_lng == pytest.approx(train.longitude.mean())
     assert hp.test_locations == test[["uuid", "image_dir"]].astype(str).values.tolist()
     state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
@@ -213,3 +221,62 @@ def test_resume_with_another_approach_is_refused(trained, demo_dir, tmp_path, ca
         run_cli(main, ["--approach", "regression", "--dataset-dirs", str(demo_dir), "--backbone", "efficientnet_lite0",
                        "--image-size", "64", "--out-dir", str(tmp_path), "--resume", str(last)])
     assert "trained with approach classification" in capsys.readouterr().err
+
+
+def one_line_error(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, [str(a) for a in argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("error:") == 1, err
+    return err.strip().splitlines()[-1]
+
+
+def spoil(path, how, source):
+    if how == "truncated":
+        path.write_bytes(source.read_bytes()[: source.stat().st_size // 2])
+    elif how == "empty":
+        path.write_bytes(b"")
+    elif how == "text":
+        path.write_text("epoch,loss\n1,0.5\n")
+    elif how == "foreign":
+        torch.save({"model": {"weight": torch.zeros(2)}}, path)
+
+
+@pytest.mark.parametrize("how", ["truncated", "empty", "text", "foreign", "missing"])
+def test_resume_from_a_damaged_or_foreign_file_is_a_one_line_error(trained, demo_dir, tmp_path, capsys, how):
+    bad = tmp_path / "last.ckpt"
+    spoil(bad, how, trained[1] / "e2e" / "version_0" / "checkpoints" / "last.ckpt")
+    error = one_line_error(["--approach", "classification", "--dataset-dirs", demo_dir, "--backbone", "efficientnet_lite0",
+                            "--image-size", 64, "--out-dir", tmp_path, "--resume", bad], capsys)
+    assert error.startswith(f"error: --resume {bad}: ")
+    expected = {"truncated": "not a readable checkpoint", "empty": "not a readable checkpoint",
+                "text": "not a readable checkpoint", "foreign": "not a training checkpoint written by src.train",
+                "missing": "no such checkpoint file"}[how]
+    assert expected in error
+
+
+def test_resume_with_other_data_flags_is_refused(trained, demo_dir, tmp_path, capsys):
+    last = trained[1] / "e2e" / "version_0" / "checkpoints" / "last.ckpt"
+    error = one_line_error(["--approach", "classification", "--dataset-dirs", demo_dir, "--backbone", "efficientnet_lite0",
+                            "--image-size", 64, "--out-dir", tmp_path, "--resume", last, "--seed", 7], capsys)
+    assert "trained with seed 0" in error and "--seed" in error
+    error = one_line_error(["--approach", "classification", "--dataset-dirs", demo_dir, "--backbone", "efficientnet_lite0",
+                            "--image-size", 64, "--out-dir", tmp_path, "--resume", last, "--split", 0.7, 0.2, 0.1], capsys)
+    assert "trained with split_fractions 0.8 0.1 0.1" in error and "--split" in error
+
+
+@pytest.mark.parametrize("flag, value", [("--epochs", 0), ("--epochs", -3), ("--batch-size", 0), ("--image-size", 8),
+                                         ("--image-size", 100000), ("--num-workers", -2), ("--lr", 0),
+                                         ("--dropout", 1.5), ("--mirror-p", -0.1)])
+def test_nonsense_numbers_are_one_line_errors(flag, value, tmp_path, capsys):
+    error = one_line_error(["--approach", "regression", "--dataset-dirs", tmp_path / "nowhere", flag, value], capsys)
+    assert error.startswith(f"error: {flag} ") and ": must be " in error
+
+
+def test_demo_backbone_reason_reads_cleanly(capsys):
+    args = argparse.Namespace(backbone=None, image_size=None, epochs=None, unfreeze_at_epoch=None, quick=False,
+                              unfreeze_blocks=0, lr_finetune=1e-4, batch_size=32, run_name=None, approach="regression")
+    resolve_defaults(args, demo=True)
+    line = capsys.readouterr().err.splitlines()[0]
+    assert line == "backbone: efficientnet_lite0 (default for the demo set: fast on CPU, offline weights)"
