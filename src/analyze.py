@@ -24,8 +24,9 @@ from matplotlib.colors import LogNorm  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
-from src.enrich import SPLITS, Enriched, add_enrich_arguments, enrich_from_args, enrich_locations  # noqa: E402
-from src.errors import UserError, run_cli  # noqa: E402
+from src.enrich import (SPLITS, Enriched, add_enrich_arguments, check_spacing, enrich_from_args,  # noqa: E402
+                        enrich_locations)  # noqa: E402
+from src.errors import UserError, brief, run_cli  # noqa: E402
 from src.files import atomic_path  # noqa: E402
 from src.geo import haversine_km, load_border  # noqa: E402
 from src.grid import CENTROID_PREFIX, build_grid, nearest_class  # noqa: E402
@@ -232,13 +233,14 @@ def enrich_args_from_checkpoint(args: argparse.Namespace) -> Path:
     """Fill --dataset-dirs, --spacing and --seed from a checkpoint's hparams; returns the checkpoint used."""
     path = args.checkpoint or latest_checkpoint(args.reports_dir)
     if not Path(path).is_file():
-        raise UserError(f"--checkpoint {path}: file not found; pass a .ckpt written by src.train")
+        what = "is a directory" if Path(path).is_dir() else "file not found"
+        raise UserError(f"--checkpoint {path}: {what}; pass a .ckpt written by src.train or --dataset-dirs")
     try:
         hparams = torch.load(path, map_location="cpu", weights_only=False)["hyper_parameters"]
         args.dataset_dirs, args.spacing, args.seed = hparams["dataset_dirs"], hparams["spacing"], hparams["seed"]
-    except (KeyError, RuntimeError, EOFError, TypeError) as error:
-        raise UserError(f"--checkpoint {path}: not a src.train checkpoint ({type(error).__name__}: {error}); "
-                        "pass --dataset-dirs instead") from None
+    except Exception as error:  # torch/pickle raise many types for a file that is not a checkpoint
+        raise UserError(f"--checkpoint {path}: not a src.train checkpoint ({brief(error)}); "
+                        "pass a .ckpt written by src.train or --dataset-dirs") from None
     return Path(path)
 
 
@@ -274,8 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     """CLI: oracle table, and for a submission its scores, figures and per-class tables. Returns the tables."""
     args = build_parser().parse_args(argv)
-    if args.worst < 1 or args.least_accurate < 1 or any(s <= 0 for s in args.spacings):
-        raise UserError("--worst and --least-accurate must be >= 1 and --spacings positive")
+    for flag, value in (("--worst", args.worst), ("--least-accurate", args.least_accurate)):
+        if value < 1:
+            raise UserError(f"{flag} {value}: give a number of rows >= 1")
+    for spacing in args.spacings:
+        check_spacing(spacing, "--spacings")
     if not args.dataset_dirs:
         checkpoint = enrich_args_from_checkpoint(args)
         print(f"locations of the run of {checkpoint}: --dataset-dirs {' '.join(map(str, args.dataset_dirs))} "

@@ -119,8 +119,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
-    if args.locations < 1 or args.image_size < 8:
-        raise UserError("--locations must be >= 1 and --image-size >= 8")
+    if args.locations < 1:
+        raise UserError(f"--locations {args.locations}: give a number of locations >= 1 (e.g. 600)")
+    if not 8 <= args.image_size <= 4096:
+        raise UserError(f"--image-size {args.image_size}: give a side in pixels from 8 to 4096 (e.g. 96)")
+    if not 0 <= args.seed < 2**32:
+        raise UserError(f"--seed {args.seed}: give a whole number from 0 to {2**32 - 1}")
+    if args.out.exists() and not args.out.is_dir():
+        raise UserError(f"--out {args.out}: is a file; pass a new or existing directory")
     if (args.out / "data.csv").exists():
         raise UserError(f"{args.out}: already holds a dataset (data.csv); pick another --out or delete it")
     write_demo_dataset(args.out, args.locations, args.image_size, args.seed, progress=True)

@@ -25,6 +25,21 @@ CENTROID_COLUMNS = [f"{prefix}_{axis}" for prefix in CENTROID_PREFIX.values() fo
 OUTPUT_COLUMNS = ["uuid", "latitude", "longitude", "dataset_dir", "image_dir", "split", "crs_x", "crs_y",
                   "cell", "label", *CENTROID_COLUMNS]
 LISTED_PER_REASON = 10
+SPACING_RANGE = (0.01, 10.0)  # degrees: below ~1 km cells the grid gets huge, above it is one cell
+MAX_SEED = 2**32 - 1  # numpy and Lightning seeds
+
+
+def check_spacing(spacing: float, flag: str = "--spacing") -> None:
+    """A grid spacing must be a finite number of degrees in SPACING_RANGE."""
+    low, high = SPACING_RANGE
+    if not low <= spacing <= high:  # also false for nan
+        raise UserError(f"{flag} {spacing:g}: give a grid cell size in degrees between {low:g} and {high:g} "
+                        "(e.g. 0.5)")
+
+
+def check_seed(seed: int) -> None:
+    if not 0 <= seed <= MAX_SEED:
+        raise UserError(f"--seed {seed}: give a whole number from 0 to {MAX_SEED}")
 
 
 @dataclass
@@ -45,7 +60,7 @@ def split_locations(locations: pd.DataFrame, seed: int, fractions=DEFAULT_SPLIT,
     (renormalized) when dirs are held out, else by all three.
     """
     fractions = np.asarray(fractions, float)
-    if fractions.shape != (3,) or (fractions < 0).any() or abs(fractions.sum() - 1) > 1e-6 or fractions[0] <= 0:
+    if fractions.shape != (3,) or not np.isfinite(fractions).all() or (fractions < 0).any() or abs(fractions.sum() - 1) > 1e-6 or fractions[0] <= 0:
         raise UserError(f"--split {' '.join(map(str, fractions))}: give three fractions train val test, "
                         "non-negative, summing to 1, train > 0 (e.g. 0.8 0.1 0.1)")
     holdout = locations["dataset_dir"].isin([str(Path(d)) for d in holdout_dirs]).to_numpy()
@@ -97,8 +112,10 @@ def enrich(dataset_dirs, spacing: float = 0.5, seed: int = 0, fractions=DEFAULT_
            check_images: bool = True, full_decode: bool = False, max_outside_km: float = 10.0,
            mainland_only: bool = False, progress: bool = True) -> Enriched:
     """Read the dataset dirs and enrich their locations (see the module docstring)."""
-    if not spacing > 0:
-        raise UserError(f"--spacing {spacing}: must be a positive number of degrees (e.g. 0.5)")
+    check_spacing(spacing)
+    check_seed(seed)
+    if not 0 <= max_outside_km < float("inf"):  # also false for nan
+        raise UserError(f"--max-outside-km {max_outside_km:g}: give a distance in km >= 0 (e.g. 10)")
     unknown = [d for d in holdout_dirs if str(Path(d)) not in {str(Path(x)) for x in dataset_dirs}]
     if unknown:
         raise UserError(f"--holdout-dirs {' '.join(map(str, unknown))}: not among --dataset-dirs")
@@ -130,11 +147,20 @@ def add_enrich_arguments(parser: argparse.ArgumentParser, require_dataset: bool 
                        help="use the mainland polygon only, without islands (default: off)")
 
 
-def enrich_from_args(args: argparse.Namespace, progress: bool = True) -> Enriched:
-    """enrich() with the flags of add_enrich_arguments."""
-    return enrich(args.dataset_dirs, args.spacing, args.seed, args.split, args.holdout_dirs,
-                  full_decode=args.full_decode, max_outside_km=args.max_outside_km,
-                  mainland_only=args.mainland_only, progress=progress)
+def enrich_from_args(args: argparse.Namespace, progress: bool = True, report: bool = True) -> Enriched:
+    """enrich() with the flags of add_enrich_arguments.
+
+    With `report`, the skipped rows and orphan folders are listed on stderr (a few per reason), so a
+    command that reads dataset dirs (train, analyze) never loses a location silently.
+    """
+    enriched = enrich(args.dataset_dirs, args.spacing, args.seed, args.split, args.holdout_dirs,
+                      full_decode=args.full_decode, max_outside_km=args.max_outside_km,
+                      mainland_only=args.mainland_only, progress=progress)
+    if report:
+        listing = skip_listing(enriched.ingested)
+        if listing:
+            print(listing, file=sys.stderr)
+    return enriched
 
 
 def summary(enriched: Enriched) -> str:
@@ -151,8 +177,14 @@ def summary(enriched: Enriched) -> str:
     return tabulate(rows, headers=["", "count"], tablefmt="github")
 
 
-def skip_listing(ingested: Ingested, report_path: Path) -> str:
-    """Console listing of skipped rows and orphan folders, a few per reason; the full list is in the report."""
+def skip_listing(ingested: Ingested, report_path: Path | None = None) -> str:
+    """Console listing of skipped rows and orphan folders, a few per reason; the full list is in the report.
+
+    Without a report file (`report_path` None) the rest is pointed to `python -m src.enrich`'s report.
+    """
+    if report_path is None:
+        dirs = " ".join(sorted(set(map(str, [*ingested.skipped["dataset_dir"], *ingested.orphans["dataset_dir"]]))))
+        report_path = f"the skip report of `python -m src.enrich --dataset-dirs {dirs}`"
     lines = []
     for reason, group in ingested.skipped.groupby("reason", sort=True):
         lines.append(f"warning: skipped {len(group)} location(s): {reason}")
@@ -185,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
 
-    enriched = enrich_from_args(args)
+    enriched = enrich_from_args(args, report=False)
     report_path = args.out.with_name(f"{args.out.stem}_skipped.csv")
     with atomic_path(args.out) as tmp:
         enriched.locations.to_csv(tmp, index=False)

@@ -1,6 +1,7 @@
 """Read LUMEN dataset dirs: data.csv rows joined to their image folders, with every defect reported."""
 
 import sys
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,15 +46,32 @@ def list_location_dirs(root: str | Path) -> dict[str, Path]:
     return {entry.name: entry for entry in sorted(Path(root).iterdir()) if entry.is_dir() and not entry.name.startswith(".")}
 
 
+def read_csv_strict(path: str | Path, fix: str) -> pd.DataFrame:
+    """pd.read_csv for user files: any unreadable file or ragged row is a one-line UserError ending in `fix`.
+
+    A row with more fields than the header is an error (pandas would silently shift the first row into
+    an index); a row with fewer fields gets NaN in its missing columns (the row checks catch those).
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, not a CSV file; {fix}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            return pd.read_csv(path, dtype={"uuid": str}, skipinitialspace=True, index_col=False)
+    except pd.errors.ParserWarning:
+        raise UserError(f"{path}: line 2 has more fields than the header; {fix}") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as error:
+        detail = str(error).strip().splitlines()[0].removeprefix("Error tokenizing data. C error: ")
+        raise UserError(f"{path}: not a readable CSV ({detail}); {fix}") from None
+
+
 def read_table(csv_path: Path) -> pd.DataFrame:
     """data.csv as uuid (str), latitude, longitude (float, NaN where not a number) plus its CSV line number."""
-    try:
-        table = pd.read_csv(csv_path, dtype={"uuid": str}, skipinitialspace=True)
-    except FileNotFoundError:
+    if not csv_path.exists():
         raise UserError(f"{csv_path}: not found; a dataset dir needs a data.csv with columns "
-                        f"{', '.join(REQUIRED_COLUMNS)}") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
-        raise UserError(f"{csv_path}: not a readable CSV ({str(error).splitlines()[0]})") from None
+                        f"{', '.join(REQUIRED_COLUMNS)}")
+    table = read_csv_strict(csv_path, f"a dataset's data.csv needs the columns {', '.join(REQUIRED_COLUMNS)}")
     table.columns = [str(column).strip().lower() for column in table.columns]
     missing = [column for column in REQUIRED_COLUMNS if column not in table.columns]
     if missing:

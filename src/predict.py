@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from src.data import eval_transform, mirror_views
-from src.errors import UserError, run_cli
+from src.errors import UserError, brief, run_cli
 from src.files import atomic_path
 from src.geo import project, unproject
 from src.images import VIEWS, check_image, load_image, view_paths
@@ -52,17 +52,30 @@ def load_model(path: str | Path, device: str = "cpu"):
     """A GeoModel from a checkpoint, in eval mode on `device`."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"--checkpoint {path}: file not found; pass a .ckpt written by src.train")
+        what = "is a directory" if path.is_dir() else "file not found"
+        raise UserError(f"--checkpoint {path}: {what}; pass a .ckpt written by src.train")
     try:
         model = GeoModel.load_from_checkpoint(path, map_location=device)
     except Exception as error:  # torch/pickle/Lightning raise many types for a file that is not a checkpoint
-        raise UserError(f"--checkpoint {path}: not a readable GeoModel checkpoint ({type(error).__name__}: {error}); "
+        raise UserError(f"--checkpoint {path}: not a readable GeoModel checkpoint ({brief(error)}); "
                         "pass a .ckpt written by src.train") from None
     missing = [key for key in ("image_size", "prior_lat", "prior_lng") if key not in model.hparams]
     if missing:
         raise UserError(f"--checkpoint {path}: lacks {', '.join(missing)} in its hparams (an older src.train?); "
                         "retrain it with the current src.train")
     return model.to(device).eval()
+
+
+def check_device(device: str) -> None:
+    """A torch device this machine has (e.g. cpu, cuda, cuda:0)."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {device}: not a torch device; use cpu or cuda (cuda:N)") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA GPU on this machine; use --device cpu")
+    if parsed.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {device}: unsupported device type; use cpu or cuda (cuda:N)")
 
 
 def locations_from_images(images: str | Path) -> list[tuple[str, Path]]:
@@ -242,8 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     """CLI: predictions as CSV on stdout (or --out); logs, progress and warnings on stderr."""
     args = build_parser().parse_args(argv)
-    if args.batch_size < 1 or args.num_workers < 0:
-        raise UserError("--batch-size must be >= 1 and --num-workers >= 0")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size}: give a number of locations >= 1 (e.g. 32)")
+    if args.num_workers < 0:
+        raise UserError(f"--num-workers {args.num_workers}: give 0 (decode in the main process) or more")
+    check_device(args.device)
     stdout = sys.stdout
     # anything a library prints while loading or predicting must not end up in the CSV
     with contextlib.redirect_stdout(sys.stderr):

@@ -17,6 +17,7 @@ from tabulate import tabulate
 from src.errors import UserError, run_cli
 from src.files import atomic_path
 from src.geo import WITHIN_KM, geoguessr_scale_km, haversine_km, summarize_km
+from src.ingest import read_csv_strict
 
 SUBMISSION_COLUMNS = ["uuid", "latitude", "longitude"]
 
@@ -60,12 +61,9 @@ def read_locations(path: str | Path, what: str, strict: bool = True) -> pd.DataF
     output); otherwise (truth data) it is skipped and listed in a warning on stderr.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"{path}: {what} file not found; pass the path of a CSV with columns uuid,latitude,longitude")
-    try:
-        frame = pd.read_csv(path, dtype={"uuid": str}, skipinitialspace=True)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
-        raise UserError(f"{path}: not a readable CSV ({error}); expected columns uuid,latitude,longitude") from None
+    frame = read_csv_strict(path, f"the {what} must be a CSV with the header uuid,latitude,longitude")
     missing = [c for c in SUBMISSION_COLUMNS if c not in frame.columns]
     if missing:
         raise UserError(

@@ -17,9 +17,10 @@ def write_defect_corpus(out_dir: Path, n_clean: int = 24) -> dict[str, list[str]
     """Write the corpus into `out_dir`; returns the expected outcome per uuid group.
 
     Keys: 'clean' (kept, plus the odd-but-usable images), and one key per skip reason of the ingest
-    stage, plus 'orphan' (folder without row) and 'just_outside' (kept).
+    stage, plus 'orphan' (folder without row), 'just_outside' (kept) and 'folders' (every uuid folder
+    on disk: what `src.predict --images` must write a row for).
     """
-    write_demo_dataset(out_dir, n_locations=n_clean + 12, image_size=32, seed=7)
+    write_demo_dataset(out_dir, n_locations=n_clean + 13, image_size=32, seed=7)
     table = pd.read_csv(out_dir / "data.csv")
     uuids = list(table["uuid"])
     root = out_dir / "data"
@@ -49,7 +50,9 @@ def write_defect_corpus(out_dir: Path, n_clean: int = 24) -> dict[str, list[str]
     (root / defect[5] / "0.jpg").write_bytes(data[: len(data) // 2])
     (root / defect[6] / "180.jpg").write_bytes(b"")
     (root / defect[7] / "270.jpg").write_text("<html>not an image</html>")
-    expected["bad view"] = [defect[4], defect[5], defect[6], defect[7]]
+    (root / defect[12] / "90.jpg").unlink()
+    (root / defect[12] / "90.jpg").mkdir()  # a view that is a directory
+    expected["bad view"] = [defect[4], defect[5], defect[6], defect[7], defect[12]]
     table.loc[rows(8), ["latitude", "longitude"]] = FAR_OUTSIDE
     expected["outside Croatia"] = [defect[8]]
     table.loc[rows(9), ["latitude", "longitude"]] = JUST_OUTSIDE
@@ -59,6 +62,8 @@ def write_defect_corpus(out_dir: Path, n_clean: int = 24) -> dict[str, list[str]
     expected["missing uuid"] = [""]
     expected["orphan"] = [defect[10]]  # its folder lost its row
     expected["clean"].append(defect[11])
+
+    expected["folders"] = sorted(folder.name for folder in root.iterdir())
 
     # the real LUMEN CSVs carry a leading unnamed index and extra columns
     table = pd.concat([table, duplicate], ignore_index=True)
