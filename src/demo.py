@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from src import geo
 from src.errors import UserError, run_cli
+from src.files import atomic_path
 from src.images import VIEWS
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "data" / "demo"
@@ -105,20 +106,23 @@ def write_demo_dataset(out_dir: str | Path = DEFAULT_OUT, n_locations: int = 600
                                                    image_size, rng)):
             image.save(folder / f"{view}.jpg", quality=90)
     table = pd.DataFrame({"uuid": uuids, "latitude": lat, "longitude": lng})
-    tmp = out_dir / "data.csv.tmp"
-    table.to_csv(tmp, index=False)
-    tmp.replace(out_dir / "data.csv")
+    with atomic_path(out_dir / "data.csv") as tmp:
+        table.to_csv(tmp, index=False)
     return out_dir
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m src.demo", description="Write the synthetic demo dataset (LUMEN format).")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output dataset dir (default: data/demo)")
     parser.add_argument("--locations", type=int, default=600, help="number of locations (default: 600)")
     parser.add_argument("--image-size", type=int, default=96, help="image side in pixels (default: 96)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     if args.locations < 1:
         raise UserError(f"--locations {args.locations}: give a number of locations >= 1 (e.g. 600)")
     if not 8 <= args.image_size <= 4096:

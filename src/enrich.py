@@ -207,15 +207,21 @@ def write_skip_report(ingested: Ingested, path: Path) -> None:
         pd.concat([ingested.skipped, orphans], ignore_index=True).to_csv(tmp, index=False)
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m src.enrich",
                                      description="Read LUMEN dataset dirs and write the enriched location table.")
     add_enrich_arguments(parser, require_dataset=True)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"enriched CSV (default: {DEFAULT_OUT})")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help=f"enriched CSV, written atomically; the skip report goes beside it as "
+                             f"<stem>_skipped.csv (default: {DEFAULT_OUT})")
     parser.add_argument("--figures-dir", type=Path, default=Path("figures"), help="where figures go (default: figures)")
     parser.add_argument("--no-figures", action="store_true", help="skip the figures")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
 
     enriched = enrich_from_args(args, report=False)
     report_path = args.out.with_name(f"{args.out.stem}_skipped.csv")
