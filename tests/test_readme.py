@@ -1,0 +1,56 @@
+"""The README's Quickstart, run verbatim in a fresh copy of the project; Set-up and Tests match .ci/run."""
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from src import geo
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+
+
+def section(title: str) -> str:
+    return README.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def bash_blocks(text: str) -> list[str]:
+    return re.findall(r"```bash\n(.*?)```", text, re.S)
+
+
+def test_setup_and_tests_commands_are_what_ci_runs():
+    ci = (ROOT / ".ci" / "run").read_text()
+    for title in ("Set-up", "Tests"):
+        for line in "".join(bash_blocks(section(title))).splitlines():
+            for command in line.replace("python3 -m venv .venv", "python3 -m venv .ci-venv").replace(
+                    ". .venv/bin/activate", ". .ci-venv/bin/activate").replace("pip install", "python -m pip install").split(" && "):
+                assert command.split(" --quiet")[0] in ci or command.replace("python -m pip install",
+                                                                            "python -m pip install --quiet") in ci, command
+
+
+def test_quickstart_verbatim(tmp_path):
+    shutil.copytree(ROOT / "src", tmp_path / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "data").mkdir()
+    shutil.copy(ROOT / "data" / "croatia.geojson", tmp_path / "data" / "croatia.geojson")
+    lines = [line for block in bash_blocks(section("Quickstart")) for line in block.splitlines()
+             if line.strip() and not line.startswith("tensorboard")]
+    assert lines[0].startswith("python -m src.train") and any(line.startswith("python -m src.score") for line in lines)
+    script = "set -euo pipefail\n" + "\n".join(lines) + "\n"
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    run = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    submission = pd.read_csv(tmp_path / "submission.csv")
+    assert list(submission.columns) == ["uuid", "latitude", "longitude"]
+    enriched = pd.read_csv(tmp_path / "reports" / "enriched.csv")
+    test = enriched[enriched["split"] == "test"]
+    assert sorted(submission["uuid"]) == sorted(test["uuid"]) and submission["uuid"].is_unique
+    last = run.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"mean_km: \d+\.\d+", last), last
+    train = enriched[enriched["split"] == "train"]
+    baseline = geo.haversine_km(train["latitude"].mean(), train["longitude"].mean(), test["latitude"],
+                                test["longitude"]).mean()
+    assert float(last.split()[1]) < baseline
