@@ -100,3 +100,19 @@ def test_pretrained_is_not_saved_so_a_checkpoint_rebuilds_offline():
     model = make_model()
     assert "pretrained" not in model.hparams
     assert model.hparams.backbone == "tiny" and model.hparams.classes == CLASSES
+
+
+def test_checkpoint_without_the_data_hparams_still_loads(tmp_path):
+    """Checkpoints written before split_fractions, holdout_dirs, ... were recorded load with enrich's defaults."""
+    model = make_model("regression", seed=3, spacing=1.0, dataset_dirs=["/data/a"])
+    hparams = {k: v for k, v in model.hparams.items()
+               if k not in ("split_fractions", "holdout_dirs", "full_decode", "max_outside_km", "mainland_only")}
+    path = tmp_path / "old.ckpt"
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": hparams, "pytorch-lightning_version": "2.6.0"}, path)
+    loaded = GeoModel.load_from_checkpoint(path, map_location="cpu")
+    hp = loaded.hparams
+    assert (hp.seed, hp.spacing, hp.dataset_dirs) == (3, 1.0, ["/data/a"])
+    assert (hp.split_fractions, hp.holdout_dirs, hp.full_decode, hp.max_outside_km, hp.mainland_only) == \
+        (None, None, False, 10.0, False)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key])
