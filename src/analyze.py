@@ -230,7 +230,10 @@ def write_table(frame: pd.DataFrame, path: Path) -> Path:
 
 
 def enrich_args_from_checkpoint(args: argparse.Namespace) -> Path:
-    """Fill --dataset-dirs, --spacing and --seed from a checkpoint's hparams; returns the checkpoint used."""
+    """Fill the data flags (dirs, spacing, seed, split, ...) from a checkpoint's hparams; returns its path.
+
+    Checkpoints written before the split flags were saved fall back to the enrich defaults.
+    """
     path = args.checkpoint or latest_checkpoint(args.reports_dir)
     if not Path(path).is_file():
         what = "is a directory" if Path(path).is_dir() else "file not found"
@@ -238,6 +241,11 @@ def enrich_args_from_checkpoint(args: argparse.Namespace) -> Path:
     try:
         hparams = torch.load(path, map_location="cpu", weights_only=False)["hyper_parameters"]
         args.dataset_dirs, args.spacing, args.seed = hparams["dataset_dirs"], hparams["spacing"], hparams["seed"]
+        args.split = hparams.get("split_fractions") or args.split
+        args.holdout_dirs = hparams.get("holdout_dirs") or []
+        args.full_decode = hparams.get("full_decode", False)
+        args.max_outside_km = hparams.get("max_outside_km", 10.0)
+        args.mainland_only = hparams.get("mainland_only", False)
     except Exception as error:  # torch/pickle raise many types for a file that is not a checkpoint
         raise UserError(f"--checkpoint {path}: not a src.train checkpoint ({brief(error)}); "
                         "pass a .ckpt written by src.train or --dataset-dirs") from None
@@ -252,8 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_enrich_arguments(parser)
     group = parser.add_argument_group("analysis")
     group.add_argument("--checkpoint", type=Path,
-                       help="take --dataset-dirs/--spacing/--seed from this run when --dataset-dirs is not given "
-                            "(default: the newest *best*.ckpt under reports/)")
+                       help="take the data flags (dataset dirs, spacing, seed, split, holdout dirs, ...) from "
+                            "this run when --dataset-dirs is not given (default: the newest *best*.ckpt under reports/)")
     group.add_argument("--reports-dir", type=Path, default=REPORTS_DIR,
                        help="where to find checkpoints (default: reports/)")
     group.add_argument("--submission", type=Path, help="a predict CSV (uuid,latitude,longitude) to analyse")

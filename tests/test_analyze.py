@@ -151,13 +151,13 @@ def test_cli_on_an_oracle_submission(demo_dir, tmp_path, capsys):
 
 
 def test_cli_takes_the_locations_of_a_checkpoints_run(demo_dir, tmp_path, capsys):
-    """Without --dataset-dirs the run's dataset, spacing and seed come from the checkpoint: the analysed test
-    split is the one the checkpoint recorded, and the errors agree with src.score."""
+    """Without --dataset-dirs the run's data flags come from the checkpoint (a non-default --split too): the
+    analysed test split is the one the checkpoint recorded, and the errors agree with src.score."""
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         train_main(["--approach", "regression", "--dataset-dirs", str(demo_dir), "--backbone", "tiny",
                     "--no-pretrained", "--epochs", "1", "--image-size", "32", "--spacing", "1.0", "--seed", "3",
-                    "--num-workers", "0", "--out-dir", str(tmp_path / "reports"),
+                    "--split", "0.6", "0.2", "0.2", "--num-workers", "0", "--out-dir", str(tmp_path / "reports"),
                     "--cache-dir", str(tmp_path / "cache")])
     checkpoint = printed.getvalue().splitlines()[-1].removeprefix("checkpoint: ")
     submission = tmp_path / "sub.csv"
