@@ -70,7 +70,7 @@ def _projected_xy(lat: pd.Series, lng: pd.Series) -> tuple[pd.Series, pd.Series]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--locations", type=int, default=100_000)
     parser.add_argument("--spacing", type=float, default=0.5)
     args = parser.parse_args()

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 
+from benchmarks import DEFAULT_DATASET
 from src.data import GeoDataModule, eval_transform, load_quadruplet
 from src.enrich import enrich
 from src.features import FeatureCache
 from src.model import FreezeThenUnfreeze, GeoModel
 from src.train import class_table
 
-DEFAULT_DATASET = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "lumen_external_subset"
 
 
 def epoch_seconds(enriched, backbone: str, image_size: int, cache_dir: Path | None, batch_size: int) -> float:
@@ -47,7 +47,7 @@ def epoch_seconds(enriched, backbone: str, image_size: int, cache_dir: Path | No
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     parser.add_argument("--dataset-dir", type=Path, default=DEFAULT_DATASET)
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--image-size", type=int, default=224)

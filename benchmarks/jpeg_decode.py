@@ -11,10 +11,10 @@ from pathlib import Path
 
 from PIL import Image
 
+from benchmarks import DEFAULT_DATASET
 from src.images import load_image, view_paths
 from src.ingest import find_image_root, list_location_dirs
 
-DEFAULT_DATASET = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "lumen_external_subset"
 
 
 def plain_decode(path: Path, image_size: int) -> Image.Image:
@@ -34,7 +34,7 @@ def best_time(function, paths, image_size: int, repeats: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     parser.add_argument("--dataset-dir", type=Path, default=DEFAULT_DATASET)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=3)

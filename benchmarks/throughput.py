@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
+from benchmarks import DEFAULT_DATASET
 from src.data import eval_transform, load_quadruplet
 from src.ingest import find_image_root, list_location_dirs
 from src.model import GeoModel
 
-DEFAULT_DATASET = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "lumen_external_subset"
 BACKBONES = ("efficientnet_lite0", "resnext50_32x4d")
 CLASSES = {"cell": [0, 1], "n_train": [1, 1], "weighted": [[0.0, 0.0], [1.0, 1.0]],
            "clipped": [[0.0, 0.0], [1.0, 1.0]], "plain": [[0.0, 0.0], [1.0, 1.0]]}
@@ -57,7 +57,7 @@ class Runner:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     parser.add_argument("--dataset-dir", type=Path, default=DEFAULT_DATASET)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=8, help="locations per step (4 images each)")

@@ -18,7 +18,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-import torch  # noqa: E402
 from matplotlib.collections import LineCollection  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
@@ -26,16 +25,15 @@ from tabulate import tabulate  # noqa: E402
 
 from src.enrich import (SPLITS, Enriched, add_enrich_arguments, check_spacing, enrich_from_args,  # noqa: E402
                         enrich_locations)  # noqa: E402
-from src.errors import UserError, brief, run_cli  # noqa: E402
+from src.checkpoints import DATA_HPARAMS, REPORTS_DIR, find_checkpoint, read_hparams  # noqa: E402
+from src.errors import UserError, run_cli  # noqa: E402
 from src.files import atomic_path  # noqa: E402
 from src.geo import haversine_km, load_border  # noqa: E402
-from src.grid import CENTROID_PREFIX, build_grid, nearest_class  # noqa: E402
+from src.grid import CENTROID_KINDS, CENTROID_PREFIX, build_grid, nearest_class  # noqa: E402
 from src.images import VIEWS, check_image, load_image, view_paths  # noqa: E402
-from src.predict import REPORTS_DIR, latest_checkpoint  # noqa: E402
 from src.geo import summarize_km  # noqa: E402
 from src.score import format_summary, match_and_measure, read_locations  # noqa: E402
 
-KINDS = ("plain", "clipped", "weighted")
 DEFAULT_SPACINGS = (0.25, 0.5, 1.0, 2.0)
 
 
@@ -134,7 +132,7 @@ def oracle_errors(locations: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({
         kind: haversine_km(locations["latitude"], locations["longitude"], locations[f"{CENTROID_PREFIX[kind]}_lat"],
                            locations[f"{CENTROID_PREFIX[kind]}_lng"])
-        for kind in KINDS
+        for kind in CENTROID_KINDS
     }, index=locations.index)
 
 
@@ -197,8 +195,8 @@ def oracle_ceiling(enriched: Enriched, spacings, split: str = "test", seed: int 
             raise UserError(f"--eval-split {split}: no {split} location at spacing {spacing}; pick another split or all")
         errors = oracle_errors(chosen)
         row = {"spacing": spacing, "classes": len(classes), "locations": len(chosen)}
-        row.update({f"{kind}_km": float(errors[kind].mean()) for kind in KINDS})
-        row.update({f"{kind}_median_km": float(errors[kind].median()) for kind in KINDS})
+        row.update({f"{kind}_km": float(errors[kind].mean()) for kind in CENTROID_KINDS})
+        row.update({f"{kind}_median_km": float(errors[kind].median()) for kind in CENTROID_KINDS})
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -206,7 +204,7 @@ def oracle_ceiling(enriched: Enriched, spacings, split: str = "test", seed: int 
 def oracle_figure(table: pd.DataFrame, path: str | Path, split: str) -> Path:
     """Oracle mean km against grid spacing, one line per centroid kind."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    for kind in KINDS:
+    for kind in CENTROID_KINDS:
         ax.plot(table["spacing"], table[f"{kind}_km"], marker="o", label=kind)
     ax.set_xlabel("grid spacing (degrees)")
     ax.set_ylabel(f"oracle mean km ({split} locations)")
@@ -229,27 +227,24 @@ def write_table(frame: pd.DataFrame, path: Path) -> Path:
     return path
 
 
-def enrich_args_from_checkpoint(args: argparse.Namespace) -> Path:
-    """Fill the data flags (dirs, spacing, seed, split, ...) from a checkpoint's hparams; returns its path.
+def apply_data_hparams(args: argparse.Namespace, hparams: dict) -> None:
+    """Set the data flags (dirs, spacing, seed, split, holdout dirs, ...) to those a run was trained with.
 
     Checkpoints written before the split flags were saved fall back to the enrich defaults.
     """
-    path = args.checkpoint or latest_checkpoint(args.reports_dir)
-    if not Path(path).is_file():
-        what = "is a directory" if Path(path).is_dir() else "file not found"
-        raise UserError(f"--checkpoint {path}: {what}; pass a .ckpt written by src.train or --dataset-dirs")
-    try:
-        hparams = torch.load(path, map_location="cpu", weights_only=False)["hyper_parameters"]
-        args.dataset_dirs, args.spacing, args.seed = hparams["dataset_dirs"], hparams["spacing"], hparams["seed"]
-        args.split = hparams.get("split_fractions") or args.split
-        args.holdout_dirs = hparams.get("holdout_dirs") or []
-        args.full_decode = hparams.get("full_decode", False)
-        args.max_outside_km = hparams.get("max_outside_km", 10.0)
-        args.mainland_only = hparams.get("mainland_only", False)
-    except Exception as error:  # torch/pickle raise many types for a file that is not a checkpoint
-        raise UserError(f"--checkpoint {path}: not a src.train checkpoint ({brief(error)}); "
-                        "pass a .ckpt written by src.train or --dataset-dirs") from None
-    return Path(path)
+    args.dataset_dirs, args.spacing, args.seed = hparams["dataset_dirs"], hparams["spacing"], hparams["seed"]
+    args.split = hparams.get("split_fractions") or args.split
+    args.holdout_dirs = hparams.get("holdout_dirs") or []
+    args.full_decode = hparams.get("full_decode", False)
+    args.max_outside_km = hparams.get("max_outside_km", 10.0)
+    args.mainland_only = hparams.get("mainland_only", False)
+
+
+def enrich_args_from_checkpoint(args: argparse.Namespace) -> Path:
+    """Fill the data flags from --checkpoint (default: src.checkpoints.find_checkpoint); returns its path."""
+    path = Path(args.checkpoint or find_checkpoint(args.reports_dir))
+    apply_data_hparams(args, read_hparams(path, reports_dir=args.reports_dir, required=DATA_HPARAMS))
+    return path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -261,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("analysis")
     group.add_argument("--checkpoint", type=Path,
                        help="take the data flags (dataset dirs, spacing, seed, split, holdout dirs, ...) from "
-                            "this run when --dataset-dirs is not given (default: the newest *best*.ckpt under reports/)")
+                            "this run when --dataset-dirs is not given (default: the best checkpoint of the newest run under reports/)")
     group.add_argument("--reports-dir", type=Path, default=REPORTS_DIR,
                        help="where to find checkpoints (default: reports/)")
     group.add_argument("--submission", type=Path, help="a predict CSV (uuid,latitude,longitude) to analyse")
@@ -301,9 +296,9 @@ def main(argv: list[str] | None = None) -> dict:
     out["oracle"] = oracle
     print(f"oracle ceiling ({args.eval_split} locations at their true class's centroid), mean / median km:")
     print(tabulate([[r.spacing, r.classes, r.locations, *(f"{getattr(r, f'{k}_km'):.2f} / "
-                                                          f"{getattr(r, f'{k}_median_km'):.2f}" for k in KINDS)]
+                                                          f"{getattr(r, f'{k}_median_km'):.2f}" for k in CENTROID_KINDS)]
                     for r in oracle.itertuples()],
-                   headers=["spacing", "classes", "locations", *KINDS], tablefmt="github"))
+                   headers=["spacing", "classes", "locations", *CENTROID_KINDS], tablefmt="github"))
     paths = [write_table(oracle, args.tables_dir / "oracle_ceiling.csv"),
              oracle_figure(oracle, args.figures_dir / "oracle_ceiling.png", args.eval_split)]
 

@@ -21,10 +21,9 @@ from tqdm import tqdm
 
 from src.backbones import Backbone
 from src.files import atomic_path
-from src.images import view_paths
+from src.images import N_VIEWS, view_paths
 
 log = logging.getLogger(__name__)
-N_VIEWS = 4
 LISTED_CORRUPT = 5
 
 

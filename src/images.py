@@ -4,8 +4,8 @@ from pathlib import Path
 
 from PIL import Image
 
-VIEWS = (0, 90, 180, 270)
-JPEG_SOI = b"\xff\xd8"
+VIEWS = (0, 90, 180, 270)  # headings in degrees, the order of a quadruplet everywhere
+N_VIEWS = len(VIEWS)
 JPEG_EOI = b"\xff\xd9"
 
 

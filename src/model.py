@@ -17,12 +17,12 @@ from torch.nn import functional as F
 
 from src.backbones import Backbone, create_backbone
 from src.geo import haversine_km_torch, unproject
+from src.grid import CENTROID_KINDS
+from src.images import N_VIEWS
 
 APPROACHES = ("classification", "regression")
-CENTROID_KINDS = ("weighted", "clipped", "plain")
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULERS = ("plateau", "onecycle", "cosine", "none")
-N_VIEWS = 4
 
 
 def scale_xy(xy: torch.Tensor, scaler: dict[str, float]) -> torch.Tensor:

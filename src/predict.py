@@ -2,8 +2,9 @@
 
     python -m src.predict [--checkpoint PATH ...] [--images DIR] [--tta] [--batch-size N] > submission.csv
 
-Without --checkpoint the newest best checkpoint under reports/ is used; without --images the test
-split of that checkpoint's run. Several checkpoints form an ensemble: their predictions are averaged
+Without --checkpoint the best checkpoint (lowest val km) of the newest run under reports/ is used;
+without --images the test split of that checkpoint's run. --centroids / --topk change how a
+classification checkpoint turns class probabilities into a point (default: as trained). Several checkpoints form an ensemble: their predictions are averaged
 in EPSG:3766 metres. --tta also averages over the mirrored quadruplet (`src.data.mirror_views`: every view
 flipped horizontally and the 90 and 270 views swapped, a geometrically consistent mirror image).
 Every location gets a row: unreadable views are replaced by readable views of the same location, and
@@ -25,45 +26,16 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from src.data import eval_transform, mirror_views
-from src.errors import UserError, brief, run_cli
+from src.checkpoints import REPORTS_DIR, find_checkpoint, load_model
+from src.errors import UserError, run_cli
 from src.files import atomic_path
 from src.geo import project, unproject
-from src.images import VIEWS, check_image, load_image, view_paths
+from src.grid import CENTROID_KINDS
+from src.images import N_VIEWS, VIEWS, check_image, load_image, view_paths
 from src.ingest import find_image_root, list_location_dirs
-from src.model import GeoModel
 
-REPORTS_DIR = Path(__file__).resolve().parent.parent / "reports"
 # a missing view is replaced by the first readable one in this order: its neighbours, then the opposite view
-SUBSTITUTE_ORDER = {i: [(i + 1) % 4, (i + 3) % 4, (i + 2) % 4] for i in range(4)}
-
-
-def latest_checkpoint(reports_dir: str | Path = REPORTS_DIR) -> Path:
-    """The most recently written best checkpoint (`*best*.ckpt`) under `reports_dir`."""
-    candidates = [p for p in Path(reports_dir).glob("**/checkpoints/*.ckpt") if "best" in p.name]
-    if not candidates:
-        raise UserError(
-            f"{reports_dir}: no best checkpoint (reports/<run>/version_N/checkpoints/*best*.ckpt) found; "
-            "train one with `python -m src.train --approach classification` or pass --checkpoint PATH"
-        )
-    return max(candidates, key=lambda p: p.stat().st_mtime)
-
-
-def load_model(path: str | Path, device: str = "cpu"):
-    """A GeoModel from a checkpoint, in eval mode on `device`."""
-    path = Path(path)
-    if not path.is_file():
-        what = "is a directory" if path.is_dir() else "file not found"
-        raise UserError(f"--checkpoint {path}: {what}; pass a .ckpt written by src.train")
-    try:
-        model = GeoModel.load_from_checkpoint(path, map_location=device)
-    except Exception as error:  # torch/pickle/Lightning raise many types for a file that is not a checkpoint
-        raise UserError(f"--checkpoint {path}: not a readable GeoModel checkpoint ({brief(error)}); "
-                        "pass a .ckpt written by src.train") from None
-    missing = [key for key in ("image_size", "prior_lat", "prior_lng") if key not in model.hparams]
-    if missing:
-        raise UserError(f"--checkpoint {path}: lacks {', '.join(missing)} in its hparams (an older src.train?); "
-                        "retrain it with the current src.train")
-    return model.to(device).eval()
+SUBSTITUTE_ORDER = {i: [(i + 1) % N_VIEWS, (i + 3) % N_VIEWS, (i + 2) % N_VIEWS] for i in range(N_VIEWS)}
 
 
 def check_device(device: str) -> None:
@@ -138,8 +110,8 @@ class QuadrupletFolders(Dataset):
 
     def __getitem__(self, index: int):
         uuid, folder = self.locations[index]
-        views = {size: [None] * 4 for size in self.image_sizes}
-        reasons: list[str | None] = [None] * 4
+        views = {size: [None] * N_VIEWS for size in self.image_sizes}
+        reasons: list[str | None] = [None] * N_VIEWS
         for i, path in enumerate(view_paths(folder)):
             reasons[i] = check_image(path)
             if reasons[i] is not None:
@@ -165,11 +137,11 @@ def collate_quadruplets(items):
     per_size = {size: [] for size in sizes}
     for uuid, views, reasons in items:
         uuids.append(uuid)
-        readable = [i for i in range(4) if reasons[i] is None]
+        readable = [i for i in range(N_VIEWS) if reasons[i] is None]
         has_views.append(bool(readable))
         # the view file that fills each slot (None: no readable view at all)
         source = [i if reasons[i] is None else next((j for j in SUBSTITUTE_ORDER[i] if j in readable), None)
-                  for i in range(4)]
+                  for i in range(N_VIEWS)]
         replaced += [f"{uuid} {VIEWS[i]}.jpg: {reasons[i]} -> used {VIEWS[j]}.jpg"
                      for i, j in enumerate(source) if j is not None and j != i]
         for size in sizes:
@@ -229,15 +201,19 @@ def predict_locations(models, locations: list[tuple[str, Path]], tta: bool = Fal
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m src.predict",
+        prog="python -m src.predict", allow_abbrev=False,
         description="Write uuid,latitude,longitude for every location folder (CSV on stdout or --out).",
     )
     parser.add_argument("--checkpoint", type=Path, nargs="+", action="extend",
                         help="checkpoint(s); several form an ensemble averaged in EPSG:3766 "
-                             "(default: the newest *best*.ckpt under reports/)")
+                             "(default: the best checkpoint by val km of the newest run under reports/)")
     parser.add_argument("--images", type=Path,
                         help="dataset dir (with data/ or images/) or a dir of uuid folders; no CSV needed "
                              "(default: the test split of the (first) checkpoint's run)")
+    parser.add_argument("--centroids", choices=CENTROID_KINDS, default=None,
+                        help="class centroids a classification checkpoint averages (default: the one it was trained with)")
+    parser.add_argument("--topk", type=int, default=None,
+                        help="average only the k most likely classes, 0 for all (default: as trained)")
     parser.add_argument("--tta", action="store_true",
                         help="also predict the mirrored quadruplet (views flipped, 90/270 swapped) and average")
     parser.add_argument("--batch-size", type=int, default=32, help="locations per batch (default: 32)")
@@ -247,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--out", type=Path, help="write the CSV here (atomically) instead of stdout")
     parser.add_argument("--reports-dir", type=Path, default=REPORTS_DIR,
-                        help="where to look for the newest best checkpoint (default: reports/)")
+                        help="where the default checkpoint is searched (default: reports/)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     return parser
 
@@ -259,16 +235,21 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         raise UserError(f"--batch-size {args.batch_size}: give a number of locations >= 1 (e.g. 32)")
     if args.num_workers < 0:
         raise UserError(f"--num-workers {args.num_workers}: give 0 (decode in the main process) or more")
+    if args.topk is not None and args.topk < 0:
+        raise UserError(f"--topk {args.topk}: give 0 (all classes) or a number of classes >= 1")
     check_device(args.device)
     stdout = sys.stdout
     # anything a library prints while loading or predicting must not end up in the CSV
     with contextlib.redirect_stdout(sys.stderr):
-        checkpoints = args.checkpoint or [latest_checkpoint(args.reports_dir)]
+        checkpoints = args.checkpoint or [find_checkpoint(args.reports_dir)]
         models = []
         for path in checkpoints:
-            models.append(load_model(path, args.device))
+            models.append(load_model(path, args.device, reports_dir=args.reports_dir,
+                                     centroids=args.centroids, topk=args.topk))
             hp = models[-1].hparams
-            print(f"checkpoint {path}: {hp.get('approach')} {hp.get('backbone')} {hp.get('image_size')} px",
+            how = f", {hp.get('centroids')} centroids, top-{hp.get('topk') or 'all'}" \
+                if hp.get("approach") == "classification" else ""
+            print(f"checkpoint {path}: {hp.get('approach')} {hp.get('backbone')} {hp.get('image_size')} px{how}",
                   file=sys.stderr)
         if args.images is not None:
             locations = locations_from_images(args.images)

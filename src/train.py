@@ -38,11 +38,12 @@ from tqdm import tqdm
 from src import geo
 from src.backbones import default_backbone, list_backbones
 from src.data import AUGMENT_CHOICES, GeoDataModule
+from src.checkpoints import read_checkpoint
 from src.enrich import add_enrich_arguments, enrich_from_args
 from src.errors import UserError, run_cli
 from src.files import atomic_path
-from src.grid import CENTROID_PREFIX
-from src.model import APPROACHES, CENTROID_KINDS, OPTIMIZERS, SCHEDULERS, FreezeThenUnfreeze, GeoModel
+from src.grid import CENTROID_KINDS, CENTROID_PREFIX
+from src.model import APPROACHES, OPTIMIZERS, SCHEDULERS, FreezeThenUnfreeze, GeoModel
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_DIR = ROOT / "data" / "demo"
@@ -54,8 +55,6 @@ CPU_DEFAULTS = {"image_size": 224, "epochs": 30, "unfreeze_at_epoch": -1}
 GPU_DEFAULTS = {"image_size": 224, "epochs": 20, "unfreeze_at_epoch": 5}
 QUICK_DEFAULTS = {"image_size": 64, "epochs": 2}
 MAX_IMAGE_SIZE = 2048
-# hparams that, with dataset_dirs, seed and spacing, rebuild a run's split exactly (see enrich.enrich)
-DATA_HPARAMS = ("split_fractions", "holdout_dirs", "full_decode", "max_outside_km", "mainland_only")
 
 
 def say(message: str) -> None:
@@ -216,23 +215,6 @@ def data_hparams(args: argparse.Namespace) -> dict[str, Any]:
             "mainland_only": bool(args.mainland_only)}
 
 
-def read_resume(path: Path) -> dict[str, Any]:
-    """The hparams of a --resume checkpoint; a one-line UserError when it is missing, damaged or not ours."""
-    if not path.is_file():
-        raise UserError(f"--resume {path}: no such checkpoint file; give the last.ckpt of the interrupted run")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # truncated, empty or not a torch file at all
-        raise UserError(f"--resume {path}: not a readable checkpoint ({type(error).__name__}); the file is damaged or "
-                        "not a checkpoint, give the last.ckpt of the interrupted run") from None
-    saved = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
-    if (not isinstance(saved, dict) or "state_dict" not in checkpoint or "loops" not in checkpoint
-            or not {"approach", "backbone", "image_size", "classes"} <= set(saved)):
-        raise UserError(f"--resume {path}: not a training checkpoint written by src.train "
-                        "(no model hparams or loop state); give the last.ckpt of the interrupted run")
-    return saved
-
-
 def check_resume(args: argparse.Namespace, saved: dict[str, Any]) -> None:
     """--resume must name a checkpoint of the same approach, backbone, image size and data (`saved`: its hparams)."""
     path = args.resume
@@ -319,7 +301,7 @@ def interrupted_message(interrupt: Interrupt, argv: list[str], args: argparse.Na
     if checkpoint is None:
         return f"interrupted by {name} before the first epoch ended: no checkpoint to resume from; run the same command again"
     try:
-        epoch = int(torch.load(checkpoint, map_location="cpu", weights_only=False)["epoch"]) + 1
+        epoch = int(read_checkpoint(checkpoint, "--resume")["epoch"]) + 1
         done = f"{epoch} of {epochs} epochs" if epochs else f"{epoch} epochs"
     except Exception:
         done = "the last completed epoch"
@@ -352,7 +334,8 @@ def train(args: argparse.Namespace, interrupt: Interrupt) -> None:
     """Enrich, train, test and report (see the module docstring)."""
     # Lightning 2.6 calls a torch pytree API that torch 2.14 deprecates, once per batch: noise, not news
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
-    saved = read_resume(args.resume) if args.resume is not None else None  # before anything else is printed
+    # the --resume file is read before anything else is printed
+    saved = read_checkpoint(args.resume, "--resume", training_state=True)["hyper_parameters"] if args.resume else None
     demo = use_demo_dataset_if_none(args)
     # absolute paths: the split's canonical order, the hparams and the test folders do not depend on the cwd
     args.dataset_dirs = [Path(d).resolve() for d in args.dataset_dirs]

@@ -251,8 +251,8 @@ def test_resume_from_a_damaged_or_foreign_file_is_a_one_line_error(trained, demo
                             "--image-size", 64, "--out-dir", tmp_path, "--resume", bad], capsys)
     assert error.startswith(f"error: --resume {bad}: ")
     expected = {"truncated": "not a readable checkpoint", "empty": "not a readable checkpoint",
-                "text": "not a readable checkpoint", "foreign": "not a training checkpoint written by src.train",
-                "missing": "no such checkpoint file"}[how]
+                "text": "not a readable checkpoint", "foreign": "not a checkpoint written by src.train",
+                "missing": "file not found"}[how]
     assert expected in error
 
 

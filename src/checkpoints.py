@@ -1,0 +1,130 @@
+"""Checkpoints written by src.train: finding them under reports/, reading their hparams, loading a GeoModel.
+
+The one place that opens a checkpoint file. A run's checkpoints live in
+`<reports>/<run-name>/version_N/checkpoints/` (`best-epochEE-kmK.K.ckpt` and `last.ckpt`). Every problem
+with a file (missing, a directory, damaged, not written by src.train) is a one-line UserError that names
+the flag, the file and, where it helps, the checkpoints that do exist.
+"""
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from src.errors import UserError, brief
+
+REPORTS_DIR = Path(__file__).resolve().parent.parent / "reports"
+# hparams every GeoModel checkpoint carries (predict needs the rest: prior_lat/lng, scaler, ...)
+MODEL_HPARAMS = ("approach", "backbone", "image_size", "classes")
+PREDICT_HPARAMS = ("image_size", "prior_lat", "prior_lng")
+# the data flags a run was trained with; rebuild its locations without --dataset-dirs
+DATA_HPARAMS = ("dataset_dirs", "spacing", "seed")
+LISTED = 5
+_VAL_KM = re.compile(r"-km(\d+(?:\.\d+)?)")
+
+
+def list_checkpoints(reports_dir: str | Path = REPORTS_DIR, best_only: bool = False) -> list[Path]:
+    """Every `*.ckpt` under `reports_dir`/…/checkpoints/, newest first (only `*best*` ones with `best_only`)."""
+    found = [p for p in Path(reports_dir).glob("**/checkpoints/*.ckpt") if not best_only or "best" in p.name]
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def checkpoints_listing(reports_dir: str | Path = REPORTS_DIR) -> str:
+    """A short phrase naming the checkpoints under `reports_dir` (the newest few), for error messages."""
+    found = list_checkpoints(reports_dir) if Path(reports_dir).is_dir() else []
+    if not found:
+        return (f"there is no checkpoint under {reports_dir}; train one with "
+                "`python -m src.train --approach classification`")
+    names = ", ".join(map(str, found[:LISTED]))
+    more = f" and {len(found) - LISTED} more" if len(found) > LISTED else ""
+    return f"checkpoints under {reports_dir} (newest first): {names}{more}"
+
+
+def val_km(path: Path) -> float:
+    """The val mean km a best checkpoint was saved with: from its name (src.train writes `-kmK.K`), else
+    from its ModelCheckpoint state; inf when neither says."""
+    match = _VAL_KM.search(Path(path).stem)
+    if match:
+        return float(match.group(1))
+    try:
+        callbacks = read_checkpoint(path)["callbacks"]
+        scores = [state.get("current_score") for key, state in callbacks.items()
+                  if key.startswith("ModelCheckpoint") and "val/km_mean" in key]
+        return float(next(s for s in scores if s is not None))
+    except (UserError, KeyError, StopIteration, AttributeError, TypeError):
+        return float("inf")
+
+
+def find_checkpoint(reports_dir: str | Path = REPORTS_DIR) -> Path:
+    """The default checkpoint: of the newest run (the version folder holding the most recently written
+    best checkpoint), its best checkpoint by val mean km (ties: the newer one)."""
+    candidates = list_checkpoints(reports_dir, best_only=True) if Path(reports_dir).is_dir() else []
+    if not candidates:
+        raise UserError(
+            f"{reports_dir}: no best checkpoint (reports/<run>/version_N/checkpoints/*best*.ckpt) found; "
+            "train one with `python -m src.train --approach classification` or pass --checkpoint PATH"
+        )
+    newest_run = candidates[0].parent.parent
+    of_run = [p for p in candidates if p.parent.parent == newest_run]  # newest first: min() keeps the newer on ties
+    return min(of_run, key=val_km)
+
+
+def read_checkpoint(path: str | Path, flag: str = "--checkpoint", reports_dir: str | Path | None = None,
+                    training_state: bool = False) -> dict[str, Any]:
+    """The checkpoint dict of a src.train checkpoint (tensors memory-mapped, so reading hparams is cheap).
+
+    `flag` names the option in messages; with `reports_dir` a missing file's message lists the checkpoints
+    there. `training_state` also requires the loop state that --resume needs.
+    """
+    path = Path(path)
+    if not path.is_file():
+        what = "is a directory" if path.is_dir() else "file not found"
+        where = f"; {checkpoints_listing(reports_dir)}" if reports_dir is not None else ""
+        raise UserError(f"{flag} {path}: {what}; pass a .ckpt written by src.train{where}")
+    try:
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        except RuntimeError:  # an old (non-zip) torch file cannot be memory-mapped
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # truncated, empty or not a torch file at all: torch/pickle raise many types
+        raise UserError(f"{flag} {path}: not a readable checkpoint ({brief(error)}); the file is damaged or not "
+                        "a checkpoint; pass a .ckpt written by src.train") from None
+    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    if not isinstance(hparams, dict) or "state_dict" not in checkpoint or not set(MODEL_HPARAMS) <= set(hparams):
+        raise UserError(f"{flag} {path}: not a checkpoint written by src.train (no GeoModel hparams); "
+                        "pass a .ckpt written by src.train")
+    if training_state and "loops" not in checkpoint:
+        raise UserError(f"{flag} {path}: not a training checkpoint (no loop state); "
+                        "give the last.ckpt of the interrupted run")
+    return checkpoint
+
+
+def read_hparams(path: str | Path, flag: str = "--checkpoint", reports_dir: str | Path | None = None,
+                 required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The hparams of a src.train checkpoint; `required` keys missing is a one-line UserError."""
+    hparams = read_checkpoint(path, flag, reports_dir)["hyper_parameters"]
+    missing = [key for key in required if key not in hparams]
+    if missing:
+        raise UserError(f"{flag} {path}: lacks {', '.join(missing)} in its hparams (an older src.train?); "
+                        "retrain it with the current src.train")
+    return dict(hparams)
+
+
+def load_model(path: str | Path, device: str = "cpu", flag: str = "--checkpoint",
+               reports_dir: str | Path | None = None, **overrides):
+    """A GeoModel from a src.train checkpoint, in eval mode on `device`.
+
+    `overrides` replace hparams that only change how outputs become coordinates (`centroids`, `topk`);
+    None values are ignored.
+    """
+    from src.model import GeoModel  # Lightning and the backbones: only where a model is built
+
+    read_hparams(path, flag, reports_dir, required=PREDICT_HPARAMS)
+    overrides = {key: value for key, value in overrides.items() if value is not None}
+    try:
+        model = GeoModel.load_from_checkpoint(path, map_location=device, **overrides)
+    except Exception as error:  # a state dict that does not fit the hparams (edited or foreign weights)
+        raise UserError(f"{flag} {path}: not a loadable GeoModel checkpoint ({brief(error)}); "
+                        "pass a .ckpt written by src.train") from None
+    return model.to(device).eval()

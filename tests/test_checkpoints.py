@@ -1,0 +1,109 @@
+"""The one checkpoint loader: finding the default checkpoint, reading hparams, loading a GeoModel, one-line errors."""
+
+import contextlib
+import io
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from src.checkpoints import (checkpoints_listing, find_checkpoint, list_checkpoints, load_model, read_checkpoint,
+                             read_hparams, val_km)
+from src.errors import UserError
+from src.train import main as train_main
+
+
+@pytest.fixture(scope="module")
+def trained(demo_dir, tmp_path_factory):
+    """A 2-epoch tiny classification run on the demo set: (reports dir, its best checkpoint)."""
+    out = tmp_path_factory.mktemp("checkpoints")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        train_main(["--approach", "classification", "--dataset-dirs", str(demo_dir), "--backbone", "tiny",
+                    "--no-pretrained", "--epochs", "2", "--image-size", "32", "--num-workers", "0",
+                    "--out-dir", str(out / "reports"), "--cache-dir", str(out / "cache"), "--run-name", "cls"])
+    best = Path(printed.getvalue().splitlines()[-1].removeprefix("checkpoint: "))
+    return out / "reports", best
+
+
+def place(source: Path, reports: Path, run: str, name: str, mtime: float) -> Path:
+    path = reports / run / "checkpoints" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, path)
+    os.utime(path, (mtime, mtime))
+    return path
+
+
+def test_default_is_the_best_by_val_km_of_the_newest_run(trained, tmp_path):
+    _, best = trained
+    reports = tmp_path / "reports"
+    place(best, reports, "a/version_0", "best-epoch09-km10.0.ckpt", 1000)  # best overall, but an older run
+    wanted = place(best, reports, "a/version_1", "best-epoch02-km30.5.ckpt", 2000)
+    place(best, reports, "a/version_1", "best-epoch05-km41.0.ckpt", 3000)  # the newest file, worse val km
+    place(best, reports, "a/version_1", "last.ckpt", 3500)  # not a best checkpoint
+    assert find_checkpoint(reports) == wanted
+    assert list_checkpoints(reports, best_only=True)[0].name == "best-epoch05-km41.0.ckpt"
+    assert [p.name for p in list_checkpoints(reports)][0] == "last.ckpt"
+
+
+def test_val_km_from_the_name_or_the_checkpoint_state(trained, tmp_path):
+    _, best = trained
+    assert val_km(Path("x/best-epoch03-km28.4.ckpt")) == 28.4
+    unnamed = tmp_path / "best.ckpt"
+    shutil.copyfile(best, unnamed)
+    # the saved ModelCheckpoint score is the unrounded value the file name shows to 1 decimal
+    assert val_km(unnamed) == pytest.approx(val_km(best), abs=0.05)
+    assert val_km(unnamed) != float("inf")
+
+
+def test_load_model_matches_the_saved_weights_and_takes_overrides(trained):
+    _, best = trained
+    saved = torch.load(best, map_location="cpu", weights_only=False)
+    model = load_model(best)
+    assert not model.training
+    for key, value in saved["state_dict"].items():
+        assert torch.equal(model.state_dict()[key], value), key
+    assert model.hparams.centroids == "weighted"
+    plain = load_model(best, centroids="plain", topk=3)
+    assert plain.hparams.centroids == "plain" and plain.hparams.topk == 3
+    assert torch.equal(plain.class_xy, torch.tensor(saved["hyper_parameters"]["classes"]["plain"], dtype=torch.float64))
+    assert not torch.equal(plain.class_xy, model.class_xy)
+    assert read_hparams(best)["image_size"] == 32
+
+
+def test_bad_files_are_one_line_errors(trained, tmp_path):
+    reports, best = trained
+    (tmp_path / "text.ckpt").write_text("hello\n")
+    (tmp_path / "truncated.ckpt").write_bytes(best.read_bytes()[: best.stat().st_size // 2])
+    torch.save({"state_dict": {}}, tmp_path / "foreign.ckpt")
+    cases = {
+        tmp_path / "nope.ckpt": "file not found",
+        tmp_path: "is a directory",
+        tmp_path / "text.ckpt": "not a readable checkpoint",
+        tmp_path / "truncated.ckpt": "not a readable checkpoint",
+        tmp_path / "foreign.ckpt": "not a checkpoint written by src.train",
+    }
+    for path, fragment in cases.items():
+        with pytest.raises(UserError, match=fragment) as error:
+            load_model(path, flag="--checkpoint")
+        assert "\n" not in str(error.value) and str(error.value).startswith(f"--checkpoint {path}: ")
+    # Lightning saves the loop state in every checkpoint; without it a file cannot be resumed from
+    assert "loops" in read_checkpoint(best, "--resume", training_state=True)
+    stripped = {k: v for k, v in torch.load(best, map_location="cpu", weights_only=False).items() if k != "loops"}
+    torch.save(stripped, tmp_path / "weights_only.ckpt")
+    with pytest.raises(UserError, match="not a training checkpoint"):
+        read_checkpoint(tmp_path / "weights_only.ckpt", "--resume", training_state=True)
+    with pytest.raises(UserError, match="lacks no_such_key"):
+        read_hparams(best, required=("no_such_key",))
+
+
+def test_a_missing_file_lists_the_checkpoints_that_exist(trained, tmp_path):
+    reports, best = trained
+    with pytest.raises(UserError) as error:
+        read_checkpoint(tmp_path / "typo.ckpt", reports_dir=reports)
+    assert str(best) in str(error.value) and "newest first" in str(error.value)
+    assert "no checkpoint under" in checkpoints_listing(tmp_path / "empty")
+    with pytest.raises(UserError, match="no best checkpoint"):
+        find_checkpoint(tmp_path / "empty")
