@@ -1,10 +1,11 @@
 """Analysis of a grid and a submission: oracle ceiling, error map, worst-N gallery, per-class accuracy.
 
-    python -m src.analyze [--submission CSV] [--checkpoint PATH | --dataset-dirs DIR ...] [--spacings ...]
+    python -m src.analyze [--submission CSV] [--checkpoint PATH | --locations CSV | --dataset-dirs DIR ...]
 
 The locations (truth, image folders, split, classes) come from the enrich stage: of --dataset-dirs with
-the enrich flags, or, without --dataset-dirs, of the run of --checkpoint (default: the newest best
-checkpoint under reports/), with its dataset dirs, spacing and seed.
+the enrich flags, of an enriched --locations CSV, or else of the run of --checkpoint (default: the best
+checkpoint of the newest run under reports/): its saved version_N/locations.csv, or (older runs) its
+dataset dirs, spacing, seed and split flags.
 Figures go to figures/, tables to reports/analysis/ (both written atomically); tables also print on stdout.
 """
 
@@ -23,9 +24,11 @@ from matplotlib.colors import LogNorm  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
-from src.enrich import (SPLITS, Enriched, add_enrich_arguments, check_spacing, enrich_from_args,  # noqa: E402
-                        enrich_locations)  # noqa: E402
-from src.checkpoints import DATA_HPARAMS, REPORTS_DIR, find_checkpoint, read_hparams  # noqa: E402
+from src.enrich import (LOCATIONS_COLUMNS, LOCATIONS_FILE, SPLITS, Enriched, add_enrich_arguments,  # noqa: E402
+                        add_locations_argument, check_data_flags, check_spacing, enrich_from_args,
+                        locate_locations)
+from src.checkpoints import (DATA_HPARAMS, REPORTS_DIR, checkpoints_listing, find_checkpoint,  # noqa: E402
+                             read_hparams)
 from src.errors import UserError, run_cli  # noqa: E402
 from src.files import atomic_path  # noqa: E402
 from src.geo import haversine_km, load_border  # noqa: E402
@@ -176,11 +179,10 @@ def rows_of_split(locations: pd.DataFrame, split: str) -> pd.DataFrame:
     return locations if split == "all" else locations[locations["split"] == split]
 
 
-def oracle_ceiling(enriched: Enriched, spacings, split: str = "test", seed: int = 0, fractions=(0.8, 0.1, 0.1),
-                   holdout_dirs=(), mainland_only: bool = False) -> pd.DataFrame:
+def oracle_ceiling(enriched: Enriched, spacings, split: str = "test", mainland_only: bool = False) -> pd.DataFrame:
     """Mean and median km of the oracle (true class's centroid) per spacing and centroid kind on `split`.
 
-    The kept locations of `enriched` are re-gridded at every spacing with the same split settings.
+    The locations of `enriched` are re-gridded at every spacing, each keeping its split.
     Columns: spacing, classes, locations, plain_km, clipped_km, weighted_km, plain_median_km, ...
     """
     rows = []
@@ -188,8 +190,9 @@ def oracle_ceiling(enriched: Enriched, spacings, split: str = "test", seed: int 
         if spacing == enriched.grid.spacing:
             locations, classes = enriched.locations, enriched.classes
         else:
-            locations, classes, _ = enrich_locations(enriched.ingested.locations, build_grid(spacing, mainland_only),
-                                                     seed, fractions, holdout_dirs)
+            locations, classes, _ = locate_locations(enriched.locations[LOCATIONS_COLUMNS[:-1]],
+                                                     enriched.locations["split"].to_numpy(),
+                                                     build_grid(spacing, mainland_only))
         chosen = rows_of_split(locations, split)
         if chosen.empty:
             raise UserError(f"--eval-split {split}: no {split} location at spacing {spacing}; pick another split or all")
@@ -241,18 +244,25 @@ def apply_data_hparams(args: argparse.Namespace, hparams: dict) -> None:
 
 
 def enrich_args_from_checkpoint(args: argparse.Namespace) -> Path:
-    """Fill the data flags from --checkpoint (default: src.checkpoints.find_checkpoint); returns its path."""
+    """Fill the data flags from --checkpoint (default: src.checkpoints.find_checkpoint); returns its path.
+
+    When the run saved its locations (version_N/locations.csv) they are reused as --locations: the run's
+    exact locations and split, without re-reading the dataset dirs."""
     path = Path(args.checkpoint or find_checkpoint(args.reports_dir))
     apply_data_hparams(args, read_hparams(path, reports_dir=args.reports_dir, required=DATA_HPARAMS))
+    saved = path.parent.parent / LOCATIONS_FILE
+    if path.parent.name == "checkpoints" and saved.is_file():
+        args.locations, args.dataset_dirs = saved, []
     return path
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m src.analyze",
+        prog="python -m src.analyze", allow_abbrev=False,
         description="Oracle ceiling of the grid; with --submission: error map, worst-N gallery, per-class accuracy.",
     )
     add_enrich_arguments(parser)
+    add_locations_argument(parser)
     group = parser.add_argument_group("analysis")
     group.add_argument("--checkpoint", type=Path,
                        help="take the data flags (dataset dirs, spacing, seed, split, holdout dirs, ...) from "
@@ -284,15 +294,18 @@ def main(argv: list[str] | None = None) -> dict:
             raise UserError(f"{flag} {value}: give a number of rows >= 1")
     for spacing in args.spacings:
         check_spacing(spacing, "--spacings")
-    if not args.dataset_dirs:
+    checkpoint = None
+    if not args.dataset_dirs and args.locations is None:
         checkpoint = enrich_args_from_checkpoint(args)
-        print(f"locations of the run of {checkpoint}: --dataset-dirs {' '.join(map(str, args.dataset_dirs))} "
-              f"--spacing {args.spacing} --seed {args.seed}", file=sys.stderr)
+        where = f"--locations {args.locations}" if args.locations is not None else \
+            f"--dataset-dirs {' '.join(map(str, args.dataset_dirs))}"
+        print(f"locations of the run of {checkpoint}: {where} --spacing {args.spacing} --seed {args.seed}",
+              file=sys.stderr)
+    check_data_flags(args)
     enriched = enrich_from_args(args, progress=False)
     out: dict = {}
 
-    oracle = oracle_ceiling(enriched, [*args.spacings, args.spacing], args.eval_split, args.seed, args.split,
-                            args.holdout_dirs, args.mainland_only)
+    oracle = oracle_ceiling(enriched, [*args.spacings, args.spacing], args.eval_split, args.mainland_only)
     out["oracle"] = oracle
     print(f"oracle ceiling ({args.eval_split} locations at their true class's centroid), mean / median km:")
     print(tabulate([[r.spacing, r.classes, r.locations, *(f"{getattr(r, f'{k}_km'):.2f} / "
@@ -305,7 +318,13 @@ def main(argv: list[str] | None = None) -> dict:
     if args.submission is not None:
         name = args.submission.stem
         truth = rows_of_split(enriched.locations, args.eval_split)
-        scored = match_and_measure(read_locations(args.submission, "submission"), truth, args.allow_missing,
+        submission = read_locations(args.submission, "submission")
+        if checkpoint is not None and not set(submission["uuid"]) & set(truth["uuid"]):
+            raise UserError(f"--submission {args.submission}: none of its {len(submission)} uuids is among the "
+                            f"{len(truth)} {args.eval_split} locations of the run of {checkpoint} (the default: the "
+                            f"newest run); pass the --checkpoint of the run it was predicted from "
+                            f"({checkpoints_listing(args.reports_dir)})")
+        scored = match_and_measure(submission, truth, args.allow_missing,
                                    where=f"{args.submission} vs the {args.eval_split} locations")
         if scored.missing or scored.extra:
             print(f"warning: analysing {len(scored.errors)} common uuid(s); {len(scored.missing)} {args.eval_split} "

@@ -16,7 +16,7 @@ from src import geo
 from src.errors import UserError, run_cli
 from src.files import atomic_path
 from src.grid import CENTROID_PREFIX, Grid, build_grid, class_table, nearest_class
-from src.ingest import Ingested, read_datasets
+from src.ingest import CHECK_CACHE_DIR, SKIP_COLUMNS, Ingested, check_dataset_dirs, read_csv_strict, read_datasets
 
 SPLITS = ("train", "val", "test")
 DEFAULT_SPLIT = (0.8, 0.1, 0.1)
@@ -24,6 +24,9 @@ DEFAULT_OUT = Path("reports/enriched.csv")
 CENTROID_COLUMNS = [f"{prefix}_{axis}" for prefix in CENTROID_PREFIX.values() for axis in ("lat", "lng")]
 OUTPUT_COLUMNS = ["uuid", "latitude", "longitude", "dataset_dir", "image_dir", "split", "crs_x", "crs_y",
                   "cell", "label", *CENTROID_COLUMNS]
+# the columns an enriched CSV must have to be reused with --locations (cells, labels, centroids are recomputed)
+LOCATIONS_COLUMNS = ["uuid", "latitude", "longitude", "dataset_dir", "image_dir", "split"]
+LOCATIONS_FILE = "locations.csv"  # a training run's enriched locations, in its version_N folder
 LISTED_PER_REASON = 10
 SPACING_RANGE = (0.01, 10.0)  # degrees: below ~1 km cells the grid gets huge, above it is one cell
 MAX_SEED = 2**32 - 1  # numpy and Lightning seeds
@@ -110,7 +113,7 @@ def locate_locations(locations: pd.DataFrame, split: np.ndarray, grid: Grid) -> 
 
 def enrich(dataset_dirs, spacing: float = 0.5, seed: int = 0, fractions=DEFAULT_SPLIT, holdout_dirs=(),
            check_images: bool = True, full_decode: bool = False, max_outside_km: float = 10.0,
-           mainland_only: bool = False, progress: bool = True) -> Enriched:
+           mainland_only: bool = False, progress: bool = True, check_cache: Path | None = None) -> Enriched:
     """Read the dataset dirs and enrich their locations (see the module docstring)."""
     check_spacing(spacing)
     check_seed(seed)
@@ -119,13 +122,92 @@ def enrich(dataset_dirs, spacing: float = 0.5, seed: int = 0, fractions=DEFAULT_
     unknown = [d for d in holdout_dirs if str(Path(d)) not in {str(Path(x)) for x in dataset_dirs}]
     if unknown:
         raise UserError(f"--holdout-dirs {' '.join(map(str, unknown))}: not among --dataset-dirs")
-    ingested = read_datasets(dataset_dirs, check_images, full_decode, max_outside_km, mainland_only, progress)
+    ingested = read_datasets(dataset_dirs, check_images, full_decode, max_outside_km, mainland_only, progress,
+                             check_cache)
     if ingested.locations.empty:
         raise UserError(f"{', '.join(map(str, dataset_dirs))}: no usable location "
                         f"({len(ingested.skipped)} skipped; see the skip list)")
     grid = build_grid(spacing, mainland_only)
     locations, classes, scaler = enrich_locations(ingested.locations, grid, seed, fractions, holdout_dirs)
     return Enriched(locations, classes, scaler, grid, ingested)
+
+
+def read_locations_csv(path: str | Path, check_folders: bool = True) -> pd.DataFrame:
+    """An enriched locations CSV (`src.enrich --out`, or a run's version_N/locations.csv) to reuse as is.
+
+    Checked: the columns of LOCATIONS_COLUMNS, numeric degrees, unique uuids, split values, a train row
+    and (`check_folders`) that the image folders exist here; each problem is a one-line UserError naming the file and line.
+    """
+    path = Path(path)
+    fix = "pass a CSV written by `python -m src.enrich` or a run's version_N/locations.csv"
+    if not path.exists():
+        raise UserError(f"--locations {path}: file not found; {fix}")
+    frame = read_csv_strict(path, fix)
+    missing = [c for c in LOCATIONS_COLUMNS if c not in frame.columns]
+    if missing:
+        raise UserError(f"--locations {path}: lacks column(s) {', '.join(missing)} (has "
+                        f"{', '.join(map(str, frame.columns))}); {fix}")
+    if frame.empty:
+        raise UserError(f"--locations {path}: has a header but no rows; {fix}")
+    frame = frame[LOCATIONS_COLUMNS].copy()
+    degrees = frame[["latitude", "longitude"]].apply(pd.to_numeric, errors="coerce")
+    problems = [
+        (frame["uuid"].isna() | frame["uuid"].duplicated(keep=False), "empty or repeated uuid"),
+        (degrees.isna().any(axis=1) | ~degrees["latitude"].between(-90, 90) | ~degrees["longitude"].between(-180, 180),
+         "latitude/longitude not in degrees"),
+        (~frame["split"].isin(SPLITS), f"split not one of {', '.join(SPLITS)}"),
+        (frame["image_dir"].isna() | frame["dataset_dir"].isna(), "empty image_dir or dataset_dir"),
+    ]
+    for bad, what in problems:
+        if bad.any():
+            first = int(np.flatnonzero(bad.to_numpy())[0])
+            raise UserError(f"--locations {path}: line {first + 2}: {what} ({bad.sum()} row(s)); {fix}")
+    if not (frame["split"] == "train").any():
+        raise UserError(f"--locations {path}: no train row; {fix}")
+    absent = [d for d in frame["image_dir"] if not Path(d).is_dir()] if check_folders else []
+    if absent:
+        raise UserError(f"--locations {path}: {len(absent)} of {len(frame)} image folders do not exist here "
+                        f"(e.g. {absent[0]}); re-run enrich on this machine's --dataset-dirs")
+    frame[["latitude", "longitude"]] = degrees.astype(float)
+    return frame
+
+
+def enrich_from_locations(path: str | Path, spacing: float = 0.5, mainland_only: bool = False) -> Enriched:
+    """Enriched from a locations CSV (read_locations_csv): its locations and split, no dataset dir read and
+    no image opened; cells, classes, centroids and scaler are recomputed at `spacing`."""
+    check_spacing(spacing)
+    frame = read_locations_csv(path)
+    grid = build_grid(spacing, mainland_only)
+    base = frame[LOCATIONS_COLUMNS[:-1]].reset_index(drop=True)
+    locations, classes, scaler = locate_locations(base, frame["split"].to_numpy(), grid)
+    ingested = Ingested(locations=base, skipped=pd.DataFrame(columns=SKIP_COLUMNS),
+                        orphans=pd.DataFrame(columns=["dataset_dir", "folder"]), n_read=len(frame))
+    return Enriched(locations, classes, scaler, grid, ingested)
+
+
+def write_locations_csv(locations: pd.DataFrame, path: str | Path) -> Path:
+    """The enriched locations as a CSV (atomically), reusable with --locations."""
+    with atomic_path(path) as tmp:
+        locations.to_csv(tmp, index=False)
+    return Path(path)
+
+
+def add_locations_argument(parser: argparse.ArgumentParser) -> None:
+    """--locations CSV: reuse an enriched CSV instead of reading --dataset-dirs (train, analyze)."""
+    parser.add_argument("--locations", type=Path, default=None, metavar="CSV",
+                        help="reuse this enriched CSV (src.enrich --out, or a run's version_N/locations.csv): its "
+                             "locations and split, no image re-checked; instead of --dataset-dirs (default: none)")
+
+
+def check_data_flags(args: argparse.Namespace) -> None:
+    """Cheap checks of the data flags before any slow start-up: the dataset dirs exist and hold a data.csv;
+    with --locations the CSV is valid and its dataset dirs become args.dataset_dirs."""
+    if getattr(args, "locations", None) is not None:
+        if args.dataset_dirs:
+            raise UserError("--locations and --dataset-dirs: give one of them (the CSV already names its dataset dirs)")
+        args.dataset_dirs = [Path(d) for d in dict.fromkeys(read_locations_csv(args.locations)["dataset_dir"])]
+    else:
+        check_dataset_dirs(args.dataset_dirs)
 
 
 def add_enrich_arguments(parser: argparse.ArgumentParser, require_dataset: bool = False) -> None:
@@ -145,17 +227,24 @@ def add_enrich_arguments(parser: argparse.ArgumentParser, require_dataset: bool 
                        help="reject points farther than this outside the border (default: 10)")
     group.add_argument("--mainland-only", action="store_true",
                        help="use the mainland polygon only, without islands (default: off)")
+    group.add_argument("--check-cache", type=Path, default=CHECK_CACHE_DIR, metavar="DIR",
+                       help="remember image checks here, keyed by path, size and mtime, so unchanged images are "
+                            "not re-opened (default: data/cache/image_checks)")
+    group.add_argument("--no-check-cache", dest="check_cache", action="store_const", const=None,
+                       help="check every image again and remember nothing")
 
 
 def enrich_from_args(args: argparse.Namespace, progress: bool = True, report: bool = True) -> Enriched:
-    """enrich() with the flags of add_enrich_arguments.
+    """enrich() with the flags of add_enrich_arguments (enrich_from_locations with --locations).
 
     With `report`, the skipped rows and orphan folders are listed on stderr (a few per reason), so a
     command that reads dataset dirs (train, analyze) never loses a location silently.
     """
+    if getattr(args, "locations", None) is not None:
+        return enrich_from_locations(args.locations, args.spacing, args.mainland_only)
     enriched = enrich(args.dataset_dirs, args.spacing, args.seed, args.split, args.holdout_dirs,
                       full_decode=args.full_decode, max_outside_km=args.max_outside_km,
-                      mainland_only=args.mainland_only, progress=progress)
+                      mainland_only=args.mainland_only, progress=progress, check_cache=args.check_cache)
     if report:
         listing = skip_listing(enriched.ingested)
         if listing:
@@ -208,7 +297,7 @@ def write_skip_report(ingested: Ingested, path: Path) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m src.enrich",
+    parser = argparse.ArgumentParser(prog="python -m src.enrich", allow_abbrev=False,
                                      description="Read LUMEN dataset dirs and write the enriched location table.")
     add_enrich_arguments(parser, require_dataset=True)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
@@ -225,8 +314,7 @@ def main(argv: list[str] | None = None) -> None:
 
     enriched = enrich_from_args(args, report=False)
     report_path = args.out.with_name(f"{args.out.stem}_skipped.csv")
-    with atomic_path(args.out) as tmp:
-        enriched.locations.to_csv(tmp, index=False)
+    write_locations_csv(enriched.locations, args.out)
     write_skip_report(enriched.ingested, report_path)
     listing = skip_listing(enriched.ingested, report_path)
     if listing:

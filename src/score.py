@@ -1,6 +1,6 @@
 """Score a submission CSV against ground truth: km error statistics and a GeoGuessr-style score.
 
-    python -m src.score SUBMISSION TRUTH [--allow-missing] [--split test]
+    python -m src.score SUBMISSION (TRUTH | --locations CSV) [--allow-missing] [--split test]
 
 The statistics (src.geo.summarize_km) are the ones training reports, GeoGuessr-style score included.
 """
@@ -17,9 +17,31 @@ from tabulate import tabulate
 from src.errors import UserError, run_cli
 from src.files import atomic_path
 from src.geo import WITHIN_KM, geoguessr_scale_km, haversine_km, summarize_km
+from src.enrich import read_locations_csv
 from src.ingest import read_csv_strict
 
 SUBMISSION_COLUMNS = ["uuid", "latitude", "longitude"]
+# columns of a data.csv or an enriched CSV that a predict submission never has
+TRUTH_ONLY_COLUMNS = ("split", "dataset_dir", "image_dir", "label", "cell")
+
+
+def header(path: str | Path) -> list[str]:
+    """The column names of a CSV (empty when it cannot be read: the full read reports why)."""
+    try:
+        return [str(c).strip() for c in pd.read_csv(path, nrows=0, index_col=False).columns]
+    except (OSError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
+        return []
+
+
+def check_not_swapped(submission_path: str | Path, truth_path: str | Path) -> None:
+    """A submission that looks like truth (enriched or extra columns) next to a truth file that looks like a
+    submission (exactly uuid,latitude,longitude) means the two arguments were given the wrong way round."""
+    submission, truth = header(submission_path), header(truth_path)
+    extra = [c for c in TRUTH_ONLY_COLUMNS if c in submission]
+    if extra and truth and sorted(truth) == sorted(SUBMISSION_COLUMNS):
+        raise UserError(f"{submission_path} and {truth_path}: the arguments look swapped: the first has truth "
+                        f"columns ({', '.join(extra)}), the second only uuid,latitude,longitude; "
+                        "give the submission first, then the truth: python -m src.score SUBMISSION TRUTH")
 
 
 def format_summary(stats: dict[str, float], scale_km: float | None = None) -> str:
@@ -133,6 +155,7 @@ def match_and_measure(submission: pd.DataFrame, truth: pd.DataFrame, allow_missi
 def score_files(submission_path: str | Path, truth_path: str | Path, allow_missing: bool = False,
                 split: str | None = None) -> tuple[Scored, dict[str, float]]:
     """Read, validate, match and summarize a submission against a truth CSV (optionally one split of it)."""
+    check_not_swapped(submission_path, truth_path)
     submission = read_locations(submission_path, "submission")
     truth = read_locations(truth_path, "truth", strict=False)
     if split is not None:
@@ -149,11 +172,15 @@ def score_files(submission_path: str | Path, truth_path: str | Path, allow_missi
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m src.score",
+        prog="python -m src.score", allow_abbrev=False,
         description="Score a submission (uuid,latitude,longitude) against truth: km statistics and GeoGuessr score.",
     )
     parser.add_argument("submission", help="submission CSV: uuid,latitude,longitude")
-    parser.add_argument("truth", help="truth CSV with uuid,latitude,longitude (a data.csv or an enriched CSV)")
+    parser.add_argument("truth", nargs="?", help="truth CSV with uuid,latitude,longitude (a data.csv or an enriched "
+                                                  "CSV); or give --locations")
+    parser.add_argument("--locations", type=Path, metavar="CSV",
+                        help="an enriched locations CSV as truth (src.enrich --out, or a run's "
+                             "version_N/locations.csv), checked like train's --locations (default: none)")
     parser.add_argument("--allow-missing", action="store_true",
                         help="score only the uuids present in both files instead of stopping on a mismatch")
     parser.add_argument("--split", choices=["train", "val", "test"],
@@ -167,7 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """CLI: print the score table; the last stdout line is `mean_km: <value>`."""
     args = build_parser().parse_args(argv)
-    scored, stats = score_files(args.submission, args.truth, args.allow_missing, args.split)
+    if (args.truth is None) == (args.locations is None):
+        raise UserError("the truth is required: give a TRUTH CSV after the submission, or --locations CSV (not both)")
+    if args.locations is not None:
+        read_locations_csv(args.locations, check_folders=False)  # columns, degrees, uuids, split values
+    scored, stats = score_files(args.submission, args.truth or args.locations, args.allow_missing, args.split)
     if scored.missing:
         total = stats["count"] + len(scored.missing)
         print(f"warning: partial score: {len(scored.missing)} of {total} truth location(s) have no submission row "

@@ -39,7 +39,8 @@ from src import geo
 from src.backbones import default_backbone, list_backbones
 from src.data import AUGMENT_CHOICES, GeoDataModule
 from src.checkpoints import read_checkpoint
-from src.enrich import add_enrich_arguments, enrich_from_args
+from src.enrich import (LOCATIONS_FILE, add_enrich_arguments, add_locations_argument, check_data_flags,
+                        enrich_from_args, write_locations_csv)
 from src.errors import UserError, run_cli
 from src.files import atomic_path
 from src.grid import CENTROID_KINDS, CENTROID_PREFIX
@@ -87,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m src.train", description=__doc__.split("\n")[0])
     parser.add_argument("--approach", choices=APPROACHES, required=True, help="predict a grid class or the x/y position directly")
     add_enrich_arguments(parser)
+    add_locations_argument(parser)
     model = parser.add_argument_group("model")
     model.add_argument("--backbone", choices=list_backbones(), default=None,
                        help="(default: resnext101_32x8d with a GPU, else efficientnet_lite0; efficientnet_lite0 on the demo set)")
@@ -195,7 +197,7 @@ def check_numbers(args: argparse.Namespace) -> None:
 
 def use_demo_dataset_if_none(args: argparse.Namespace) -> bool:
     """Point --dataset-dirs at the demo set when none was given (generating it when missing)."""
-    if args.dataset_dirs:
+    if args.dataset_dirs or args.locations:
         return False
     if not (DEMO_DIR / "data.csv").exists():
         from src.demo import write_demo_dataset
@@ -337,6 +339,7 @@ def train(args: argparse.Namespace, interrupt: Interrupt) -> None:
     # the --resume file is read before anything else is printed
     saved = read_checkpoint(args.resume, "--resume", training_state=True)["hyper_parameters"] if args.resume else None
     demo = use_demo_dataset_if_none(args)
+    check_data_flags(args)  # a wrong --dataset-dirs or --locations fails here, before the slow start-up
     # absolute paths: the split's canonical order, the hparams and the test folders do not depend on the cwd
     args.dataset_dirs = [Path(d).resolve() for d in args.dataset_dirs]
     args.holdout_dirs = [Path(d).resolve() for d in args.holdout_dirs]
@@ -389,6 +392,8 @@ def train(args: argparse.Namespace, interrupt: Interrupt) -> None:
         plugins=[AtomicCheckpointIO()], reload_dataloaders_every_n_epochs=1,
         log_every_n_steps=1, deterministic=deterministic, **quick,
     )
+    if trainer.is_global_zero:  # reusable with --locations by train, analyze and score
+        write_locations_csv(locations, Path(logger.log_dir) / LOCATIONS_FILE)
     baseline_val = geo.haversine_km(model.hparams.prior_lat, model.hparams.prior_lng,
                                     *locations.loc[locations["split"] == "val", ["latitude", "longitude"]].to_numpy().T)
     say(f"{len(train)} train / {counts['val']} val / {len(test)} test locations, {len(enriched.classes)} classes; "

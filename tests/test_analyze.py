@@ -3,6 +3,7 @@
 import contextlib
 import io
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -106,7 +107,7 @@ def test_oracle_ceiling_on_a_hand_made_grid(tmp_path):
     cells = enriched.grid.cells.loc[enriched.classes["cell"]]
     # precondition: both class cells are whole squares of land, so the plain centroid is the square's centre
     assert np.allclose(shapely.area(cells["land"].to_numpy()), cells.to_crs("EPSG:3766").geometry.area, rtol=1e-6)
-    table = oracle_ceiling(enriched, [0.5, 0.01], split="all", fractions=(1.0, 0.0, 0.0))
+    table = oracle_ceiling(enriched, [0.5, 0.01], split="all")
     coarse = table.set_index("spacing").loc[0.5]
     # weighted: a and b are each half their 0.1 degree separation from their mean; c is its own mean
     assert coarse["weighted_km"] == pytest.approx((2 * 0.05 * KM_PER_DEG_LAT + 0) / 3, rel=2e-3)
@@ -164,7 +165,10 @@ def test_cli_takes_the_locations_of_a_checkpoints_run(demo_dir, tmp_path, capsys
     predict_main(["--checkpoint", checkpoint, "--out", str(submission), "--num-workers", "0"])
     out = analyze_main(["--checkpoint", checkpoint, "--submission", str(submission), "--spacings", "1.0",
                         "--worst", "2", "--figures-dir", str(tmp_path / "f"), "--tables-dir", str(tmp_path / "t")])
-    assert "--spacing 1.0 --seed 3" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # the run's own locations.csv is reused: no dataset dir re-read, the exact split of the run
+    saved = Path(checkpoint).parent.parent / "locations.csv"
+    assert f"--locations {saved} --spacing 1.0 --seed 3" in err
     hparams = GeoModel.load_from_checkpoint(checkpoint, map_location="cpu").hparams
     test_uuids = sorted(u for u, _ in hparams.test_locations)
     assert out["errors"]["uuid"].tolist() == test_uuids
@@ -172,6 +176,14 @@ def test_cli_takes_the_locations_of_a_checkpoints_run(demo_dir, tmp_path, capsys
     truth = pd.read_csv(demo_dir / "data.csv")
     _, stats = score_files(submission, write_truth(truth[truth["uuid"].isin(test_uuids)], tmp_path / "truth.csv"))
     assert out["stats"]["mean_km"] == pytest.approx(stats["mean_km"], abs=1e-9)
+    # a submission of other locations analysed against the default (newest) run: say so, suggest --checkpoint
+    foreign = write_truth(truth.assign(uuid="x" + truth["uuid"]).head(5), tmp_path / "foreign.csv")
+    with pytest.raises(UserError) as error:
+        analyze_main(["--reports-dir", str(tmp_path / "reports"), "--submission", str(foreign), "--spacings", "1.0",
+                      "--figures-dir", str(tmp_path / "f"), "--tables-dir", str(tmp_path / "t")])
+    message = str(error.value)
+    assert "none of its 5 uuids is among the" in message and "pass the --checkpoint of the run" in message
+    assert checkpoint in message and "--allow-missing" not in message
 
 
 def write_truth(frame: pd.DataFrame, path):

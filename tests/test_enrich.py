@@ -1,3 +1,4 @@
+import re
 import shutil
 import subprocess
 import sys
@@ -8,7 +9,8 @@ import pandas as pd
 import pytest
 
 from src import geo
-from src.enrich import OUTPUT_COLUMNS, enrich, split_locations
+from src.enrich import (OUTPUT_COLUMNS, enrich, enrich_from_locations, read_locations_csv, split_locations,
+                        write_locations_csv)
 from src.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -115,3 +117,39 @@ def test_enrich_cli_user_errors_are_one_line_exit_2(demo_dir, tmp_path):
     assert "Traceback" not in result.stderr
     result = run_enrich("--dataset-dirs", demo_dir, "--split", "0.9", "0.2", "0.1", cwd=tmp_path)
     assert result.returncode == 2 and "--split" in result.stderr
+
+
+def test_an_enriched_csv_is_reused_without_reading_the_dataset(demo_dir, tmp_path):
+    """--locations: the CSV's locations and split; cells, classes and centroids recomputed at the given spacing
+    give exactly what enrich computes from the dataset dir."""
+    original = enrich([demo_dir], spacing=0.5, seed=2, progress=False)
+    path = write_locations_csv(original.locations, tmp_path / "runs" / "locations.csv")
+    for spacing in (0.5, 1.0):
+        reused = enrich_from_locations(path, spacing=spacing)
+        expected = original if spacing == 0.5 else enrich([demo_dir], spacing=spacing, seed=2, progress=False)
+        pd.testing.assert_frame_equal(reused.locations, expected.locations, check_dtype=False)
+        pd.testing.assert_frame_equal(reused.classes, expected.classes, check_dtype=False)
+        assert reused.scaler == pytest.approx(expected.scaler)
+    # the split is the CSV's own, whatever seed the enrich flags say
+    edited = pd.read_csv(path)
+    edited.loc[edited["split"] == "val", "split"] = "test"
+    edited.to_csv(path, index=False)
+    assert set(enrich_from_locations(path).locations["split"]) == {"train", "test"}
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.drop(columns=["split", "image_dir"]), "lacks column(s) image_dir, split"),
+    (lambda t: t.assign(latitude=t["latitude"].astype(object).where(t.index != 3, "north")), "line 5: latitude/longitude"),
+    (lambda t: t.assign(split=t["split"].where(t.index != 0, "dev")), "line 2: split not one of train, val, test"),
+    (lambda t: pd.concat([t, t.head(1)]), "empty or repeated uuid"),
+    (lambda t: t.assign(split="test"), "no train row"),
+    (lambda t: t.assign(image_dir=t["image_dir"].where(t.index != 1, "/nowhere/x")), "1 of 120 image folders do not"),
+    (lambda t: t.head(0), "header but no rows"),
+])
+def test_a_bad_locations_csv_is_a_one_line_error(demo_dir, tmp_path, edit, message):
+    table = enrich([demo_dir], progress=False).locations
+    path = tmp_path / "locations.csv"
+    edit(table).to_csv(path, index=False)
+    with pytest.raises(UserError, match=re.escape(message)) as error:
+        read_locations_csv(path)
+    assert str(error.value).startswith(f"--locations {path}: ") and "\n" not in str(error.value)

@@ -1,3 +1,4 @@
+import os
 import shutil
 
 import geopandas as gpd
@@ -7,7 +8,7 @@ import shapely
 
 from src import geo
 from src.errors import UserError
-from src.ingest import find_image_root, read_datasets
+from src.ingest import CheckManifest, check_dataset_dirs, find_image_root, read_datasets
 from tests.corpus import JUST_OUTSIDE, write_defect_corpus
 
 
@@ -102,3 +103,57 @@ def test_missing_dir_and_missing_csv_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="data.csv: not found"):
         read_datasets([tmp_path])
     assert find_image_root(tmp_path) == tmp_path / "images"
+
+
+def test_image_checks_are_remembered_by_path_size_and_mtime(tmp_path, demo_dir):
+    dataset = tmp_path / "demo"
+    shutil.copytree(demo_dir, dataset)
+    cache = tmp_path / "checks"
+    first = read_datasets([dataset], progress=False, check_cache=cache)
+    assert len(first.locations) == 120 and first.skipped.empty
+    assert len(list(cache.glob("*.csv"))) == 1
+    manifest = pd.read_csv(next(cache.glob("*.csv")))
+    assert len(manifest) == 4 * 120 and manifest["reason"].isna().all()
+    # spoil one view but keep its size and modification time: the manifest answers, the file is not re-opened
+    view = sorted((dataset / "data").iterdir())[0] / "90.jpg"
+    stat = view.stat()
+    view.write_bytes(b"\0" * stat.st_size)
+    os.utime(view, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert read_datasets([dataset], progress=False, check_cache=cache).skipped.empty
+    # without the manifest, or once the mtime changes, the damage is found
+    assert skipped_uuids(read_datasets([dataset], progress=False), "bad view") == [view.parent.name]
+    os.utime(view, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    again = read_datasets([dataset], progress=False, check_cache=cache)
+    assert skipped_uuids(again, "bad view") == [view.parent.name]
+    assert "90.jpg: not a readable image" in again.skipped["detail"].iloc[0]
+    # the manifest now holds the bad result for that file
+    manifest = pd.read_csv(next(cache.glob("*.csv")))
+    assert manifest["reason"].notna().sum() == 1
+
+
+def test_manifest_counts_rechecks_and_ignores_a_damaged_manifest(tmp_path, demo_dir):
+    root = find_image_root(demo_dir)
+    cache = tmp_path / "checks"
+    views = [p for folder in sorted(root.iterdir())[:5] for p in sorted(folder.iterdir())]
+    manifest = CheckManifest(root, cache, full_decode=False)
+    assert [manifest.check(p) for p in views] == [None] * 20 and manifest.rechecked == 20
+    manifest.save()
+    warm = CheckManifest(root, cache, full_decode=False)
+    assert [warm.check(p) for p in views] == [None] * 20 and warm.rechecked == 0
+    # a full-decode check does not trust a fast check's result; the reverse is fine
+    full = CheckManifest(root, cache, full_decode=True)
+    assert [full.check(p) for p in views] == [None] * 20 and full.rechecked == 20
+    full.save()
+    fast = CheckManifest(root, cache, full_decode=False)
+    assert [fast.check(p) for p in views] == [None] * 20 and fast.rechecked == 0
+    next(cache.glob("*.csv")).write_bytes(b"\x00\xffgarbage")
+    rebuilt = CheckManifest(root, cache, full_decode=False)
+    assert [rebuilt.check(p) for p in views] == [None] * 20 and rebuilt.rechecked == 20
+
+
+def test_check_dataset_dirs_fails_fast(tmp_path, demo_dir):
+    check_dataset_dirs([demo_dir])
+    with pytest.raises(UserError, match="no such dataset directory"):
+        check_dataset_dirs([demo_dir, tmp_path / "nope"])
+    with pytest.raises(UserError, match="data.csv: not found"):
+        check_dataset_dirs([tmp_path])

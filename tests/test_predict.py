@@ -15,6 +15,7 @@ import torch
 
 from src import geo
 from src.data import eval_transform, mirror_views
+from src.errors import UserError
 from src.images import VIEWS, load_image
 from src.model import GeoModel
 from src.predict import collate_quadruplets, predict_locations
@@ -205,3 +206,27 @@ def test_ensemble_averages_x_y_across_checkpoints(checkpoints, demo_dir, capsys)
     lat, lng = geo.unproject((x[0][0] + x[1][0]) / 2, (x[0][1] + x[1][1]) / 2)
     np.testing.assert_allclose(ensemble["latitude"], lat, atol=1e-6)
     np.testing.assert_allclose(ensemble["longitude"], lng, atol=1e-6)
+
+
+def test_centroids_and_topk_flags(checkpoints, demo_dir, tmp_path, capsys):
+    """--centroids plain --topk 1: every location lands exactly on the plain centroid of its most likely class."""
+    _, classification, _ = checkpoints
+    folders = sorted((demo_dir / "data").iterdir())[:6]
+    images = tmp_path / "subset"
+    for folder in folders:
+        shutil.copytree(folder, images / folder.name)
+    frame = predict_main(["--checkpoint", str(classification), "--images", str(images), "--centroids", "plain",
+                          "--topk", "1", "--num-workers", "0"])
+    assert "plain centroids, top-1" in capsys.readouterr().err
+    model = GeoModel.load_from_checkpoint(classification, map_location="cpu").eval()
+    size = model.hparams.image_size
+    plain = np.array(model.hparams.classes["plain"])
+    for folder, row in zip(folders, frame.itertuples()):
+        quad = torch.stack([eval_transform(size)(load_image(folder / f"{v}.jpg", size)) for v in VIEWS])
+        with torch.no_grad():
+            best = int(model(quad[None]).argmax())
+        assert (row.latitude, row.longitude) == pytest.approx(to_latlng(plain[best]), abs=1e-6)
+    default = predict_main(["--checkpoint", str(classification), "--images", str(images), "--num-workers", "0"])
+    assert not np.allclose(default[["latitude", "longitude"]], frame[["latitude", "longitude"]])
+    with pytest.raises(UserError, match="--topk -1"):
+        predict_main(["--checkpoint", str(classification), "--images", str(images), "--topk", "-1"])

@@ -138,3 +138,35 @@ def test_command_line_exit_codes(files, tmp_path):
                          capture_output=True, text=True)
     assert bad.returncode == 2
     assert bad.stderr.startswith("error: ") and len(bad.stderr.strip().splitlines()) == 1
+
+
+def enriched_truth(path: Path, rows) -> Path:
+    """An enriched locations CSV (the --locations columns) from (uuid, lat, lng, split) rows."""
+    return write(path, [(u, lat, lng, "/data", f"/data/images/{u}", split) for u, lat, lng, split in rows],
+                 ("uuid", "latitude", "longitude", "dataset_dir", "image_dir", "split"))
+
+
+def test_locations_csv_as_truth(tmp_path, capsys):
+    truth = enriched_truth(tmp_path / "locations.csv", [("a", 45.0, 16.0, "train"), ("b", 45.0, 16.0, "test"),
+                                                        ("c", 45.0, 16.0, "test")])
+    sub = write(tmp_path / "sub.csv", [("b", 45.5, 16.0), ("c", 45.0, 16.0)])
+    stats = main([str(sub), "--locations", str(truth), "--split", "test"])
+    assert stats["count"] == 2 and stats["mean_km"] == pytest.approx(0.25 * KM_PER_DEG_LAT, abs=1e-6)
+    # the enriched CSV's own checks apply; truth must come from exactly one place
+    broken = write(tmp_path / "broken.csv", [("b", 45.0, 16.0, "dev")],
+                   ("uuid", "latitude", "longitude", "split"))
+    with pytest.raises(UserError, match="lacks column"):
+        main([str(sub), "--locations", str(broken)])
+    with pytest.raises(UserError, match="the truth is required"):
+        main([str(sub), str(truth), "--locations", str(truth)])
+    with pytest.raises(UserError, match="the truth is required"):
+        main([str(sub)])
+
+
+def test_swapped_arguments_are_named(tmp_path):
+    truth = enriched_truth(tmp_path / "enriched.csv", [("a", 45.0, 16.0, "test"), ("b", 45.0, 16.0, "test")])
+    sub = write(tmp_path / "sub.csv", [("a", 45.5, 16.0), ("b", 45.0, 16.0)])
+    with pytest.raises(UserError, match="the arguments look swapped") as error:
+        score_files(truth, sub, split="test")
+    assert "give the submission first" in str(error.value) and "\n" not in str(error.value)
+    assert score_files(sub, truth, split="test")[1]["count"] == 2

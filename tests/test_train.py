@@ -3,9 +3,11 @@
 import argparse
 import contextlib
 import io
+import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -280,3 +282,25 @@ def test_demo_backbone_reason_reads_cleanly(capsys):
     resolve_defaults(args, demo=True)
     line = capsys.readouterr().err.splitlines()[0]
     assert line == "backbone: efficientnet_lite0 (default for the demo set: fast on CPU, offline weights)"
+
+
+def test_a_run_saves_its_locations_and_locations_reuses_them(demo_dir, tmp_path, capsys):
+    """version_N/locations.csv is the run's enriched table; --locations trains on it without the dataset dir."""
+    dataset = tmp_path / "demo"
+    shutil.copytree(demo_dir, dataset)
+    common = ["--approach", "regression", "--backbone", "tiny", "--no-pretrained", "--epochs", 1, "--image-size", 32,
+              "--num-workers", 0, "--out-dir", tmp_path / "reports", "--cache-dir", tmp_path / "cache"]
+    first = Path(checkpoint_path(run_main([*common, "--dataset-dirs", dataset, "--seed", 4])))
+    saved = first.parent.parent / "locations.csv"
+    expected = enrich([dataset.resolve()], seed=4, progress=False).locations
+    pd.testing.assert_frame_equal(pd.read_csv(saved, dtype={"uuid": str}), expected, check_dtype=False)
+    (dataset / "data.csv").unlink()  # the dataset dir can no longer be read: --locations does not need it
+    second = Path(checkpoint_path(run_main([*common, "--locations", saved])))
+    assert second.parent.parent != first.parent.parent
+    hparams = [torch.load(p, map_location="cpu", weights_only=False)["hyper_parameters"] for p in (first, second)]
+    assert hparams[1]["test_locations"] == hparams[0]["test_locations"]
+    assert hparams[1]["dataset_dirs"] == hparams[0]["dataset_dirs"] == [str(dataset.resolve())]
+    assert (second.parent.parent / "locations.csv").read_text() == saved.read_text()
+    capsys.readouterr()
+    error = one_line_error([*common, "--locations", saved, "--dataset-dirs", demo_dir], capsys)
+    assert "--locations and --dataset-dirs: give one of them" in error
