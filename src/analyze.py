@@ -34,8 +34,8 @@ from src.files import atomic_path  # noqa: E402
 from src.geo import haversine_km, load_border  # noqa: E402
 from src.grid import CENTROID_KINDS, CENTROID_PREFIX, build_grid, nearest_class  # noqa: E402
 from src.images import VIEWS, check_image, load_image, view_paths  # noqa: E402
-from src.geo import summarize_km  # noqa: E402
-from src.score import format_summary, match_and_measure, read_locations  # noqa: E402
+from src.geo import km_table, summarize_km  # noqa: E402
+from src.score import match_and_measure, read_locations  # noqa: E402
 
 DEFAULT_SPACINGS = (0.25, 0.5, 1.0, 2.0)
 
@@ -308,8 +308,8 @@ def main(argv: list[str] | None = None) -> dict:
     oracle = oracle_ceiling(enriched, [*args.spacings, args.spacing], args.eval_split, args.mainland_only)
     out["oracle"] = oracle
     print(f"oracle ceiling ({args.eval_split} locations at their true class's centroid), mean / median km:")
-    print(tabulate([[r.spacing, r.classes, r.locations, *(f"{getattr(r, f'{k}_km'):.2f} / "
-                                                          f"{getattr(r, f'{k}_median_km'):.2f}" for k in CENTROID_KINDS)]
+    print(tabulate([[r.spacing, r.classes, r.locations, *(f"{getattr(r, f'{k}_km'):.1f} / "
+                                                          f"{getattr(r, f'{k}_median_km'):.1f}" for k in CENTROID_KINDS)]
                     for r in oracle.itertuples()],
                    headers=["spacing", "classes", "locations", *CENTROID_KINDS], tablefmt="github"))
     paths = [write_table(oracle, args.tables_dir / "oracle_ceiling.csv"),
@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> dict:
         errors = scored.errors
         stats = summarize_km(errors["error_km"])
         print(f"\nsubmission {args.submission} on {len(errors)} {args.eval_split} locations:")
-        print(format_summary(stats))
+        print(km_table([(args.submission.name, stats)], "submission"))
         labels = truth.set_index("uuid").loc[errors["uuid"]]
         errors["true_class"] = labels["label"].to_numpy()
         errors["pred_class"] = predicted_classes(enriched, errors["pred_lat"].to_numpy(), errors["pred_lng"].to_numpy())
@@ -343,7 +343,8 @@ def main(argv: list[str] | None = None) -> dict:
         overall = float((errors["true_class"] == errors["pred_class"]).mean())
         print(f"\nclass accuracy (prediction in the true class's cell): {100 * overall:.1f}% over "
               f"{accuracy['class'].nunique()} classes; the {len(confusion)} least accurate:")
-        print(tabulate(confusion, headers="keys", tablefmt="github", showindex=False, floatfmt=".2f"))
+        shown = confusion.assign(accuracy=[f"{100 * a:.1f}%" for a in confusion["accuracy"]])
+        print(tabulate(shown, headers="keys", tablefmt="github", showindex=False, disable_numparse=True))
         image_dirs = dict(zip(labels.index, labels["image_dir"]))
         gallery, worst = worst_gallery(errors, image_dirs, args.figures_dir / f"{name}_worst.png", n=args.worst)
         paths += [

@@ -112,7 +112,7 @@ def write_demo_dataset(out_dir: str | Path = DEFAULT_OUT, n_locations: int = 600
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m src.demo", description="Write the synthetic demo dataset (LUMEN format).")
+    parser = argparse.ArgumentParser(prog="python -m src.demo", allow_abbrev=False, description="Write the synthetic demo dataset (LUMEN format).")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output dataset dir (default: data/demo)")
     parser.add_argument("--locations", type=int, default=600, help="number of locations (default: 600)")
     parser.add_argument("--image-size", type=int, default=96, help="image side in pixels (default: 96)")

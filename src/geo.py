@@ -14,6 +14,7 @@ import numpy as np
 import shapely
 import torch
 from pyproj import Transformer
+from tabulate import tabulate
 
 WGS84 = "EPSG:4326"
 CROATIA_CRS = "EPSG:3766"  # HTRS96 / Croatia LCC, metres
@@ -99,3 +100,24 @@ def summarize_km(distances_km, scale_km: float | None = None) -> dict[str, float
         stats[f"within_{km}km"] = float((d <= km).mean())
     stats["geoguessr"] = float(geoguessr_score(d, scale_km).mean())
     return stats
+
+
+GEOGUESSR_COLUMN = f"GeoGuessr /{GEOGUESSR_MAX:.0f}"
+
+
+def format_km_stats(stats: dict[str, float]) -> dict[str, str]:
+    """`summarize_km` output as display strings: km with 1 decimal, shares as percentages, GeoGuessr as an
+    integer out of 5000. The keys are the column names every command's table uses."""
+    row = {"n": f"{stats['count']:d}", "mean km": f"{stats['mean_km']:.1f}", "median km": f"{stats['median_km']:.1f}",
+           "p90 km": f"{stats['p90_km']:.1f}"}
+    row.update({f"<= {km} km": f"{100 * stats[f'within_{km}km']:.1f}%" for km in WITHIN_KM})
+    row[GEOGUESSR_COLUMN] = f"{stats['geoguessr']:.0f}"
+    return row
+
+
+def km_table(rows, first_column: str = "") -> str:
+    """One table of km statistics, a row per (label, summarize_km stats) pair in `rows` (train's test table,
+    src.score and src.analyze print this)."""
+    table = [{first_column: label, **format_km_stats(stats)} for label, stats in rows]
+    return tabulate(table, headers="keys", tablefmt="github", disable_numparse=True,
+                    colalign=("left",) + ("right",) * (len(table[0]) - 1))

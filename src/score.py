@@ -16,7 +16,7 @@ from tabulate import tabulate
 
 from src.errors import UserError, run_cli
 from src.files import atomic_path
-from src.geo import WITHIN_KM, geoguessr_scale_km, haversine_km, summarize_km
+from src.geo import geoguessr_scale_km, haversine_km, km_table, summarize_km
 from src.enrich import read_locations_csv
 from src.ingest import read_csv_strict
 
@@ -42,20 +42,6 @@ def check_not_swapped(submission_path: str | Path, truth_path: str | Path) -> No
         raise UserError(f"{submission_path} and {truth_path}: the arguments look swapped: the first has truth "
                         f"columns ({', '.join(extra)}), the second only uuid,latitude,longitude; "
                         "give the submission first, then the truth: python -m src.score SUBMISSION TRUTH")
-
-
-def format_summary(stats: dict[str, float], scale_km: float | None = None) -> str:
-    """A two-column tabulate table of `summarize_km` output."""
-    scale_km = geoguessr_scale_km() if scale_km is None else scale_km
-    rows = [
-        ["locations", f"{stats['count']:d}"],
-        ["mean km", f"{stats['mean_km']:.2f}"],
-        ["median km", f"{stats['median_km']:.2f}"],
-        ["p90 km", f"{stats['p90_km']:.2f}"],
-    ]
-    rows += [[f"within {km} km", f"{100 * stats[f'within_{km}km']:.1f}%"] for km in WITHIN_KM]
-    rows.append([f"GeoGuessr score (s={scale_km:.1f} km)", f"{stats['geoguessr']:.0f} / 5000"])
-    return tabulate(rows, headers=["metric", "value"], tablefmt="github")
 
 
 def _row_defects(frame: pd.DataFrame) -> pd.Series:
@@ -210,7 +196,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         with atomic_path(args.errors_out) as tmp:
             scored.errors.to_csv(tmp, index=False)
         print(f"per-location errors: {args.errors_out}", file=sys.stderr)
-    print(format_summary(stats))
+    print(km_table([(Path(args.submission).name, stats)], "submission"))
+    print(f"GeoGuessr: mean points per location, 5000 * exp(-km / {geoguessr_scale_km():.1f})")
     if scored.missing:
         print(f"partial: {len(scored.missing)} missing of {stats['count'] + len(scored.missing)}")
     print(f"mean_km: {stats['mean_km']:.4f}")

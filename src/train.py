@@ -32,7 +32,6 @@ from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.core.saving import save_hparams_to_yaml
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
-from tabulate import tabulate
 from tqdm import tqdm
 
 from src import geo
@@ -85,7 +84,7 @@ class AtomicTensorBoardLogger(TensorBoardLogger):
 
 def build_parser() -> argparse.ArgumentParser:
     """The train CLI's argument parser (enrich's data options included)."""
-    parser = argparse.ArgumentParser(prog="python -m src.train", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m src.train", allow_abbrev=False, description=__doc__.split("\n")[0])
     parser.add_argument("--approach", choices=APPROACHES, required=True, help="predict a grid class or the x/y position directly")
     add_enrich_arguments(parser)
     add_locations_argument(parser)
@@ -202,7 +201,7 @@ def use_demo_dataset_if_none(args: argparse.Namespace) -> bool:
     if not (DEMO_DIR / "data.csv").exists():
         from src.demo import write_demo_dataset
 
-        say(f"no --dataset-dirs given: generating the demo dataset in {DEMO_DIR} (about a minute)")
+        say(f"no --dataset-dirs given: generating the demo dataset in {DEMO_DIR} (600 locations, about 3 s)")
         write_demo_dataset(DEMO_DIR, progress=True)
     say(f"no --dataset-dirs given: training on the synthetic demo dataset in {DEMO_DIR}")
     args.dataset_dirs = [str(DEMO_DIR)]
@@ -248,14 +247,6 @@ def class_table(classes) -> dict[str, list]:
     for kind, prefix in CENTROID_PREFIX.items():
         table[kind] = classes[[f"{prefix}_x", f"{prefix}_y"]].to_numpy(float).tolist()
     return table
-
-
-def distance_row(name: str, km: np.ndarray) -> dict[str, float | str]:
-    """One row of the test table: geo.summarize_km's statistics (the ones src.score prints)."""
-    stats = geo.summarize_km(km)
-    return {"model": name, "n": stats["count"], "mean km": stats["mean_km"], "median km": stats["median_km"],
-            "p90 km": stats["p90_km"], "<= 25 km": stats["within_25km"], "<= 100 km": stats["within_100km"],
-            "GeoGuessr": stats["geoguessr"]}
 
 
 class Interrupt:
@@ -409,8 +400,8 @@ def train(args: argparse.Namespace, interrupt: Interrupt) -> None:
     test_km = model.test_km
     baseline_km = geo.haversine_km(model.hparams.prior_lat, model.hparams.prior_lng,
                                    test["latitude"].to_numpy(), test["longitude"].to_numpy())
-    rows = [distance_row(f"{args.approach} ({args.backbone})", test_km),
-            distance_row("constant (train mean location)", baseline_km)]
+    rows = [(f"{args.approach} ({args.backbone})", geo.summarize_km(test_km)),
+            ("constant (train mean location)", geo.summarize_km(baseline_km))]
     best_val = float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else float("nan")
     logger.log_metrics({"hp/test_km_mean": float(test_km.mean()), "hp/val_km_best": best_val})
     logger.save()
@@ -419,7 +410,7 @@ def train(args: argparse.Namespace, interrupt: Interrupt) -> None:
     with atomic_path(Path(logger.log_dir) / "metrics.json") as tmp:
         tmp.write_text(json.dumps(metrics, indent=2) + "\n")
     print(f"test split of {', '.join(map(str, args.dataset_dirs))}:")
-    print(tabulate(rows, headers="keys", floatfmt=".3g"))
+    print(geo.km_table(rows, "model"))
     print(f"checkpoint: {best}")
 
 

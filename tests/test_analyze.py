@@ -140,6 +140,12 @@ def test_cli_on_an_oracle_submission(demo_dir, tmp_path, capsys):
     assert out["class_accuracy"] == 1.0 and (out["per_class"]["accuracy"] == 1.0).all()
     assert out["per_class"]["n"].sum() == len(test)
     assert "oracle ceiling" in printed and "class accuracy" in printed
+    # the km statistics in the shared format (src.geo.km_table); accuracies as percentages
+    row = next(line for line in printed.splitlines() if line.startswith("| oracle.csv"))
+    assert [c.strip() for c in row.strip("|").split("|")][:3] == ["oracle.csv", str(len(test)),
+                                                                  f"{out['stats']['mean_km']:.1f}"]
+    confusion_rows = [line for line in printed.splitlines() if line.startswith("|") and "predicted as" not in line]
+    assert any("| 100.0%" in line for line in confusion_rows)
     assert sorted(p.name for p in figures.iterdir()) == ["oracle_ceiling.png", "oracle_error_map.png",
                                                          "oracle_worst.png"]
     assert sorted(p.name for p in tables.iterdir()) == ["oracle_ceiling.csv", "oracle_confusion.csv",

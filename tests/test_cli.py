@@ -29,7 +29,7 @@ import torch
 
 from tests.corpus import write_defect_corpus
 
-COMMANDS = ("enrich", "train", "predict", "score", "analyze", "demo")
+COMMANDS = ("enrich", "train", "predict", "score", "analyze", "demo", "resize")
 
 
 @dataclass
@@ -243,6 +243,14 @@ CASES = {
         ("zero worst", "--dataset-dirs {demo} --worst 0", ["--worst 0"]),
         ("bad eval split", "--dataset-dirs {demo} --eval-split dev", ["--eval-split", "invalid choice"]),
     ],
+    "resize": [
+        ("missing dir", "--dataset-dirs {bad}/nope --size 64 --out {bad}/r", ["nope", "no such dataset directory"]),
+        ("dir without data.csv", "--dataset-dirs {bad}/empty --size 64 --out {bad}/r", ["data.csv: not found"]),
+        ("no size", "--dataset-dirs {demo} --out {bad}/r", ["required", "--size"]),
+        ("tiny size", "--dataset-dirs {demo} --size 4 --out {bad}/r", ["--size 4"]),
+        ("zero workers", "--dataset-dirs {demo} --size 64 --out {bad}/r --workers 0", ["--workers 0"]),
+        ("out inside a file", "--dataset-dirs {demo} --size 64 --out {bad}/a_file/r", ["a_file"]),
+    ],
     "demo": [
         ("existing dataset", "--out {demo}", ["already holds a dataset"]),
         ("out is a file", "--out {bad}/a_file --locations 2", ["--out", "is a file"]),
@@ -263,6 +271,20 @@ def test_user_mistakes_end_in_one_line_and_exit_2(bad, command, case, args, frag
     argv = args.format(bad=root, ckpt=checkpoint, demo=demo).split()
     run = run_command(command, *argv, cwd=root)
     assert_user_error(run, *fragments)
+
+
+@pytest.mark.parametrize("command, argv, fragment", [
+    ("train", "--approach classification --dataset-dir {demo}", "unrecognized arguments: --dataset-dir"),
+    ("analyze", "--dataset-dir {demo}", "unrecognized arguments: --dataset-dir"),
+    ("enrich", "--dataset-dir {demo}", "required: --dataset-dirs"),
+    ("resize", "--dataset-dir {demo} --size 64 --out x", "required: --dataset-dirs"),
+    ("predict", "--check {ckpt}", "unrecognized arguments: --check"),
+    ("score", "{demo}/data.csv --loc {demo}/data.csv", "unrecognized arguments: --loc")])
+def test_abbreviated_flags_are_rejected(bad, command, argv, fragment):
+    """`--dataset-dir` is not silently taken for `--dataset-dirs` (argparse's allow_abbrev is off)."""
+    root, checkpoint, demo = bad
+    run = run_command(command, *argv.format(demo=demo, ckpt=checkpoint).split(), cwd=root)
+    assert_user_error(run, fragment)
 
 
 def test_debug_keeps_the_traceback(bad):

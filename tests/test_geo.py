@@ -81,3 +81,14 @@ def test_border_contains_cities_and_mainland_option():
     assert shapely.contains_xy(border, 16.65, 43.35)
     # Ljubljana (Slovenia) is not in Croatia
     assert not shapely.contains_xy(border, 14.5058, 46.0569)
+
+
+def test_km_statistics_format_and_table():
+    stats = {"count": 3, "mean_km": 12.345, "median_km": 0.05, "p90_km": 99.95, "within_1km": 1 / 3,
+             "within_5km": 0.5, "within_25km": 0.999, "within_100km": 1.0, "geoguessr": 3695.6}
+    assert geo.format_km_stats(stats) == {
+        "n": "3", "mean km": "12.3", "median km": "0.1", "p90 km": "100.0", "<= 1 km": "33.3%", "<= 5 km": "50.0%",
+        "<= 25 km": "99.9%", "<= 100 km": "100.0%", "GeoGuessr /5000": "3696"}
+    lines = geo.km_table([("model", stats), ("constant", {**stats, "count": 12})], "name").splitlines()
+    assert [c.strip() for c in lines[0].strip("|").split("|")] == ["name", *geo.format_km_stats(stats)]
+    assert [c.strip() for c in lines[3].strip("|").split("|")][:2] == ["constant", "12"]

@@ -70,8 +70,13 @@ def test_cli_prints_table_and_mean_last(files, capsys, tmp_path):
     out = capsys.readouterr().out.strip().splitlines()
     assert out[-1] == f"mean_km: {expected.mean():.4f}"
     text = "\n".join(out)
-    for label in ("median km", "p90 km", "within 1 km", "within 100 km", "GeoGuessr score (s=65."):
+    for label in ("| submission", "median km", "p90 km", "<= 1 km", "<= 100 km", "GeoGuessr /5000", "/ 65.6)"):
         assert label in text
+    row = next(line for line in out if line.startswith("| sub.csv"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    d = expected  # 0, 1.11, 11.1 and 111 km
+    assert cells == ["sub.csv", "4", f"{d.mean():.1f}", f"{np.median(d):.1f}", f"{np.percentile(d, 90):.1f}",
+                     "25.0%", "50.0%", "75.0%", "75.0%", f"{summarize_km(d)['geoguessr']:.0f}"]
 
 
 def test_uuid_mismatch_is_an_error_unless_allowed(tmp_path, files, capsys):
