@@ -36,14 +36,15 @@ from tqdm import tqdm
 
 from src import geo
 from src.backbones import default_backbone, list_backbones
-from src.data import AUGMENT_CHOICES, GeoDataModule
 from src.checkpoints import read_checkpoint
+from src.data import AUGMENT_CHOICES, GeoDataModule
 from src.enrich import (LOCATIONS_FILE, add_enrich_arguments, add_locations_argument, check_data_flags,
                         enrich_from_args, write_locations_csv)
 from src.errors import UserError, run_cli
 from src.files import atomic_path
 from src.grid import CENTROID_KINDS, CENTROID_PREFIX
 from src.model import APPROACHES, OPTIMIZERS, SCHEDULERS, FreezeThenUnfreeze, GeoModel
+from src.trainer_output import quiet_callbacks, quiet_lightning
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_DIR = ROOT / "data" / "demo"
@@ -327,6 +328,7 @@ def train(args: argparse.Namespace, interrupt: Interrupt) -> None:
     """Enrich, train, test and report (see the module docstring)."""
     # Lightning 2.6 calls a torch pytree API that torch 2.14 deprecates, once per batch: noise, not news
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    quiet_lightning()  # no GPU/TPU availability lines, no litlogger advert
     # the --resume file is read before anything else is printed
     saved = read_checkpoint(args.resume, "--resume", training_state=True)["hyper_parameters"] if args.resume else None
     demo = use_demo_dataset_if_none(args)
@@ -379,7 +381,8 @@ def train(args: argparse.Namespace, interrupt: Interrupt) -> None:
         max_epochs=args.epochs, accelerator=args.accelerator, devices=args.devices, precision=args.precision,
         strategy=args.strategy, num_nodes=args.num_nodes, logger=logger,
         callbacks=[checkpoint, last, LearningRateMonitor(logging_interval="epoch"),
-                   FreezeThenUnfreeze(args.unfreeze_at_epoch, args.unfreeze_blocks)],
+                   FreezeThenUnfreeze(args.unfreeze_at_epoch, args.unfreeze_blocks),
+                   *quiet_callbacks()],
         plugins=[AtomicCheckpointIO()], reload_dataloaders_every_n_epochs=1,
         log_every_n_steps=1, deterministic=deterministic, **quick,
     )
