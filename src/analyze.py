@@ -25,7 +25,7 @@ from matplotlib.ticker import FuncFormatter  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
 from src.enrich import (SPLITS, Enriched, add_enrich_arguments, check_spacing, enrich_from_args,  # noqa: E402
-                        enrich_locations)  # noqa: E402
+                        locate_locations)  # noqa: E402
 from src.errors import UserError, brief, run_cli  # noqa: E402
 from src.files import atomic_path  # noqa: E402
 from src.geo import haversine_km, load_border  # noqa: E402
@@ -190,8 +190,8 @@ def oracle_ceiling(enriched: Enriched, spacings, split: str = "test", seed: int 
         if spacing == enriched.grid.spacing:
             locations, classes = enriched.locations, enriched.classes
         else:
-            locations, classes, _ = enrich_locations(enriched.ingested.locations, build_grid(spacing, mainland_only),
-                                                     seed, fractions, holdout_dirs)
+            locations, classes, _ = locate_locations(enriched.ingested.locations, enriched.locations["split"].to_numpy(),
+                                                     build_grid(spacing, mainland_only))
         chosen = rows_of_split(locations, split)
         if chosen.empty:
             raise UserError(f"--eval-split {split}: no {split} location at spacing {spacing}; pick another split or all")
