@@ -10,6 +10,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -193,6 +194,37 @@ def enrich(dataset_dirs, spacing: float = 0.5, seed: int = 0, fractions=DEFAULT_
     return Enriched(locations, classes, scaler, built, ingested, split_by)
 
 
+# data hparams saved in every checkpoint -> (args attribute, default for checkpoints written before the key existed)
+DATA_HPARAM_DEFAULTS = {
+    "split_fractions": ("split", list(DEFAULT_SPLIT)), "holdout_dirs": ("holdout_dirs", []),
+    "full_decode": ("full_decode", False), "max_outside_km": ("max_outside_km", 10.0),
+    "mainland_only": ("mainland_only", False), "cells": ("cells", "grid"), "n_classes": ("n_classes", 0),
+    "split_by": ("split_by", "location"),
+}
+
+
+def data_hparams(args: argparse.Namespace) -> dict[str, Any]:
+    """The data flags that decide the run's locations, split and cells, as checkpoint hparams (paths absolute).
+
+    With these, `apply_data_hparams` and `enrich_from_args` rebuild the run's locations exactly."""
+    return {"seed": args.seed, "spacing": args.spacing, "dataset_dirs": [str(d) for d in args.dataset_dirs],
+            "split_fractions": [float(f) for f in args.split], "holdout_dirs": [str(d) for d in args.holdout_dirs],
+            "full_decode": bool(args.full_decode), "max_outside_km": float(args.max_outside_km),
+            "mainland_only": bool(args.mainland_only), "cells": str(args.cells), "n_classes": int(args.n_classes),
+            "split_by": str(args.split_by)}
+
+
+def apply_data_hparams(args: argparse.Namespace, hparams) -> None:
+    """Set the data flags of `args` from a checkpoint's hparams (the inverse of data_hparams).
+
+    dataset_dirs, spacing and seed are required (KeyError without them); keys that older checkpoints lack,
+    or hold as None, fall back to the enrich defaults."""
+    args.dataset_dirs, args.spacing, args.seed = hparams["dataset_dirs"], hparams["spacing"], hparams["seed"]
+    for key, (attribute, default) in DATA_HPARAM_DEFAULTS.items():
+        value = hparams.get(key)
+        setattr(args, attribute, default if value is None else value)
+
+
 def add_enrich_arguments(parser: argparse.ArgumentParser, require_dataset: bool = False) -> None:
     """The data flags shared by every command that reads dataset dirs (enrich, train)."""
     group = parser.add_argument_group("data")
@@ -203,7 +235,7 @@ def add_enrich_arguments(parser: argparse.ArgumentParser, require_dataset: bool 
                             "(Voronoi polygons clipped to Croatia) (default: grid)")
     group.add_argument("--spacing", type=float, default=0.5,
                        help="grid cell size in degrees; also the blocks of --split-by cell (default: 0.5)")
-    group.add_argument("--classes", type=int, default=0, dest="n_classes", metavar="K",
+    group.add_argument("--classes", "--n-classes", type=int, default=0, dest="n_classes", metavar="K",
                        help="number of adaptive cells; 0: as many as the --spacing grid has classes (default: 0)")
     group.add_argument("--seed", type=int, default=0, help="seed of the split, the cells and training (default: 0)")
     group.add_argument("--split", type=float, nargs=3, default=DEFAULT_SPLIT, metavar=("TRAIN", "VAL", "TEST"),

@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 
 from src import geo
-from src.enrich import OUTPUT_COLUMNS, dataset_tag, enrich, split_locations, thin_data_warning, unit_hash
+from src.enrich import (OUTPUT_COLUMNS, apply_data_hparams, build_parser, data_hparams, dataset_tag, enrich,
+                        split_locations, thin_data_warning, unit_hash)
 from src.enrich import main as enrich_main
 from src.errors import UserError, run_cli
 from src.grid import build_grid
@@ -233,3 +234,53 @@ def test_cell_flag_mistakes_are_one_line_errors(demo_dir, argv, message, capsys)
         run_cli(enrich_main, ["--dataset-dirs", str(demo_dir), "--no-figures", *argv.split()])
     error = capsys.readouterr().err
     assert exit_.value.code == 2 and message in error and error.count("\n") == 1
+
+
+def test_data_hparams_round_trip_and_old_checkpoints_fall_back_to_defaults(tmp_path):
+    argv = ["--dataset-dirs", str(tmp_path / "a"), "--cells", "adaptive", "--classes", "9", "--split-by", "cell",
+            "--spacing", "0.7", "--seed", "5", "--split", "0.7", "0.2", "0.1", "--mainland-only"]
+    args = build_parser().parse_args(argv)
+    hparams = data_hparams(args)
+    assert (hparams["cells"], hparams["n_classes"], hparams["split_by"]) == ("adaptive", 9, "cell")
+    restored = build_parser().parse_args(["--dataset-dirs", "elsewhere"])
+    apply_data_hparams(restored, hparams)
+    assert data_hparams(restored) == hparams
+    # a checkpoint from before the split and cell flags were saved (the model stores None for some)
+    old = {"dataset_dirs": ["/d"], "spacing": 1.0, "seed": 2, "split_fractions": None, "holdout_dirs": None}
+    apply_data_hparams(restored, old)
+    assert data_hparams(restored) == {
+        "seed": 2, "spacing": 1.0, "dataset_dirs": ["/d"], "split_fractions": [0.8, 0.1, 0.1], "holdout_dirs": [],
+        "full_decode": False, "max_outside_km": 10.0, "mainland_only": False, "cells": "grid", "n_classes": 0,
+        "split_by": "location"}
+    with pytest.raises(KeyError):
+        apply_data_hparams(restored, {"spacing": 1.0})
+
+
+def test_a_runs_cells_and_split_flags_flow_through_its_checkpoint_into_analyze(demo_dir, tmp_path):
+    """train saves --cells/--classes/--split-by in the checkpoint; analyze rebuilds the same cells and split."""
+    import contextlib
+    import io
+
+    from src.analyze import build_parser as analyze_parser
+    from src.analyze import enrich_args_from_checkpoint
+    from src.model import GeoModel
+    from src.train import main as train_main
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(io.StringIO()):
+        train_main(["--approach", "classification", "--dataset-dirs", str(demo_dir), "--backbone", "tiny",
+                    "--no-pretrained", "--epochs", "1", "--image-size", "32", "--cells", "adaptive", "--classes", "7",
+                    "--split-by", "cell", "--spacing", "1.0", "--seed", "4", "--num-workers", "0",
+                    "--out-dir", str(tmp_path / "reports"), "--cache-dir", str(tmp_path / "cache")])
+    checkpoint = printed.getvalue().splitlines()[-1].removeprefix("checkpoint: ")
+    hparams = GeoModel.load_from_checkpoint(checkpoint, map_location="cpu").hparams
+    assert (hparams.cells, hparams.n_classes, hparams.split_by) == ("adaptive", 7, "cell")
+    args = analyze_parser().parse_args(["--checkpoint", checkpoint])
+    enrich_args_from_checkpoint(args)
+    assert (args.cells, args.n_classes, args.split_by, args.spacing, args.seed) == ("adaptive", 7, "cell", 1.0, 4)
+    rebuilt = enrich(args.dataset_dirs, args.spacing, args.seed, args.split, args.holdout_dirs, progress=False,
+                     cells=args.cells, n_classes=args.n_classes, split_by=args.split_by)
+    assert rebuilt.grid.kind == "adaptive" and rebuilt.classes["n_train"].tolist() == hparams.classes["n_train"]
+    np.testing.assert_allclose(rebuilt.classes[["weighted_x", "weighted_y"]].to_numpy(), hparams.classes["weighted"])
+    test = rebuilt.locations[rebuilt.locations["split"] == "test"]
+    assert sorted(test["uuid"]) == sorted(u for u, _ in hparams.test_locations)
