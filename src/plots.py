@@ -11,15 +11,16 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.cm import ScalarMappable  # noqa: E402
+from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
 from src import geo  # noqa: E402
 from src.files import atomic_path  # noqa: E402
 
-# train: small blue dots; val and test: distinct colours and markers, drawn larger on top
-SPLIT_STYLE = {"train": {"color": "tab:blue", "marker": "o", "s": 4},
-               "val": {"color": "darkorange", "marker": "^", "s": 14},
-               "test": {"color": "darkviolet", "marker": "s", "s": 12}}
+# train: blue dots; val and test: distinct colours and markers, drawn larger on top (sizes scaled by data)
+SPLIT_STYLE = {"train": {"color": "tab:blue", "marker": "o", "scale": 1.0},
+               "val": {"color": "darkorange", "marker": "^", "scale": 3.0},
+               "test": {"color": "darkviolet", "marker": "s", "scale": 2.5}}
 LAND = {"color": "#dfe9d8", "edgecolor": "#4a6b3a"}
 CLASS_COLOUR = "tab:blue"
 
@@ -102,10 +103,13 @@ def plot_class_sizes(enriched, path: Path) -> Path:
     if len(empty):
         empty.plot(ax=axes, facecolor="0.92", edgecolor="0.6", hatch="///", linewidth=0.4)
     classes = cells[cells["n_train"] > 0]
-    colour_map = matplotlib.colormaps["viridis"]
-    classes.plot(ax=axes, column="n_train", cmap=colour_map, norm=LogNorm(vmin=1, vmax=max(2, classes["n_train"].max())),
-                 edgecolor="white", linewidth=0.4, legend=True,
-                 legend_kwds={"label": "train locations (log scale; 1 is the darkest)", "shrink": 0.7})
+    norm = LogNorm(vmin=1, vmax=max(2, classes["n_train"].max()))
+    classes.plot(ax=axes, column="n_train", cmap="viridis", norm=norm, edgecolor="white", linewidth=0.4)
+    colour_bar = figure.colorbar(ScalarMappable(norm=norm, cmap="viridis"), ax=axes, shrink=0.7,
+                                 label="train locations (log scale; 1 is the darkest)")
+    colour_bar.set_ticks([t for t in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000) if t <= norm.vmax])
+    colour_bar.ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    colour_bar.ax.yaxis.set_minor_formatter(FuncFormatter(lambda value, _: ""))
     _draw_coastline(axes)
     axes.legend(handles=[Patch(facecolor="0.92", edgecolor="0.6", hatch="///", label="0 train locations (not a class)"),
                          Line2D([], [], color="black", linewidth=0.8, label="coastline / border")], loc="lower left")
@@ -115,7 +119,7 @@ def plot_class_sizes(enriched, path: Path) -> Path:
 def plot_centroids(enriched, path: Path) -> Path:
     """The plain, clipped and weighted centroid of every class."""
     classes = enriched.classes
-    figure, axes = _croatia_axes("Class centroids")
+    figure, axes = _croatia_axes(f"Class centroids: {_cells_title(enriched.grid)}")
     enriched.grid.cells.loc[classes["cell"]].boundary.plot(ax=axes, color="0.5", linewidth=0.5)
     for prefix, label, marker, colour in (("centroid", "plain (cell land)", "o", "tab:gray"),
                                           ("clipped", "clipped to land", "x", "tab:red"),
@@ -130,10 +134,11 @@ def plot_distribution(enriched, path: Path) -> Path:
     locations = enriched.locations
     figure, (axes_map, axes_hist) = plt.subplots(1, 2, figsize=(15, 7), gridspec_kw={"width_ratios": [3, 2]})
     _draw_land(axes_map)
+    size = float(np.clip(2000 / max(len(locations), 1), 3, 12))  # dots shrink as locations grow
     for split, style in SPLIT_STYLE.items():
         part = locations[locations["split"] == split]
         axes_map.scatter(part["longitude"], part["latitude"], label=f"{split} ({len(part)})", zorder=3,
-                         linewidths=0, **style)
+                         linewidths=0, color=style["color"], marker=style["marker"], s=size * style["scale"])
     _label_axes(axes_map, f"{len(locations)} locations by split")
     axes_map.legend(loc="upper right", markerscale=2)
     sizes = enriched.classes["n_train"]
