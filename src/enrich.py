@@ -155,7 +155,8 @@ def enrich_locations(locations: pd.DataFrame, cells: CellSpec | Cells, seed: int
     return locate_locations(locations, split, cells)
 
 
-def locate_locations(locations: pd.DataFrame, split: np.ndarray, grid: Cells) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+def locate_locations(locations: pd.DataFrame, split: np.ndarray,
+                     grid: Cells) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Project to EPSG:3766, assign cells and classes, attach class centroids and the train scaler."""
     out = locations.copy()
     out["split"] = split
