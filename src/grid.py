@@ -25,7 +25,7 @@ CLIP_INSET_M = 100.0
 # locations up to --max-outside-km outside the border)
 VORONOI_MARGIN_M = 20_000.0
 KMEANS_MAX_ITER = 300
-KMEANS_CHUNK = 8192  # rows per distance block: 8192 x 1000 cells x 8 bytes = 64 MB
+KMEANS_BLOCK = 2**23  # distances per block (rows x centres): 64 MB of float64
 
 
 class Cells:
@@ -143,12 +143,13 @@ class AdaptiveCells(Cells):
 
 
 def _nearest_centre(points: np.ndarray, centres: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Index of and squared distance to the nearest centre of each point (blocks of KMEANS_CHUNK rows)."""
+    """Index of and squared distance to the nearest centre of each point (in blocks of KMEANS_BLOCK distances)."""
     label = np.empty(len(points), np.int64)
     distance = np.empty(len(points))
     centre_norm = (centres ** 2).sum(1)
-    for start in range(0, len(points), KMEANS_CHUNK):
-        block = points[start:start + KMEANS_CHUNK]
+    rows = max(1, KMEANS_BLOCK // len(centres))
+    for start in range(0, len(points), rows):
+        block = points[start:start + rows]
         d2 = (block ** 2).sum(1)[:, None] - 2 * block @ centres.T + centre_norm[None, :]
         label[start:start + len(block)] = d2.argmin(1)
         distance[start:start + len(block)] = np.maximum(d2[np.arange(len(block)), label[start:start + len(block)]], 0)
