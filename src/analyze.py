@@ -24,11 +24,10 @@ from matplotlib.colors import LogNorm  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
-from src.enrich import (LOCATIONS_COLUMNS, LOCATIONS_FILE, SPLITS, Enriched, add_enrich_arguments,  # noqa: E402
-                        add_locations_argument, check_data_flags, check_spacing, enrich_from_args,
-                        locate_locations)
 from src.checkpoints import (DATA_HPARAMS, REPORTS_DIR, checkpoints_listing, find_checkpoint,  # noqa: E402
                              read_hparams)
+from src.enrich import (LOCATIONS_FILE, SPLITS, Enriched, add_enrich_arguments, add_locations_argument,  # noqa: E402
+                        apply_data_hparams, check_data_flags, check_spacing, enrich_from_args, locate_locations)
 from src.errors import UserError, run_cli  # noqa: E402
 from src.files import atomic_path  # noqa: E402
 from src.geo import haversine_km, load_border  # noqa: E402
@@ -190,8 +189,7 @@ def oracle_ceiling(enriched: Enriched, spacings, split: str = "test", mainland_o
         if spacing == enriched.grid.spacing:
             locations, classes = enriched.locations, enriched.classes
         else:
-            locations, classes, _ = locate_locations(enriched.locations[LOCATIONS_COLUMNS[:-1]],
-                                                     enriched.locations["split"].to_numpy(),
+            locations, classes, _ = locate_locations(enriched.ingested.locations, enriched.locations["split"].to_numpy(),
                                                      build_grid(spacing, mainland_only))
         chosen = rows_of_split(locations, split)
         if chosen.empty:
@@ -230,19 +228,6 @@ def write_table(frame: pd.DataFrame, path: Path) -> Path:
     return path
 
 
-def apply_data_hparams(args: argparse.Namespace, hparams: dict) -> None:
-    """Set the data flags (dirs, spacing, seed, split, holdout dirs, ...) to those a run was trained with.
-
-    Checkpoints written before the split flags were saved fall back to the enrich defaults.
-    """
-    args.dataset_dirs, args.spacing, args.seed = hparams["dataset_dirs"], hparams["spacing"], hparams["seed"]
-    args.split = hparams.get("split_fractions") or args.split
-    args.holdout_dirs = hparams.get("holdout_dirs") or []
-    args.full_decode = hparams.get("full_decode", False)
-    args.max_outside_km = hparams.get("max_outside_km", 10.0)
-    args.mainland_only = hparams.get("mainland_only", False)
-
-
 def enrich_args_from_checkpoint(args: argparse.Namespace) -> Path:
     """Fill the data flags from --checkpoint (default: src.checkpoints.find_checkpoint); returns its path.
 
@@ -252,7 +237,7 @@ def enrich_args_from_checkpoint(args: argparse.Namespace) -> Path:
     apply_data_hparams(args, read_hparams(path, reports_dir=args.reports_dir, required=DATA_HPARAMS))
     saved = path.parent.parent / LOCATIONS_FILE
     if path.parent.name == "checkpoints" and saved.is_file():
-        args.locations, args.dataset_dirs = saved, []
+        args.locations = saved  # enrich_from_args prefers it to the (restored) dataset dirs
     return path
 
 
@@ -301,7 +286,8 @@ def main(argv: list[str] | None = None) -> dict:
             f"--dataset-dirs {' '.join(map(str, args.dataset_dirs))}"
         print(f"locations of the run of {checkpoint}: {where} --spacing {args.spacing} --seed {args.seed}",
               file=sys.stderr)
-    check_data_flags(args)
+    else:
+        check_data_flags(args)
     enriched = enrich_from_args(args, progress=False)
     out: dict = {}
 

@@ -39,7 +39,7 @@ from src.backbones import default_backbone, list_backbones
 from src.checkpoints import read_checkpoint
 from src.data import AUGMENT_CHOICES, GeoDataModule
 from src.enrich import (LOCATIONS_FILE, add_enrich_arguments, add_locations_argument, check_data_flags,
-                        enrich_from_args, write_locations_csv)
+                        data_hparams, enrich_from_args, write_locations_csv)
 from src.errors import UserError, run_cli
 from src.files import atomic_path
 from src.grid import CENTROID_KINDS, CENTROID_PREFIX
@@ -207,14 +207,6 @@ def use_demo_dataset_if_none(args: argparse.Namespace) -> bool:
     say(f"no --dataset-dirs given: training on the synthetic demo dataset in {DEMO_DIR}")
     args.dataset_dirs = [str(DEMO_DIR)]
     return True
-
-
-def data_hparams(args: argparse.Namespace) -> dict[str, Any]:
-    """The data flags that decide the run's locations and split, as checkpoint hparams (paths absolute)."""
-    return {"seed": args.seed, "spacing": args.spacing, "dataset_dirs": [str(d) for d in args.dataset_dirs],
-            "split_fractions": [float(f) for f in args.split], "holdout_dirs": [str(d) for d in args.holdout_dirs],
-            "full_decode": bool(args.full_decode), "max_outside_km": float(args.max_outside_km),
-            "mainland_only": bool(args.mainland_only)}
 
 
 def check_resume(args: argparse.Namespace, saved: dict[str, Any]) -> None:
