@@ -24,9 +24,8 @@ from tabulate import tabulate
 from src import geo
 from src.enrich import locate_locations, split_locations
 from src.errors import UserError, run_cli
-from src.grid import CENTROID_PREFIX, CellSpec, build_grid
+from src.grid import CENTROID_KINDS, CENTROID_PREFIX, CellSpec, build_grid
 
-KINDS = ("weighted", "plain", "clipped")
 SPACING_RANGE = (0.05, 3.0)  # degrees searched for a grid with the target class count
 BISECTION_STEPS = 12
 
@@ -51,7 +50,7 @@ def oracle_km(locations: pd.DataFrame, split: np.ndarray, cells) -> tuple[int, d
     return len(classes), {kind: float(geo.haversine_km(test["latitude"], test["longitude"],
                                                        test[f"{CENTROID_PREFIX[kind]}_lat"],
                                                        test[f"{CENTROID_PREFIX[kind]}_lng"]).mean())
-                          for kind in KINDS}
+                          for kind in CENTROID_KINDS}
 
 
 def quadtree_leaves(xy: np.ndarray, cap: int) -> list[tuple[float, float, float, np.ndarray]]:
@@ -117,7 +116,7 @@ def spacing_for(target: int, lat, lng) -> float:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.geocells", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.geocells", allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--coordinates", required=True, help="CSV with uuid,latitude,longitude")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split and of k-means (default: 0)")
     parser.add_argument("--targets", type=int, nargs="+", default=[30, 55, 115, 205],
