@@ -307,8 +307,9 @@ def main(argv: list[str] | None = None) -> dict:
         submission = read_locations(args.submission, "submission")
         if checkpoint is not None and not set(submission["uuid"]) & set(truth["uuid"]):
             raise UserError(f"--submission {args.submission}: none of its {len(submission)} uuids is among the "
-                            f"{len(truth)} {args.eval_split} locations of the run of {checkpoint} (the default: the "
-                            f"newest run); pass the --checkpoint of the run it was predicted from "
+                            f"{len(truth)} {args.eval_split} locations of the run of {checkpoint}"
+                            f"{' (the default: the newest run)' if args.checkpoint is None else ''}; pass the "
+                            f"--checkpoint of the run it was predicted from "
                             f"({checkpoints_listing(args.reports_dir)})")
         scored = match_and_measure(submission, truth, args.allow_missing,
                                    where=f"{args.submission} vs the {args.eval_split} locations")
