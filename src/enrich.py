@@ -151,13 +151,6 @@ def split_and_cells(locations: pd.DataFrame, cells: CellSpec | Cells, seed: int 
     return split, cells
 
 
-def enrich_locations(locations: pd.DataFrame, cells: CellSpec | Cells, seed: int = 0, fractions=DEFAULT_SPLIT,
-                     holdout_dirs=(), split_by: str = "location") -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """Split, build the cells, then locate (see split_and_cells, locate_locations): (locations, classes, scaler)."""
-    split, cells = split_and_cells(locations, cells, seed, fractions, holdout_dirs, split_by)
-    return locate_locations(locations, split, cells)
-
-
 def locate_locations(locations: pd.DataFrame, split: np.ndarray,
                      grid: Cells) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Project to EPSG:3766, assign cells and classes, attach class centroids and the train scaler."""
