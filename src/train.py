@@ -40,6 +40,7 @@ from src.backbones import default_backbone, list_backbones
 from src.data import AUGMENT_CHOICES, GeoDataModule
 from src.enrich import add_enrich_arguments, enrich_from_args
 from src.errors import UserError, run_cli
+from src.export import ENGINES
 from src.files import atomic_path
 from src.grid import CENTROID_PREFIX
 from src.model import APPROACHES, CENTROID_KINDS, OPTIMIZERS, SCHEDULERS, FreezeThenUnfreeze, GeoModel
@@ -122,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--cache-features", action=argparse.BooleanOptionalAction, default=True,
                       help="reuse backbone features from disk while the backbone is frozen and unaugmented (default: on)")
     data.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help="feature cache folder (default: data/cache/features)")
+    data.add_argument("--engine", choices=ENGINES, default="auto",
+                      help="fills the feature cache: torch, or ONNX Runtime (backbone exported once into the cache "
+                           "folder); auto: onnx on the CPU, torch on a GPU (default: auto)")
     data.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1) - 1,
                       help="data loader worker processes (default: CPU cores - 1, at most 3)")
     run = parser.add_argument_group("run")
@@ -383,6 +387,7 @@ def train(args: argparse.Namespace, interrupt: Interrupt) -> None:
         locations, image_size=args.image_size, batch_size=args.batch_size, num_workers=args.num_workers,
         augment=args.augment, mirror_p=args.mirror_p, unfreeze_at_epoch=args.unfreeze_at_epoch,
         cache_dir=args.cache_dir if args.cache_features else None, backbone_name=args.backbone,
+        feature_engine=args.engine,
     )
     logger = AtomicTensorBoardLogger(args.out_dir, name=args.run_name, version=resumed_version(args),
                                      default_hp_metric=False)
