@@ -466,6 +466,8 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError(f"--{key.replace('_', '-')} {getattr(args, key)}: must be {expected}")
     check_device(args.device)
     engine = resolve_engine(args.engine, args.device)
+    if engine == "onnx":  # torch only normalises uploads here: its thread pool would fight ONNX Runtime's
+        torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     checkpoints = args.checkpoint or [latest_checkpoint(args.reports_dir or REPORTS_DIR)]
     served = load_models(checkpoints, engine, args.device, args.threads or None)
