@@ -39,7 +39,7 @@ from src.model import GeoModel
 from src.train import class_table
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DATASET = Path("/work/shared/data/lumen_external_subset")
+DEFAULT_DATASET = ROOT.parent / "shared" / "data" / "lumen_external_subset"
 
 
 def feature_seconds(backbone_name: str, pretrained: bool, image_dirs: list[str], image_size: int, batch_size: int,
