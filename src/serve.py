@@ -25,6 +25,7 @@ import io
 import json
 import logging
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -400,6 +401,17 @@ def build_app(served: dict[str, ServedModel], max_batch: int = 32, batch_wait_ms
     return app
 
 
+def check_address(host: str, port: int) -> None:
+    """Fail fast, before loading models, when `host`:`port` cannot be listened on (the real bind follows)."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.create_server((host, port), family=family):
+            pass
+    except OSError as error:
+        raise UserError(f"--host {host} --port {port}: cannot listen there ({error.strerror or error}); "
+                        "pick another --port or --host") from None
+
+
 async def serve(app: web.Application, host: str, port: int, shutdown_timeout: float) -> None:
     """Listen until SIGINT/SIGTERM, then finish in-flight requests and clean up."""
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=shutdown_timeout, access_log=None)
@@ -410,7 +422,7 @@ async def serve(app: web.Application, host: str, port: int, shutdown_timeout: fl
             await site.start()
         except OSError as error:
             raise UserError(f"--host {host} --port {port}: cannot listen there ({error.strerror}); "
-                            "pick another --port") from None
+                            "pick another --port or --host") from None
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -469,6 +481,7 @@ def main(argv: list[str] | None = None) -> None:
     if engine == "onnx":  # torch only normalises uploads here: its thread pool would fight ONNX Runtime's
         torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    check_address(args.host, args.port)
     checkpoints = args.checkpoint or [latest_checkpoint(args.reports_dir or REPORTS_DIR)]
     served = load_models(checkpoints, engine, args.device, args.threads or None)
     app = build_app(served, args.max_batch, args.batch_wait_ms, args.max_upload_mb, args.top, demo_examples())

@@ -260,7 +260,8 @@ def test_serve_cli_errors_are_one_line(tmp_path, capsys):
                            (["--port", "70000"], "--port 70000"), (["--max-batch", "0"], "--max-batch 0"),
                            (["--max-upload-mb", "0"], "--max-upload-mb 0"), (["--top", "-1"], "--top -1"),
                            (["--device", "cuda"], "--device cuda"), (["--engine", "tensorrt"], "--engine"),
-                           (["--reports-dir", tmp_path], "no best checkpoint")]:
+                           (["--reports-dir", tmp_path, "--port", "0"], "no best checkpoint"),
+                           (["--host", "no-such-host.invalid"], "--host no-such-host.invalid")]:
         with pytest.raises(SystemExit) as exit_:
             run_cli(serve_main, [str(a) for a in args])
         err = capsys.readouterr().err
