@@ -19,7 +19,9 @@ import argparse
 import hashlib
 import logging
 import os
+import subprocess
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -85,7 +87,29 @@ def session(path: str | Path, threads: int | None = None) -> ort.InferenceSessio
 
 def _export(module: nn.Module, example: torch.Tensor, out: Path, input_name: str, outputs: list[str],
             key: str) -> None:
-    """torch.onnx.export (dynamo) with a dynamic batch axis, stamped with `key`, written atomically."""
+    """torch.onnx.export (dynamo) with a dynamic batch axis, stamped with `key`, written atomically.
+
+    The export runs in a child Python process: torch.export leaves autograd state behind that breaks
+    backward passes in any process forked later (https://github.com/pytorch/pytorch/wiki/Autograd-and-Fork),
+    and the caller may be a training run, or a harness that forks."""
+    with tempfile.TemporaryDirectory() as tmp:
+        job = Path(tmp) / "job.pt"
+        torch.save({"module": module.cpu().eval(), "example": example, "out": str(out), "input_name": input_name,
+                    "outputs": outputs, "key": key}, job)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        run = subprocess.run([sys.executable, "-c", f"from src.export import export_job; export_job({str(job)!r})"],
+                             env=env, capture_output=True, text=True)
+    if run.returncode != 0:
+        raise RuntimeError(f"ONNX export to {out} failed: {run.stderr.strip()[-2000:]}")
+
+
+def export_job(job: str) -> None:
+    """The child process of `_export`: read the job file, export."""
+    _export_here(**torch.load(job, map_location="cpu", weights_only=False))
+
+
+def _export_here(module: nn.Module, example: torch.Tensor, out: str, input_name: str, outputs: list[str],
+                 key: str) -> None:
     batch = torch.export.Dim("batch", min=1, max=65536)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

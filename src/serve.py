@@ -164,10 +164,13 @@ def model_name(checkpoint: Path, taken: set[str]) -> str:
 
 
 def class_cells(hparams) -> tuple[np.ndarray, np.ndarray, list | None]:
-    """Latitude/longitude of each class's centroid and its grid cell's bounds (None when not rebuildable)."""
+    """Latitude/longitude of each class's centroid and its grid square's bounds (None for cells that are not
+    squares of a grid, e.g. adaptive cells, whose polygons the checkpoint alone cannot rebuild)."""
     classes = hparams["classes"]
     xy = np.asarray(classes[hparams.get("centroids", "weighted")], float)
     lat, lng = geo.unproject(xy[:, 0], xy[:, 1])
+    if hparams.get("cells", "grid") != "grid":
+        return np.atleast_1d(lat), np.atleast_1d(lng), None
     try:
         from src.grid import build_grid
 

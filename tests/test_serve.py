@@ -334,3 +334,16 @@ def test_page_in_a_real_browser(server, demo_dir):
         assert driver.save_screenshot(str(FIGURES / "serve_page.png"))
     finally:
         driver.quit()
+
+
+def test_class_cells_are_the_runs_grid_squares_and_none_for_other_cells(tiny_checkpoints):
+    from src.predict import load_model
+    from src.serve import class_cells
+
+    hparams = dict(load_model(tiny_checkpoints["classification"]).hparams)
+    lat, lng, bounds = class_cells(hparams)
+    assert len(lat) == len(bounds) == len(hparams["classes"]["cell"])
+    for la, ln, (west, south, east, north) in zip(lat, lng, bounds):
+        # a weighted centroid is the mean of the cell's train locations: inside its (convex) square
+        assert west <= ln <= east and south <= la <= north and east - west == pytest.approx(0.5)
+    assert class_cells({**hparams, "cells": "adaptive"})[2] is None

@@ -63,13 +63,20 @@ function drawAnswer(answer) {
   const top = answer.top || [];
   const best = Math.max(...top.map((t) => t.probability), 1e-9);
   for (const t of top) {
-    if (!t.bounds || !project) continue;
-    const [w, s, e, n] = t.bounds;
-    const [x0, y0] = project([w, n]), [x1, y1] = project([e, s]);
-    const rect = svg("rect", { x: x0, y: y0, width: x1 - x0, height: y1 - y0, class: "cell",
-                              "fill-opacity": (0.15 + 0.6 * t.probability / best).toFixed(3) });
-    rect.appendChild(svg("title", {})).textContent = `cell ${t.cell}: ${(100 * t.probability).toFixed(1)}%`;
-    cells.appendChild(rect);
+    if (!project) continue;
+    const opacity = (0.15 + 0.6 * t.probability / best).toFixed(3);
+    let shape;
+    if (t.bounds) {  // a grid square
+      const [w, s, e, n] = t.bounds;
+      const [x0, y0] = project([w, n]), [x1, y1] = project([e, s]);
+      shape = svg("rect", { x: x0, y: y0, width: x1 - x0, height: y1 - y0, class: "cell", "fill-opacity": opacity });
+    } else {  // cells without a square (adaptive cells): a disc at the class centroid
+      const [x, y] = project([t.longitude, t.latitude]);
+      shape = svg("circle", { cx: x, cy: y, r: (5 + 12 * t.probability / best).toFixed(1), class: "cell",
+                              "fill-opacity": opacity });
+    }
+    shape.appendChild(svg("title", {})).textContent = `cell ${t.cell}: ${(100 * t.probability).toFixed(1)}%`;
+    cells.appendChild(shape);
   }
   if (project && truth) {
     const [x, y] = project([truth.longitude, truth.latitude]);
