@@ -24,8 +24,8 @@ from matplotlib.colors import LogNorm  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
-from src.enrich import (SPLITS, Enriched, add_enrich_arguments, check_spacing, enrich_from_args,  # noqa: E402
-                        enrich_locations)  # noqa: E402
+from src.enrich import (SPLITS, Enriched, add_enrich_arguments, apply_data_hparams, check_spacing,  # noqa: E402
+                        enrich_from_args, locate_locations)  # noqa: E402
 from src.errors import UserError, brief, run_cli  # noqa: E402
 from src.files import atomic_path  # noqa: E402
 from src.geo import haversine_km, load_border  # noqa: E402
@@ -190,8 +190,8 @@ def oracle_ceiling(enriched: Enriched, spacings, split: str = "test", seed: int 
         if spacing == enriched.grid.spacing:
             locations, classes = enriched.locations, enriched.classes
         else:
-            locations, classes, _ = enrich_locations(enriched.ingested.locations, build_grid(spacing, mainland_only),
-                                                     seed, fractions, holdout_dirs)
+            locations, classes, _ = locate_locations(enriched.ingested.locations, enriched.locations["split"].to_numpy(),
+                                                     build_grid(spacing, mainland_only))
         chosen = rows_of_split(locations, split)
         if chosen.empty:
             raise UserError(f"--eval-split {split}: no {split} location at spacing {spacing}; pick another split or all")
@@ -240,12 +240,7 @@ def enrich_args_from_checkpoint(args: argparse.Namespace) -> Path:
         raise UserError(f"--checkpoint {path}: {what}; pass a .ckpt written by src.train or --dataset-dirs")
     try:
         hparams = torch.load(path, map_location="cpu", weights_only=False)["hyper_parameters"]
-        args.dataset_dirs, args.spacing, args.seed = hparams["dataset_dirs"], hparams["spacing"], hparams["seed"]
-        args.split = hparams.get("split_fractions") or args.split
-        args.holdout_dirs = hparams.get("holdout_dirs") or []
-        args.full_decode = hparams.get("full_decode", False)
-        args.max_outside_km = hparams.get("max_outside_km", 10.0)
-        args.mainland_only = hparams.get("mainland_only", False)
+        apply_data_hparams(args, hparams)
     except Exception as error:  # torch/pickle raise many types for a file that is not a checkpoint
         raise UserError(f"--checkpoint {path}: not a src.train checkpoint ({brief(error)}); "
                         "pass a .ckpt written by src.train or --dataset-dirs") from None

@@ -1,12 +1,16 @@
-"""The enrich stage: dataset dirs -> kept locations with EPSG:3766 coordinates, split, grid class, centroids.
+"""The enrich stage: dataset dirs -> kept locations with EPSG:3766 coordinates, split, cell class, centroids.
 
-    python -m src.enrich --dataset-dirs DIR [DIR ...] [--spacing 0.5] [--seed 0] [--out reports/enriched.csv]
+    python -m src.enrich --dataset-dirs DIR [DIR ...] [--cells {grid,adaptive}] [--spacing 0.5] [--classes K]
+                         [--split-by {location,cell}] [--seed 0] [--out CSV]
 """
 
 import argparse
+import hashlib
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -15,18 +19,22 @@ from tabulate import tabulate
 from src import geo
 from src.errors import UserError, run_cli
 from src.files import atomic_path
-from src.grid import CENTROID_PREFIX, Grid, build_grid, class_table, nearest_class
+from src.grid import CELL_KINDS, CENTROID_PREFIX, Cells, CellSpec, Grid, class_table, nearest_class
 from src.ingest import Ingested, read_datasets
 
 SPLITS = ("train", "val", "test")
+SPLIT_BY = ("location", "cell")
 DEFAULT_SPLIT = (0.8, 0.1, 0.1)
-DEFAULT_OUT = Path("reports/enriched.csv")
+REPORTS_DIR = Path("reports")
 CENTROID_COLUMNS = [f"{prefix}_{axis}" for prefix in CENTROID_PREFIX.values() for axis in ("lat", "lng")]
 OUTPUT_COLUMNS = ["uuid", "latitude", "longitude", "dataset_dir", "image_dir", "split", "crs_x", "crs_y",
                   "cell", "label", *CENTROID_COLUMNS]
 LISTED_PER_REASON = 10
 SPACING_RANGE = (0.01, 10.0)  # degrees: below ~1 km cells the grid gets huge, above it is one cell
 MAX_SEED = 2**32 - 1  # numpy and Lightning seeds
+MAX_CLASSES = 5000  # adaptive cells: k-means cost grows with locations x classes
+THIN_CLASS_MEDIAN = 5  # warn when the median class has fewer train locations than this
+TAG_LENGTH = 40  # dataset tags in file names stay short
 
 
 def check_spacing(spacing: float, flag: str = "--spacing") -> None:
@@ -42,6 +50,19 @@ def check_seed(seed: int) -> None:
         raise UserError(f"--seed {seed}: give a whole number from 0 to {MAX_SEED}")
 
 
+def check_cells(cells: str, n_classes: int, split_by: str) -> None:
+    """--cells, --classes and --split-by must name a known kind / a class count in range."""
+    if cells not in CELL_KINDS:
+        raise UserError(f"--cells {cells}: choose one of {', '.join(CELL_KINDS)}")
+    if not 0 <= n_classes <= MAX_CLASSES:
+        raise UserError(f"--classes {n_classes}: give a number of adaptive cells from 1 to {MAX_CLASSES} "
+                        "(0: as many as the --spacing grid has classes)")
+    if n_classes and cells == "grid":
+        raise UserError(f"--classes {n_classes}: only for --cells adaptive; the grid's classes follow --spacing")
+    if split_by not in SPLIT_BY:
+        raise UserError(f"--split-by {split_by}: choose one of {', '.join(SPLIT_BY)}")
+
+
 @dataclass
 class Enriched:
     """Everything later stages need: locations, the class table, the train scaler and the grid."""
@@ -49,13 +70,27 @@ class Enriched:
     locations: pd.DataFrame  # OUTPUT_COLUMNS, one row per kept location
     classes: pd.DataFrame  # indexed 0..C-1, see grid.class_table
     scaler: dict  # x_min, x_max, y_min, y_max of TRAIN rows in EPSG:3766 metres
-    grid: Grid
+    grid: Cells  # the cells (a Grid or AdaptiveCells; named grid for history)
     ingested: Ingested
+    split_by: str = "location"
 
 
-def split_locations(locations: pd.DataFrame, seed: int, fractions=DEFAULT_SPLIT, holdout_dirs=()) -> np.ndarray:
-    """'train'/'val'/'test' per row, fixed by `seed` and independent of row order.
+def unit_hash(keys, seed: int) -> np.ndarray:
+    """A number in [0, 1) per key, decided by (seed, key) alone: blake2b of the key, keyed by the seed."""
+    salt = int(seed).to_bytes(8, "little")
+    words = [int.from_bytes(hashlib.blake2b(str(key).encode(), digest_size=8, key=salt).digest(), "little") >> 11
+             for key in keys]
+    return np.asarray(words, dtype=float) / 2.0**53
 
+
+def split_locations(locations: pd.DataFrame, seed: int, fractions=DEFAULT_SPLIT, holdout_dirs=(),
+                    blocks=None) -> np.ndarray:
+    """'train'/'val'/'test' per row, fixed by `seed`, independent of row order.
+
+    Without `blocks` a seeded hash of each uuid decides its split, so adding or removing locations never
+    moves the others (split sizes follow the fractions up to sampling noise). With `blocks` (a block id
+    per row, e.g. its grid cell) whole blocks go to one split: in seeded-hash order of the block ids, the
+    blocks fill train, then val, then test by their number of locations.
     Rows from `holdout_dirs` all go to test; the others are split by the train and val fractions
     (renormalized) when dirs are held out, else by all three.
     """
@@ -67,14 +102,20 @@ def split_locations(locations: pd.DataFrame, seed: int, fractions=DEFAULT_SPLIT,
     if holdout_dirs:
         fractions = np.array([fractions[0], fractions[1], 0.0]) / (fractions[0] + fractions[1])
     split = np.full(len(locations), "test", dtype=object)
-    pool = np.flatnonzero(~holdout)
-    # a canonical (dataset_dir, uuid) order first: the split depends on the seed and the rows, not their order
-    pool = pool[np.lexsort((locations["uuid"].to_numpy()[pool], locations["dataset_dir"].to_numpy()[pool]))]
-    pool = pool[np.random.default_rng(seed).permutation(len(pool))]
-    n_val, n_test = (np.round(fractions[1:] * len(pool))).astype(int)
-    n_train = len(pool) - n_val - n_test
-    split[pool[:n_train]] = "train"
-    split[pool[n_train:n_train + n_val]] = "val"
+    pool = ~holdout
+    if not pool.any():
+        return split
+    if blocks is None:
+        position = unit_hash(locations["uuid"].to_numpy()[pool], seed)
+    else:
+        ids, inverse, counts = np.unique(np.asarray(blocks)[pool], return_inverse=True, return_counts=True)
+        order = np.argsort(unit_hash(ids, seed), kind="stable")
+        filled = np.cumsum(counts[order])
+        middle = np.empty(len(ids))
+        middle[order] = (filled - counts[order] / 2) / filled[-1]
+        position = middle[inverse.ravel()]
+    train_end, val_end = np.cumsum(fractions)[:2]
+    split[pool] = np.where(position < train_end, "train", np.where(position < val_end, "val", "test"))
     return split
 
 
@@ -83,16 +124,39 @@ def minmax_scaler(x: np.ndarray, y: np.ndarray) -> dict:
     return {"x_min": float(np.min(x)), "x_max": float(np.max(x)), "y_min": float(np.min(y)), "y_max": float(np.max(y))}
 
 
-def enrich_locations(locations: pd.DataFrame, grid: Grid, seed: int = 0, fractions=DEFAULT_SPLIT,
-                     holdout_dirs=()) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """Split, then locate (see locate_locations): (locations, classes, scaler)."""
-    split = split_locations(locations, seed, fractions, holdout_dirs)
-    if not (split == "train").any():
+def split_and_cells(locations: pd.DataFrame, cells: CellSpec | Cells, seed: int = 0, fractions=DEFAULT_SPLIT,
+                    holdout_dirs=(), split_by: str = "location") -> tuple[np.ndarray, Cells]:
+    """The split of the rows (see split_locations) and the cells built from its TRAIN rows.
+
+    `cells` is a CellSpec, or cells already built (used as they are). With `split_by` 'cell' the split
+    blocks are the squares of the spacing grid (for grid cells: the cells themselves), so the blocks never
+    depend on the split they decide.
+    """
+    lat, lng = locations["latitude"].to_numpy(), locations["longitude"].to_numpy()
+    blocks = None
+    if split_by == "cell":
+        block_grid = cells if isinstance(cells, Grid) else cells.grid() if isinstance(cells, CellSpec) else None
+        if block_grid is None:
+            raise ValueError("--split-by cell needs a CellSpec or a Grid")
+        blocks = block_grid.assign(lat, lng)
+    split = split_locations(locations, seed, fractions, holdout_dirs, blocks)
+    train = split == "train"
+    if not train.any():
         raise UserError("no location left for training: add data or lower the val/test fractions")
-    return locate_locations(locations, split, grid)
+    if isinstance(cells, CellSpec):
+        cells = cells.build(lat[train], lng[train], seed)
+    return split, cells
 
 
-def locate_locations(locations: pd.DataFrame, split: np.ndarray, grid: Grid) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+def enrich_locations(locations: pd.DataFrame, cells: CellSpec | Cells, seed: int = 0, fractions=DEFAULT_SPLIT,
+                     holdout_dirs=(), split_by: str = "location") -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Split, build the cells, then locate (see split_and_cells, locate_locations): (locations, classes, scaler)."""
+    split, cells = split_and_cells(locations, cells, seed, fractions, holdout_dirs, split_by)
+    return locate_locations(locations, split, cells)
+
+
+def locate_locations(locations: pd.DataFrame, split: np.ndarray,
+                     grid: Cells) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Project to EPSG:3766, assign cells and classes, attach class centroids and the train scaler."""
     out = locations.copy()
     out["split"] = split
@@ -110,10 +174,12 @@ def locate_locations(locations: pd.DataFrame, split: np.ndarray, grid: Grid) -> 
 
 def enrich(dataset_dirs, spacing: float = 0.5, seed: int = 0, fractions=DEFAULT_SPLIT, holdout_dirs=(),
            check_images: bool = True, full_decode: bool = False, max_outside_km: float = 10.0,
-           mainland_only: bool = False, progress: bool = True) -> Enriched:
+           mainland_only: bool = False, progress: bool = True, cells: str = "grid", n_classes: int = 0,
+           split_by: str = "location") -> Enriched:
     """Read the dataset dirs and enrich their locations (see the module docstring)."""
     check_spacing(spacing)
     check_seed(seed)
+    check_cells(cells, n_classes, split_by)
     if not 0 <= max_outside_km < float("inf"):  # also false for nan
         raise UserError(f"--max-outside-km {max_outside_km:g}: give a distance in km >= 0 (e.g. 10)")
     unknown = [d for d in holdout_dirs if str(Path(d)) not in {str(Path(x)) for x in dataset_dirs}]
@@ -123,9 +189,41 @@ def enrich(dataset_dirs, spacing: float = 0.5, seed: int = 0, fractions=DEFAULT_
     if ingested.locations.empty:
         raise UserError(f"{', '.join(map(str, dataset_dirs))}: no usable location "
                         f"({len(ingested.skipped)} skipped; see the skip list)")
-    grid = build_grid(spacing, mainland_only)
-    locations, classes, scaler = enrich_locations(ingested.locations, grid, seed, fractions, holdout_dirs)
-    return Enriched(locations, classes, scaler, grid, ingested)
+    spec = CellSpec(cells, spacing, n_classes, mainland_only)
+    split, built = split_and_cells(ingested.locations, spec, seed, fractions, holdout_dirs, split_by)
+    locations, classes, scaler = locate_locations(ingested.locations, split, built)
+    return Enriched(locations, classes, scaler, built, ingested, split_by)
+
+
+# data hparams saved in every checkpoint -> (args attribute, default for checkpoints written before the key existed)
+DATA_HPARAM_DEFAULTS = {
+    "split_fractions": ("split", list(DEFAULT_SPLIT)), "holdout_dirs": ("holdout_dirs", []),
+    "full_decode": ("full_decode", False), "max_outside_km": ("max_outside_km", 10.0),
+    "mainland_only": ("mainland_only", False), "cells": ("cells", "grid"), "n_classes": ("n_classes", 0),
+    "split_by": ("split_by", "location"),
+}
+
+
+def data_hparams(args: argparse.Namespace) -> dict[str, Any]:
+    """The data flags that decide the run's locations, split and cells, as checkpoint hparams (paths absolute).
+
+    With these, `apply_data_hparams` and `enrich_from_args` rebuild the run's locations exactly."""
+    return {"seed": args.seed, "spacing": args.spacing, "dataset_dirs": [str(d) for d in args.dataset_dirs],
+            "split_fractions": [float(f) for f in args.split], "holdout_dirs": [str(d) for d in args.holdout_dirs],
+            "full_decode": bool(args.full_decode), "max_outside_km": float(args.max_outside_km),
+            "mainland_only": bool(args.mainland_only), "cells": str(args.cells), "n_classes": int(args.n_classes),
+            "split_by": str(args.split_by)}
+
+
+def apply_data_hparams(args: argparse.Namespace, hparams) -> None:
+    """Set the data flags of `args` from a checkpoint's hparams (the inverse of data_hparams).
+
+    dataset_dirs, spacing and seed are required (KeyError without them); keys that older checkpoints lack,
+    or hold as None, fall back to the enrich defaults."""
+    args.dataset_dirs, args.spacing, args.seed = hparams["dataset_dirs"], hparams["spacing"], hparams["seed"]
+    for key, (attribute, default) in DATA_HPARAM_DEFAULTS.items():
+        value = hparams.get(key)
+        setattr(args, attribute, default if value is None else value)
 
 
 def add_enrich_arguments(parser: argparse.ArgumentParser, require_dataset: bool = False) -> None:
@@ -133,10 +231,20 @@ def add_enrich_arguments(parser: argparse.ArgumentParser, require_dataset: bool 
     group = parser.add_argument_group("data")
     group.add_argument("--dataset-dirs", nargs="+", type=Path, required=require_dataset, metavar="DIR",
                        help="LUMEN dataset dirs (data.csv + data/ or images/ with one folder per uuid)")
-    group.add_argument("--spacing", type=float, default=0.5, help="grid cell size in degrees (default: 0.5)")
-    group.add_argument("--seed", type=int, default=0, help="seed of the split and of training (default: 0)")
+    group.add_argument("--cells", choices=CELL_KINDS, default="grid",
+                       help="classes: squares of --spacing, or adaptive k-means cells of the train locations "
+                            "(Voronoi polygons clipped to Croatia) (default: grid)")
+    group.add_argument("--spacing", type=float, default=0.5,
+                       help="grid cell size in degrees; also the blocks of --split-by cell (default: 0.5)")
+    group.add_argument("--classes", "--n-classes", type=int, default=0, dest="n_classes", metavar="K",
+                       help="number of adaptive cells; 0: as many as the --spacing grid has classes (default: 0)")
+    group.add_argument("--seed", type=int, default=0, help="seed of the split, the cells and training (default: 0)")
     group.add_argument("--split", type=float, nargs=3, default=DEFAULT_SPLIT, metavar=("TRAIN", "VAL", "TEST"),
                        help="split fractions (default: 0.8 0.1 0.1)")
+    group.add_argument("--split-by", choices=SPLIT_BY, default="location",
+                       help="location: a seeded hash of each uuid decides its split; cell: whole --spacing grid "
+                            "squares go to one split, so nearby locations never sit in train and test "
+                            "(default: location)")
     group.add_argument("--holdout-dirs", nargs="+", type=Path, default=[], metavar="DIR",
                        help="dataset dirs used whole as the test split (default: none)")
     group.add_argument("--full-decode", action="store_true",
@@ -155,12 +263,41 @@ def enrich_from_args(args: argparse.Namespace, progress: bool = True, report: bo
     """
     enriched = enrich(args.dataset_dirs, args.spacing, args.seed, args.split, args.holdout_dirs,
                       full_decode=args.full_decode, max_outside_km=args.max_outside_km,
-                      mainland_only=args.mainland_only, progress=progress)
+                      mainland_only=args.mainland_only, progress=progress, cells=args.cells,
+                      n_classes=args.n_classes, split_by=args.split_by)
     if report:
         listing = skip_listing(enriched.ingested)
         if listing:
             print(listing, file=sys.stderr)
+        warning = thin_data_warning(enriched)
+        if warning:
+            print(warning, file=sys.stderr)
     return enriched
+
+
+def thin_data_warning(enriched: Enriched) -> str | None:
+    """A warning line when the median class has fewer than THIN_CLASS_MEDIAN train locations, else None."""
+    sizes = enriched.classes["n_train"]
+    if sizes.median() >= THIN_CLASS_MEDIAN:
+        return None
+    fix = ("a larger --spacing" if enriched.grid.kind == "grid" else "fewer --classes")
+    return (f"warning: training data is thin for the classes: {len(sizes)} classes hold a median of "
+            f"{sizes.median():g} train location(s) each (below {THIN_CLASS_MEDIAN}); most classes can hardly "
+            f"be learnt. Use {fix}, or more data")
+
+
+def dataset_tag(dataset_dirs) -> str:
+    """A short name of the dataset dirs for file and run names: their folder names joined by '+'."""
+    names = [re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(d).resolve().name) or "root" for d in dataset_dirs]
+    tag = "+".join(names)
+    if len(tag) > TAG_LENGTH:
+        tag = f"{names[0][:TAG_LENGTH - 8]}+{len(names) - 1}more" if len(names) > 1 else names[0][:TAG_LENGTH]
+    return tag
+
+
+def output_tag(dataset_dirs, cells: Cells, split_by: str = "location") -> str:
+    """The name part of enrich's outputs: dataset tag, cells (grid0.5, adaptive30) and a cell split."""
+    return f"{dataset_tag(dataset_dirs)}_{cells.tag}" + ("_cellsplit" if split_by == "cell" else "")
 
 
 def summary(enriched: Enriched) -> str:
@@ -170,9 +307,10 @@ def summary(enriched: Enriched) -> str:
     rows += [(f"skipped: {reason}", count) for reason, count in ingested.skipped["reason"].value_counts().items()]
     rows += [("image folders without a CSV row", len(ingested.orphans))]
     rows += [(f"split: {name}", int((locations["split"] == name).sum())) for name in SPLITS]
+    rows += [("split by", enriched.split_by)]
     sizes = enriched.classes["n_train"]
-    rows += [("grid spacing (deg)", enriched.grid.spacing), ("grid cells", enriched.grid.n_cols * enriched.grid.n_rows),
-             ("cells intersecting Croatia", len(enriched.grid.cells)), ("classes (cells with train data)", len(sizes)),
+    rows += enriched.grid.describe()
+    rows += [("classes (cells with train data)", len(sizes)),
              ("train locations per class (min / median / max)", f"{sizes.min()} / {sizes.median():g} / {sizes.max()}")]
     return tabulate(rows, headers=["", "count"], tablefmt="github")
 
@@ -211,10 +349,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m src.enrich",
                                      description="Read LUMEN dataset dirs and write the enriched location table.")
     add_enrich_arguments(parser, require_dataset=True)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                        help=f"enriched CSV, written atomically; the skip report goes beside it as "
-                             f"<stem>_skipped.csv (default: {DEFAULT_OUT})")
-    parser.add_argument("--figures-dir", type=Path, default=Path("figures"), help="where figures go (default: figures)")
+    parser.add_argument("--out", type=Path,
+                        help=f"enriched CSV, written atomically; the skip report goes beside it as <stem>_skipped.csv "
+                             f"(default: {REPORTS_DIR}/enriched_<dataset>_<cells>.csv, e.g. enriched_demo_grid0.5.csv)")
+    parser.add_argument("--figures-dir", type=Path, default=Path("figures"),
+                        help="where figures go, named <figure>_<dataset>_<cells>.png (default: figures)")
     parser.add_argument("--no-figures", action="store_true", help="skip the figures")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
@@ -224,20 +363,27 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
 
     enriched = enrich_from_args(args, report=False)
-    report_path = args.out.with_name(f"{args.out.stem}_skipped.csv")
-    with atomic_path(args.out) as tmp:
+    tag = output_tag(args.dataset_dirs, enriched.grid, args.split_by)
+    out = args.out or REPORTS_DIR / f"enriched_{tag}.csv"
+    report_path = out.with_name(f"{out.stem}_skipped.csv")
+    with atomic_path(out) as tmp:
         enriched.locations.to_csv(tmp, index=False)
     write_skip_report(enriched.ingested, report_path)
     listing = skip_listing(enriched.ingested, report_path)
     if listing:
         print(listing, file=sys.stderr)
+    warning = thin_data_warning(enriched)
+    if warning:
+        print(warning, file=sys.stderr)
+    figures = []
     if not args.no_figures:
         from src.plots import enrich_figures  # matplotlib is only needed here
 
-        for path in enrich_figures(enriched, args.figures_dir):
-            print(f"figure: {path}", file=sys.stderr)
+        figures = enrich_figures(enriched, args.figures_dir, tag)
     print(summary(enriched))
-    print(f"enriched CSV: {args.out} ({len(enriched.locations)} rows); skip report: {report_path}")
+    print(f"enriched CSV: {out} ({len(enriched.locations)} rows); skip report: {report_path}")
+    if figures:
+        print(f"figures: {', '.join(map(str, figures))}")
 
 
 if __name__ == "__main__":

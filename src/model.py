@@ -90,6 +90,9 @@ class GeoModel(pl.LightningModule):
         full_decode: bool = False,
         max_outside_km: float = 10.0,
         mainland_only: bool = False,
+        cells: str = "grid",
+        n_classes: int = 0,
+        split_by: str = "location",
         prior_lat: float = 0.0,
         prior_lng: float = 0.0,
         test_locations: list[list[str]] | None = None,
@@ -100,8 +103,9 @@ class GeoModel(pl.LightningModule):
         `load_from_checkpoint` rebuilds the backbone without downloads and loads the state dict.
 
         The data hparams (seed, spacing, dataset_dirs, split_fractions, holdout_dirs, full_decode,
-        max_outside_km, mainland_only; paths absolute) are not used here: with them
-        `src.enrich.enrich` rebuilds the run's locations and split exactly. None means enrich's default."""
+        max_outside_km, mainland_only, cells, n_classes, split_by; paths absolute; see
+        `src.enrich.data_hparams`) are not used here: with them `src.enrich.enrich` rebuilds the run's
+        locations, split and cells exactly. None means enrich's default."""
         super().__init__()
         if approach not in APPROACHES:
             raise ValueError(f"approach must be one of {APPROACHES}")

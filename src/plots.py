@@ -1,4 +1,4 @@
-"""Figures of the enrich stage: the grid over Croatia, class sizes, the three centroid kinds, the data."""
+"""Figures of the enrich stage: the cells over Croatia, class sizes, the three centroid kinds, the data."""
 
 from pathlib import Path
 
@@ -7,20 +7,45 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (backend first)
+import numpy as np  # noqa: E402
+from matplotlib.colors import LogNorm  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+from matplotlib.cm import ScalarMappable  # noqa: E402
+from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
 from src import geo  # noqa: E402
 from src.files import atomic_path  # noqa: E402
 
-SPLIT_COLOURS = {"train": "tab:blue", "val": "tab:orange", "test": "tab:red"}
+# train: blue dots; val and test: distinct colours and markers, drawn larger on top (sizes scaled by data)
+SPLIT_STYLE = {"train": {"color": "tab:blue", "marker": "o", "scale": 1.0},
+               "val": {"color": "darkorange", "marker": "^", "scale": 3.0},
+               "test": {"color": "darkviolet", "marker": "s", "scale": 2.5}}
+LAND = {"color": "#dfe9d8", "edgecolor": "#4a6b3a"}
+CLASS_COLOUR = "tab:blue"
+
+
+def _draw_land(axes) -> None:
+    gpd.GeoSeries([geo.load_border()], crs=geo.WGS84).plot(ax=axes, color=LAND["color"], edgecolor=LAND["edgecolor"],
+                                                           linewidth=0.6)
+
+
+def _draw_coastline(axes) -> None:
+    """The border as a line on top of filled cells, so the coast stays visible."""
+    gpd.GeoSeries([geo.load_border()], crs=geo.WGS84).boundary.plot(ax=axes, color="black", linewidth=0.5, zorder=5)
+
+
+def _label_axes(axes, title: str) -> None:
+    axes.set_title(title)
+    axes.set_xlabel("longitude (deg)")
+    axes.set_ylabel("latitude (deg)")
+    axes.set_aspect(1 / 0.71)  # ~1/cos(45 deg): degrees look roughly square on the ground
 
 
 def _croatia_axes(title: str):
     figure, axes = plt.subplots(figsize=(9, 8))
-    gpd.GeoSeries([geo.load_border()], crs=geo.WGS84).plot(ax=axes, color="#dfe9d8", edgecolor="#4a6b3a", linewidth=0.6)
-    axes.set_title(title)
-    axes.set_xlabel("longitude")
-    axes.set_ylabel("latitude")
-    axes.set_aspect(1 / 0.71)  # ~1/cos(45 deg): degrees look roughly square on the ground
+    _draw_land(axes)
+    _label_axes(axes, title)
     return figure, axes
 
 
@@ -31,34 +56,70 @@ def _save(figure, path: Path) -> Path:
     return path
 
 
+def _cells_title(cells) -> str:
+    if cells.kind == "grid":
+        return f"grid {cells.spacing:g} deg, {len(cells.cells)} cells kept"
+    return f"adaptive cells (k-means of train locations), {len(cells.cells)} cells"
+
+
+def _draw_grid_lines(axes, grid) -> None:
+    """The grid's lines over its extent only, with the axis ticks on cell edges (every n-th when dense)."""
+    xs = grid.min_lng + np.arange(grid.n_cols + 1) * grid.spacing
+    ys = grid.min_lat + np.arange(grid.n_rows + 1) * grid.spacing
+    axes.vlines(xs, ys[0], ys[-1], color="0.75", linewidth=0.5, zorder=0)
+    axes.hlines(ys, xs[0], xs[-1], color="0.75", linewidth=0.5, zorder=0)
+    every = max(1, int(np.ceil(len(xs) / 8)))
+    axes.set_xticks(xs[::every], [f"{x:.2f}" for x in xs[::every]])
+    axes.set_yticks(ys[::every], [f"{y:.2f}" for y in ys[::every]])
+
+
 def plot_grid(enriched, path: Path) -> Path:
-    """Croatia with every grid cell; kept cells (intersecting Croatia) outlined, classes shaded."""
-    grid = enriched.grid
-    figure, axes = _croatia_axes(f"Grid: {grid.spacing} deg, {len(grid.cells)} cells kept, "
-                                 f"{len(enriched.classes)} classes")
-    for i in range(grid.n_cols + 1):
-        axes.axvline(grid.min_lng + i * grid.spacing, color="0.8", linewidth=0.5, zorder=0)
-    for j in range(grid.n_rows + 1):
-        axes.axhline(grid.min_lat + j * grid.spacing, color="0.8", linewidth=0.5, zorder=0)
-    grid.cells.boundary.plot(ax=axes, color="black", linewidth=0.6)
-    grid.cells.loc[enriched.classes["cell"]].plot(ax=axes, color="tab:blue", alpha=0.2)
+    """Croatia with the cells: classes (cells with train data) shaded, kept cells without data outlined."""
+    cells = enriched.grid
+    figure, axes = _croatia_axes(f"Cells: {_cells_title(cells)}, {len(enriched.classes)} classes")
+    if cells.kind == "grid":
+        _draw_grid_lines(axes, cells)
+    is_class = cells.cells.index.isin(enriched.classes["cell"])
+    if cells.kind == "grid":
+        cells.cells[is_class].plot(ax=axes, color=CLASS_COLOUR, alpha=0.25, edgecolor="none")
+    else:  # Voronoi polygons reach far out to sea: shade their land parts
+        land = gpd.GeoSeries(cells.cells["land"].to_numpy(), crs=geo.CROATIA_CRS).to_crs(geo.WGS84)
+        land[is_class].plot(ax=axes, color=CLASS_COLOUR, alpha=0.35, edgecolor="none")
+    cells.cells.boundary.plot(ax=axes, color="black", linewidth=0.6)
+    axes.legend(handles=[Patch(facecolor=CLASS_COLOUR, alpha=0.25, edgecolor="black", label="class (has train data)"),
+                         Patch(facecolor="none", edgecolor="black", label="kept cell without train data"),
+                         Patch(facecolor=LAND["color"], edgecolor=LAND["edgecolor"], label="land (Croatia)")],
+                loc="lower left")
     return _save(figure, path)
 
 
 def plot_class_sizes(enriched, path: Path) -> Path:
-    """Kept cells coloured by their number of train locations (0: no class)."""
+    """Kept cells coloured by their number of train locations; cells with none hatched grey (no class)."""
     cells = enriched.grid.cells.copy()
-    cells["n_train"] = enriched.classes.set_index("cell")["n_train"].reindex(cells.index).fillna(0)
-    figure, axes = _croatia_axes("Train locations per cell (class size)")
-    cells.plot(ax=axes, column="n_train", cmap="viridis", edgecolor="white", linewidth=0.4, alpha=0.85,
-               legend=True, legend_kwds={"label": "train locations", "shrink": 0.7})
+    cells["n_train"] = enriched.classes.set_index("cell")["n_train"].reindex(cells.index).fillna(0).astype(int)
+    figure, axes = plt.subplots(figsize=(9, 8))
+    _label_axes(axes, f"Train locations per cell (class size): {_cells_title(enriched.grid)}")
+    empty = cells[cells["n_train"] == 0]
+    if len(empty):
+        empty.plot(ax=axes, facecolor="0.92", edgecolor="0.6", hatch="///", linewidth=0.4)
+    classes = cells[cells["n_train"] > 0]
+    norm = LogNorm(vmin=1, vmax=max(2, classes["n_train"].max()))
+    classes.plot(ax=axes, column="n_train", cmap="viridis", norm=norm, edgecolor="white", linewidth=0.4)
+    colour_bar = figure.colorbar(ScalarMappable(norm=norm, cmap="viridis"), ax=axes, shrink=0.7,
+                                 label="train locations (log scale; 1 is the darkest)")
+    colour_bar.set_ticks([t for t in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000) if t <= norm.vmax])
+    colour_bar.ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    colour_bar.ax.yaxis.set_minor_formatter(FuncFormatter(lambda value, _: ""))
+    _draw_coastline(axes)
+    axes.legend(handles=[Patch(facecolor="0.92", edgecolor="0.6", hatch="///", label="0 train locations (not a class)"),
+                         Line2D([], [], color="black", linewidth=0.8, label="coastline / border")], loc="lower left")
     return _save(figure, path)
 
 
 def plot_centroids(enriched, path: Path) -> Path:
     """The plain, clipped and weighted centroid of every class."""
     classes = enriched.classes
-    figure, axes = _croatia_axes("Class centroids")
+    figure, axes = _croatia_axes(f"Class centroids: {_cells_title(enriched.grid)}")
     enriched.grid.cells.loc[classes["cell"]].boundary.plot(ax=axes, color="0.5", linewidth=0.5)
     for prefix, label, marker, colour in (("centroid", "plain (cell land)", "o", "tab:gray"),
                                           ("clipped", "clipped to land", "x", "tab:red"),
@@ -72,24 +133,27 @@ def plot_distribution(enriched, path: Path) -> Path:
     """Locations by split on the map, and the histogram of train locations per class."""
     locations = enriched.locations
     figure, (axes_map, axes_hist) = plt.subplots(1, 2, figsize=(15, 7), gridspec_kw={"width_ratios": [3, 2]})
-    gpd.GeoSeries([geo.load_border()], crs=geo.WGS84).plot(ax=axes_map, color="#dfe9d8", edgecolor="#4a6b3a", linewidth=0.6)
-    for split, colour in SPLIT_COLOURS.items():
+    _draw_land(axes_map)
+    size = float(np.clip(2000 / max(len(locations), 1), 3, 12))  # dots shrink as locations grow
+    for split, style in SPLIT_STYLE.items():
         part = locations[locations["split"] == split]
-        axes_map.scatter(part["longitude"], part["latitude"], s=4, color=colour, label=f"{split} ({len(part)})")
-    axes_map.set_aspect(1 / 0.71)
-    axes_map.set_title(f"{len(locations)} locations")
-    axes_map.legend(loc="upper right", markerscale=3)
-    axes_hist.hist(enriched.classes["n_train"], bins=min(30, max(5, len(enriched.classes) // 2)), color="tab:blue")
+        axes_map.scatter(part["longitude"], part["latitude"], label=f"{split} ({len(part)})", zorder=3,
+                         linewidths=0, color=style["color"], marker=style["marker"], s=size * style["scale"])
+    _label_axes(axes_map, f"{len(locations)} locations by split")
+    axes_map.legend(loc="upper right", markerscale=2)
+    sizes = enriched.classes["n_train"]
+    axes_hist.hist(sizes, bins=np.arange(0, sizes.max() + 2) - 0.5 if sizes.max() < 40 else 30, color=CLASS_COLOUR)
+    axes_hist.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes_hist.yaxis.set_major_locator(MaxNLocator(integer=True))
     axes_hist.set_xlabel("train locations in the class")
-    axes_hist.set_ylabel("classes")
-    axes_hist.set_title("Class sizes")
+    axes_hist.set_ylabel("number of classes")
+    axes_hist.set_title(f"Class sizes ({len(sizes)} classes, median {sizes.median():g})")
     return _save(figure, path)
 
 
-def enrich_figures(enriched, out_dir: str | Path) -> list[Path]:
-    """All enrich figures into `out_dir`, named by spacing; returns their paths."""
+def enrich_figures(enriched, out_dir: str | Path, tag: str) -> list[Path]:
+    """All enrich figures into `out_dir` as <figure>_<tag>.png (tag: see src.enrich.output_tag); their paths."""
     out_dir = Path(out_dir)
-    tag = f"spacing_{enriched.grid.spacing:g}"
     return [plot_grid(enriched, out_dir / f"grid_{tag}.png"),
             plot_class_sizes(enriched, out_dir / f"class_sizes_{tag}.png"),
             plot_centroids(enriched, out_dir / f"centroids_{tag}.png"),

@@ -38,7 +38,7 @@ from tqdm import tqdm
 from src import geo
 from src.backbones import default_backbone, list_backbones
 from src.data import AUGMENT_CHOICES, GeoDataModule
-from src.enrich import add_enrich_arguments, enrich_from_args
+from src.enrich import add_enrich_arguments, data_hparams, enrich_from_args
 from src.errors import UserError, run_cli
 from src.export import ENGINES
 from src.files import atomic_path
@@ -210,14 +210,6 @@ def use_demo_dataset_if_none(args: argparse.Namespace) -> bool:
     say(f"no --dataset-dirs given: training on the synthetic demo dataset in {DEMO_DIR}")
     args.dataset_dirs = [str(DEMO_DIR)]
     return True
-
-
-def data_hparams(args: argparse.Namespace) -> dict[str, Any]:
-    """The data flags that decide the run's locations and split, as checkpoint hparams (paths absolute)."""
-    return {"seed": args.seed, "spacing": args.spacing, "dataset_dirs": [str(d) for d in args.dataset_dirs],
-            "split_fractions": [float(f) for f in args.split], "holdout_dirs": [str(d) for d in args.holdout_dirs],
-            "full_decode": bool(args.full_decode), "max_outside_km": float(args.max_outside_km),
-            "mainland_only": bool(args.mainland_only)}
 
 
 def read_resume(path: Path) -> dict[str, Any]:

@@ -8,8 +8,11 @@ import pandas as pd
 import pytest
 
 from src import geo
-from src.enrich import OUTPUT_COLUMNS, enrich, split_locations
-from src.errors import UserError
+from src.enrich import (OUTPUT_COLUMNS, apply_data_hparams, build_parser, data_hparams, dataset_tag, enrich,
+                        split_locations, thin_data_warning, unit_hash)
+from src.enrich import main as enrich_main
+from src.errors import UserError, run_cli
+from src.grid import build_grid
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -18,17 +21,51 @@ def locations_table(n, dirs=("a",)):
     return pd.DataFrame({"uuid": [f"u{i:04d}" for i in range(n)], "dataset_dir": [dirs[i % len(dirs)] for i in range(n)]})
 
 
+def counts(split):
+    return np.array([int((split == s).sum()) for s in ("train", "val", "test")])
+
+
 def test_split_is_deterministic_proportional_and_order_independent():
-    table = locations_table(1000)
+    table = locations_table(4000)
     split = split_locations(table, seed=3)
     assert (split == split_locations(table, seed=3)).all()
     assert not (split == split_locations(table, seed=4)).all()
-    assert [int((split == s).sum()) for s in ("train", "val", "test")] == [800, 100, 100]
+    # a hash per uuid: binomial shares, within 4 standard deviations of the fractions
+    assert np.abs(counts(split) - [3200, 400, 400]).max() < 4 * np.sqrt(4000 * 0.8 * 0.2)
     shuffled = table.sample(frac=1, random_state=0)
     again = pd.Series(split_locations(shuffled, seed=3), index=shuffled.index).sort_index()
     assert (again.to_numpy() == split).all()
     custom = split_locations(table, seed=0, fractions=(0.6, 0.3, 0.1))
-    assert [int((custom == s).sum()) for s in ("train", "val", "test")] == [600, 300, 100]
+    assert np.abs(counts(custom) - [2400, 1200, 400]).max() < 4 * np.sqrt(4000 * 0.6 * 0.4)
+
+
+def test_split_is_stable_per_location():
+    """Removing or adding locations never moves the others: each uuid's split is its own seeded hash."""
+    table = locations_table(500)
+    split = pd.Series(split_locations(table, seed=7), index=table["uuid"])
+    fewer = table.drop(index=[17])  # e.g. one location skipped for a bad view
+    assert (split_locations(fewer, seed=7) == split.drop("u0017").to_numpy()).all()
+    more = pd.concat([table, pd.DataFrame({"uuid": ["new1", "new2"], "dataset_dir": "b"})], ignore_index=True)
+    assert (split_locations(more, seed=7)[:500] == split.to_numpy()).all()
+    # the hash is the split: thresholds 0.8 and 0.9 on unit_hash(uuid, seed)
+    position = unit_hash(table["uuid"], 7)
+    assert ((position < 0.8) == (split.to_numpy() == "train")).all()
+    assert (((position >= 0.8) & (position < 0.9)) == (split.to_numpy() == "val")).all()
+
+
+def test_split_by_block_keeps_every_block_in_one_split():
+    table = locations_table(3000)
+    blocks = np.random.default_rng(0).integers(0, 120, len(table))
+    split = split_locations(table, seed=1, blocks=blocks)
+    per_block = pd.Series(split).groupby(blocks).nunique()
+    assert (per_block == 1).all() and set(split) == {"train", "val", "test"}
+    # blocks of ~25 locations: the shares stay near the fractions
+    assert np.abs(counts(split) / 3000 - [0.8, 0.1, 0.1]).max() < 0.05
+    # with held-out dirs, their rows are test and the blocks of the others fill train and val only
+    table["dataset_dir"] = np.where(np.arange(3000) < 300, "held", "a")
+    split = split_locations(table, seed=1, holdout_dirs=["held"], blocks=blocks)
+    assert (split[:300] == "test").all() and set(split[300:]) == {"train", "val"}
+    assert (pd.Series(split[300:]).groupby(blocks[300:]).nunique() == 1).all()
 
 
 def test_holdout_dirs_form_the_test_split():
@@ -36,7 +73,10 @@ def test_holdout_dirs_form_the_test_split():
     split = split_locations(table, seed=0, holdout_dirs=["c"])
     assert (split[table["dataset_dir"] == "c"] == "test").all()
     rest = split[table["dataset_dir"] != "c"]
-    assert set(rest) == {"train", "val"} and (rest == "val").sum() == round(200 * 0.1 / 0.9)
+    assert set(rest) == {"train", "val"}
+    # val keeps its share of the non-held-out rows (0.1 / 0.9): the same hash thresholds, renormalized
+    position = unit_hash(table["uuid"][table["dataset_dir"] != "c"], 0)
+    assert ((position >= 0.8 / 0.9) == (rest == "val")).all()
 
 
 @pytest.mark.parametrize("fractions", [(0.8, 0.1), (0.5, 0.2, 0.2), (0.0, 0.5, 0.5), (1.2, -0.1, -0.1)])
@@ -68,6 +108,59 @@ def test_enrich_columns_classes_scaler(demo_dir):
     pd.testing.assert_frame_equal(again.classes, classes)
 
 
+def test_adaptive_cells_from_train_locations(demo_dir):
+    enriched = enrich([demo_dir], seed=0, cells="adaptive", n_classes=20, progress=False)
+    locations, classes, cells = enriched.locations, enriched.classes, enriched.grid
+    train = locations[locations["split"] == "train"]
+    assert cells.kind == "adaptive" and len(classes) == len(cells.cells) == 20
+    # every cell is a class; train rows sit in their class's cell; weighted centroids are the k-means centres
+    assert (classes["cell"].to_numpy() == np.arange(20)).all()
+    assert (classes.loc[train["label"], "cell"].to_numpy() == train["cell"].to_numpy()).all()
+    np.testing.assert_allclose(classes[["weighted_x", "weighted_y"]], cells.seeds, atol=1e-3)
+    # val/test rows get the cell of their nearest centre, as a predicted point would (analyze)
+    other = locations[locations["split"] != "train"]
+    nearest = ((other[["crs_x", "crs_y"]].to_numpy()[:, None] - cells.seeds[None]) ** 2).sum(-1).argmin(1)
+    np.testing.assert_array_equal(other["label"], nearest)
+    # deterministic for the same data and seed; the default class count matches the grid's
+    again = enrich([demo_dir], seed=0, cells="adaptive", n_classes=20, progress=False)
+    pd.testing.assert_frame_equal(again.classes, classes)
+    matched = enrich([demo_dir], seed=0, cells="adaptive", progress=False)
+    grid = enrich([demo_dir], seed=0, progress=False)
+    assert len(matched.classes) == len(grid.classes)
+    pd.testing.assert_series_equal(matched.locations["split"], grid.locations["split"])
+
+
+@pytest.mark.parametrize("cells", ["grid", "adaptive"])
+def test_split_by_cell_keeps_every_grid_cell_in_one_split(demo_dir, cells):
+    enriched = enrich([demo_dir], spacing=1.0, seed=2, cells=cells, split_by="cell", progress=False)
+    locations = enriched.locations
+    blocks = build_grid(1.0).assign(locations["latitude"], locations["longitude"])
+    assert (locations.groupby(blocks)["split"].nunique() == 1).all()
+    assert set(locations["split"]) == {"train", "val", "test"}
+    if cells == "grid":  # the blocks are the class cells: val/test cells are never classes
+        held = locations[locations["split"] != "train"]
+        assert not set(held["cell"]) & set(enriched.classes["cell"])
+
+
+def test_thin_data_warning_suggests_the_right_fix(demo_dir):
+    coarse = enrich([demo_dir], spacing=3.0, progress=False)
+    assert coarse.classes["n_train"].median() >= 5 and thin_data_warning(coarse) is None
+    fine = enrich([demo_dir], spacing=0.3, progress=False)
+    median = fine.classes["n_train"].median()
+    assert median < 5
+    assert f"median of {median:g} train location(s)" in thin_data_warning(fine)
+    assert "larger --spacing" in thin_data_warning(fine)
+    many = enrich([demo_dir], cells="adaptive", n_classes=60, progress=False)
+    assert "fewer --classes" in thin_data_warning(many)
+
+
+def test_dataset_tag_is_short_and_file_safe(tmp_path):
+    assert dataset_tag([tmp_path / "demo"]) == "demo"
+    assert dataset_tag([tmp_path / "a b", tmp_path / "c/"]) == "a-b+c"
+    tag = dataset_tag([tmp_path / ("x" * 60), tmp_path / "y", tmp_path / "z"])
+    assert len(tag) <= 40 and tag.endswith("+2more")
+
+
 def test_holdout_dir_must_be_a_dataset_dir(demo_dir, tmp_path):
     with pytest.raises(UserError, match="--holdout-dirs"):
         enrich([demo_dir], holdout_dirs=[tmp_path], progress=False)
@@ -78,7 +171,7 @@ def run_enrich(*args, cwd):
                           text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
 
 
-def test_enrich_cli_end_to_end(demo_dir, tmp_path):
+def test_enrich_cli_end_to_end(demo_dir, tmp_path, monkeypatch, capsys):
     out = tmp_path / "enriched.csv"
     result = run_enrich("--dataset-dirs", demo_dir, "--spacing", "0.4", "--seed", "1", "--out", out,
                         "--figures-dir", tmp_path / "figures", cwd=tmp_path)
@@ -86,10 +179,22 @@ def test_enrich_cli_end_to_end(demo_dir, tmp_path):
     table = pd.read_csv(out)
     assert list(table.columns) == OUTPUT_COLUMNS and len(table) == 120
     assert "locations kept" in result.stdout and "classes (cells with train data)" in result.stdout
-    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == [
-        "centroids_spacing_0.4.png", "class_sizes_spacing_0.4.png", "distribution_spacing_0.4.png",
-        "grid_spacing_0.4.png"]
+    tag = f"{demo_dir.name}_grid0.4"
+    figures = sorted(p.name for p in (tmp_path / "figures").iterdir())
+    assert figures == [f"{name}_{tag}.png" for name in ("centroids", "class_sizes", "distribution", "grid")]
     assert (tmp_path / "enriched_skipped.csv").exists()
+    assert "warning: training data is thin" in result.stderr  # 96 train locations over ~60 cells
+    # without --out, outputs are named by dataset and cells (another dataset or cells never overwrite them)
+    # and the command says where they went
+    monkeypatch.chdir(tmp_path)
+    enrich_main(["--dataset-dirs", str(demo_dir), "--cells", "adaptive", "--classes", "8", "--split-by", "cell",
+                 "--figures-dir", "figures"])
+    named = tmp_path / "reports" / f"enriched_{demo_dir.name}_adaptive8_cellsplit.csv"
+    assert pd.read_csv(named)["label"].nunique() <= 8
+    stdout = capsys.readouterr().out
+    assert f"enriched CSV: reports/{named.name}" in stdout
+    assert f"figures/grid_{demo_dir.name}_adaptive8_cellsplit.png" in stdout
+    assert len(list((tmp_path / "figures").iterdir())) == 8
 
 
 def test_enrich_cli_lists_skips_and_writes_the_report(demo_dir, tmp_path):
@@ -115,3 +220,67 @@ def test_enrich_cli_user_errors_are_one_line_exit_2(demo_dir, tmp_path):
     assert "Traceback" not in result.stderr
     result = run_enrich("--dataset-dirs", demo_dir, "--split", "0.9", "0.2", "0.1", cwd=tmp_path)
     assert result.returncode == 2 and "--split" in result.stderr
+
+
+
+@pytest.mark.parametrize("argv, message", [
+    ("--classes 12", "--classes 12: only for --cells adaptive"),
+    ("--cells adaptive --classes -3", "--classes -3: give a number of adaptive cells"),
+    ("--cells hexagons", "--cells: invalid choice"),
+    ("--split-by road", "--split-by: invalid choice"),
+])
+def test_cell_flag_mistakes_are_one_line_errors(demo_dir, argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(enrich_main, ["--dataset-dirs", str(demo_dir), "--no-figures", *argv.split()])
+    error = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in error and error.count("\n") == 1
+
+
+def test_data_hparams_round_trip_and_old_checkpoints_fall_back_to_defaults(tmp_path):
+    argv = ["--dataset-dirs", str(tmp_path / "a"), "--cells", "adaptive", "--classes", "9", "--split-by", "cell",
+            "--spacing", "0.7", "--seed", "5", "--split", "0.7", "0.2", "0.1", "--mainland-only"]
+    args = build_parser().parse_args(argv)
+    hparams = data_hparams(args)
+    assert (hparams["cells"], hparams["n_classes"], hparams["split_by"]) == ("adaptive", 9, "cell")
+    restored = build_parser().parse_args(["--dataset-dirs", "elsewhere"])
+    apply_data_hparams(restored, hparams)
+    assert data_hparams(restored) == hparams
+    # a checkpoint from before the split and cell flags were saved (the model stores None for some)
+    old = {"dataset_dirs": ["/d"], "spacing": 1.0, "seed": 2, "split_fractions": None, "holdout_dirs": None}
+    apply_data_hparams(restored, old)
+    assert data_hparams(restored) == {
+        "seed": 2, "spacing": 1.0, "dataset_dirs": ["/d"], "split_fractions": [0.8, 0.1, 0.1], "holdout_dirs": [],
+        "full_decode": False, "max_outside_km": 10.0, "mainland_only": False, "cells": "grid", "n_classes": 0,
+        "split_by": "location"}
+    with pytest.raises(KeyError):
+        apply_data_hparams(restored, {"spacing": 1.0})
+
+
+def test_a_runs_cells_and_split_flags_flow_through_its_checkpoint_into_analyze(demo_dir, tmp_path):
+    """train saves --cells/--classes/--split-by in the checkpoint; analyze rebuilds the same cells and split."""
+    import contextlib
+    import io
+
+    from src.analyze import build_parser as analyze_parser
+    from src.analyze import enrich_args_from_checkpoint
+    from src.model import GeoModel
+    from src.train import main as train_main
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(io.StringIO()):
+        train_main(["--approach", "classification", "--dataset-dirs", str(demo_dir), "--backbone", "tiny",
+                    "--no-pretrained", "--epochs", "1", "--image-size", "32", "--cells", "adaptive", "--classes", "7",
+                    "--split-by", "cell", "--spacing", "1.0", "--seed", "4", "--num-workers", "0",
+                    "--out-dir", str(tmp_path / "reports"), "--cache-dir", str(tmp_path / "cache")])
+    checkpoint = printed.getvalue().splitlines()[-1].removeprefix("checkpoint: ")
+    hparams = GeoModel.load_from_checkpoint(checkpoint, map_location="cpu").hparams
+    assert (hparams.cells, hparams.n_classes, hparams.split_by) == ("adaptive", 7, "cell")
+    args = analyze_parser().parse_args(["--checkpoint", checkpoint])
+    enrich_args_from_checkpoint(args)
+    assert (args.cells, args.n_classes, args.split_by, args.spacing, args.seed) == ("adaptive", 7, "cell", 1.0, 4)
+    rebuilt = enrich(args.dataset_dirs, args.spacing, args.seed, args.split, args.holdout_dirs, progress=False,
+                     cells=args.cells, n_classes=args.n_classes, split_by=args.split_by)
+    assert rebuilt.grid.kind == "adaptive" and rebuilt.classes["n_train"].tolist() == hparams.classes["n_train"]
+    np.testing.assert_allclose(rebuilt.classes[["weighted_x", "weighted_y"]].to_numpy(), hparams.classes["weighted"])
+    test = rebuilt.locations[rebuilt.locations["split"] == "test"]
+    assert sorted(test["uuid"]) == sorted(u for u, _ in hparams.test_locations)

@@ -5,7 +5,7 @@ import shapely
 
 from src import geo
 from src.demo import sample_land_points
-from src.grid import build_grid, class_table, nearest_class
+from src.grid import CellSpec, Grid, build_adaptive, build_grid, class_table, kmeans, nearest_class
 
 # cells intersecting the Natural Earth 1:10m outline; the reference solution (another outline) got
 # about 31, 55, 75 and 115 classes for these spacings
@@ -116,3 +116,121 @@ def test_nearest_class_for_cells_without_train_data(grid):
     labels = nearest_class(table, grid, grid.assign(lat, lng), lat, lng)
     np.testing.assert_array_equal(labels, [0, 0])
     assert isinstance(table, pd.DataFrame) and len(table) == 1
+
+
+# ---- adaptive cells ---------------------------------------------------------------------------------------
+
+def hand_clusters(rng, per_cluster=40):
+    """Three tight clusters (2 km spread) around hand-placed centres 100 km apart, in EPSG:3766 metres."""
+    centres = np.array([[480_000.0, 5_080_000.0], [580_000.0, 5_080_000.0], [480_000.0, 4_980_000.0]])
+    points = np.concatenate([c + rng.normal(0, 2_000, (per_cluster, 2)) for c in centres])
+    return centres, points, np.repeat(np.arange(3), per_cluster)
+
+
+def test_kmeans_recovers_hand_placed_clusters_in_any_order():
+    centres, points, truth = hand_clusters(np.random.default_rng(0))
+    found, label = kmeans(points, 3, seed=0)
+    # each found centre is the mean of one true cluster (a permutation of them)
+    match = np.argmin(((found[:, None] - centres[None]) ** 2).sum(-1), axis=1)
+    assert sorted(match) == [0, 1, 2]
+    for k in range(3):
+        np.testing.assert_allclose(found[k], points[truth == match[k]].mean(0), atol=1e-6)
+        assert (label[truth == match[k]] == k).all()
+    # same points in another order, same seed: the same centres and the same label per point
+    order = np.random.default_rng(1).permutation(len(points))
+    again, again_label = kmeans(points[order], 3, seed=0)
+    np.testing.assert_array_equal(again, found)
+    np.testing.assert_array_equal(again_label, label[order])
+    with pytest.raises(ValueError, match="distinct"):
+        kmeans(points[:2], 3)
+
+
+def test_kmeans_never_leaves_a_cluster_empty():
+    # duplicates weigh in; k equals the number of distinct points: every point is its own centre
+    points = np.array([[0.0, 0.0]] * 5 + [[10.0, 0.0], [0.0, 10.0], [10.0, 10.0]])
+    found, label = kmeans(points, 4, seed=3)
+    assert sorted(map(tuple, found)) == [(0.0, 0.0), (0.0, 10.0), (10.0, 0.0), (10.0, 10.0)]
+    assert len(np.unique(label)) == 4 and (label[:5] == label[0]).all()
+
+
+@pytest.fixture(scope="module")
+def adaptive():
+    lat, lng = sample_land_points(3000, np.random.default_rng(5))
+    x, y = geo.project(lat, lng)
+    return build_adaptive(x, y, 25, seed=0), lat, lng, x, y
+
+
+def test_adaptive_cells_partition_croatia_and_assign_by_polygon(adaptive):
+    cells, lat, lng, x, y = adaptive
+    assert len(cells.cells) == 25 and cells.cells.index.tolist() == list(range(25))
+    land = cells.cells["land"].to_numpy()
+    border = geo.load_border(False, geo.CROATIA_CRS)
+    # the land parts tile the border: areas add up to the border's and no two overlap
+    assert shapely.area(land).sum() == pytest.approx(border.area, rel=1e-9)
+    assert shapely.union_all(land).area == pytest.approx(border.area, rel=1e-9)
+    polygons = cells.cells.to_crs(geo.CROATIA_CRS).geometry.values
+    assert shapely.area(polygons).sum() == pytest.approx(shapely.union_all(polygons).area, rel=1e-6)
+    # assign = the nearest seed (brute force) = the Voronoi polygon that holds the point
+    assigned = cells.assign(lat, lng)
+    nearest = ((np.column_stack([x, y])[:, None] - cells.seeds[None]) ** 2).sum(-1).argmin(1)
+    np.testing.assert_array_equal(assigned, cells.cells.index.to_numpy()[nearest])
+    assert shapely.contains_xy(polygons[assigned], x, y).mean() > 0.999  # polygon edges are a few m off in 4326
+    # the seeds are the k-means centres: the weighted centroid of each class is its seed
+    table = class_table(cells, assigned, x, y)
+    np.testing.assert_allclose(table[["weighted_x", "weighted_y"]].to_numpy(), cells.seeds[table["cell"]], atol=1e-3)
+    assert table["n_train"].sum() == len(lat) and len(table) == 25
+    # same data and seed: the same cells; another seed: other cells
+    again = build_adaptive(x[::-1], y[::-1], 25, seed=0)
+    np.testing.assert_array_equal(again.seeds, cells.seeds)
+    assert not np.array_equal(build_adaptive(x, y, 25, seed=1).seeds, cells.seeds)
+
+
+def test_two_adaptive_cells_split_the_land_by_the_bisector():
+    # Zagreb (two locations) and Osijek (one): two cells, the bisector of the two k-means centres between them
+    lat, lng = np.array([45.80, 45.84, 45.55]), np.array([15.95, 16.05, 18.69])
+    x, y = geo.project(lat, lng)
+    cells = build_adaptive(x, y, 2, seed=0)
+    table = class_table(cells, cells.assign(lat, lng), x, y).set_index("cell")
+    zagreb = table.loc[cells.assign(lat[:1], lng[:1])[0]]
+    assert zagreb["n_train"] == 2
+    assert (zagreb["weighted_x"], zagreb["weighted_y"]) == pytest.approx(((x[0] + x[1]) / 2, (y[0] + y[1]) / 2))
+    # by hand: Zagreb's land = the border on Zagreb's side of the perpendicular bisector
+    a, b = np.array([(x[0] + x[1]) / 2, (y[0] + y[1]) / 2]), np.array([x[2], y[2]])
+    middle, normal = (a + b) / 2, (b - a) / np.linalg.norm(b - a)
+    along = np.array([-normal[1], normal[0]]) * 2e6
+    half_plane = shapely.Polygon([middle + along, middle + along - normal * 2e6, middle - along - normal * 2e6,
+                                  middle - along])
+    by_hand = shapely.intersection(geo.load_border(False, geo.CROATIA_CRS), half_plane)
+    land = cells.cells.loc[zagreb.name, "land"]
+    assert land.area == pytest.approx(by_hand.area, rel=1e-6)
+    centroid = (by_hand.centroid.x, by_hand.centroid.y)
+    assert (zagreb["centroid_x"], zagreb["centroid_y"]) == pytest.approx(centroid, abs=1.0)
+    assert shapely.contains_xy(geo.load_border(), zagreb["clipped_lng"], zagreb["clipped_lat"])
+
+
+def test_cell_spec_builds_the_grid_or_adaptive_cells_matching_its_class_count():
+    lat, lng = sample_land_points(800, np.random.default_rng(6))
+    grid = CellSpec("grid", 0.5).build(lat, lng)
+    assert isinstance(grid, Grid) and grid.tag == "grid0.5"
+    matched = CellSpec("adaptive", 0.5).build(lat, lng, seed=0)
+    assert len(matched.cells) == len(np.unique(grid.assign(lat, lng)))
+    assert matched.tag == f"adaptive{len(matched.cells)}"
+    assert len(CellSpec("adaptive", 0.5, n_classes=12).build(lat, lng).cells) == 12
+    # more cells asked than distinct locations: one cell per location
+    assert len(CellSpec("adaptive", 0.5, n_classes=50).build(lat[:7], lng[:7]).cells) == 7
+    with pytest.raises(ValueError, match="cells must be one of"):
+        CellSpec("hexagons")
+
+
+def test_nearest_class_with_adaptive_cells(adaptive):
+    cells, lat, lng, x, y = adaptive
+    # train data in only the first half of the cells: the others' points go to the nearest class polygon
+    assigned = cells.assign(lat, lng)
+    train = assigned < 12
+    table = class_table(cells, assigned[train], x[train], y[train])
+    labels = nearest_class(table, cells, assigned, lat, lng)
+    polygons = cells.cells.loc[table["cell"]].to_crs(geo.CROATIA_CRS).geometry.values
+    for i in np.flatnonzero(~train)[:20]:
+        distances = shapely.distance(polygons, shapely.Point(x[i], y[i]))
+        assert distances[labels[i]] == pytest.approx(distances.min())
+    np.testing.assert_array_equal(table["cell"].to_numpy()[labels[train]], assigned[train])

@@ -45,7 +45,7 @@ def test_quickstart_verbatim(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     submission = pd.read_csv(tmp_path / "submission.csv")
     assert list(submission.columns) == ["uuid", "latitude", "longitude"]
-    enriched = pd.read_csv(tmp_path / "reports" / "enriched.csv")
+    enriched = pd.read_csv(tmp_path / "reports" / "enriched_demo_grid0.5.csv")
     test = enriched[enriched["split"] == "test"]
     assert sorted(submission["uuid"]) == sorted(test["uuid"]) and submission["uuid"].is_unique
     last = run.stdout.strip().splitlines()[-1]
