@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
+from src.export import OnnxFeatureExtractor, resolve_engine
 from src.features import FeatureCache
 from src.images import load_image, view_paths
 
@@ -126,6 +127,7 @@ class GeoDataModule(pl.LightningDataModule):
         unfreeze_at_epoch: int | None = None,
         cache_dir: str | Path | None = None,
         backbone_name: str = "",
+        feature_engine: str = "torch",
     ):
         super().__init__()
         if augment not in AUGMENT_CHOICES:
@@ -139,6 +141,7 @@ class GeoDataModule(pl.LightningDataModule):
         self.unfreeze_at_epoch = unfreeze_at_epoch
         self.cache_dir = cache_dir
         self.backbone_name = backbone_name
+        self.feature_engine = feature_engine  # fills the feature cache: torch, onnx or auto (src.export)
         self._features: dict[str, torch.Tensor] = {}
 
     def split(self, name: str) -> pd.DataFrame:
@@ -178,9 +181,12 @@ class GeoDataModule(pl.LightningDataModule):
             model = self.trainer.lightning_module
             cache = FeatureCache(self.cache_dir, self.backbone_name, model.backbone, self.image_size)
             image_dirs = self.split(split)["image_dir"].astype(str).tolist()
+            extract = None  # ONNX Runtime exports the backbone on its first call, so only when entries are missing
+            if resolve_engine(self.feature_engine, model.device) == "onnx":
+                extract = OnnxFeatureExtractor(model.backbone, self.image_size, cache.directory / "backbone.onnx")
             computed = cache.compute_missing(
                 image_dirs, model.backbone, partial(_load_eval_quadruplet, image_size=self.image_size),
-                batch_size=self.batch_size, num_workers=self.num_workers, device=model.device,
+                batch_size=self.batch_size, num_workers=self.num_workers, device=model.device, extract=extract,
             )
             log.info("feature cache (%s): %d computed, %d reused", split, computed, len(image_dirs) - computed)
             self._features[split] = cache.load_all(image_dirs)

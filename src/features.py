@@ -100,6 +100,7 @@ class FeatureCache:
         batch_size: int = 32,
         num_workers: int = 0,
         device: torch.device | str = "cpu",
+        extract: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> int:
         """Compute and store the entries missing for `image_dirs`; returns how many were computed.
 
@@ -107,6 +108,8 @@ class FeatureCache:
         runs in eval mode; its previous mode is restored afterwards. Unusable entries count as missing
         (see the module docstring). The loader has its own random generator: filling the cache
         draws nothing from torch's global RNG, so a cold and a warm cache give the same training run.
+        `extract` computes the features in place of the backbone's forward (ONNX Runtime,
+        `src.export.OnnxFeatureExtractor`); its features agree with torch's, so entries stay interchangeable.
         """
         corrupt_before = len(self.corrupt)
         missing = [image_dir for image_dir in dict.fromkeys(image_dirs) if self.get(image_dir) is None]
@@ -126,7 +129,7 @@ class FeatureCache:
         try:
             for indices, views in tqdm(loader, desc="caching features", unit="batch", leave=False):
                 batch, n_views = views.shape[:2]
-                features = backbone(views.flatten(0, 1).to(device)).view(batch, n_views, -1)
+                features = (extract or backbone)(views.flatten(0, 1).to(device)).view(batch, n_views, -1)
                 for index, location_features in zip(indices.tolist(), features):
                     self.put(missing[index], location_features)
         finally:

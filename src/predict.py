@@ -9,7 +9,8 @@ in EPSG:3766 metres. --tta also averages over the mirrored quadruplet (`src.data
 flipped horizontally and the 90 and 270 views swapped, a geometrically consistent mirror image).
 Every location gets a row: unreadable views are replaced by readable views of the same location, and
 a location without any readable view gets the training prior (train-mean location); both are listed
-on stderr. stdout carries only the CSV.
+on stderr. stdout carries only the CSV. --engine picks torch or ONNX Runtime (`src.export`; auto: ONNX
+Runtime on the CPU, torch on a GPU); the ONNX export is made once and kept beside the checkpoint.
 """
 
 import argparse
@@ -28,6 +29,7 @@ from tqdm import tqdm
 from src.data import eval_transform, mirror_views
 from src.checkpoints import REPORTS_DIR, find_checkpoint, load_model
 from src.errors import UserError, run_cli
+from src.export import ENGINES, engine_model, resolve_engine
 from src.files import atomic_path
 from src.geo import project, unproject
 from src.grid import CENTROID_KINDS
@@ -126,6 +128,14 @@ class QuadrupletFolders(Dataset):
         return uuid, views, reasons
 
 
+def substitute_sources(reasons: list[str | None]) -> list[int | None]:
+    """The view index that fills each of the four slots given per-view problems (None: readable):
+    itself when readable, else the first readable of SUBSTITUTE_ORDER; None when no view is readable."""
+    readable = [i for i in range(4) if reasons[i] is None]
+    return [i if reasons[i] is None else next((j for j in SUBSTITUTE_ORDER[i] if j in readable), None)
+            for i in range(4)]
+
+
 def collate_quadruplets(items):
     """Batch items of QuadrupletFolders, replacing each unreadable view by a readable view of its location.
 
@@ -137,11 +147,8 @@ def collate_quadruplets(items):
     per_size = {size: [] for size in sizes}
     for uuid, views, reasons in items:
         uuids.append(uuid)
-        readable = [i for i in range(N_VIEWS) if reasons[i] is None]
-        has_views.append(bool(readable))
-        # the view file that fills each slot (None: no readable view at all)
-        source = [i if reasons[i] is None else next((j for j in SUBSTITUTE_ORDER[i] if j in readable), None)
-                  for i in range(N_VIEWS)]
+        source = substitute_sources(reasons)
+        has_views.append(source[0] is not None)
         replaced += [f"{uuid} {VIEWS[i]}.jpg: {reasons[i]} -> used {VIEWS[j]}.jpg"
                      for i, j in enumerate(source) if j is not None and j != i]
         for size in sizes:
@@ -221,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="DataLoader worker processes decoding JPEGs (default: min(4, CPUs) - 1)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--engine", choices=ENGINES, default="auto",
+                        help="torch, or ONNX Runtime (exported once beside the checkpoint); auto: onnx on the CPU, "
+                             "torch on a GPU (default: auto)")
     parser.add_argument("--out", type=Path, help="write the CSV here (atomically) instead of stdout")
     parser.add_argument("--reports-dir", type=Path, default=REPORTS_DIR,
                         help="where the default checkpoint is searched (default: reports/)")
@@ -238,19 +248,21 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     if args.topk is not None and args.topk < 0:
         raise UserError(f"--topk {args.topk}: give 0 (all classes) or a number of classes >= 1")
     check_device(args.device)
+    engine = resolve_engine(args.engine, args.device)
     stdout = sys.stdout
     # anything a library prints while loading or predicting must not end up in the CSV
     with contextlib.redirect_stdout(sys.stderr):
         checkpoints = args.checkpoint or [find_checkpoint(args.reports_dir)]
         models = []
         for path in checkpoints:
-            models.append(load_model(path, args.device, reports_dir=args.reports_dir,
-                                     centroids=args.centroids, topk=args.topk))
+            model = load_model(path, args.device, reports_dir=args.reports_dir,
+                               centroids=args.centroids, topk=args.topk)
+            models.append(engine_model(model, path, engine))
             hp = models[-1].hparams
             how = f", {hp.get('centroids')} centroids, top-{hp.get('topk') or 'all'}" \
                 if hp.get("approach") == "classification" else ""
-            print(f"checkpoint {path}: {hp.get('approach')} {hp.get('backbone')} {hp.get('image_size')} px{how}",
-                  file=sys.stderr)
+            print(f"checkpoint {path}: {hp.get('approach')} {hp.get('backbone')} {hp.get('image_size')} px{how}, "
+                  f"engine {engine}", file=sys.stderr)
         if args.images is not None:
             locations = locations_from_images(args.images)
             source = f"--images {args.images}"

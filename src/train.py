@@ -41,6 +41,7 @@ from src.data import AUGMENT_CHOICES, GeoDataModule
 from src.enrich import (LOCATIONS_FILE, add_enrich_arguments, add_locations_argument, check_data_flags,
                         data_hparams, enrich_from_args, write_locations_csv)
 from src.errors import UserError, run_cli
+from src.export import ENGINES
 from src.files import atomic_path
 from src.grid import CENTROID_KINDS, CENTROID_PREFIX
 from src.model import APPROACHES, OPTIMIZERS, SCHEDULERS, FreezeThenUnfreeze, GeoModel
@@ -123,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--cache-features", action=argparse.BooleanOptionalAction, default=True,
                       help="reuse backbone features from disk while the backbone is frozen and unaugmented (default: on)")
     data.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help="feature cache folder (default: data/cache/features)")
+    data.add_argument("--engine", choices=ENGINES, default="auto",
+                      help="fills the feature cache: torch, or ONNX Runtime (backbone exported once into the cache "
+                           "folder); auto: onnx on the CPU, torch on a GPU (default: auto)")
     data.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1) - 1,
                       help="data loader worker processes (default: CPU cores - 1, at most 3)")
     run = parser.add_argument_group("run")
@@ -354,6 +358,7 @@ def train(args: argparse.Namespace, interrupt: Interrupt) -> None:
         locations, image_size=args.image_size, batch_size=args.batch_size, num_workers=args.num_workers,
         augment=args.augment, mirror_p=args.mirror_p, unfreeze_at_epoch=args.unfreeze_at_epoch,
         cache_dir=args.cache_dir if args.cache_features else None, backbone_name=args.backbone,
+        feature_engine=args.engine,
     )
     logger = AtomicTensorBoardLogger(args.out_dir, name=args.run_name, version=resumed_version(args),
                                      default_hp_metric=False)

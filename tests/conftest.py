@@ -9,3 +9,25 @@ from src.demo import write_demo_dataset
 def demo_dir(tmp_path_factory):
     """A generated LUMEN-format demo dataset: 120 locations, 64 px views, seed 0. Treat as read-only."""
     return write_demo_dataset(tmp_path_factory.mktemp("demo"), n_locations=120, image_size=64, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(demo_dir, tmp_path_factory):
+    """{approach: best checkpoint} of two 1-epoch runs on the demo set (tiny backbone, 32 px, classification and
+    regression), for tests that serve or export a trained model. Treat as read-only."""
+    import contextlib
+    import io
+    from pathlib import Path
+
+    from src.train import main as train_main
+
+    out = tmp_path_factory.mktemp("tiny_runs")
+    checkpoints = {}
+    for approach in ("classification", "regression"):
+        stdout = io.StringIO()
+        with contextlib.redirect_stdout(stdout):
+            train_main(["--approach", approach, "--dataset-dirs", str(demo_dir), "--backbone", "tiny", "--no-pretrained",
+                        "--epochs", "1", "--image-size", "32", "--num-workers", "0", "--batch-size", "16",
+                        "--engine", "torch", "--out-dir", str(out), "--cache-dir", str(out / "cache")])
+        checkpoints[approach] = Path(stdout.getvalue().splitlines()[-1].removeprefix("checkpoint: "))
+    return checkpoints

@@ -1,0 +1,192 @@
+"""Inference on the CPU: ONNX Runtime vs eager torch, and the server's micro-batching.
+
+    python -m benchmarks.inference [--dataset-dir DIR] [--locations 40] [--image-size 224]
+
+(a) feature extraction, 640 px JPEG files -> cached features (`FeatureCache.compute_missing`: draft-mode
+    decoding in a DataLoader worker overlapping inference), ONNX Runtime vs eager torch with the same weights,
+    for efficientnet_lite0 (ImageNet weights) and a torchvision ResNet (resnet50, random weights: the same
+    compute; its ImageNet weights need a download). Goals: >= 5x and >= 2x.
+(b) predict latency for one location, warm: 4 JPEG files in, latitude/longitude out (efficientnet_lite0
+    classifier, median of --repeats). Goal: < 100 ms with ONNX Runtime.
+(c) `src.serve` throughput in locations/s: 16 concurrent clients vs one client at a time. Goal: >= 2x.
+Every pair is measured side by side in this run; the last line is the ratios.
+"""
+
+import argparse
+import asyncio
+import contextlib
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from functools import partial
+from pathlib import Path
+
+import aiohttp
+import pytorch_lightning as pl
+import torch
+
+from src import geo
+from src.backbones import create_backbone
+from src.data import eval_transform, load_quadruplet
+from src.enrich import enrich
+from src.export import OnnxFeatureExtractor, OnnxGeoModel, export_model, infer
+from src.features import FeatureCache
+from src.images import VIEWS, load_image, view_paths
+from src.model import GeoModel
+from src.train import class_table
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATASET = ROOT.parent / "shared" / "data" / "lumen_external_subset"
+
+
+def feature_seconds(backbone_name: str, pretrained: bool, image_dirs: list[str], image_size: int, batch_size: int,
+                    workers: int) -> dict[str, float]:
+    """Seconds to fill an empty feature cache for `image_dirs` with each engine (export time apart)."""
+    torch.manual_seed(0)
+    backbone = create_backbone(backbone_name, pretrained).eval()
+    load = partial(load_quadruplet, image_size=image_size, transform=eval_transform(image_size))
+    result = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for engine in ("onnx", "torch"):
+            cache = FeatureCache(Path(tmp) / engine, backbone_name, backbone, image_size)
+            extract = None
+            if engine == "onnx":
+                extract = OnnxFeatureExtractor(backbone, image_size, cache.directory / "backbone.onnx")
+                start = time.perf_counter()
+                extract(torch.zeros(1, 3, image_size, image_size))  # the one-time export, timed apart
+                result["export"] = time.perf_counter() - start
+            start = time.perf_counter()
+            cache.compute_missing(image_dirs, backbone, load, batch_size=batch_size, num_workers=workers,
+                                  extract=extract)
+            result[engine] = time.perf_counter() - start
+    return result
+
+
+def classifier(dataset_dir: Path, image_size: int) -> GeoModel:
+    """An efficientnet_lite0 classifier over the dataset's cells (ImageNet backbone, untrained head: the
+    compute of a trained one)."""
+    enriched = enrich([dataset_dir], progress=False)
+    train = enriched.locations[enriched.locations["split"] == "train"]
+    return GeoModel(approach="classification", backbone="efficientnet_lite0", image_size=image_size,
+                    classes=class_table(enriched.classes), scaler=enriched.scaler, pretrained=True,
+                    prior_lat=float(train["latitude"].mean()), prior_lng=float(train["longitude"].mean())).eval()
+
+
+def decode(folder: Path, image_size: int) -> torch.Tensor:
+    """A location's 4 JPEGs as the model's input [1, 4, 3, S, S], normalised with one torch thread (as src.serve
+    does with ONNX Runtime: torch's intra-op threads only slow a 224 px normalisation down on a busy CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        transform = eval_transform(image_size)
+        return torch.stack([transform(load_image(path, image_size)) for path in view_paths(folder)])[None]
+    finally:
+        torch.set_num_threads(threads)
+
+
+def predict_one(model, folder: Path, image_size: int) -> tuple[float, float]:
+    """What serving one location costs: decode 4 JPEGs, run the model, convert to degrees."""
+    _, xy = infer(model, decode(folder, image_size))
+    lat, lng = geo.unproject(xy[0, 0], xy[0, 1])
+    return float(lat), float(lng)
+
+
+def median_ms(function, repeats: int) -> float:
+    for _ in range(3):
+        function()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+async def throughput(url: str, bodies: list[dict[str, bytes]], clients: int, requests: int) -> float:
+    """Locations/s with `clients` concurrent clients sending `requests` requests each."""
+
+    async def client(session, i):
+        for j in range(requests):
+            form = aiohttp.FormData()
+            for name, data in bodies[(i * requests + j) % len(bodies)].items():
+                form.add_field(name, data, filename=f"{name}.jpg", content_type="image/jpeg")
+            async with session.post(url + "/api/predict", data=form) as response:
+                assert response.status == 200, await response.text()
+                await response.read()
+
+    async with aiohttp.ClientSession() as session:
+        await client(session, 0)  # warm-up
+        start = time.perf_counter()
+        await asyncio.gather(*(client(session, i) for i in range(clients)))
+        return clients * requests / (time.perf_counter() - start)
+
+
+def save_checkpoint(model: GeoModel, path: Path) -> None:
+    """A checkpoint `GeoModel.load_from_checkpoint` (and so src.serve) reads."""
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
+                "pytorch-lightning_version": pl.__version__}, path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dataset-dir", type=Path, default=DEFAULT_DATASET,
+                        help=f"a LUMEN dataset dir with real 640 px photos (default: {DEFAULT_DATASET})")
+    parser.add_argument("--locations", type=int, default=40, help="locations (x4 JPEGs) per feature run (default: 40)")
+    parser.add_argument("--image-size", type=int, default=224, help="(default: 224)")
+    parser.add_argument("--batch-size", type=int, default=16, help="locations per batch (default: 16)")
+    parser.add_argument("--workers", type=int, default=1, help="JPEG-decoding DataLoader workers (default: 1)")
+    parser.add_argument("--repeats", type=int, default=20, help="latency repeats (default: 20)")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    from src.predict import locations_from_images
+
+    folders = [folder for _, folder in locations_from_images(args.dataset_dir)]
+    image_dirs = [str(f) for f in folders[:args.locations]]
+    n_images = 4 * len(image_dirs)
+    size = args.image_size
+    print(f"{len(image_dirs)} locations ({n_images} JPEGs) from {args.dataset_dir}, {size} px, "
+          f"{torch.get_num_threads()} torch threads")
+
+    ratios = {}
+    for name, pretrained in (("efficientnet_lite0", True), ("resnet50", False)):
+        seconds = feature_seconds(name, pretrained, image_dirs, size, args.batch_size, args.workers)
+        ratios[f"features {name}"] = seconds["torch"] / seconds["onnx"]
+        print(f"(a) features {name}: torch {seconds['torch']:.2f} s ({n_images / seconds['torch']:.1f} images/s), "
+              f"onnxruntime {seconds['onnx']:.2f} s ({n_images / seconds['onnx']:.1f} images/s); "
+              f"one-time export {seconds['export']:.1f} s")
+
+    with contextlib.redirect_stdout(sys.stderr):
+        model = classifier(args.dataset_dir, size)
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_model = OnnxGeoModel(export_model(model, Path(tmp) / "model.onnx"), model.hparams)
+        torch_ms = median_ms(lambda: predict_one(model, folders[0], size), args.repeats)
+        onnx_ms = median_ms(lambda: predict_one(onnx_model, folders[0], size), args.repeats)
+        decode_ms = median_ms(lambda: decode(folders[0], size), args.repeats)
+        ratios["predict latency"] = torch_ms / onnx_ms
+        print(f"(b) predict one location (4 JPEGs -> lat/lng), median of {args.repeats}: torch {torch_ms:.1f} ms, "
+              f"onnxruntime {onnx_ms:.1f} ms (of which JPEG decoding {decode_ms:.1f} ms)")
+
+        checkpoint = Path(tmp) / "model.ckpt"
+        save_checkpoint(model, checkpoint)
+        server = subprocess.Popen([sys.executable, "-m", "src.serve", "--checkpoint", str(checkpoint), "--port", "0",
+                                   "--max-batch", "16"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                  text=True)
+        try:
+            url = server.stdout.readline().split()[2]
+            bodies = [{str(v): (f / f"{v}.jpg").read_bytes() for v in VIEWS} for f in folders[:16]]
+            one = asyncio.run(throughput(url, bodies, clients=1, requests=32))
+            many = asyncio.run(throughput(url, bodies, clients=16, requests=8))
+        finally:
+            server.terminate()
+            server.wait(30)
+    ratios["server 16 clients vs 1"] = many / one
+    print(f"(c) src.serve (onnxruntime, --max-batch 16): one client at a time {one:.1f} locations/s, "
+          f"16 concurrent clients {many:.1f} locations/s")
+    print("ratios: " + ", ".join(f"{name} {ratio:.2f}x" for name, ratio in ratios.items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""ONNX export and the ONNX Runtime engine: outputs against torch on real images, dynamic batch, the cached
+export, predict --engine and the feature cache filled by either engine."""
+
+import contextlib
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pandas as pd
+import pytest
+import torch
+
+from src import geo
+from src.backbones import create_backbone
+from src.data import eval_transform, load_quadruplet
+from src.errors import UserError, run_cli
+from src.export import (OPSET, OnnxFeatureExtractor, OnnxGeoModel, build_parser, cached_export_path, engine_model,
+                        resolve_engine, stored_key)
+from src.export import main as export_main
+from src.features import FeatureCache
+from src.checkpoints import load_model
+from src.predict import QuadrupletFolders, collate_quadruplets
+from src.predict import main as predict_main
+from src.train import main as train_main
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def demo_views(demo_dir, n: int, size: int) -> torch.Tensor:
+    """Real quadruplets [n, 4, 3, S, S] of the first n demo locations, as src.predict loads them."""
+    folders = sorted((demo_dir / "data").iterdir())[:n]
+    dataset = QuadrupletFolders([(f.name, f) for f in folders], [size])
+    return collate_quadruplets([dataset[i] for i in range(n)])[1][size]
+
+
+@pytest.mark.parametrize("approach", ["classification", "regression"])
+def test_export_matches_torch_on_real_images_with_any_batch_size(approach, tiny_checkpoints, demo_dir, tmp_path):
+    checkpoint = tiny_checkpoints[approach]
+    out = tmp_path / "model.onnx"
+    check = export_main(["--checkpoint", str(checkpoint), "--out", str(out), "--check-images", str(demo_dir)])
+    assert check["max_abs_diff"] < 1e-4 and check["max_distance_m"] < 1.0
+    proto = onnx.load(str(out))
+    onnx.checker.check_model(proto)
+    assert {o.domain: o.version for o in proto.opset_import}[""] == OPSET
+    assert [i.name for i in proto.graph.input] == ["views"]
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # the batch axis is symbolic
+    expected_outputs = ["probabilities" if approach == "classification" else "scaled_xy", "xy"]
+    assert [o.name for o in proto.graph.output] == expected_outputs
+
+    model = load_model(checkpoint)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    for batch in (1, 7):
+        views = demo_views(demo_dir, batch, 32)
+        outputs, xy = session.run(None, {"views": views.numpy()})
+        assert xy.shape == (batch, 2) and xy.dtype == np.float64
+        reference = model.predict_xy(views).double().numpy()
+        got_lat, got_lng = geo.unproject(xy[:, 0], xy[:, 1])
+        ref_lat, ref_lng = geo.unproject(reference[:, 0], reference[:, 1])
+        assert geo.haversine_km(got_lat, got_lng, ref_lat, ref_lng).max() * 1000 < 1.0
+        if approach == "classification":
+            np.testing.assert_allclose(outputs.sum(axis=1), 1.0, atol=1e-5)
+            np.testing.assert_allclose(outputs, model(views).softmax(dim=1).detach().numpy(), atol=1e-5)
+
+
+def test_backbone_only_export(tiny_checkpoints, demo_dir, tmp_path):
+    checkpoint = tiny_checkpoints["classification"]
+    out = tmp_path / "backbone.onnx"
+    check = export_main(["--checkpoint", str(checkpoint), "--out", str(out), "--backbone-only"])
+    assert check["max_abs_diff"] < 1e-5 and "max_distance_m" not in check
+    images = demo_views(demo_dir, 3, 32).flatten(0, 1)
+    features = ort.InferenceSession(str(out)).run(None, {"images": images.numpy()})[0]
+    model = load_model(checkpoint)
+    assert features.shape == (12, model.backbone.out_features)
+    np.testing.assert_allclose(features, model.backbone(images).detach().numpy(), atol=1e-5)
+
+
+def test_export_cli_errors_are_one_line(tiny_checkpoints, tmp_path, capsys):
+    cases = [(["--checkpoint", str(tmp_path / "none.ckpt"), "--out", str(tmp_path / "m.onnx")], "file not found"),
+             (["--checkpoint", str(tiny_checkpoints["classification"]), "--out", str(tmp_path)], "is a directory"),
+             (["--checkpoint", str(tiny_checkpoints["classification"])], "--out"),
+             (["--checkpoint", str(REPO / "README.md"), "--out", str(tmp_path / "m.onnx")], "not a readable GeoModel")]
+    for args, fragment in cases:
+        with pytest.raises(SystemExit) as exit_:
+            run_cli(export_main, args)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and "Traceback" not in err, err
+        assert len(err.strip().splitlines()) == 1 and err.startswith("error: ") and fragment in err, err
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_export_help_lists_every_flag_with_its_default():
+    text = " ".join(build_parser().format_help().split())
+    for flag, default in (("--checkpoint", None), ("--out", None), ("--backbone-only", "off"),
+                          ("--check-images", "the first folders")):
+        assert flag in text
+        if default:
+            assert f"(default: {default}" in text
+
+
+def test_engine_exports_once_beside_the_checkpoint_and_again_when_it_changes(tiny_checkpoints, tmp_path):
+    checkpoint = tmp_path / "run" / "best.ckpt"
+    checkpoint.parent.mkdir()
+    checkpoint.write_bytes(tiny_checkpoints["classification"].read_bytes())
+    model = load_model(checkpoint)
+    engine = engine_model(model, checkpoint, "onnx")
+    path = cached_export_path(checkpoint)
+    assert isinstance(engine, OnnxGeoModel) and path == checkpoint.with_name("best.ckpt.onnx") and path.is_file()
+    first = path.stat().st_mtime_ns
+    engine_model(model, checkpoint, "onnx")
+    assert path.stat().st_mtime_ns == first  # reused
+    os.utime(checkpoint, ns=(first + 10**9, first + 10**9))  # a rewritten checkpoint makes the export stale
+    engine_model(model, checkpoint, "onnx")
+    assert path.stat().st_mtime_ns != first and str(checkpoint.resolve()) in stored_key(path)
+    assert engine_model(model, checkpoint, "torch") is model
+
+
+def test_resolve_engine():
+    assert resolve_engine("auto", "cpu") == "onnx" and resolve_engine("auto", "cuda:0") == "torch"
+    assert resolve_engine("torch", "cpu") == "torch" and resolve_engine("onnx", "cpu") == "onnx"
+    with pytest.raises(UserError, match="--engine onnx runs on the CPU"):
+        resolve_engine("onnx", "cuda")
+
+
+def test_predict_engines_agree(tiny_checkpoints, demo_dir, capsys):
+    frames = {engine: predict_main(["--checkpoint", str(tiny_checkpoints["classification"]), "--images",
+                                    str(demo_dir), "--engine", engine, "--num-workers", "0"])
+              for engine in ("torch", "onnx")}
+    assert "engine onnx" in capsys.readouterr().err
+    torch_frame, onnx_frame = frames["torch"], frames["onnx"]
+    assert onnx_frame["uuid"].tolist() == torch_frame["uuid"].tolist() and len(onnx_frame) == 120
+    metres = 1000 * geo.haversine_km(torch_frame["latitude"], torch_frame["longitude"],
+                                     onnx_frame["latitude"], onnx_frame["longitude"])
+    assert metres.max() < 1.0
+
+
+def test_feature_cache_entries_from_either_engine_are_interchangeable(demo_dir, tmp_path):
+    torch.manual_seed(0)
+    backbone = create_backbone("tiny", pretrained=False)
+    folders = [str(f) for f in sorted((demo_dir / "data").iterdir())[:10]]
+
+    def load(image_dir):
+        return load_quadruplet(image_dir, 48, eval_transform(48))
+
+    caches = {}
+    for engine in ("torch", "onnx"):
+        cache = FeatureCache(tmp_path / engine, "tiny", backbone, 48)
+        extract = OnnxFeatureExtractor(backbone, 48, cache.directory / "backbone.onnx") if engine == "onnx" else None
+        assert cache.compute_missing(folders, backbone, load, batch_size=4, extract=extract) == 10
+        caches[engine] = cache
+    assert (caches["onnx"].directory / "backbone.onnx").is_file()
+    assert caches["onnx"].directory.name == caches["torch"].directory.name  # same key: entries interchangeable
+    torch_features, onnx_features = caches["torch"].load_all(folders), caches["onnx"].load_all(folders)
+    assert torch_features.shape == (10, 4, 64)
+    torch.testing.assert_close(onnx_features, torch_features, atol=1e-5, rtol=1e-4)
+    # the export is made once: a new extractor over the same file and weights reuses it
+    mtime = (caches["onnx"].directory / "backbone.onnx").stat().st_mtime_ns
+    again = OnnxFeatureExtractor(backbone, 48, caches["onnx"].directory / "backbone.onnx")
+    torch.testing.assert_close(again(load(folders[0])), torch_features[0], atol=1e-5, rtol=1e-4)
+    assert (caches["onnx"].directory / "backbone.onnx").stat().st_mtime_ns == mtime
+
+
+def test_train_fills_the_cache_with_onnx_runtime(demo_dir, tmp_path):
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        train_main(["--approach", "classification", "--dataset-dirs", str(demo_dir), "--backbone", "tiny",
+                    "--no-pretrained", "--quick", "--image-size", "32", "--num-workers", "1", "--engine", "onnx",
+                    "--out-dir", str(tmp_path / "reports"), "--cache-dir", str(tmp_path / "cache")])
+    [folder] = list((tmp_path / "cache").iterdir())
+    assert (folder / "backbone.onnx").is_file() and len(list(folder.glob("*.pt"))) > 50
+    # the entries match torch's features of the same (seeded, frozen) backbone
+    checkpoint = Path(stdout.getvalue().strip().splitlines()[-1].removeprefix("checkpoint: "))
+    backbone = load_model(checkpoint).backbone
+    entries = pd.read_csv(demo_dir / "data.csv")["uuid"].head(120)
+    cache = FeatureCache(tmp_path / "cache", "tiny", backbone, 32)
+    checked = 0
+    for uuid in entries:
+        cached = cache.get(demo_dir / "data" / uuid)
+        if cached is not None:
+            fresh = backbone(load_quadruplet(demo_dir / "data" / uuid, 32, eval_transform(32))).detach()
+            torch.testing.assert_close(cached, fresh, atol=1e-5, rtol=1e-4)
+            checked += 1
+    assert checked > 50
