@@ -74,7 +74,7 @@ class StreetViewEmulator:
     """Panoramas at given positions; a metadata lookup answers the nearest one within the radius."""
 
     def __init__(self, panoramas: list[tuple[str, float, float]], key: str = "test-key", secret: str | None = None,
-                 latency: Callable[[], float] | None = None, image_size: int = 64):
+                 latency: Callable[[web.Request], float] | None = None, image_size: int = 64):
         self.ids = [pano for pano, _, _ in panoramas]
         self.lat = np.array([lat for _, lat, _ in panoramas], float)
         self.lng = np.array([lng for _, _, lng in panoramas], float)
@@ -118,7 +118,7 @@ class StreetViewEmulator:
         self.stats.max_in_flight = max(self.stats.max_in_flight, self.stats.in_flight)
         try:
             if self.latency is not None:
-                await asyncio.sleep(self.latency())
+                await asyncio.sleep(self.latency(request))
             return await handler(request)
         finally:
             self.stats.in_flight -= 1

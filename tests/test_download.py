@@ -58,7 +58,7 @@ def full_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("download")
     points_csv, panoramas = make_world(tmp)
     points = pd.read_csv(points_csv)
-    emulator = StreetViewEmulator(panoramas, key=KEY, secret=SECRET, latency=lambda: 0.01)
+    emulator = StreetViewEmulator(panoramas, key=KEY, secret=SECRET, latency=lambda request: 0.01)
     emulator.inject("429", "image", match="pano=pano3&heading=90")
     emulator.inject("500", "image", match="pano=pano4&heading=0")
     emulator.inject("slow", "image", match="pano=pano5&heading=180")
@@ -177,7 +177,7 @@ def test_metadata_only_estimate_and_image_budget(tmp_path):
 
 def test_sigint_then_rerun_resumes_without_refetching(tmp_path):
     points_csv, panoramas = make_world(tmp_path)
-    emulator = StreetViewEmulator(panoramas, key=KEY, latency=lambda: 0.15)
+    emulator = StreetViewEmulator(panoramas, key=KEY, latency=lambda request: 0.15)
     out = tmp_path / "out"
     with running(emulator) as url:
         args = ["--points", points_csv, "--out", out, "--api-url", url, "--qps", 0, "--concurrency", 2]
@@ -197,6 +197,7 @@ def test_sigint_then_rerun_resumes_without_refetching(tmp_path):
         on_disk = {(p.parent.name, int(p.stem)) for p in (out / "images").glob("*/*.jpg")}
         partial = pd.read_csv(out / "data.csv") if (out / "data.csv").exists() else pd.DataFrame(columns=["uuid"])
         assert 0 < len(on_disk) < 76 and set(partial["uuid"]) <= {uuid for uuid, _ in on_disk}
+        emulator.latency = lambda request: 0.005
         os.environ[download.KEY_ENV] = KEY
         try:
             run_download(*args)
