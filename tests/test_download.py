@@ -21,6 +21,7 @@ from src.ingest import read_datasets
 from src.sample import sample_points
 from tests.streetview_emulator import StreetViewEmulator, running
 from tests.test_cli import assert_user_error, run_command
+from tests.test_cli import test_help_lists_every_flag_with_its_default as check_help
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "AIzaTEST-key-0123456789"
@@ -235,3 +236,7 @@ def test_bad_input_is_one_line(tmp_path):
         assert_user_error(run_command("download", *base, *args, cwd=tmp_path), fragment)
     run = run_command("download", "--points", good, "--out", tmp_path / "o", "--key", "", cwd=tmp_path)
     assert_user_error(run, "STREETVIEW_API_KEY")
+
+
+def test_help_lists_every_flag_with_its_default(tmp_path):
+    check_help("download", tmp_path)

@@ -5,6 +5,7 @@ import shapely
 from src import geo
 from src.sample import sample_points, thin
 from tests.test_cli import assert_user_error, run_command
+from tests.test_cli import test_help_lists_every_flag_with_its_default as check_help
 
 
 def test_points_are_on_land_and_uniform_by_area():
@@ -63,3 +64,7 @@ def test_cli_writes_csv_and_figure_and_rejects_bad_input(tmp_path, demo_dir):
                                   tmp_path / "nope", cwd=tmp_path), "nope")
     assert_user_error(run_command("sample", "--n", 5000, "--out", tmp_path / "p.csv", "--min-distance-m", 20000,
                                   cwd=tmp_path), "fit")
+
+
+def test_help_lists_every_flag_with_its_default(tmp_path):
+    check_help("sample", tmp_path)
