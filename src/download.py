@@ -340,6 +340,7 @@ class Downloader:
         self.started = time.monotonic()
         self.last_flush = time.monotonic()
         self.journal: Journal | None = None
+        self.images_needed = 0  # --metadata-only: image requests a full run would make
 
     def _bar(self, total: int, desc: str, unit: str) -> tqdm:
         return tqdm(total=total, desc=desc, unit=unit, disable=not self.progress, file=sys.stderr, dynamic_ncols=True)
@@ -352,7 +353,9 @@ class Downloader:
             client = StreetViewClient(session, self.settings, self.counters)
             await self._metadata_step(client)
             self.table = choose_panoramas(self.points, self.journal, *self.exclude)
-            if not self.settings.metadata_only:
+            if self.settings.metadata_only:
+                self.images_needed = len(self.image_budget_plan(budget=None)[0])
+            else:
                 await self._image_step(client)
 
     async def _metadata_step(self, client: StreetViewClient) -> None:
@@ -379,10 +382,10 @@ class Downloader:
         finally:
             bar.close()
 
-    def image_budget_plan(self) -> tuple[list, list[str]]:
+    def image_budget_plan(self, budget: int | None = None) -> tuple[list, list[str]]:
         """The (uuid, pano_id, heading) image jobs of the kept panoramas, location by location, and the uuids
-        left out because --max-images would be exceeded (views already on disk cost nothing)."""
-        jobs, over_budget, budget = [], [], self.settings.max_images
+        left out because `budget` images would be exceeded (views already on disk cost nothing)."""
+        jobs, over_budget = [], []
         for row in self.table[self.table["keep"]].itertuples(index=False):
             if row.pano_id in self.journal.no_imagery:
                 continue
@@ -400,7 +403,7 @@ class Downloader:
         return jobs, over_budget
 
     async def _image_step(self, client: StreetViewClient) -> None:
-        jobs, over_budget = self.image_budget_plan()
+        jobs, over_budget = self.image_budget_plan(self.settings.max_images)
         for uuid_ in over_budget:
             self.failures[uuid_] = "--max-images budget reached (rerun with a larger budget to resume)"
         remaining = Counter(job[0] for job in jobs)
@@ -623,7 +626,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(SIGNAL_EXIT[signum])
     if args.metadata_only:
         to_get = int(report["outcome"].eq("to_download").sum())
-        print(f"metadata only: {to_get} panoramas to download = {4 * to_get} image requests "
+        print(f"metadata only: {to_get} panoramas to download = {downloader.images_needed} image requests "
               f"(rerun without --metadata-only to download them)", file=sys.stderr)
     failed = int(report["outcome"].str.startswith("failed").sum())
     if failed:

@@ -240,3 +240,26 @@ def test_bad_input_is_one_line(tmp_path):
 
 def test_help_lists_every_flag_with_its_default(tmp_path):
     check_help("download", tmp_path)
+
+
+def test_failed_points_are_reported_then_retried_by_a_rerun(tmp_path):
+    points_csv, panoramas = make_world(tmp_path)
+    points = pd.read_csv(points_csv)
+    emulator = StreetViewEmulator(panoramas, key=KEY)
+    emulator.inject("500", "metadata", match=f"location={points['latitude'][4]:.7f}", times=None)
+    emulator.inject("500", "image", match="pano=pano5&heading=90", times=None)
+    out = tmp_path / "out"
+    with running(emulator) as url:
+        args = ["download", "--points", points_csv, "--out", out, "--api-url", url, "--key", KEY, "--qps", 0,
+                "--retries", 1, "--no-progress"]
+        run = run_command(*args, cwd=tmp_path)
+        assert run.returncode == 0 and "2 points failed" in run.stderr, run.stderr
+        report = pd.read_csv(out / "points_report.csv")
+        assert report["outcome"][4] == "failed: metadata HTTP 500 (2 attempts)"
+        assert report["outcome"][5] == "failed: image 90: HTTP 500 (2 attempts)"
+        assert "pano5" not in pd.read_csv(out / "data.csv")["pano_id"].tolist()
+        emulator.faults.clear()
+        assert run_command(*args, cwd=tmp_path).returncode == 0
+    report = pd.read_csv(out / "points_report.csv")
+    assert report["outcome"][4] == report["outcome"][5] == "downloaded"
+    assert set(emulator.stats.served.values()) == {1}  # pano5's three good views were kept, not fetched again
