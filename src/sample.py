@@ -22,7 +22,7 @@ from src.files import atomic_path
 from src.ingest import read_table
 
 MAX_POINTS = 10_000_000
-MAX_ROUNDS = 50  # candidate batches before giving up on --min-distance-m (the land is full)
+MAX_ROUNDS = 50  # candidate batches before giving up on --min-distance-m
 
 
 def sample_xy(n: int, rng: np.random.Generator, mainland_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -110,10 +110,11 @@ def sample_points(n: int, seed: int = 0, mainland_only: bool = False, min_distan
             all_x = np.concatenate([fixed_x, x, cx])
             all_y = np.concatenate([fixed_y, y, cy])
             keep = thin(all_x, all_y, min_distance_m, n_fixed=len(fixed_x) + len(x))[len(fixed_x):]
+            had = len(x)
             x, y = np.concatenate([x, cx])[keep][:n], np.concatenate([y, cy])[keep][:n]
-            if len(x) == n:
+            if len(x) == n or len(x) == had:  # done, or a whole batch found no room: the land is full
                 break
-        else:
+        if len(x) < n:
             raise UserError(f"--min-distance-m {min_distance_m:g}: only {len(x)} of {n} points fit on the land "
                             "that far apart; ask for fewer points or a smaller distance")
     lat, lng = geo.unproject(x, y)
