@@ -21,23 +21,10 @@ from src import geo
 from src.errors import UserError, run_cli
 from src.files import atomic_path
 from src.images import VIEWS
+from src.sample import sample_land_points
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "data" / "demo"
 COAST_KM = 25.0
-
-
-def sample_land_points(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """n uniformly random points (lat, lng) inside Croatia's border (rejection sampling)."""
-    border = geo.load_border()
-    min_lng, min_lat, max_lng, max_lat = border.bounds
-    lats, lngs = [], []
-    while sum(map(len, lats)) < n:
-        lng = rng.uniform(min_lng, max_lng, 4 * n)
-        lat = rng.uniform(min_lat, max_lat, 4 * n)
-        inside = shapely.contains_xy(border, lng, lat)
-        lats.append(lat[inside])
-        lngs.append(lng[inside])
-    return np.concatenate(lats)[:n], np.concatenate(lngs)[:n]
 
 
 def _coast_distance_km(lat: np.ndarray, lng: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -4,7 +4,7 @@ import pytest
 import shapely
 
 from src import geo
-from src.demo import sample_land_points
+from src.sample import sample_land_points
 from src.grid import CellSpec, Grid, build_adaptive, build_grid, class_table, kmeans, nearest_class
 
 # cells intersecting the Natural Earth 1:10m outline; the reference solution (another outline) got
