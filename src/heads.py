@@ -1,5 +1,5 @@
 """Building blocks of the model's head: prediction rules over class centroids, haversine label
-smoothing and the fusion of the four view embeddings.
+smoothing, the fusion of the four view embeddings and the hybrid (cell + offset) head.
 
 Prediction rules map class probabilities [B, C] and class centroids [C, 2] (EPSG:3766 metres) to
 points [B, 2]: `mean` (probability-weighted mean, minimises expected squared distance), `median`
@@ -8,13 +8,16 @@ points [B, 2]: `mean` (probability-weighted mean, minimises expected squared dis
 0.1% over Croatia) planar distance is great-circle distance to within that error.
 """
 
-import math
-
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import shapely
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from src.geo import haversine_km_torch
+from src.grid import CENTROID_PREFIX
 from src.model import weighted_centroid_xy
 
 PREDICT_RULES = ("mean", "median", "mode")
@@ -183,3 +186,58 @@ def create_fusion(name: str, n_views: int, dim: int) -> ViewFusion:
     if name == "attention":
         return AttentionFusion(n_views, dim)
     raise ValueError(f"fusion must be one of {FUSIONS}, not {name!r}")
+
+
+# ---- hybrid head: a cell, then an offset inside it -------------------------------------------------
+def class_radius_m(table: pd.DataFrame, cells: gpd.GeoDataFrame, centroids: str = "weighted") -> np.ndarray:
+    """Size of each class's cell for scaling offsets [C] (metres): the largest distance from the class
+    centroid to the cell's land part, so every land point of the cell has a scaled offset of length <= 1.
+
+    `table` is `src.grid.class_table`'s (one row per class, column `cell`), `cells` the cells' table with
+    its `land` polygons in EPSG:3766 (`Cells.cells`).
+    """
+    prefix = CENTROID_PREFIX[centroids]
+    centre = shapely.points(table[f"{prefix}_x"].to_numpy(float), table[f"{prefix}_y"].to_numpy(float))
+    land = cells.loc[table["cell"].to_numpy(), "land"].to_numpy()
+    return np.maximum(shapely.hausdorff_distance(centre, land), 1.0)
+
+
+class HybridHead(nn.Module):
+    """Cell logits [B, C] and, for every cell, the offset [B, C, 2] of the point from that cell's
+    centroid in units of the cell's radius (OSV-5M's hybrid head). Only the offset of the true cell is
+    trained; at prediction the most likely cell's offset is used."""
+
+    def __init__(self, in_features: int, n_classes: int):
+        super().__init__()
+        self.n_classes = n_classes
+        self.logits = nn.Linear(in_features, n_classes)
+        self.offsets = nn.Linear(in_features, 2 * n_classes)
+        nn.init.zeros_(self.offsets.weight)  # start at the centroids
+        nn.init.zeros_(self.offsets.bias)
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.logits(features), self.offsets(features).view(-1, self.n_classes, 2)
+
+
+def hybrid_targets(xy: torch.Tensor, labels: torch.Tensor, class_xy: torch.Tensor, class_radius: torch.Tensor) -> torch.Tensor:
+    """Scaled offsets [B, 2] of the true points xy [B, 2] (EPSG:3766) from their class centroid."""
+    return (xy.double() - class_xy[labels].double()) / class_radius[labels].double().unsqueeze(1)
+
+
+def hybrid_loss(logits: torch.Tensor, offsets: torch.Tensor, labels: torch.Tensor, xy: torch.Tensor,
+                class_xy: torch.Tensor, class_radius: torch.Tensor, offset_weight: float = 1.0,
+                classification_loss: torch.Tensor | None = None) -> torch.Tensor:
+    """Cell cross-entropy (or `classification_loss`, e.g. haversine-smoothed) + offset_weight x the
+    smooth-L1 error of the true cell's predicted offset."""
+    if classification_loss is None:
+        classification_loss = F.cross_entropy(logits, labels)
+    predicted = offsets[torch.arange(len(labels), device=labels.device), labels]
+    target = hybrid_targets(xy, labels, class_xy, class_radius).to(predicted.dtype)
+    return classification_loss + offset_weight * F.smooth_l1_loss(predicted, target)
+
+
+def hybrid_decode(logits: torch.Tensor, offsets: torch.Tensor, class_xy: torch.Tensor, class_radius: torch.Tensor) -> torch.Tensor:
+    """EPSG:3766 points [B, 2]: the most likely cell's centroid moved by its predicted offset."""
+    cell = logits.argmax(dim=1)
+    offset = offsets[torch.arange(len(cell), device=cell.device), cell].to(class_xy.dtype)
+    return class_xy[cell] + offset * class_radius[cell].to(class_xy.dtype).unsqueeze(1)

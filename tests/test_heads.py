@@ -1,15 +1,21 @@
 """Head building blocks: prediction rules (hand-computed cases, brute force), haversine label
-smoothing (hand-computed targets, tau = 0 is cross-entropy) and view fusion (order (in)variance)."""
+smoothing (hand-computed targets, tau = 0 is cross-entropy), view fusion (order (in)variance) and the
+hybrid head (hand-made tensors)."""
 
 import math
 
+import geopandas as gpd
+import numpy as np
+import pandas as pd
 import pytest
+import shapely
 import torch
 from torch.nn import functional as F
 
 from src.geo import EARTH_RADIUS_KM
-from src.heads import (FUSIONS, AttentionFusion, ConcatFusion, MeanFusion, create_fusion, geometric_median_xy,
-                       haversine_smoothing_loss, haversine_smoothing_targets, predict_xy, top_probabilities)
+from src.heads import (FUSIONS, AttentionFusion, ConcatFusion, HybridHead, MeanFusion, class_radius_m, create_fusion,
+                       geometric_median_xy, haversine_smoothing_loss, haversine_smoothing_targets, hybrid_decode,
+                       hybrid_loss, hybrid_targets, predict_xy, top_probabilities)
 from src.model import weighted_centroid_xy
 
 KM = 1000.0
@@ -161,3 +167,60 @@ def test_attention_fusion_sees_the_headings():
         torch.testing.assert_close(fusion(permuted), fusion(features), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="fusion"):
         create_fusion("max", 4, 16)
+
+
+# ---- hybrid head ----------------------------------------------------------------------------------
+CLASS_XY = torch.tensor([[0.0, 0.0], [100 * KM, 0.0]], dtype=torch.float64)
+CLASS_RADIUS = torch.tensor([10 * KM, 20 * KM], dtype=torch.float64)
+
+
+def test_class_radius_is_the_farthest_land_point_from_the_centroid():
+    land = [shapely.box(0, 0, 10 * KM, 10 * KM), shapely.box(50 * KM, 0, 54 * KM, 30 * KM)]
+    cells = gpd.GeoDataFrame({"land": land}, geometry=land, index=pd.Index([7, 9], name="cell"))
+    table = pd.DataFrame({"cell": [9, 7], "weighted_x": [52 * KM, 2 * KM], "weighted_y": [10 * KM, 3 * KM]})
+    radius = class_radius_m(table, cells)
+    np.testing.assert_allclose(radius, [math.hypot(2 * KM, 20 * KM), math.hypot(8 * KM, 7 * KM)])
+
+
+def test_hybrid_targets_and_decoding_by_hand():
+    xy = torch.tensor([[5 * KM, -5 * KM], [110 * KM, 20 * KM]], dtype=torch.float64)
+    labels = torch.tensor([0, 1])
+    targets = hybrid_targets(xy, labels, CLASS_XY, CLASS_RADIUS)
+    torch.testing.assert_close(targets, torch.tensor([[0.5, -0.5], [0.5, 1.0]], dtype=torch.float64))
+    logits = torch.tensor([[0.1, 2.0], [3.0, -1.0]])  # most likely: cell 1, then cell 0
+    offsets = torch.tensor([[[9.0, 9.0], [0.25, -0.5]], [[-1.0, 0.5], [9.0, 9.0]]])
+    decoded = hybrid_decode(logits, offsets, CLASS_XY, CLASS_RADIUS)
+    torch.testing.assert_close(decoded, torch.tensor([[105 * KM, -10 * KM], [-10 * KM, 5 * KM]], dtype=torch.float64))
+    # offsets equal to the targets in the right cells decode back to the true points
+    perfect = torch.zeros(2, 2, 2, dtype=torch.float64)
+    perfect[0, 0], perfect[1, 1] = targets[0], targets[1]
+    right = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
+    torch.testing.assert_close(hybrid_decode(right, perfect, CLASS_XY, CLASS_RADIUS), xy)
+
+
+def test_hybrid_loss_is_cross_entropy_plus_the_true_cells_offset_error():
+    xy = torch.tensor([[5 * KM, -5 * KM], [110 * KM, 20 * KM]], dtype=torch.float64)
+    labels = torch.tensor([0, 1])
+    logits = torch.tensor([[0.3, -0.2], [0.1, 0.4]])
+    offsets = torch.zeros(2, 2, 2)
+    offsets[0, 0] = torch.tensor([0.5, -0.5])
+    offsets[1, 1] = torch.tensor([0.5, 1.0])
+    cross_entropy = F.cross_entropy(logits, labels)
+    torch.testing.assert_close(hybrid_loss(logits, offsets, labels, xy, CLASS_XY, CLASS_RADIUS), cross_entropy)
+    offsets[1, 1, 1] = 0.5  # 0.5 short: smooth-L1 0.5 * 0.5^2 = 0.125 on one of the four coordinates
+    offsets[0, 1] = 7.0  # another cell's offset does not count
+    loss = hybrid_loss(logits, offsets, labels, xy, CLASS_XY, CLASS_RADIUS, offset_weight=2.0)
+    torch.testing.assert_close(loss, cross_entropy + 2.0 * 0.125 / 4)
+
+
+def test_hybrid_head_trains_only_the_true_cells_offsets():
+    torch.manual_seed(0)
+    head = HybridHead(8, 2)
+    logits, offsets = head(torch.randn(2, 8))
+    assert logits.shape == (2, 2) and offsets.shape == (2, 2, 2)
+    assert torch.equal(offsets, torch.zeros(2, 2, 2))  # starts at the centroids
+    offsets.retain_grad()
+    xy = torch.tensor([[5 * KM, -5 * KM], [110 * KM, 20 * KM]], dtype=torch.float64)
+    hybrid_loss(logits, offsets, torch.tensor([0, 1]), xy, CLASS_XY, CLASS_RADIUS).backward()
+    assert (offsets.grad[0, 0] != 0).all() and (offsets.grad[1, 1] != 0).all()
+    assert (offsets.grad[0, 1] == 0).all() and (offsets.grad[1, 0] == 0).all()
