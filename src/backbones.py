@@ -190,8 +190,8 @@ def _efficientnet_lite(variant: int) -> Callable[[bool], Backbone]:
 # native resolutions of the EfficientNet-Lite family (TF's efficientnet_lite_builder: lite0..lite4 = 224, 240, 260, 280, 300)
 for _variant, _size, _description in (
     (0, 224, "1280-d features, fast on CPU; ImageNet weights ship with a pip package"),
-    (1, 240, "1280-d features, about 1.6x lite0's compute; ImageNet weights ship with a pip package"),
-    (2, 260, "1280-d features, about 2.4x lite0's compute; ImageNet weights ship with a pip package"),
+    (1, 240, "1280-d features, 0.60 GMAC at 240 px (1.56x lite0); ImageNet weights ship with a pip package"),
+    (2, 260, "1280-d features, 0.86 GMAC at 260 px (2.24x lite0); ImageNet weights ship with a pip package"),
 ):
     register_backbone(f"efficientnet_lite{_variant}", _description, input_size=_size,
                       mean=EFFICIENTNET_LITE_MEAN, std=EFFICIENTNET_LITE_STD)(_efficientnet_lite(_variant))
