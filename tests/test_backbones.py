@@ -18,8 +18,7 @@ def test_registry_lists_the_issue_backbones():
                                         "efficientnet_lite1", "efficientnet_lite2", "tiny"} <= set(list_backbones())
 
 
-@pytest.mark.parametrize("name, dim", [("tiny", 64), ("efficientnet_lite0", 1280), ("efficientnet_lite1", 1280),
-                                       ("efficientnet_lite2", 1280), ("resnet50", 2048),
+@pytest.mark.parametrize("name, dim", [("tiny", 64), ("efficientnet_lite0", 1280), ("resnet50", 2048),
                                        ("resnext50_32x4d", 2048), ("resnext101_32x8d", 2048)])
 def test_backbone_maps_images_to_pooled_features(name, dim):
     backbone = create_backbone(name, pretrained=False).eval()
@@ -76,7 +75,7 @@ def test_efficientnet_lite1_and_lite2_load_their_packaged_weights_offline(varian
     with torch.no_grad():
         features = pretrained(image)[0]
         random_features = random_init(image)[0]
-    assert features.shape == random_features.shape == (1280,)
+    assert pretrained.out_features == 1280 and features.shape == random_features.shape == (1280,)
     assert torch.isfinite(features).all()
     cosine = torch.nn.functional.cosine_similarity(features, random_features, dim=0)
     assert cosine < 0.9, f"pretrained and random-init features barely differ (cosine {cosine:.3f})"
