@@ -187,7 +187,8 @@ def _efficientnet_lite(variant: int) -> Callable[[bool], Backbone]:
     return build
 
 
-# native resolutions of the EfficientNet-Lite family (TF's efficientnet_lite_builder: lite0..lite4 = 224, 240, 260, 280, 300)
+# native resolutions of the EfficientNet-Lite family
+# (TF's efficientnet_lite_builder: lite0..lite4 = 224, 240, 260, 280, 300)
 for _variant, _size, _description in (
     (0, 224, "1280-d features, fast on CPU; ImageNet weights ship with a pip package"),
     (1, 240, "1280-d features, 0.60 GMAC at 240 px (1.56x lite0); ImageNet weights ship with a pip package"),
@@ -201,7 +202,8 @@ def _tiny_stages(body: nn.Module) -> list[nn.Module]:
     return list(body)[:-2]
 
 
-@register_backbone("tiny", "a 3-layer CNN (64-d features) for tests and the demo set; no pretrained weights", input_size=64)
+@register_backbone("tiny", "a 3-layer CNN (64-d features) for tests and the demo set; no pretrained weights",
+                   input_size=64)
 def _tiny(pretrained: bool) -> Backbone:
     if pretrained:
         raise UserError("--backbone tiny: has no pretrained weights; add --no-pretrained")

@@ -109,7 +109,8 @@ def haversine_smoothing_targets(lat: torch.Tensor, lng: torch.Tensor, class_lat:
 
 
 def haversine_smoothing_loss(logits: torch.Tensor, lat: torch.Tensor, lng: torch.Tensor, class_lat: torch.Tensor,
-                             class_lng: torch.Tensor, tau_km: float, labels: torch.Tensor | None = None) -> torch.Tensor:
+                             class_lng: torch.Tensor, tau_km: float,
+                             labels: torch.Tensor | None = None) -> torch.Tensor:
     """Mean cross-entropy of `logits` [B, C] against haversine-smoothed targets.
 
     tau_km = 0 is plain one-hot cross-entropy: on `labels` when given (exactly F.cross_entropy), else on
@@ -219,7 +220,8 @@ class HybridHead(nn.Module):
         return self.logits(features), self.offsets(features).view(-1, self.n_classes, 2)
 
 
-def hybrid_targets(xy: torch.Tensor, labels: torch.Tensor, class_xy: torch.Tensor, class_radius: torch.Tensor) -> torch.Tensor:
+def hybrid_targets(xy: torch.Tensor, labels: torch.Tensor, class_xy: torch.Tensor,
+                   class_radius: torch.Tensor) -> torch.Tensor:
     """Scaled offsets [B, 2] of the true points xy [B, 2] (EPSG:3766) from their class centroid."""
     return (xy.double() - class_xy[labels].double()) / class_radius[labels].double().unsqueeze(1)
 
@@ -236,7 +238,8 @@ def hybrid_loss(logits: torch.Tensor, offsets: torch.Tensor, labels: torch.Tenso
     return classification_loss + offset_weight * F.smooth_l1_loss(predicted, target)
 
 
-def hybrid_decode(logits: torch.Tensor, offsets: torch.Tensor, class_xy: torch.Tensor, class_radius: torch.Tensor) -> torch.Tensor:
+def hybrid_decode(logits: torch.Tensor, offsets: torch.Tensor, class_xy: torch.Tensor,
+                  class_radius: torch.Tensor) -> torch.Tensor:
     """EPSG:3766 points [B, 2]: the most likely cell's centroid moved by its predicted offset."""
     cell = logits.argmax(dim=1)
     offset = offsets[torch.arange(len(cell), device=cell.device), cell].to(class_xy.dtype)

@@ -39,7 +39,8 @@ def test_efficientnet_lite0_loads_the_packaged_imagenet_weights():
     assert not torch.equal(random["_conv_stem.weight"], reference["_conv_stem.weight"])
 
 
-@pytest.mark.parametrize("name, size", [("efficientnet_lite0", 224), ("efficientnet_lite1", 240), ("efficientnet_lite2", 260),
+@pytest.mark.parametrize("name, size", [("efficientnet_lite0", 224), ("efficientnet_lite1", 240),
+                                        ("efficientnet_lite2", 260),
                                         ("resnet50", 224), ("resnext50_32x4d", 224), ("resnext101_32x8d", 224)])
 def test_every_backbone_carries_its_native_input_size_and_normalisation(name, size):
     spec = backbone_spec(name)

@@ -33,7 +33,8 @@ def test_median_of_collinear_points_is_the_point_holding_most_weight():
     median = predict_xy("median", probabilities, LINE)
     torch.testing.assert_close(median, LINE[[1, 2, 0]], atol=0.01, rtol=0)
     # the mean is pulled towards the others: 0.1*0 + 0.7*10 + 0.2*20 = 11 km
-    torch.testing.assert_close(predict_xy("mean", probabilities, LINE)[0], torch.tensor([11 * KM, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(predict_xy("mean", probabilities, LINE)[0],
+                               torch.tensor([11 * KM, 0.0], dtype=torch.float64))
 
 
 def test_median_of_a_symmetric_square_is_its_centre():
