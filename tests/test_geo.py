@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import shapely
 import torch
 from pyproj import Geod, Proj
 
@@ -92,3 +93,42 @@ def test_km_statistics_format_and_table():
     lines = geo.km_table([("model", stats), ("constant", {**stats, "count": 12})], "name").splitlines()
     assert [c.strip() for c in lines[0].strip("|").split("|")] == ["name", *geo.format_km_stats(stats)]
     assert [c.strip() for c in lines[3].strip("|").split("|")][:2] == ["constant", "12"]
+
+
+SEA_BETWEEN_SPLIT_AND_BRAC = (43.45, 16.45)
+BRAC_INTERIOR = (43.32, 16.65)
+SEA_SOUTH_OF_BOL = (43.245, 16.655)  # about 2 km off Brač, 15 km from the mainland
+
+
+def test_snap_to_land_moves_a_sea_point_onto_the_coast_by_its_distance_to_land():
+    land = geo.load_border(crs=geo.CROATIA_CRS)
+    lat, lng = SEA_BETWEEN_SPLIT_AND_BRAC
+    x, y = geo.project(lat, lng)
+    snapped_x, snapped_y = geo.snap_to_land(np.array([x]), np.array([y]))
+    snapped = shapely.Point(snapped_x[0], snapped_y[0])
+    assert shapely.distance(snapped, land.boundary) < 1e-6  # on the coast
+    moved_m = float(np.hypot(snapped_x[0] - x, snapped_y[0] - y))
+    assert moved_m == pytest.approx(shapely.distance(land, shapely.Point(x, y)), abs=1e-6)
+    assert 2_000 < moved_m < 10_000
+    # the same move on the ellipsoid (pyproj's geodesic): EPSG:3766 scale error is below 0.1% here
+    snapped_lat, snapped_lng = geo.unproject(snapped_x, snapped_y)
+    geodesic_m = Geod(ellps="GRS80").inv(lng, lat, snapped_lng[0], snapped_lat[0])[2]
+    assert geodesic_m == pytest.approx(moved_m, rel=1e-3)
+
+
+def test_snap_to_land_keeps_land_points_and_counts_islands_as_land():
+    lat, lng = np.array([CITIES["Zagreb"], CITIES["Osijek"], BRAC_INTERIOR, SEA_SOUTH_OF_BOL]).T
+    x, y = geo.project(lat, lng)
+    snapped_x, snapped_y = geo.snap_to_land(x, y)
+    assert np.array_equal(snapped_x[:3], x[:3]) and np.array_equal(snapped_y[:3], y[:3])
+    # the sea point south of Bol goes to Brač (the nearest land), not to the mainland
+    mainland = geo.load_border(mainland_only=True, crs=geo.CROATIA_CRS)
+    snapped = shapely.Point(snapped_x[3], snapped_y[3])
+    assert np.hypot(snapped_x[3] - x[3], snapped_y[3] - y[3]) < 3_000
+    assert shapely.distance(mainland, snapped) > 5_000
+    # with the mainland only, Brač is sea: its interior point moves to the mainland coast
+    main_x, main_y = geo.snap_to_land(x[2], y[2], mainland_only=True)
+    assert shapely.distance(mainland.boundary, shapely.Point(main_x, main_y)) < 1e-6
+    assert np.hypot(main_x - x[2], main_y - y[2]) > 5_000
+    nan_x, nan_y = geo.snap_to_land([np.nan], [np.nan])
+    assert np.isnan(nan_x).all() and np.isnan(nan_y).all()

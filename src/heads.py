@@ -1,0 +1,246 @@
+"""Building blocks of the model's head: prediction rules over class centroids, haversine label
+smoothing, the fusion of the four view embeddings and the hybrid (cell + offset) head.
+
+Prediction rules map class probabilities [B, C] and class centroids [C, 2] (EPSG:3766 metres) to
+points [B, 2]: `mean` (probability-weighted mean, minimises expected squared distance), `median`
+(probability-weighted geometric median, minimises expected distance, i.e. expected km) and `mode`
+(the most likely class's centroid). In EPSG:3766 (a conformal projection with scale error below
+0.1% over Croatia) planar distance is great-circle distance to within that error.
+"""
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import shapely
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from src.geo import haversine_km_torch
+from src.grid import CENTROID_PREFIX
+from src.model import weighted_centroid_xy
+
+PREDICT_RULES = ("mean", "median", "mode")
+FUSIONS = ("concat", "mean", "attention")
+# Default tau for 0.5-degree grid cells (55.6 x 39.7 km; 53 classes on the 32,922 real LUMEN
+# coordinates, weighted centroids): the median gap between a location's nearest and second-nearest
+# centroid is 11.7 km, so at tau = 12 km the runner-up gets e^-1 of the nearest's weight and the true
+# class keeps 53% of the target mass on average (67% within 25 km, about 6 classes above 1%).
+# PIGEON's 65-75 km suits world-scale cells; here 75 km would leave the true class under 10%.
+# Scale tau with the cell size for other spacings or class counts.
+DEFAULT_LABEL_SMOOTHING_KM = 12.0
+
+
+# ---- prediction rules -----------------------------------------------------------------------------
+def top_probabilities(probabilities: torch.Tensor, topk: int = 0) -> torch.Tensor:
+    """Probabilities [B, C] renormalised to sum to 1; with 0 < topk < C only the k most likely classes
+    keep their probability (the rest get 0)."""
+    if 0 < topk < probabilities.shape[1]:
+        top = probabilities.topk(topk, dim=1)
+        probabilities = torch.zeros_like(probabilities).scatter(1, top.indices, top.values)
+    return probabilities / probabilities.sum(dim=1, keepdim=True)
+
+
+def geometric_median_xy(probabilities: torch.Tensor, class_xy: torch.Tensor, topk: int = 0,
+                        max_iter: int = 200, tol_m: float = 1e-3) -> torch.Tensor:
+    """Probability-weighted geometric median [B, 2] of class centroids [C, 2]: the point minimising
+    sum_i p_i * |y - c_i| (expected distance), by Weiszfeld's iteration, batched.
+
+    Uses Vardi and Zhang's (2000) step, so an iterate landing exactly on a centroid neither divides by
+    zero nor sticks there unless that centroid is the optimum (its weight >= the pull of the others).
+    Starts at the weighted mean; stops when no point moves more than `tol_m` metres.
+    """
+    weights = top_probabilities(probabilities.to(torch.float64), topk)
+    points = class_xy.to(torch.float64)
+    current = weights @ points
+    tiny = torch.finfo(torch.float64).tiny
+    span = float((points.max(dim=0).values - points.min(dim=0).values).max()) if len(points) else 0.0
+    coincide_m = 1e-9 * max(span, 1.0)
+    for _ in range(max_iter):
+        offsets = points.unsqueeze(0) - current.unsqueeze(1)  # [B, C, 2]
+        distance = offsets.norm(dim=2)  # [B, C]
+        at_point = distance <= coincide_m
+        inverse = torch.where(at_point, torch.zeros_like(distance), weights / distance.clamp_min(tiny))
+        # Weiszfeld's update over the centroids the iterate does not sit on
+        update = (inverse.unsqueeze(2) * points.unsqueeze(0)).sum(1) / inverse.sum(1, keepdim=True).clamp_min(tiny)
+        pull = (inverse.unsqueeze(2) * offsets).sum(1).norm(dim=1, keepdim=True)  # |gradient of the others|
+        held = (weights * at_point).sum(1, keepdim=True)  # weight of the centroid under the iterate
+        keep = (held / pull.clamp_min(tiny)).clamp(max=1.0)
+        stay = (pull <= held) | (inverse.sum(1, keepdim=True) == 0)
+        following = torch.where(stay, current, (1 - keep) * update + keep * current)
+        step = (following - current).norm(dim=1).max()
+        current = following
+        if step <= tol_m:
+            break
+    return current
+
+
+def mode_xy(probabilities: torch.Tensor, class_xy: torch.Tensor, topk: int = 0) -> torch.Tensor:
+    """The most likely class's centroid [B, 2] (`topk` does not change the most likely class)."""
+    return class_xy[probabilities.argmax(dim=1)]
+
+
+def predict_xy(rule: str, probabilities: torch.Tensor, class_xy: torch.Tensor, topk: int = 0) -> torch.Tensor:
+    """Points [B, 2] (EPSG:3766 metres) from class probabilities [B, C] by `rule` (see PREDICT_RULES)."""
+    if rule == "mean":
+        return weighted_centroid_xy(probabilities, class_xy, topk)
+    if rule == "median":
+        return geometric_median_xy(probabilities, class_xy, topk).to(class_xy.dtype)
+    if rule == "mode":
+        return mode_xy(probabilities, class_xy, topk)
+    raise ValueError(f"prediction rule must be one of {PREDICT_RULES}, not {rule!r}")
+
+
+# ---- haversine label smoothing --------------------------------------------------------------------
+def haversine_smoothing_targets(lat: torch.Tensor, lng: torch.Tensor, class_lat: torch.Tensor,
+                                class_lng: torch.Tensor, tau_km: float) -> torch.Tensor:
+    """Soft targets [B, C]: t_i = exp(-(d_i - d_min) / tau) / sum_j exp(-(d_j - d_min) / tau), with d_i
+    the great-circle km from the true location (lat/lng [B]) to class centroid i (class_lat/lng [C]).
+
+    This is PIGEON's haversine smoothing (Haas et al., CVPR 2024) normalised to a distribution:
+    PIGEON subtracts the distance to the true cell's centroid instead of d_min and does not normalise;
+    after normalisation both subtractions cancel, leaving softmax(-d / tau). tau_km > 0.
+    """
+    if tau_km <= 0:
+        raise ValueError("tau_km must be > 0 (use plain cross-entropy for 0)")
+    distance = haversine_km_torch(lat.double().unsqueeze(1), lng.double().unsqueeze(1),
+                                  class_lat.double().unsqueeze(0), class_lng.double().unsqueeze(0))
+    return torch.softmax(-distance / tau_km, dim=1)  # softmax subtracts the max, i.e. d_min
+
+
+def haversine_smoothing_loss(logits: torch.Tensor, lat: torch.Tensor, lng: torch.Tensor, class_lat: torch.Tensor,
+                             class_lng: torch.Tensor, tau_km: float,
+                             labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cross-entropy of `logits` [B, C] against haversine-smoothed targets.
+
+    tau_km = 0 is plain one-hot cross-entropy: on `labels` when given (exactly F.cross_entropy), else on
+    each location's nearest class centroid (the limit of the soft targets as tau -> 0).
+    """
+    if tau_km == 0:
+        if labels is None:
+            distance = haversine_km_torch(lat.double().unsqueeze(1), lng.double().unsqueeze(1),
+                                          class_lat.double().unsqueeze(0), class_lng.double().unsqueeze(0))
+            labels = distance.argmin(dim=1)
+        return F.cross_entropy(logits, labels)
+    targets = haversine_smoothing_targets(lat, lng, class_lat, class_lng, tau_km).to(logits.dtype)
+    return F.cross_entropy(logits, targets)
+
+
+# ---- view fusion ----------------------------------------------------------------------------------
+class ViewFusion(nn.Module):
+    """Maps the view embeddings [B, V, D] (views in heading order 0, 90, 180, 270) to [B, out_dim]."""
+
+    out_dim: int
+
+
+class ConcatFusion(ViewFusion):
+    """The views' embeddings side by side (the reference solution's): out_dim = V * D."""
+
+    def __init__(self, n_views: int, dim: int):
+        super().__init__()
+        self.out_dim = n_views * dim
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features.flatten(1)
+
+
+class MeanFusion(ViewFusion):
+    """The average of the views' embeddings (PIGEON): out_dim = D, invariant to the order of the views."""
+
+    def __init__(self, n_views: int, dim: int):
+        super().__init__()
+        self.out_dim = dim
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features.mean(dim=1)
+
+
+class AttentionFusion(ViewFusion):
+    """One pre-norm self-attention block over the views: each embedding is projected to `width`, a
+    learned heading embedding is added (so the block knows which view looks where), the views attend to
+    each other, and the attended tokens are averaged: out_dim = width."""
+
+    def __init__(self, n_views: int, dim: int, width: int = 256, heads: int = 4, dropout: float = 0.0):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} must be a multiple of heads {heads}")
+        self.out_dim = width
+        self.project = nn.Linear(dim, width)
+        self.heading = nn.Parameter(torch.randn(n_views, width) * 0.02)
+        self.norm = nn.LayerNorm(width)
+        self.attention = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
+        self.out_norm = nn.LayerNorm(width)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        tokens = self.project(features) + self.heading
+        normed = self.norm(tokens)
+        attended, _ = self.attention(normed, normed, normed, need_weights=False)
+        return self.out_norm(tokens + attended).mean(dim=1)
+
+
+def create_fusion(name: str, n_views: int, dim: int) -> ViewFusion:
+    """The fusion module `name` (see FUSIONS) for `n_views` embeddings of `dim` features."""
+    if name == "concat":
+        return ConcatFusion(n_views, dim)
+    if name == "mean":
+        return MeanFusion(n_views, dim)
+    if name == "attention":
+        return AttentionFusion(n_views, dim)
+    raise ValueError(f"fusion must be one of {FUSIONS}, not {name!r}")
+
+
+# ---- hybrid head: a cell, then an offset inside it -------------------------------------------------
+def class_radius_m(table: pd.DataFrame, cells: gpd.GeoDataFrame, centroids: str = "weighted") -> np.ndarray:
+    """Size of each class's cell for scaling offsets [C] (metres): the largest distance from the class
+    centroid to the cell's land part, so every land point of the cell has a scaled offset of length <= 1.
+
+    `table` is `src.grid.class_table`'s (one row per class, column `cell`), `cells` the cells' table with
+    its `land` polygons in EPSG:3766 (`Cells.cells`).
+    """
+    prefix = CENTROID_PREFIX[centroids]
+    centre = shapely.points(table[f"{prefix}_x"].to_numpy(float), table[f"{prefix}_y"].to_numpy(float))
+    land = cells.loc[table["cell"].to_numpy(), "land"].to_numpy()
+    return np.maximum(shapely.hausdorff_distance(centre, land), 1.0)
+
+
+class HybridHead(nn.Module):
+    """Cell logits [B, C] and, for every cell, the offset [B, C, 2] of the point from that cell's
+    centroid in units of the cell's radius (OSV-5M's hybrid head). Only the offset of the true cell is
+    trained; at prediction the most likely cell's offset is used."""
+
+    def __init__(self, in_features: int, n_classes: int):
+        super().__init__()
+        self.n_classes = n_classes
+        self.logits = nn.Linear(in_features, n_classes)
+        self.offsets = nn.Linear(in_features, 2 * n_classes)
+        nn.init.zeros_(self.offsets.weight)  # start at the centroids
+        nn.init.zeros_(self.offsets.bias)
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.logits(features), self.offsets(features).view(-1, self.n_classes, 2)
+
+
+def hybrid_targets(xy: torch.Tensor, labels: torch.Tensor, class_xy: torch.Tensor,
+                   class_radius: torch.Tensor) -> torch.Tensor:
+    """Scaled offsets [B, 2] of the true points xy [B, 2] (EPSG:3766) from their class centroid."""
+    return (xy.double() - class_xy[labels].double()) / class_radius[labels].double().unsqueeze(1)
+
+
+def hybrid_loss(logits: torch.Tensor, offsets: torch.Tensor, labels: torch.Tensor, xy: torch.Tensor,
+                class_xy: torch.Tensor, class_radius: torch.Tensor, offset_weight: float = 1.0,
+                classification_loss: torch.Tensor | None = None) -> torch.Tensor:
+    """Cell cross-entropy (or `classification_loss`, e.g. haversine-smoothed) + offset_weight x the
+    smooth-L1 error of the true cell's predicted offset."""
+    if classification_loss is None:
+        classification_loss = F.cross_entropy(logits, labels)
+    predicted = offsets[torch.arange(len(labels), device=labels.device), labels]
+    target = hybrid_targets(xy, labels, class_xy, class_radius).to(predicted.dtype)
+    return classification_loss + offset_weight * F.smooth_l1_loss(predicted, target)
+
+
+def hybrid_decode(logits: torch.Tensor, offsets: torch.Tensor, class_xy: torch.Tensor,
+                  class_radius: torch.Tensor) -> torch.Tensor:
+    """EPSG:3766 points [B, 2]: the most likely cell's centroid moved by its predicted offset."""
+    cell = logits.argmax(dim=1)
+    offset = offsets[torch.arange(len(cell), device=cell.device), cell].to(class_xy.dtype)
+    return class_xy[cell] + offset * class_radius[cell].to(class_xy.dtype).unsqueeze(1)
