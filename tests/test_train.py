@@ -3,6 +3,7 @@
 import argparse
 import contextlib
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -280,3 +281,24 @@ def test_demo_backbone_reason_reads_cleanly(capsys):
     resolve_defaults(args, demo=True)
     line = capsys.readouterr().err.splitlines()[0]
     assert line == "backbone: efficientnet_lite0 (default for the demo set: fast on CPU, offline weights)"
+
+
+def test_bf16_mixed_precision_end_to_end_keeps_float32_cache_and_targets(demo_dir, tmp_path):
+    lines = run_main(["--approach", "regression", "--dataset-dirs", demo_dir, "--backbone", "tiny", "--no-pretrained",
+                      "--image-size", 32, "--epochs", 1, "--num-workers", 0, "--accelerator", "cpu",
+                      "--precision", "bf16-mixed", "--accumulate-grad-batches", 2, "--gradient-clip-val", 1.0,
+                      "--ema", "--out-dir", tmp_path, "--cache-dir", tmp_path / "cache", "--run-name", "bf16"])
+    metrics = json.loads((tmp_path / "bf16" / "version_0" / "metrics.json").read_text())
+    assert np.isfinite(metrics["test"]["mean_km"]) and metrics["test"]["count"] == 12
+    entries = list((tmp_path / "cache").glob("*/*.pt"))
+    assert entries and all(torch.load(e, weights_only=True).dtype == torch.float32 for e in entries)
+    assert checkpoint_path(lines).endswith(".ckpt")
+
+
+def test_multi_process_run_refuses_a_later_unfreeze(demo_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, ["--approach", "classification", "--dataset-dirs", str(demo_dir), "--backbone", "tiny",
+                       "--no-pretrained", "--image-size", "32", "--epochs", "3", "--unfreeze-at-epoch", "1",
+                       "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "--out-dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "error: --unfreeze-at-epoch 1: with several processes" in capsys.readouterr().err
