@@ -302,3 +302,49 @@ def test_multi_process_run_refuses_a_later_unfreeze(demo_dir, tmp_path, capsys):
                        "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "--out-dir", str(tmp_path)])
     assert exit_info.value.code == 2
     assert "error: --unfreeze-at-epoch 1: with several processes" in capsys.readouterr().err
+
+
+class RecordBatchNormModes(pl.Callback):
+    """Per epoch: the training flag of every BatchNorm of the backbone during the first training batch."""
+
+    def __init__(self):
+        self.modes: dict[int, list[bool]] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.modes.setdefault(trainer.current_epoch, [m.training for m in pl_module.backbone.modules()
+                                                     if isinstance(m, torch.nn.BatchNorm2d)])
+
+
+@pytest.mark.parametrize("freeze_bn", [False, True])
+def test_unfrozen_batchnorm_trains_and_a_resumed_run_matches(demo_dir, tmp_path, freeze_bn):
+    enriched = enrich([demo_dir], spacing=1.0, seed=0, progress=False)
+
+    def fit(epochs, resume=None):
+        pl.seed_everything(0, workers=True, verbose=False)
+        model = GeoModel(approach="classification", backbone="tiny", image_size=32, classes=class_table(enriched.classes),
+                         scaler=enriched.scaler, hidden=16, unfreeze_at_epoch=1, scheduler="none")
+        data = GeoDataModule(enriched.locations, image_size=32, batch_size=64, unfreeze_at_epoch=1, augment="none",
+                             cache_dir=tmp_path / "cache", backbone_name="tiny")
+        record = RecordBatchNormModes()
+        trainer = pl.Trainer(max_epochs=epochs, callbacks=[FreezeThenUnfreeze(1, blocks=1, freeze_bn=freeze_bn), record],
+                             logger=False, enable_progress_bar=False, enable_model_summary=False, deterministic=True,
+                             reload_dataloaders_every_n_epochs=1, limit_val_batches=1, default_root_dir=tmp_path)
+        trainer.fit(model, datamodule=data, ckpt_path=resume)
+        return trainer, model, record
+
+    _, whole, whole_record = fit(2)
+    assert not any(whole_record.modes[0])  # frozen epoch: every BatchNorm on running statistics
+    last_stage = whole_record.modes[1][-1:]  # the tiny CNN's last stage holds its last BatchNorm
+    assert last_stage == [not freeze_bn] and not any(whole_record.modes[1][:-1])
+    first, first_model, _ = fit(1)
+    path = tmp_path / "after-epoch-1.ckpt"
+    first.save_checkpoint(path)
+    before = {k: v.clone() for k, v in first_model.backbone.state_dict().items()}
+    resumed_trainer, resumed, resumed_record = fit(2, resume=path)
+    # same epoch count and the same BatchNorm modes in the epoch after the resume as without the interruption
+    assert resumed_trainer.current_epoch == whole.trainer.current_epoch == 2
+    assert resumed_record.modes == {1: whole_record.modes[1]}
+    # after the resume the last stage unfroze again and trained; the others stayed as they were
+    after = resumed.backbone.state_dict()
+    changed = {k.split(".")[1] for k in before if before[k].is_floating_point() and not torch.equal(before[k], after[k])}
+    assert changed == {"2"}
