@@ -129,13 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--freeze-bn", action="store_true",
                      help="keep the unfrozen backbone's BatchNorm on its running statistics (for small batches; default: off, batch statistics)")
     opt.add_argument("--accumulate-grad-batches", type=int, default=1,
-                     help="sum gradients over N batches per optimizer step (Lightning; default: 1)")
+                     help="sum gradients over N batches per optimizer step, passed to Lightning (default: 1)")
     opt.add_argument("--gradient-clip-val", type=float, default=None,
                      help="clip the gradient norm to this value (Lightning; default: no clipping)")
     opt.add_argument("--early-stopping-patience", type=int, default=None,
                      help="stop after N validations without a better val mean km (default: never)")
     opt.add_argument("--val-check-interval", type=float, default=1.0,
-                     help="validate every fraction of an epoch (<= 1) or every N batches (> 1) (Lightning; default: 1.0)")
+                     help="validate every fraction of an epoch (<= 1) or every N batches (> 1), passed to Lightning (default: 1.0)")
     opt.add_argument("--ema", type=float, nargs="?", const=0.999, default=None, metavar="DECAY",
                      help="keep an exponential moving average of the weights (decay, 0.999 when no value), "
                           "used for validation, test and checkpoints (Lightning EMAWeightAveraging; default: off)")
