@@ -171,24 +171,41 @@ class GeoDataModule(pl.LightningDataModule):
             shuffle=shuffle,
             num_workers=0 if in_memory else self.num_workers,
             pin_memory=torch.cuda.is_available(),
-            persistent_workers=False,
+            # workers live across epochs; the loaders are rebuilt when the cache/augmentation switches
+            persistent_workers=not in_memory and self.num_workers > 0,
         )
 
+    def prepare_data(self) -> None:
+        """Fill the feature cache of the splits that use it now, once (Lightning calls this on
+        rank 0 of each node only, the other processes wait, then read the cache)."""
+        for split in ("train", "val"):
+            if self.uses_cache(split):
+                self._fill_cache(split)
+
+    def _cache(self) -> FeatureCache:
+        return FeatureCache(self.cache_dir, self.backbone_name, self.trainer.lightning_module.backbone,
+                            self.image_size, preprocessing=repr(eval_transform(self.image_size)))
+
+    def _fill_cache(self, split: str) -> None:
+        device = self.trainer.strategy.root_device  # in prepare_data the model is not on it yet
+        backbone = self.trainer.lightning_module.backbone.to(device)
+        image_dirs = self.split(split)["image_dir"].astype(str).tolist()
+        cache = self._cache()
+        extract = None  # ONNX Runtime exports the backbone on its first call, so only when entries are missing
+        if resolve_engine(self.feature_engine, device) == "onnx":
+            extract = OnnxFeatureExtractor(backbone, self.image_size, cache.directory / "backbone.onnx")
+        computed = cache.compute_missing(
+            image_dirs, backbone, partial(_load_eval_quadruplet, image_size=self.image_size),
+            batch_size=self.batch_size, num_workers=self.num_workers, device=device, extract=extract,
+        )
+        log.info("feature cache (%s): %d computed, %d reused", split, computed, len(image_dirs) - computed)
+
     def cached_features(self, split: str) -> torch.Tensor:
-        """[N, 4, D] backbone features of `split`, computed into the cache when missing."""
+        """[N, 4, D] backbone features of `split`, computed into the cache when missing, loaded once."""
         if split not in self._features:
-            model = self.trainer.lightning_module
-            cache = FeatureCache(self.cache_dir, self.backbone_name, model.backbone, self.image_size)
-            image_dirs = self.split(split)["image_dir"].astype(str).tolist()
-            extract = None  # ONNX Runtime exports the backbone on its first call, so only when entries are missing
-            if resolve_engine(self.feature_engine, model.device) == "onnx":
-                extract = OnnxFeatureExtractor(model.backbone, self.image_size, cache.directory / "backbone.onnx")
-            computed = cache.compute_missing(
-                image_dirs, model.backbone, partial(_load_eval_quadruplet, image_size=self.image_size),
-                batch_size=self.batch_size, num_workers=self.num_workers, device=model.device, extract=extract,
-            )
-            log.info("feature cache (%s): %d computed, %d reused", split, computed, len(image_dirs) - computed)
-            self._features[split] = cache.load_all(image_dirs)
+            if self.trainer.world_size == 1:  # under DDP prepare_data filled it; ranks must not race
+                self._fill_cache(split)
+            self._features[split] = self._cache().load_all(self.split(split)["image_dir"].astype(str).tolist())
         return self._features[split]
 
     def _dataset(self, split: str, train: bool) -> Dataset:

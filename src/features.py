@@ -42,10 +42,14 @@ class _Quadruplets(Dataset):
 class FeatureCache:
     """Backbone features per location under `root/<backbone>-<size>px-<weights hash>/`."""
 
-    def __init__(self, root: str | Path, backbone_name: str, backbone: Backbone, image_size: int):
+    def __init__(self, root: str | Path, backbone_name: str, backbone: Backbone, image_size: int,
+                 preprocessing: str = ""):
+        """`preprocessing`: a description of the image transform (e.g. its repr); a different one
+        gives a different cache folder."""
         self.backbone_name = backbone_name
         self.image_size = image_size
-        self.weights_hash = backbone.fingerprint()[:16]
+        digest = hashlib.sha1(f"{backbone.fingerprint()}|{preprocessing}".encode()).hexdigest()
+        self.weights_hash = digest[:16]
         self.directory = Path(root) / f"{backbone_name}-{image_size}px-{self.weights_hash}"
         self.dim = backbone.out_features
         self.corrupt: list[Path] = []  # entries found unusable (and deleted) by this object

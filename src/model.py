@@ -131,12 +131,16 @@ class GeoModel(pl.LightningModule):
         self.register_buffer("class_xy", torch.tensor(classes[centroids], dtype=torch.float64), persistent=False)
         self._test_km: list[torch.Tensor] = []
         self.test_km = np.empty(0)
+        self.channels_last = False  # set by train for convolutional backbones on a GPU (not a hparam)
 
     # ---- forward ------------------------------------------------------------------------------
     def view_features(self, views: torch.Tensor) -> torch.Tensor:
         """[B, 4, 3, H, W] -> [B, 4, D]: the backbone on all B x 4 images in one batched forward."""
         batch, n_views = views.shape[:2]
-        return self.backbone(views.flatten(0, 1)).view(batch, n_views, -1)
+        images = views.flatten(0, 1)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.backbone(images).reshape(batch, n_views, -1)
 
     def head_forward(self, features: torch.Tensor) -> torch.Tensor:
         """[B, 4, D] view features -> outputs (class logits or scaled x/y), views concatenated in order."""
@@ -171,16 +175,19 @@ class GeoModel(pl.LightningModule):
     def _step(self, batch: dict[str, torch.Tensor], stage: str) -> tuple[torch.Tensor, torch.Tensor]:
         outputs = self._outputs(batch)
         size = len(outputs)
+        sync = True  # epoch metrics averaged over all processes: every rank picks the same best checkpoint
         if self.hparams.approach == "classification":
             loss = F.cross_entropy(outputs.float(), batch["label"])
             accuracy = (outputs.argmax(dim=1) == batch["label"]).float().mean()
-            self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, batch_size=size)
-        else:
-            target = scale_xy(batch["xy"], self.hparams.scaler).to(outputs.dtype)
-            loss = F.mse_loss(outputs, target)
+            self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, batch_size=size, sync_dist=sync)
+        else:  # the loss in float32 whatever the precision: targets are metres scaled to [0, 1]
+            target = scale_xy(batch["xy"], self.hparams.scaler).float()
+            loss = F.mse_loss(outputs.float(), target)
         km = xy_to_km(self.outputs_to_xy(outputs), batch["lat"], batch["lng"])
-        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=stage != "test", batch_size=size)
-        self.log(f"{stage}/km_mean", km.mean(), on_step=False, on_epoch=True, prog_bar=stage == "val", batch_size=size)
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=stage != "test", batch_size=size,
+                 sync_dist=sync)
+        self.log(f"{stage}/km_mean", km.mean().float(), on_step=False, on_epoch=True, prog_bar=stage == "val",
+                 batch_size=size, sync_dist=sync)
         return loss, km
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -193,12 +200,20 @@ class GeoModel(pl.LightningModule):
         self._test_km = []
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._test_km.append(self._step(batch, "test")[1])
+        km = self._step(batch, "test")[1]
+        self._test_km.append(torch.stack([batch["index"].double().cpu(), km]))
 
     def on_test_epoch_end(self) -> None:
-        self.test_km = torch.cat(self._test_km).numpy() if self._test_km else np.empty(0)
+        """`test_km`: km per test location in the split's order, gathered from every process; the
+        locations DistributedSampler repeats to even out the processes' shares are counted once."""
+        local = torch.cat(self._test_km, dim=1) if self._test_km else torch.empty(2, 0, dtype=torch.float64)
+        if self.trainer.world_size > 1:
+            local = self.all_gather(local.to(self.device)).cpu()  # [world, 2, n]: equal shares
+            local = local.permute(1, 0, 2).flatten(1)
+        _, first = np.unique(local[0].numpy().astype(np.int64), return_index=True)
+        self.test_km = local[1].numpy()[first]
         if len(self.test_km):
-            self.log("test/km_median", float(np.median(self.test_km)))
+            self.log("test/km_median", float(np.median(self.test_km)))  # the same on every rank
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self.outputs_to_xy(self._outputs(batch))
@@ -246,15 +261,20 @@ def backbone_frozen(model: GeoModel) -> bool:
 class FreezeThenUnfreeze(BaseFinetuning):
     """The backbone starts frozen (eval mode: fixed BatchNorm statistics, so features match the
     feature cache); at `unfreeze_at_epoch` its last `blocks` stages (0: all) become trainable.
-    Their learning rate is the backbone parameter group's (`lr_finetune`, see configure_optimizers)."""
+    Their learning rate is the backbone parameter group's (`lr_finetune`, see configure_optimizers).
+    Unfrozen stages train with BatchNorm in train mode (batch statistics), unless `freeze_bn`
+    keeps every BatchNorm on its running statistics (for small batches)."""
 
-    def __init__(self, unfreeze_at_epoch: int | None, blocks: int = 0):
+    def __init__(self, unfreeze_at_epoch: int | None, blocks: int = 0, freeze_bn: bool = False):
         super().__init__()
         self.unfreeze_at_epoch = unfreeze_at_epoch
         self.blocks = blocks
+        self.freeze_bn = freeze_bn
 
     def freeze_before_training(self, pl_module: GeoModel) -> None:
         self.freeze(pl_module.backbone, train_bn=False)
+        if self.unfreeze_at_epoch == 0:  # trainable before DDP wraps the model, so DDP synchronises them
+            self.make_trainable(pl_module.backbone.last_stages(self.blocks))
 
     def finetune_function(self, pl_module: GeoModel, epoch: int, optimizer: torch.optim.Optimizer) -> None:
         # `>=` so that a run resumed after the unfreeze epoch unfreezes again
@@ -263,8 +283,20 @@ class FreezeThenUnfreeze(BaseFinetuning):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: GeoModel) -> None:
         super().on_train_epoch_start(trainer, pl_module)
-        # frozen parts run in eval mode: BatchNorm uses its running statistics, dropout is off
-        for module in pl_module.backbone.modules():
-            parameters = list(module.parameters())
-            if parameters and not any(p.requires_grad for p in parameters):
+        set_backbone_modes(pl_module, self.freeze_bn)
+
+
+def set_backbone_modes(model: GeoModel, freeze_bn: bool = False) -> None:
+    """Frozen backbone parts in eval mode (BatchNorm on its running statistics, dropout off), trainable
+    ones in train mode; with `freeze_bn` every BatchNorm stays in eval mode. Lightning restores the
+    modules' own modes at each epoch, so this runs at every epoch start (resumed runs included)."""
+    for module in model.backbone.modules():  # parents before children: mixed parents are left to their children
+        trainable = [p.requires_grad for p in module.parameters()]
+        if trainable and all(trainable):
+            module.train()
+        elif trainable and not any(trainable):
+            module.eval()
+    if freeze_bn:
+        for module in model.backbone.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.eval()

@@ -28,7 +28,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.callbacks import EarlyStopping, EMAWeightAveraging, LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.core.saving import save_hparams_to_yaml
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
@@ -59,9 +59,26 @@ QUICK_DEFAULTS = {"image_size": 64, "epochs": 2}
 MAX_IMAGE_SIZE = 2048
 
 
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
+
+
+@rank_zero_only
 def say(message: str) -> None:
-    """A progress/log line on stderr."""
+    """A progress/log line on stderr (rank 0 only: DDP processes do not repeat it)."""
     print(message, file=sys.stderr, flush=True)
+
+
+def default_num_workers() -> int:
+    """Data loader workers: one per CPU core this process may use, less one for the main process."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, cores - 1)
+
+
+def default_precision(accelerator: str) -> tuple[str, str]:
+    """(precision, reason): bf16-mixed on a GPU that supports bfloat16, else 32-true."""
+    if accelerator != "cpu" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed", "default on a GPU with bfloat16 support"
+    return "32-true", "default without a bfloat16-capable GPU"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -111,6 +128,19 @@ def build_parser() -> argparse.ArgumentParser:
                      help="epoch at which the backbone unfreezes, -1 for never (default: 5 with a GPU, else never)")
     opt.add_argument("--unfreeze-blocks", type=int, default=0,
                      help="unfreeze only the backbone's last N stages, 0 for all (default: 0)")
+    opt.add_argument("--freeze-bn", action="store_true",
+                     help="keep the unfrozen backbone's BatchNorm on its running statistics (for small batches; default: off, batch statistics)")
+    opt.add_argument("--accumulate-grad-batches", type=int, default=1,
+                     help="sum gradients over N batches per optimizer step, passed to Lightning (default: 1)")
+    opt.add_argument("--gradient-clip-val", type=float, default=None,
+                     help="clip the gradient norm to this value (Lightning; default: no clipping)")
+    opt.add_argument("--early-stopping-patience", type=int, default=None,
+                     help="stop after N validations without a better val mean km (default: never)")
+    opt.add_argument("--val-check-interval", type=float, default=1.0,
+                     help="validate every fraction of an epoch (<= 1) or every N batches (> 1), passed to Lightning (default: 1.0)")
+    opt.add_argument("--ema", type=float, nargs="?", const=0.999, default=None, metavar="DECAY",
+                     help="keep an exponential moving average of the weights (decay, 0.999 when no value), "
+                          "used for validation, test and checkpoints (Lightning EMAWeightAveraging; default: off)")
     opt.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw", help="(default: adamw)")
     opt.add_argument("--weight-decay", type=float, default=1e-4, help="(default: 1e-4)")
     opt.add_argument("--scheduler", choices=SCHEDULERS, default="plateau",
@@ -127,8 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--engine", choices=ENGINES, default="auto",
                       help="fills the feature cache: torch, or ONNX Runtime (backbone exported once into the cache "
                            "folder); auto: onnx on the CPU, torch on a GPU (default: auto)")
-    data.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1) - 1,
-                      help="data loader worker processes (default: CPU cores - 1, at most 3)")
+    data.add_argument("--num-workers", type=int, default=default_num_workers(),
+                      help=f"data loader worker processes, kept alive across epochs (default: usable CPU cores - 1, here {default_num_workers()})")
     run = parser.add_argument_group("run")
     run.add_argument("--out-dir", type=Path, default=Path("reports"), help="TensorBoard logs and checkpoints go to OUT_DIR/RUN_NAME/version_N (default: reports)")
     run.add_argument("--run-name", default=None, help="(default: <approach>-<backbone>)")
@@ -137,7 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="smoke run: 2 epochs of at most 2 batches, 64 px (unless given)")
     run.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu, ... (default: auto)")
     run.add_argument("--devices", default="auto", help="Lightning devices: auto, N or a list (default: auto)")
-    run.add_argument("--precision", default=None, help="Lightning precision, e.g. 16-mixed, bf16-mixed (default: 32-true)")
+    run.add_argument("--precision", choices=PRECISIONS, default=None,
+                     help="Lightning precision (default: bf16-mixed on a GPU that supports it, else 32-true)")
+    run.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                     help="channels_last memory format for the convolutional backbone (default: on with a GPU)")
     run.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp (default: auto)")
     run.add_argument("--num-nodes", type=int, default=1, help="Lightning nodes, for multi-node DDP (default: 1)")
     run.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None,
@@ -192,6 +225,12 @@ def check_numbers(args: argparse.Namespace) -> None:
         ("warmup_epochs", lambda v: v >= 0, "0 or more epochs"),
         ("unfreeze_blocks", lambda v: v >= 0, "0 (all stages) or more"),
         ("num_nodes", lambda v: v >= 1, "1 or more"),
+        ("accumulate_grad_batches", lambda v: v >= 1, "1 or more batches"),
+        ("gradient_clip_val", lambda v: 0 < v < float("inf"), "a positive gradient norm"),
+        ("early_stopping_patience", lambda v: v >= 1, "1 or more validations"),
+        ("val_check_interval", lambda v: 0 < v <= 1 or (v > 1 and float(v).is_integer()),
+         "a fraction of an epoch in (0, 1] or a whole number of batches"),
+        ("ema", lambda v: 0 < v < 1, "a decay in (0, 1), e.g. 0.999"),
     ]
     for key, ok, expected in checks:
         value = getattr(args, key, None)
@@ -325,6 +364,8 @@ def train(args: argparse.Namespace, interrupt: Interrupt) -> None:
     # Lightning 2.6 calls a torch pytree API that torch 2.14 deprecates, once per batch: noise, not news
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     quiet_lightning()  # no GPU/TPU availability lines, no litlogger advert
+    # the test step gathers every process's locations and drops DistributedSampler's repeats itself
+    warnings.filterwarnings("ignore", message=r".*`DistributedSampler` with the dataloaders. During `trainer.test")
     # the --resume file is read before anything else is printed
     saved = read_checkpoint(args.resume, "--resume", training_state=True)["hyper_parameters"] if args.resume else None
     demo = use_demo_dataset_if_none(args)
@@ -374,15 +415,35 @@ def train(args: argparse.Namespace, interrupt: Interrupt) -> None:
         args.deterministic = not gpu
     # on a GPU some ops (e.g. adaptive pooling's backward) have no deterministic kernel: warn, do not fail
     deterministic = ("warn" if gpu else True) if args.deterministic else False
+    if args.precision is None:
+        args.precision, reason = default_precision(args.accelerator)
+    else:
+        reason = "--precision"
+    model.channels_last = gpu if args.channels_last is None else args.channels_last
+    if model.channels_last:  # every registered backbone is convolutional
+        model.backbone.to(memory_format=torch.channels_last)
+    say(f"precision: {args.precision} ({reason}); channels_last: {'on' if model.channels_last else 'off'}")
+    callbacks = [checkpoint, last, LearningRateMonitor(logging_interval="epoch"),
+                 FreezeThenUnfreeze(args.unfreeze_at_epoch, args.unfreeze_blocks, args.freeze_bn)]
+    if args.early_stopping_patience is not None:
+        callbacks.append(EarlyStopping(monitor="val/km_mean", mode="min", patience=args.early_stopping_patience))
+    if args.ema is not None:
+        callbacks.append(EMAWeightAveraging(decay=args.ema))
+    interval = int(args.val_check_interval) if args.val_check_interval > 1 else args.val_check_interval
     trainer = pl.Trainer(
         max_epochs=args.epochs, accelerator=args.accelerator, devices=args.devices, precision=args.precision,
-        strategy=args.strategy, num_nodes=args.num_nodes, logger=logger,
-        callbacks=[checkpoint, last, LearningRateMonitor(logging_interval="epoch"),
-                   FreezeThenUnfreeze(args.unfreeze_at_epoch, args.unfreeze_blocks),
-                   *quiet_callbacks()],
+        strategy=args.strategy, num_nodes=args.num_nodes, logger=logger, callbacks=[*callbacks, *quiet_callbacks()],
         plugins=[AtomicCheckpointIO()], reload_dataloaders_every_n_epochs=1,
-        log_every_n_steps=1, deterministic=deterministic, **quick,
+        accumulate_grad_batches=args.accumulate_grad_batches, gradient_clip_val=args.gradient_clip_val,
+        val_check_interval=interval, log_every_n_steps=1, deterministic=deterministic, **quick,
+        # BatchNorm statistics over all processes' batches, so the ranks' running statistics stay equal
+        # (GPU only: SyncBatchNorm has no CPU implementation)
+        sync_batchnorm=gpu and args.unfreeze_at_epoch == 0 and not args.freeze_bn and args.strategy.startswith("ddp"),
     )
+    if trainer.world_size > 1 and args.unfreeze_at_epoch not in (None, 0):
+        # DDP synchronises only the parameters trainable when it wraps the model (Lightning issue #20340)
+        raise UserError(f"--unfreeze-at-epoch {args.unfreeze_at_epoch}: with several processes the backbone "
+                        "must train from the start (--unfreeze-at-epoch 0) or stay frozen (-1)")
     if trainer.is_global_zero:  # reusable with --locations by train, analyze and score
         write_locations_csv(locations, Path(logger.log_dir) / LOCATIONS_FILE)
     baseline_val = geo.haversine_km(model.hparams.prior_lat, model.hparams.prior_lng,
@@ -397,6 +458,8 @@ def train(args: argparse.Namespace, interrupt: Interrupt) -> None:
         trainer.fit(model, datamodule=datamodule, ckpt_path=args.resume)
         best = checkpoint.best_model_path or last.best_model_path
         trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)
+    if not trainer.is_global_zero:  # the other DDP processes have the same results: rank 0 reports
+        return
     test_km = model.test_km
     baseline_km = geo.haversine_km(model.hparams.prior_lat, model.hparams.prior_lng,
                                    test["latitude"].to_numpy(), test["longitude"].to_numpy())

@@ -67,6 +67,8 @@ def test_cache_key_covers_image_file_weights_and_size(image_dirs, tmp_path):
     assert FeatureCache(tmp_path / "cache", "tiny", other, 32).directory != cache.directory
     assert FeatureCache(tmp_path / "cache", "tiny", backbone, 48).directory != cache.directory
     assert FeatureCache(tmp_path / "cache", "tiny", backbone, 32).directory == cache.directory
+    # another image preprocessing (e.g. other normalisation) uses other entries too
+    assert FeatureCache(tmp_path / "cache", "tiny", backbone, 32, preprocessing="Normalize(0.5)").directory != cache.directory
 
 
 def test_cache_entries_are_written_atomically(image_dirs, tmp_path):

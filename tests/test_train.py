@@ -4,6 +4,7 @@ import argparse
 import contextlib
 import io
 import shutil
+import json
 from pathlib import Path
 
 import numpy as np
@@ -304,3 +305,70 @@ def test_a_run_saves_its_locations_and_locations_reuses_them(demo_dir, tmp_path,
     capsys.readouterr()
     error = one_line_error([*common, "--locations", saved, "--dataset-dirs", demo_dir], capsys)
     assert "--locations and --dataset-dirs: give one of them" in error
+
+
+def test_bf16_mixed_precision_end_to_end_keeps_float32_cache_and_targets(demo_dir, tmp_path):
+    lines = run_main(["--approach", "regression", "--dataset-dirs", demo_dir, "--backbone", "tiny", "--no-pretrained",
+                      "--image-size", 32, "--epochs", 1, "--num-workers", 0, "--accelerator", "cpu",
+                      "--precision", "bf16-mixed", "--accumulate-grad-batches", 2, "--gradient-clip-val", 1.0,
+                      "--ema", "--out-dir", tmp_path, "--cache-dir", tmp_path / "cache", "--run-name", "bf16"])
+    metrics = json.loads((tmp_path / "bf16" / "version_0" / "metrics.json").read_text())
+    assert np.isfinite(metrics["test"]["mean_km"]) and metrics["test"]["count"] == 12
+    entries = list((tmp_path / "cache").glob("*/*.pt"))
+    assert entries and all(torch.load(e, weights_only=True).dtype == torch.float32 for e in entries)
+    assert checkpoint_path(lines).endswith(".ckpt")
+
+
+def test_multi_process_run_refuses_a_later_unfreeze(demo_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, ["--approach", "classification", "--dataset-dirs", str(demo_dir), "--backbone", "tiny",
+                       "--no-pretrained", "--image-size", "32", "--epochs", "3", "--unfreeze-at-epoch", "1",
+                       "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "--out-dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "error: --unfreeze-at-epoch 1: with several processes" in capsys.readouterr().err
+
+
+class RecordBatchNormModes(pl.Callback):
+    """Per epoch: the training flag of every BatchNorm of the backbone during the first training batch."""
+
+    def __init__(self):
+        self.modes: dict[int, list[bool]] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.modes.setdefault(trainer.current_epoch, [m.training for m in pl_module.backbone.modules()
+                                                     if isinstance(m, torch.nn.BatchNorm2d)])
+
+
+@pytest.mark.parametrize("freeze_bn", [False, True])
+def test_unfrozen_batchnorm_trains_and_a_resumed_run_matches(demo_dir, tmp_path, freeze_bn):
+    enriched = enrich([demo_dir], spacing=1.0, seed=0, progress=False)
+
+    def fit(epochs, resume=None):
+        pl.seed_everything(0, workers=True, verbose=False)
+        model = GeoModel(approach="classification", backbone="tiny", image_size=32, classes=class_table(enriched.classes),
+                         scaler=enriched.scaler, hidden=16, unfreeze_at_epoch=1, scheduler="none")
+        data = GeoDataModule(enriched.locations, image_size=32, batch_size=64, unfreeze_at_epoch=1, augment="none",
+                             cache_dir=tmp_path / "cache", backbone_name="tiny")
+        record = RecordBatchNormModes()
+        trainer = pl.Trainer(max_epochs=epochs, callbacks=[FreezeThenUnfreeze(1, blocks=1, freeze_bn=freeze_bn), record],
+                             logger=False, enable_progress_bar=False, enable_model_summary=False, deterministic=True,
+                             reload_dataloaders_every_n_epochs=1, limit_val_batches=1, default_root_dir=tmp_path)
+        trainer.fit(model, datamodule=data, ckpt_path=resume)
+        return trainer, model, record
+
+    _, whole, whole_record = fit(2)
+    assert not any(whole_record.modes[0])  # frozen epoch: every BatchNorm on running statistics
+    last_stage = whole_record.modes[1][-1:]  # the tiny CNN's last stage holds its last BatchNorm
+    assert last_stage == [not freeze_bn] and not any(whole_record.modes[1][:-1])
+    first, first_model, _ = fit(1)
+    path = tmp_path / "after-epoch-1.ckpt"
+    first.save_checkpoint(path)
+    before = {k: v.clone() for k, v in first_model.backbone.state_dict().items()}
+    resumed_trainer, resumed, resumed_record = fit(2, resume=path)
+    # same epoch count and the same BatchNorm modes in the epoch after the resume as without the interruption
+    assert resumed_trainer.current_epoch == whole.trainer.current_epoch == 2
+    assert resumed_record.modes == {1: whole_record.modes[1]}
+    # after the resume the last stage unfroze again and trained; the others stayed as they were
+    after = resumed.backbone.state_dict()
+    changed = {k.split(".")[1] for k in before if before[k].is_floating_point() and not torch.equal(before[k], after[k])}
+    assert changed == {"2"}
