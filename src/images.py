@@ -6,6 +6,7 @@ from PIL import Image
 
 VIEWS = (0, 90, 180, 270)  # headings in degrees, the order of a quadruplet everywhere
 N_VIEWS = len(VIEWS)
+JPEG_SOI = b"\xff\xd8"
 JPEG_EOI = b"\xff\xd9"
 
 
