@@ -115,8 +115,8 @@ def load_model(path: str | Path, device: str = "cpu", flag: str = "--checkpoint"
                reports_dir: str | Path | None = None, **overrides):
     """A GeoModel from a src.train checkpoint, in eval mode on `device`.
 
-    `overrides` replace hparams that only change how outputs become coordinates (`centroids`, `topk`);
-    None values are ignored.
+    `overrides` replace hparams that only change how outputs become coordinates (`centroids`, `topk`,
+    `predict_rule`); None values are ignored.
     """
     from src.model import GeoModel  # Lightning and the backbones: only where a model is built
 

@@ -26,13 +26,26 @@ log = logging.getLogger(__name__)
 AUGMENT_CHOICES = ("none", "finetune", "always")
 
 
-def eval_transform(image_size: int) -> Callable:
-    """PIL image -> normalized tensor [3, H, W] (ImageNet mean/std), resized to image_size if needed."""
-    return T.Compose([T.Resize((image_size, image_size)), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+def eval_transform(image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> Callable:
+    """PIL image -> normalized tensor [3, H, W] (per-channel `mean`/`std`, ImageNet's by default), resized
+    to image_size if needed."""
+    return T.Compose([T.Resize((image_size, image_size)), T.ToTensor(), T.Normalize(tuple(mean), tuple(std))])
 
 
-def train_transform(image_size: int) -> Callable:
-    """Training augmentation: random resized crop and colour jitter, then ImageNet normalisation.
+def input_spec(hparams) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
+    """(image size, mean, std) a model's checkpoint hparams expect (ImageNet's statistics for checkpoints
+    written before the normalisation was saved)."""
+    return (int(hparams["image_size"]), tuple(hparams.get("image_mean", IMAGENET_MEAN)),
+            tuple(hparams.get("image_std", IMAGENET_STD)))
+
+
+def model_transform(hparams) -> Callable:
+    """The evaluation transform of a model, from its checkpoint hparams (see `input_spec`)."""
+    return eval_transform(*input_spec(hparams))
+
+
+def train_transform(image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> Callable:
+    """Training augmentation: random resized crop and colour jitter, then normalisation (as eval_transform).
 
     No horizontal flip here: flipping one view alone breaks the geometry of the quadruplet
     (see `mirror_views`, which flips all views and swaps 90 and 270).
@@ -41,7 +54,7 @@ def train_transform(image_size: int) -> Callable:
         T.RandomResizedCrop(image_size, scale=(0.6, 1.0), ratio=(0.8, 1.25), antialias=True),
         T.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.03),
         T.ToTensor(),
-        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        T.Normalize(tuple(mean), tuple(std)),
     ])
 
 
@@ -102,8 +115,8 @@ class FeatureDataset(Dataset):
         return {"features": self.features[index], "index": index, **{k: v[index] for k, v in self.targets.items()}}
 
 
-def _load_eval_quadruplet(image_dir: str, image_size: int) -> torch.Tensor:
-    return load_quadruplet(image_dir, image_size, eval_transform(image_size))
+def _load_eval_quadruplet(image_dir: str, image_size: int, transform: Callable) -> torch.Tensor:
+    return load_quadruplet(image_dir, image_size, transform)
 
 
 class GeoDataModule(pl.LightningDataModule):
@@ -127,6 +140,8 @@ class GeoDataModule(pl.LightningDataModule):
         cache_dir: str | Path | None = None,
         backbone_name: str = "",
         feature_engine: str = "torch",
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
     ):
         super().__init__()
         if augment not in AUGMENT_CHOICES:
@@ -141,6 +156,7 @@ class GeoDataModule(pl.LightningDataModule):
         self.cache_dir = cache_dir
         self.backbone_name = backbone_name
         self.feature_engine = feature_engine  # fills the feature cache: torch, onnx or auto (src.export)
+        self.mean, self.std = tuple(mean), tuple(std)  # the backbone's input normalisation
         self._features: dict[str, torch.Tensor] = {}
 
     def split(self, name: str) -> pd.DataFrame:
@@ -184,7 +200,11 @@ class GeoDataModule(pl.LightningDataModule):
 
     def _cache(self) -> FeatureCache:
         return FeatureCache(self.cache_dir, self.backbone_name, self.trainer.lightning_module.backbone,
-                            self.image_size, preprocessing=repr(eval_transform(self.image_size)))
+                            self.image_size, preprocessing=repr(self.eval_transform()))
+
+    def eval_transform(self) -> Callable:
+        """The evaluation transform (cached features are computed with it)."""
+        return eval_transform(self.image_size, self.mean, self.std)
 
     def _fill_cache(self, split: str) -> None:
         device = self.trainer.strategy.root_device  # in prepare_data the model is not on it yet
@@ -195,7 +215,7 @@ class GeoDataModule(pl.LightningDataModule):
         if resolve_engine(self.feature_engine, device) == "onnx":
             extract = OnnxFeatureExtractor(backbone, self.image_size, cache.directory / "backbone.onnx")
         computed = cache.compute_missing(
-            image_dirs, backbone, partial(_load_eval_quadruplet, image_size=self.image_size),
+            image_dirs, backbone, partial(_load_eval_quadruplet, image_size=self.image_size, transform=self.eval_transform()),
             batch_size=self.batch_size, num_workers=self.num_workers, device=device, extract=extract,
         )
         log.info("feature cache (%s): %d computed, %d reused", split, computed, len(image_dirs) - computed)
@@ -213,8 +233,9 @@ class GeoDataModule(pl.LightningDataModule):
         if self.uses_cache(split):
             return FeatureDataset(locations, self.cached_features(split))
         if train and self._augmented():
-            return QuadrupletDataset(locations, self.image_size, train_transform(self.image_size), self.mirror_p)
-        return QuadrupletDataset(locations, self.image_size, eval_transform(self.image_size))
+            return QuadrupletDataset(locations, self.image_size, train_transform(self.image_size, self.mean, self.std),
+                                     self.mirror_p)
+        return QuadrupletDataset(locations, self.image_size, self.eval_transform())
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self._dataset("train", train=True), shuffle=True)

@@ -87,7 +87,7 @@ def unit_hash(keys, seed: int) -> np.ndarray:
 
 
 def split_locations(locations: pd.DataFrame, seed: int, fractions=DEFAULT_SPLIT, holdout_dirs=(),
-                    blocks=None) -> np.ndarray:
+                    blocks=None, fold: tuple[int, int] | None = None) -> np.ndarray:
     """'train'/'val'/'test' per row, fixed by `seed`, independent of row order.
 
     Without `blocks` a seeded hash of each uuid decides its split, so adding or removing locations never
@@ -96,6 +96,10 @@ def split_locations(locations: pd.DataFrame, seed: int, fractions=DEFAULT_SPLIT,
     blocks fill train, then val, then test by their number of locations.
     Rows from `holdout_dirs` all go to test; the others are split by the train and val fractions
     (renormalized) when dirs are held out, else by all three.
+
+    With `fold` (k, K), for K-fold cross-validation: the same positions cut into K equal folds, fold k is
+    the test split and the rest is split into train and val by the train and val fractions (renormalized),
+    using the position within its fold; so the K test splits partition the rows (or blocks).
     """
     fractions = np.asarray(fractions, float)
     if fractions.shape != (3,) or not np.isfinite(fractions).all() or (fractions < 0).any() or abs(fractions.sum() - 1) > 1e-6 or fractions[0] <= 0:
@@ -117,6 +121,14 @@ def split_locations(locations: pd.DataFrame, seed: int, fractions=DEFAULT_SPLIT,
         middle = np.empty(len(ids))
         middle[order] = (filled - counts[order] / 2) / filled[-1]
         position = middle[inverse.ravel()]
+    if fold is not None:
+        k, n_folds = fold
+        scaled = position * n_folds
+        in_fold = np.minimum(np.floor(scaled), n_folds - 1)
+        within = scaled - in_fold
+        train_share = fractions[0] / (fractions[0] + fractions[1])
+        split[pool] = np.where(in_fold == k, "test", np.where(within < train_share, "train", "val"))
+        return split
     train_end, val_end = np.cumsum(fractions)[:2]
     split[pool] = np.where(position < train_end, "train", np.where(position < val_end, "val", "test"))
     return split
@@ -128,7 +140,8 @@ def minmax_scaler(x: np.ndarray, y: np.ndarray) -> dict:
 
 
 def split_and_cells(locations: pd.DataFrame, cells: CellSpec | Cells, seed: int = 0, fractions=DEFAULT_SPLIT,
-                    holdout_dirs=(), split_by: str = "location") -> tuple[np.ndarray, Cells]:
+                    holdout_dirs=(), split_by: str = "location",
+                    fold: tuple[int, int] | None = None) -> tuple[np.ndarray, Cells]:
     """The split of the rows (see split_locations) and the cells built from its TRAIN rows.
 
     `cells` is a CellSpec, or cells already built (used as they are). With `split_by` 'cell' the split
@@ -142,7 +155,7 @@ def split_and_cells(locations: pd.DataFrame, cells: CellSpec | Cells, seed: int 
         if block_grid is None:
             raise ValueError("--split-by cell needs a CellSpec or a Grid")
         blocks = block_grid.assign(lat, lng)
-    split = split_locations(locations, seed, fractions, holdout_dirs, blocks)
+    split = split_locations(locations, seed, fractions, holdout_dirs, blocks, fold)
     train = split == "train"
     if not train.any():
         raise UserError("no location left for training: add data or lower the val/test fractions")
@@ -171,8 +184,10 @@ def locate_locations(locations: pd.DataFrame, split: np.ndarray,
 def enrich(dataset_dirs, spacing: float = 0.5, seed: int = 0, fractions=DEFAULT_SPLIT, holdout_dirs=(),
            check_images: bool = True, full_decode: bool = False, max_outside_km: float = 10.0,
            mainland_only: bool = False, progress: bool = True, cells: str = "grid", n_classes: int = 0,
-           split_by: str = "location", check_cache: Path | None = None) -> Enriched:
-    """Read the dataset dirs and enrich their locations (see the module docstring)."""
+           split_by: str = "location", check_cache: Path | None = None,
+           fold: tuple[int, int] | None = None) -> Enriched:
+    """Read the dataset dirs and enrich their locations (see the module docstring); `fold` (k, K) makes
+    fold k of a K-fold cross-validation the test split (see split_locations)."""
     check_spacing(spacing)
     check_seed(seed)
     check_cells(cells, n_classes, split_by)
@@ -187,7 +202,8 @@ def enrich(dataset_dirs, spacing: float = 0.5, seed: int = 0, fractions=DEFAULT_
         raise UserError(f"{', '.join(map(str, dataset_dirs))}: no usable location "
                         f"({len(ingested.skipped)} skipped; see the skip list)")
     spec = CellSpec(cells, spacing, n_classes, mainland_only)
-    split, built = split_and_cells(ingested.locations, spec, seed, fractions, holdout_dirs, split_by)
+    split, built = split_and_cells(ingested.locations, spec, seed, fractions, holdout_dirs, split_by,
+                                   None if fold is None else tuple(fold))
     locations, classes, scaler = locate_locations(ingested.locations, split, built)
     return Enriched(locations, classes, scaler, built, ingested, split_by)
 
@@ -197,7 +213,7 @@ DATA_HPARAM_DEFAULTS = {
     "split_fractions": ("split", list(DEFAULT_SPLIT)), "holdout_dirs": ("holdout_dirs", []),
     "full_decode": ("full_decode", False), "max_outside_km": ("max_outside_km", 10.0),
     "mainland_only": ("mainland_only", False), "cells": ("cells", "grid"), "n_classes": ("n_classes", 0),
-    "split_by": ("split_by", "location"),
+    "split_by": ("split_by", "location"), "fold": ("fold", None),
 }
 
 
@@ -209,7 +225,7 @@ def data_hparams(args: argparse.Namespace) -> dict[str, Any]:
             "split_fractions": [float(f) for f in args.split], "holdout_dirs": [str(d) for d in args.holdout_dirs],
             "full_decode": bool(args.full_decode), "max_outside_km": float(args.max_outside_km),
             "mainland_only": bool(args.mainland_only), "cells": str(args.cells), "n_classes": int(args.n_classes),
-            "split_by": str(args.split_by)}
+            "split_by": str(args.split_by), "fold": None if getattr(args, "fold", None) is None else list(args.fold)}
 
 
 def apply_data_hparams(args: argparse.Namespace, hparams) -> None:
@@ -352,7 +368,8 @@ def enrich_from_args(args: argparse.Namespace, progress: bool = True, report: bo
     enriched = enrich(args.dataset_dirs, args.spacing, args.seed, args.split, args.holdout_dirs,
                       full_decode=args.full_decode, max_outside_km=args.max_outside_km,
                       mainland_only=args.mainland_only, progress=progress, cells=args.cells,
-                      n_classes=args.n_classes, split_by=args.split_by, check_cache=args.check_cache)
+                      n_classes=args.n_classes, split_by=args.split_by, check_cache=args.check_cache,
+                      fold=getattr(args, "fold", None))
     if report:
         listing = skip_listing(enriched.ingested)
         if listing:

@@ -58,7 +58,8 @@ def resolve_engine(engine: str, device: str | torch.device = "cpu") -> str:
 
 
 class QuadrupletGraph(nn.Module):
-    """What the exported model computes: views -> (probabilities or scaled x/y, EPSG:3766 x/y)."""
+    """What the exported model computes: views -> (class probabilities, or scaled x/y for regression;
+    EPSG:3766 x/y by the checkpoint's prediction rule, before `src.geo.snap_to_land`)."""
 
     def __init__(self, model):
         super().__init__()
@@ -67,13 +68,13 @@ class QuadrupletGraph(nn.Module):
     def forward(self, views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         outputs = self.model(views)
         xy = self.model.outputs_to_xy(outputs).double()
-        if self.model.hparams.approach == "classification":
-            return outputs.float().softmax(dim=1), xy
-        return outputs.float(), xy
+        if self.model.hparams.approach == "regression":
+            return outputs.float(), xy
+        return self.model.class_logits(outputs).float().softmax(dim=1), xy
 
 
 def output_names(approach: str) -> list[str]:
-    return ["probabilities" if approach == "classification" else "scaled_xy", "xy"]
+    return ["scaled_xy" if approach == "regression" else "probabilities", "xy"]
 
 
 def session(path: str | Path, threads: int | None = None) -> ort.InferenceSession:
@@ -123,11 +124,13 @@ def _export_here(module: nn.Module, example: torch.Tensor, out: str, input_name:
 
 
 def checkpoint_key(checkpoint: str | Path, model, backbone_only: bool) -> str:
-    """What an export of `checkpoint` depends on: the file (path, size, mtime), centroids, topk, opset."""
+    """What an export of `checkpoint` depends on: the file (path, size, mtime), centroids, topk, prediction
+    rule, opset."""
     path = Path(checkpoint).resolve()
     stat = path.stat()
     hp = model.hparams
-    return (f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{hp.get('centroids')}|{hp.get('topk')}|opset{OPSET}"
+    return (f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{hp.get('centroids')}|{hp.get('topk')}"
+            f"|{hp.get('predict_rule', 'mean')}|opset{OPSET}"
             f"|{'backbone' if backbone_only else 'model'}")
 
 
@@ -191,7 +194,7 @@ class OnnxGeoModel:
     def infer(self, views: torch.Tensor) -> tuple[np.ndarray | None, np.ndarray]:
         """[B, 4, 3, S, S] -> (class probabilities [B, C] or None for regression, EPSG:3766 x/y [B, 2] float64)."""
         outputs, xy = self.session.run(None, {"views": views.detach().cpu().float().contiguous().numpy()})
-        return (outputs if self.hparams["approach"] == "classification" else None), xy
+        return (outputs if self.hparams["approach"] != "regression" else None), xy
 
     def predict_xy(self, views: torch.Tensor) -> torch.Tensor:
         """[B, 4, 3, S, S] -> EPSG:3766 x/y [B, 2] (torch float64), like GeoModel.predict_xy."""
@@ -205,9 +208,9 @@ def infer(model, views: torch.Tensor) -> tuple[np.ndarray | None, np.ndarray]:
         return model.infer(views)
     outputs = model(views.to(model.device))
     xy = model.outputs_to_xy(outputs).double().cpu().numpy()
-    if model.hparams.approach == "classification":
-        return outputs.float().softmax(dim=1).cpu().numpy(), xy
-    return None, xy
+    if model.hparams.approach == "regression":
+        return None, xy
+    return model.class_logits(outputs).float().softmax(dim=1).cpu().numpy(), xy
 
 
 def cached_export_path(checkpoint: str | Path) -> Path:
@@ -289,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_inputs(model, images: Path | None, limit: int = 8) -> tuple[torch.Tensor, str]:
     """Real quadruplets [B, 4, 3, S, S] to compare the engines on, and where they came from."""
+    from src.data import input_spec
     from src.predict import QuadrupletFolders, collate_quadruplets, locations_from_images
 
     if images is not None and (images / "0.jpg").exists():
@@ -297,12 +301,12 @@ def check_inputs(model, images: Path | None, limit: int = 8) -> tuple[torch.Tens
         locations = locations_from_images(images)[:limit]
     else:
         locations = [(u, Path(f)) for u, f in (model.hparams.get("test_locations") or []) if Path(f).is_dir()][:limit]
-    size = int(model.hparams.image_size)
+    spec = input_spec(model.hparams)
     if not locations:
         return example_views(model), "random input (no test split images here; pass --check-images)"
-    _, batches, has_views, _ = collate_quadruplets([QuadrupletFolders(locations, [size])[i]
+    _, batches, has_views, _ = collate_quadruplets([QuadrupletFolders(locations, [spec])[i]
                                                     for i in range(len(locations))])
-    return batches[size][has_views], f"{int(has_views.sum())} location(s) from {locations[0][1].parent}"
+    return batches[spec][has_views], f"{int(has_views.sum())} location(s) from {locations[0][1].parent}"
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

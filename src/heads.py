@@ -1,8 +1,9 @@
 """Building blocks of the model's head: prediction rules over class centroids, haversine label
 smoothing, the fusion of the four view embeddings and the hybrid (cell + offset) head.
 
-Prediction rules map class probabilities [B, C] and class centroids [C, 2] (EPSG:3766 metres) to
-points [B, 2]: `mean` (probability-weighted mean, minimises expected squared distance), `median`
+Prediction rules map class probabilities [B, C] and class points (EPSG:3766 metres) to points [B, 2];
+the class points are the centroids [C, 2], or per location [B, C, 2] (the hybrid head's centroids moved
+by their predicted offsets): `mean` (probability-weighted mean, minimises expected squared distance), `median`
 (probability-weighted geometric median, minimises expected distance, i.e. expected km) and `mode`
 (the most likely class's centroid). In EPSG:3766 (a conformal projection with scale error below
 0.1% over Croatia) planar distance is great-circle distance to within that error.
@@ -18,7 +19,6 @@ from torch.nn import functional as F
 
 from src.geo import haversine_km_torch
 from src.grid import CENTROID_PREFIX
-from src.model import weighted_centroid_xy
 
 PREDICT_RULES = ("mean", "median", "mode")
 FUSIONS = ("concat", "mean", "attention")
@@ -41,28 +41,43 @@ def top_probabilities(probabilities: torch.Tensor, topk: int = 0) -> torch.Tenso
     return probabilities / probabilities.sum(dim=1, keepdim=True)
 
 
+def _per_location(class_xy: torch.Tensor, batch: int) -> torch.Tensor:
+    """Class points [C, 2] or [B, C, 2] as [B, C, 2] (`batch` from .shape, not len(), so that torch.export
+    keeps the batch axis symbolic)."""
+    return class_xy.expand(batch, *class_xy.shape) if class_xy.dim() == 2 else class_xy
+
+
+def weighted_centroid_xy(probabilities: torch.Tensor, class_xy: torch.Tensor, topk: int = 0) -> torch.Tensor:
+    """Probability-weighted mean [B, 2] of the class points ([C, 2] or [B, C, 2]); with topk > 0 only the k
+    most likely classes count (their probabilities renormalised)."""
+    weights = top_probabilities(probabilities.to(class_xy.dtype), topk)
+    return (weights.unsqueeze(2) * _per_location(class_xy, weights.shape[0])).sum(1)
+
+
 def geometric_median_xy(probabilities: torch.Tensor, class_xy: torch.Tensor, topk: int = 0,
-                        max_iter: int = 200, tol_m: float = 1e-3) -> torch.Tensor:
-    """Probability-weighted geometric median [B, 2] of class centroids [C, 2]: the point minimising
-    sum_i p_i * |y - c_i| (expected distance), by Weiszfeld's iteration, batched.
+                        max_iter: int = 100, tol_m: float = 1e-3) -> torch.Tensor:
+    """Probability-weighted geometric median [B, 2] of the class points ([C, 2] or [B, C, 2]): the point
+    minimising sum_i p_i * |y - c_i| (expected distance), by Weiszfeld's iteration, batched.
 
     Uses Vardi and Zhang's (2000) step, so an iterate landing exactly on a centroid neither divides by
     zero nor sticks there unless that centroid is the optimum (its weight >= the pull of the others).
-    Starts at the weighted mean; stops when no point moves more than `tol_m` metres.
+    Starts at the weighted mean; stops when no point moves more than `tol_m` metres, or after `max_iter`
+    steps (always all of them while torch.export traces it, so the ONNX graph computes the same point).
     """
     weights = top_probabilities(probabilities.to(torch.float64), topk)
-    points = class_xy.to(torch.float64)
-    current = weights @ points
+    points = _per_location(class_xy.to(torch.float64), weights.shape[0])
+    current = (weights.unsqueeze(2) * points).sum(1)
     tiny = torch.finfo(torch.float64).tiny
-    span = float((points.max(dim=0).values - points.min(dim=0).values).max()) if len(points) else 0.0
-    coincide_m = 1e-9 * max(span, 1.0)
+    span = (points.amax(dim=1) - points.amin(dim=1)).amax(dim=1, keepdim=True)  # [B, 1]
+    coincide_m = 1e-9 * span.clamp_min(1.0)
+    exporting = torch.compiler.is_exporting()
     for _ in range(max_iter):
-        offsets = points.unsqueeze(0) - current.unsqueeze(1)  # [B, C, 2]
+        offsets = points - current.unsqueeze(1)  # [B, C, 2]
         distance = offsets.norm(dim=2)  # [B, C]
         at_point = distance <= coincide_m
         inverse = torch.where(at_point, torch.zeros_like(distance), weights / distance.clamp_min(tiny))
         # Weiszfeld's update over the centroids the iterate does not sit on
-        update = (inverse.unsqueeze(2) * points.unsqueeze(0)).sum(1) / inverse.sum(1, keepdim=True).clamp_min(tiny)
+        update = (inverse.unsqueeze(2) * points).sum(1) / inverse.sum(1, keepdim=True).clamp_min(tiny)
         pull = (inverse.unsqueeze(2) * offsets).sum(1).norm(dim=1, keepdim=True)  # |gradient of the others|
         held = (weights * at_point).sum(1, keepdim=True)  # weight of the centroid under the iterate
         keep = (held / pull.clamp_min(tiny)).clamp(max=1.0)
@@ -70,18 +85,22 @@ def geometric_median_xy(probabilities: torch.Tensor, class_xy: torch.Tensor, top
         following = torch.where(stay, current, (1 - keep) * update + keep * current)
         step = (following - current).norm(dim=1).max()
         current = following
-        if step <= tol_m:
+        if not exporting and step <= tol_m:
             break
     return current
 
 
 def mode_xy(probabilities: torch.Tensor, class_xy: torch.Tensor, topk: int = 0) -> torch.Tensor:
-    """The most likely class's centroid [B, 2] (`topk` does not change the most likely class)."""
-    return class_xy[probabilities.argmax(dim=1)]
+    """The most likely class's point [B, 2] (`topk` does not change the most likely class)."""
+    best = probabilities.argmax(dim=1)
+    if class_xy.dim() == 2:
+        return class_xy[best]
+    return class_xy[torch.arange(len(best), device=best.device), best]
 
 
 def predict_xy(rule: str, probabilities: torch.Tensor, class_xy: torch.Tensor, topk: int = 0) -> torch.Tensor:
-    """Points [B, 2] (EPSG:3766 metres) from class probabilities [B, C] by `rule` (see PREDICT_RULES)."""
+    """Points [B, 2] (EPSG:3766 metres) from class probabilities [B, C] and class points ([C, 2] or
+    [B, C, 2]) by `rule` (see PREDICT_RULES)."""
     if rule == "mean":
         return weighted_centroid_xy(probabilities, class_xy, topk)
     if rule == "median":
@@ -238,9 +257,7 @@ def hybrid_loss(logits: torch.Tensor, offsets: torch.Tensor, labels: torch.Tenso
     return classification_loss + offset_weight * F.smooth_l1_loss(predicted, target)
 
 
-def hybrid_decode(logits: torch.Tensor, offsets: torch.Tensor, class_xy: torch.Tensor,
-                  class_radius: torch.Tensor) -> torch.Tensor:
-    """EPSG:3766 points [B, 2]: the most likely cell's centroid moved by its predicted offset."""
-    cell = logits.argmax(dim=1)
-    offset = offsets[torch.arange(len(cell), device=cell.device), cell].to(class_xy.dtype)
-    return class_xy[cell] + offset * class_radius[cell].to(class_xy.dtype).unsqueeze(1)
+def hybrid_points(offsets: torch.Tensor, class_xy: torch.Tensor, class_radius: torch.Tensor) -> torch.Tensor:
+    """Per location, every class's centroid moved by its predicted offset: [B, C, 2] EPSG:3766 points, to
+    which the prediction rules apply (`mode` is OSV-5M's decoding: the most likely cell, moved)."""
+    return class_xy.unsqueeze(0) + offsets.to(class_xy.dtype) * class_radius.to(class_xy.dtype).view(1, -1, 1)

@@ -1,8 +1,10 @@
-"""GeoModel: a shared backbone over the four views, concatenated features, a classification or
-regression head; plus the freeze-then-unfreeze fine-tuning callback.
+"""GeoModel: a shared backbone over the four views, a fusion of their embeddings (`src.heads`), and a
+classification, regression or hybrid head; plus the freeze-then-unfreeze fine-tuning callback.
 
-Classification predicts the probability-weighted mean of class centroids (EPSG:3766 metres);
-regression predicts min-max scaled EPSG:3766 x/y. Distances are always great-circle km.
+Classification turns class probabilities into a point by a prediction rule over the class centroids
+(EPSG:3766 metres; mean, median or mode, `src.heads`); hybrid does the same over the centroids moved by
+offsets it regresses inside each cell; regression predicts min-max scaled EPSG:3766 x/y. Distances are
+always great-circle km.
 """
 
 import math
@@ -15,12 +17,14 @@ from pytorch_lightning.callbacks import BaseFinetuning
 from torch import nn
 from torch.nn import functional as F
 
-from src.backbones import Backbone, create_backbone
-from src.geo import haversine_km_torch, unproject
+from src.backbones import IMAGENET_MEAN, IMAGENET_STD, Backbone, create_backbone
+from src.geo import haversine_km_torch, snap_to_land, unproject
 from src.grid import CENTROID_KINDS
+from src.heads import (FUSIONS, PREDICT_RULES, HybridHead, create_fusion, haversine_smoothing_loss, hybrid_loss,
+                       hybrid_points, predict_xy)
 from src.images import N_VIEWS
 
-APPROACHES = ("classification", "regression")
+APPROACHES = ("classification", "regression", "hybrid")
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULERS = ("plateau", "onecycle", "cosine", "none")
 
@@ -39,21 +43,11 @@ def unscale_xy(scaled: torch.Tensor, scaler: dict[str, float]) -> torch.Tensor:
     return scaled * (high - low) + low
 
 
-def weighted_centroid_xy(probabilities: torch.Tensor, class_xy: torch.Tensor, topk: int = 0) -> torch.Tensor:
-    """Probability-weighted mean [B, 2] of class centroids [C, 2]; with topk > 0 only the k most
-    likely classes count (their probabilities renormalised)."""
-    probabilities = probabilities.to(class_xy.dtype)
-    if 0 < topk < probabilities.shape[1]:
-        top = probabilities.topk(topk, dim=1)
-        probabilities = torch.zeros_like(probabilities).scatter(1, top.indices, top.values)
-    probabilities = probabilities / probabilities.sum(dim=1, keepdim=True)
-    return probabilities @ class_xy
-
-
 def xy_to_km(xy: torch.Tensor, lat: torch.Tensor, lng: torch.Tensor) -> torch.Tensor:
-    """Great-circle km between predicted EPSG:3766 points [B, 2] and true lat/lng [B]."""
+    """Great-circle km between predicted EPSG:3766 points [B, 2], moved onto land as src.predict moves
+    them (`src.geo.snap_to_land`), and true lat/lng [B]."""
     xy = xy.detach().double().cpu().numpy()
-    pred_lat, pred_lng = unproject(xy[:, 0], xy[:, 1])
+    pred_lat, pred_lng = unproject(*snap_to_land(xy[:, 0], xy[:, 1]))
     return haversine_km_torch(
         torch.as_tensor(np.atleast_1d(pred_lat)), torch.as_tensor(np.atleast_1d(pred_lng)),
         lat.detach().double().cpu(), lng.detach().double().cpu(),
@@ -93,45 +87,70 @@ class GeoModel(pl.LightningModule):
         cells: str = "grid",
         n_classes: int = 0,
         split_by: str = "location",
+        fold: list[int] | None = None,
         prior_lat: float = 0.0,
         prior_lng: float = 0.0,
         test_locations: list[list[str]] | None = None,
         backbone_weights: str = "imagenet",
+        fusion: str = "concat",
+        predict_rule: str = "mean",
+        label_smoothing_km: float = 0.0,
+        offset_weight: float = 1.0,
+        image_mean: tuple[float, float, float] | list[float] = IMAGENET_MEAN,
+        image_std: tuple[float, float, float] | list[float] = IMAGENET_STD,
         pretrained: bool = False,
     ):
         """`pretrained` loads ImageNet weights into the backbone now; it is not saved, so
         `load_from_checkpoint` rebuilds the backbone without downloads and loads the state dict.
 
         The data hparams (seed, spacing, dataset_dirs, split_fractions, holdout_dirs, full_decode,
-        max_outside_km, mainland_only, cells, n_classes, split_by; paths absolute; see
+        max_outside_km, mainland_only, cells, n_classes, split_by, fold; paths absolute; see
         `src.enrich.data_hparams`) are not used here: with them `src.enrich.enrich` rebuilds the run's
-        locations, split and cells exactly. None means enrich's default."""
+        locations, split and cells exactly. None means enrich's default.
+
+        `image_mean`/`image_std`: the input normalisation (the backbone's, `src.backbones`; checkpoints
+        written before it was saved were trained on ImageNet's). `classes["radius"]` (hybrid): each
+        class's cell radius in metres, the unit of its offsets from the `centroids` it was trained with.
+        """
         super().__init__()
         if approach not in APPROACHES:
             raise ValueError(f"approach must be one of {APPROACHES}")
         if centroids not in CENTROID_KINDS:
             raise ValueError(f"centroids must be one of {CENTROID_KINDS}")
+        if predict_rule not in PREDICT_RULES:
+            raise ValueError(f"predict_rule must be one of {PREDICT_RULES}")
+        if approach == "hybrid" and "radius" not in classes:
+            raise ValueError("a hybrid model needs classes['radius'] (src.heads.class_radius_m)")
         self.save_hyperparameters(ignore=["pretrained"], logger=False)
         self.backbone: Backbone = create_backbone(backbone, pretrained)
-        n_outputs = len(classes["cell"]) if approach == "classification" else 2
-        in_features = N_VIEWS * self.backbone.out_features
-        if hidden > 0:
-            self.head = nn.Sequential(
-                nn.Dropout(dropout), nn.Linear(in_features, hidden), nn.ReLU(inplace=True),
-                nn.Dropout(dropout), nn.Linear(hidden, n_outputs),
-            )
+        self.fusion = create_fusion(fusion, N_VIEWS, self.backbone.out_features)
+        self.n_classes = len(classes["cell"])
+        width = hidden if hidden > 0 else self.fusion.out_dim
+        trunk = [nn.Dropout(dropout), nn.Linear(self.fusion.out_dim, hidden), nn.ReLU(inplace=True)] if hidden > 0 else []
+        if approach == "hybrid":
+            last = HybridHead(width, self.n_classes)
+            prior_bias = last.logits.bias
         else:
-            self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(in_features, n_outputs))
+            last = nn.Linear(width, self.n_classes if approach == "classification" else 2)
+            prior_bias = last.bias
+        self.head = nn.Sequential(*trunk, nn.Dropout(dropout), last)
         with torch.no_grad():  # start from the prior: class frequencies / the middle of the train extent
-            last = self.head[-1]
-            if approach == "classification":
-                last.bias.copy_(torch.log(torch.tensor(classes["n_train"], dtype=torch.float32).clamp(min=1)))
+            if approach == "regression":
+                prior_bias.fill_(0.5)
             else:
-                last.bias.fill_(0.5)
-        self.register_buffer("class_xy", torch.tensor(classes[centroids], dtype=torch.float64), persistent=False)
-        self._test_km: list[torch.Tensor] = []
+                prior_bias.copy_(torch.log(torch.tensor(classes["n_train"], dtype=torch.float32).clamp(min=1)))
+        class_xy = torch.tensor(classes[centroids], dtype=torch.float64)
+        self.register_buffer("class_xy", class_xy, persistent=False)
+        class_lat, class_lng = unproject(class_xy[:, 0].numpy(), class_xy[:, 1].numpy())
+        self.register_buffer("class_lat", torch.as_tensor(np.atleast_1d(class_lat), dtype=torch.float64), persistent=False)
+        self.register_buffer("class_lng", torch.as_tensor(np.atleast_1d(class_lng), dtype=torch.float64), persistent=False)
+        radius = classes.get("radius", [1.0] * self.n_classes)
+        self.register_buffer("class_radius", torch.tensor(radius, dtype=torch.float64), persistent=False)
+        self._test_rows: list[torch.Tensor] = []
         self.test_km = np.empty(0)
+        self.test_xy = np.empty((0, 2))
         self.channels_last = False  # set by train for convolutional backbones on a GPU (not a hparam)
+        self.val_baseline_km: float | None = None  # set by train: the constant prediction's val mean km
 
     # ---- forward ------------------------------------------------------------------------------
     def view_features(self, views: torch.Tensor) -> torch.Tensor:
@@ -143,18 +162,36 @@ class GeoModel(pl.LightningModule):
         return self.backbone(images).reshape(batch, n_views, -1)
 
     def head_forward(self, features: torch.Tensor) -> torch.Tensor:
-        """[B, 4, D] view features -> outputs (class logits or scaled x/y), views concatenated in order."""
-        return self.head(features.flatten(1))
+        """[B, 4, D] view features -> outputs: class logits [B, C], scaled x/y [B, 2], or for hybrid the
+        logits and the flattened cell offsets side by side [B, 3C] (see `split_hybrid`)."""
+        outputs = self.head(self.fusion(features))
+        if isinstance(outputs, tuple):
+            logits, offsets = outputs
+            return torch.cat([logits, offsets.flatten(1)], dim=1)
+        return outputs
 
     def forward(self, views: torch.Tensor) -> torch.Tensor:
-        """[B, 4, 3, H, W] -> class logits [B, C] (classification) or scaled x/y [B, 2] (regression)."""
+        """[B, 4, 3, H, W] -> the head's outputs (see `head_forward`)."""
         return self.head_forward(self.view_features(views))
 
+    def split_hybrid(self, outputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hybrid outputs [B, 3C] -> (logits [B, C], offsets [B, C, 2] in cell radii)."""
+        return outputs[:, :self.n_classes], outputs[:, self.n_classes:].reshape(-1, self.n_classes, 2)
+
+    def class_logits(self, outputs: torch.Tensor) -> torch.Tensor:
+        """The class logits [B, C] of classification or hybrid outputs."""
+        return outputs[:, :self.n_classes]
+
     def outputs_to_xy(self, outputs: torch.Tensor) -> torch.Tensor:
-        """Head outputs -> EPSG:3766 metres [B, 2]."""
-        if self.hparams.approach == "classification":
-            return weighted_centroid_xy(outputs.float().softmax(dim=1), self.class_xy, self.hparams.topk)
-        return unscale_xy(outputs.double(), self.hparams.scaler)
+        """Head outputs -> EPSG:3766 metres [B, 2], by the checkpoint's prediction rule and topk."""
+        hp = self.hparams
+        if hp.approach == "regression":
+            return unscale_xy(outputs.double(), hp.scaler)
+        points = self.class_xy
+        if hp.approach == "hybrid":
+            points = hybrid_points(self.split_hybrid(outputs)[1], self.class_xy, self.class_radius)
+        probabilities = self.class_logits(outputs).float().softmax(dim=1)
+        return predict_xy(hp.predict_rule, probabilities, points, hp.topk)
 
     def predict_xy(self, views: torch.Tensor) -> torch.Tensor:
         """[B, 4, 3, H, W] -> predicted EPSG:3766 x/y [B, 2] in metres (eval mode, no grad)."""
@@ -172,23 +209,40 @@ class GeoModel(pl.LightningModule):
             return self.head_forward(batch["features"])
         return self(batch["views"])
 
-    def _step(self, batch: dict[str, torch.Tensor], stage: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The training loss of `outputs` (float32 whatever the precision; targets stay float64)."""
+        hp = self.hparams
+        outputs = outputs.float()
+        if hp.approach == "regression":  # targets are metres scaled to [0, 1]
+            return F.mse_loss(outputs, scale_xy(batch["xy"], hp.scaler).float())
+        logits = self.class_logits(outputs)
+        tau = hp.label_smoothing_km
+        classification = (haversine_smoothing_loss(logits, batch["lat"], batch["lng"], self.class_lat,
+                                                   self.class_lng, tau) if tau > 0
+                          else F.cross_entropy(logits, batch["label"]))
+        if hp.approach == "classification":
+            return classification
+        _, offsets = self.split_hybrid(outputs)
+        return hybrid_loss(logits, offsets, batch["label"], batch["xy"], self.class_xy, self.class_radius,
+                           hp.offset_weight, classification_loss=classification)
+
+    def _step(self, batch: dict[str, torch.Tensor], stage: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Loss, km and predicted x/y of a batch; train and val log epoch means (test results are gathered
+        in on_test_epoch_end and reported by train as a table, not as single-point charts)."""
         outputs = self._outputs(batch)
-        size = len(outputs)
-        sync = True  # epoch metrics averaged over all processes: every rank picks the same best checkpoint
-        if self.hparams.approach == "classification":
-            loss = F.cross_entropy(outputs.float(), batch["label"])
-            accuracy = (outputs.argmax(dim=1) == batch["label"]).float().mean()
-            self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, batch_size=size, sync_dist=sync)
-        else:  # the loss in float32 whatever the precision: targets are metres scaled to [0, 1]
-            target = scale_xy(batch["xy"], self.hparams.scaler).float()
-            loss = F.mse_loss(outputs.float(), target)
-        km = xy_to_km(self.outputs_to_xy(outputs), batch["lat"], batch["lng"])
-        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=stage != "test", batch_size=size,
-                 sync_dist=sync)
-        self.log(f"{stage}/km_mean", km.mean().float(), on_step=False, on_epoch=True, prog_bar=stage == "val",
-                 batch_size=size, sync_dist=sync)
-        return loss, km
+        loss = self.loss(outputs, batch)
+        xy = self.outputs_to_xy(outputs.detach())
+        km = xy_to_km(xy, batch["lat"], batch["lng"])
+        if stage == "test":
+            return loss, km, xy
+        # epoch metrics averaged over all processes: every rank picks the same best checkpoint
+        log = {"batch_size": len(outputs), "on_step": False, "on_epoch": True, "sync_dist": True}
+        if self.hparams.approach != "regression":
+            accuracy = (self.class_logits(outputs).argmax(dim=1) == batch["label"]).float().mean()
+            self.log(f"{stage}/acc", accuracy, **log)
+        self.log(f"{stage}/loss", loss, prog_bar=True, **log)
+        self.log(f"{stage}/km_mean", km.mean().float(), prog_bar=stage == "val", **log)
+        return loss, km, xy
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")[0]
@@ -196,40 +250,44 @@ class GeoModel(pl.LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._step(batch, "val")
 
+    def on_validation_epoch_end(self) -> None:
+        if self.val_baseline_km is not None and not self.trainer.sanity_checking:  # a flat reference line
+            self.log("val/km_baseline", self.val_baseline_km, sync_dist=False)
+
     def on_test_epoch_start(self) -> None:
-        self._test_km = []
+        self._test_rows = []
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        km = self._step(batch, "test")[1]
-        self._test_km.append(torch.stack([batch["index"].double().cpu(), km]))
+        _, km, xy = self._step(batch, "test")
+        self._test_rows.append(torch.stack([batch["index"].double().cpu(), km, *xy.double().cpu().T]))
 
     def on_test_epoch_end(self) -> None:
-        """`test_km`: km per test location in the split's order, gathered from every process; the
-        locations DistributedSampler repeats to even out the processes' shares are counted once."""
-        local = torch.cat(self._test_km, dim=1) if self._test_km else torch.empty(2, 0, dtype=torch.float64)
+        """`test_km` and `test_xy`: km and predicted EPSG:3766 x/y per test location in the split's order,
+        gathered from every process; the locations DistributedSampler repeats to even out the processes'
+        shares are counted once."""
+        local = torch.cat(self._test_rows, dim=1) if self._test_rows else torch.empty(4, 0, dtype=torch.float64)
         if self.trainer.world_size > 1:
-            local = self.all_gather(local.to(self.device)).cpu()  # [world, 2, n]: equal shares
+            local = self.all_gather(local.to(self.device)).cpu()  # [world, 4, n]: equal shares
             local = local.permute(1, 0, 2).flatten(1)
         _, first = np.unique(local[0].numpy().astype(np.int64), return_index=True)
         self.test_km = local[1].numpy()[first]
-        if len(self.test_km):
-            self.log("test/km_median", float(np.median(self.test_km)))  # the same on every rank
+        self.test_xy = local[2:].numpy().T[first]
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self.outputs_to_xy(self._outputs(batch))
 
     # ---- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
-        """Two parameter groups: the head at `lr`, the backbone at `lr_finetune`.
+        """Two parameter groups: the fusion and head at `lr`, the backbone at `lr_finetune`.
 
-        The backbone group is present from the start; while the backbone is frozen its parameters
-        have no gradients, so the optimizer leaves them alone (and schedulers see a fixed set of groups).
+        The backbone group is present from the start when the backbone unfreezes at some epoch; while it
+        is frozen its parameters have no gradients, so the optimizer leaves them alone (and schedulers see
+        a fixed set of groups). A backbone that stays frozen has no group.
         """
         hp = self.hparams
-        groups = [
-            {"params": list(self.head.parameters()), "lr": hp.lr, "name": "head"},
-            {"params": list(self.backbone.parameters()), "lr": hp.lr_finetune, "name": "backbone"},
-        ]
+        groups = [{"params": [*self.fusion.parameters(), *self.head.parameters()], "lr": hp.lr, "name": "head"}]
+        if hp.unfreeze_at_epoch is not None:  # a backbone that never trains gets no group (and no logged lr)
+            groups.append({"params": list(self.backbone.parameters()), "lr": hp.lr_finetune, "name": "backbone"})
         optimizer_class = torch.optim.AdamW if hp.optimizer == "adamw" else torch.optim.Adam
         optimizer = optimizer_class(groups, lr=hp.lr, weight_decay=hp.weight_decay)
         if hp.scheduler == "none":
@@ -239,7 +297,7 @@ class GeoModel(pl.LightningModule):
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "val/km_mean", "interval": "epoch"}}
         if hp.scheduler == "onecycle":
             scheduler = torch.optim.lr_scheduler.OneCycleLR(
-                optimizer, max_lr=[hp.lr, hp.lr_finetune], total_steps=max(1, int(self.trainer.estimated_stepping_batches)))
+                optimizer, max_lr=[group["lr"] for group in groups], total_steps=max(1, int(self.trainer.estimated_stepping_batches)))
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
         max_epochs = max(1, self.trainer.max_epochs or 1)
         warmup = max(0, min(hp.warmup_epochs, max_epochs - 1))

@@ -158,3 +158,29 @@ def enrich_figures(enriched, out_dir: str | Path, tag: str) -> list[Path]:
             plot_class_sizes(enriched, out_dir / f"class_sizes_{tag}.png"),
             plot_centroids(enriched, out_dir / f"centroids_{tag}.png"),
             plot_distribution(enriched, out_dir / f"distribution_{tag}.png")]
+
+
+def training_curves(history: list[dict[str, float]], baseline_km: float | None, path: Path) -> Path:
+    """Loss (train, val) and val mean km per epoch, with the constant baseline's val km as a flat line:
+    the TensorBoard curves as a PNG, for a run's folder. `history`: one dict per epoch (EpochHistory)."""
+    figure, (loss_axes, km_axes) = plt.subplots(1, 2, figsize=(11, 4))
+    epochs = [row["epoch"] for row in history]
+    for key, colour in (("train/loss", "tab:blue"), ("val/loss", "darkorange")):
+        points = [(e, row[key]) for e, row in zip(epochs, history) if key in row]
+        if points:
+            loss_axes.plot(*zip(*points), marker="o", markersize=3, color=colour, label=key.split("/")[0])
+    loss_axes.set(title="loss", xlabel="epoch", ylabel="loss")
+    for key, colour, label in (("train/km_mean", "tab:blue", "train"), ("val/km_mean", "darkorange", "val")):
+        points = [(e, row[key]) for e, row in zip(epochs, history) if key in row]
+        if points:
+            km_axes.plot(*zip(*points), marker="o", markersize=3, color=colour, label=label)
+    if baseline_km is not None:
+        km_axes.axhline(baseline_km, color="grey", linestyle="--", label=f"val, constant baseline ({baseline_km:.1f} km)")
+    km_axes.set(title="mean error", xlabel="epoch", ylabel="mean great-circle error (km)")
+    for axes in (loss_axes, km_axes):
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.grid(alpha=0.3)
+        if axes.get_legend_handles_labels()[0]:
+            axes.legend()
+    figure.tight_layout()
+    return _save(figure, Path(path))

@@ -3,8 +3,9 @@
     python -m src.predict [--checkpoint PATH ...] [--images DIR] [--tta] [--batch-size N] > submission.csv
 
 Without --checkpoint the best checkpoint (lowest val km) of the newest run under reports/ is used;
-without --images the test split of that checkpoint's run. --centroids / --topk change how a
-classification checkpoint turns class probabilities into a point (default: as trained). Several checkpoints form an ensemble: their predictions are averaged
+without --images the test split of that checkpoint's run. --predict-rule / --centroids / --topk change how
+a classification or hybrid checkpoint turns class probabilities into a point (default: as trained); a
+point outside Croatia (regression, means, ensembles) is moved to the nearest point on land. Several checkpoints form an ensemble: their predictions are averaged
 in EPSG:3766 metres. --tta also averages over the mirrored quadruplet (`src.data.mirror_views`: every view
 flipped horizontally and the 90 and 270 views swapped, a geometrically consistent mirror image).
 Every location gets a row: unreadable views are replaced by readable views of the same location, and
@@ -26,13 +27,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from src.data import eval_transform, mirror_views
+from src.data import eval_transform, input_spec, mirror_views
 from src.checkpoints import REPORTS_DIR, find_checkpoint, load_model
 from src.errors import UserError, run_cli
 from src.export import ENGINES, engine_model, resolve_engine
 from src.files import atomic_path
-from src.geo import project, unproject
+from src.geo import project, snap_to_land, unproject
 from src.grid import CENTROID_KINDS
+from src.heads import PREDICT_RULES
 from src.images import N_VIEWS, VIEWS, check_image, load_image, view_paths
 from src.ingest import find_image_root, list_location_dirs
 
@@ -97,34 +99,35 @@ class ViewIssues:
 
 
 class QuadrupletFolders(Dataset):
-    """Location folders -> per image size a [4, 3, S, S] tensor whose unreadable views are None.
+    """Location folders -> per input spec (image size, mean, std; `src.data.input_spec`) a [4, 3, S, S]
+    tensor whose unreadable views are None.
 
-    Item: (uuid, {size: [tensor or None] * 4}, [reason or None] * 4). The collate fills the gaps.
+    Item: (uuid, {spec: [tensor or None] * 4}, [reason or None] * 4). The collate fills the gaps.
     """
 
-    def __init__(self, locations: list[tuple[str, Path]], image_sizes: list[int]):
+    def __init__(self, locations: list[tuple[str, Path]], specs: list[tuple]):
         self.locations = locations
-        self.image_sizes = sorted(set(image_sizes))
-        self.transforms = {size: eval_transform(size) for size in self.image_sizes}
+        self.specs = sorted(set(specs))
+        self.transforms = {spec: eval_transform(*spec) for spec in self.specs}
 
     def __len__(self) -> int:
         return len(self.locations)
 
     def __getitem__(self, index: int):
         uuid, folder = self.locations[index]
-        views = {size: [None] * N_VIEWS for size in self.image_sizes}
+        views = {spec: [None] * N_VIEWS for spec in self.specs}
         reasons: list[str | None] = [None] * N_VIEWS
         for i, path in enumerate(view_paths(folder)):
             reasons[i] = check_image(path)
             if reasons[i] is not None:
                 continue
             try:
-                for size in self.image_sizes:
-                    views[size][i] = self.transforms[size](load_image(path, size))
+                for spec in self.specs:
+                    views[spec][i] = self.transforms[spec](load_image(path, spec[0]))
             except Exception as error:  # a file that passes the header check can still fail to decode
                 reasons[i] = f"decode failed ({type(error).__name__})"
-                for size in self.image_sizes:
-                    views[size][i] = None
+                for spec in self.specs:
+                    views[spec][i] = None
         return uuid, views, reasons
 
 
@@ -139,22 +142,23 @@ def substitute_sources(reasons: list[str | None]) -> list[int | None]:
 def collate_quadruplets(items):
     """Batch items of QuadrupletFolders, replacing each unreadable view by a readable view of its location.
 
-    Returns (uuids, {size: Tensor[B, 4, 3, S, S]}, has_views: bool Tensor[B], replaced: list[str]).
+    Returns (uuids, {spec: Tensor[B, 4, 3, S, S]}, has_views: bool Tensor[B], replaced: list[str]).
     A location with no readable view gets zeros and has_views False (its prediction is replaced by the prior).
     """
     uuids, has_views, replaced = [], [], []
-    sizes = list(items[0][1].keys())
-    per_size = {size: [] for size in sizes}
+    specs = list(items[0][1].keys())
+    per_spec = {spec: [] for spec in specs}
     for uuid, views, reasons in items:
         uuids.append(uuid)
         source = substitute_sources(reasons)
         has_views.append(source[0] is not None)
         replaced += [f"{uuid} {VIEWS[i]}.jpg: {reasons[i]} -> used {VIEWS[j]}.jpg"
                      for i, j in enumerate(source) if j is not None and j != i]
-        for size in sizes:
-            per_size[size].append(torch.stack([views[size][j] if j is not None else torch.zeros(3, size, size)
+        for spec in specs:
+            size = spec[0]
+            per_spec[spec].append(torch.stack([views[spec][j] if j is not None else torch.zeros(3, size, size)
                                                for j in source]))
-    batches = {size: torch.stack(per_size[size]) for size in sizes}
+    batches = {spec: torch.stack(per_spec[spec]) for spec in specs}
     return uuids, batches, torch.tensor(has_views), replaced
 
 
@@ -179,10 +183,11 @@ def predict_locations(models, locations: list[tuple[str, Path]], tta: bool = Fal
                       ) -> tuple[pd.DataFrame, ViewIssues]:
     """Stream `locations` through the ensemble `models`; one row (uuid, latitude, longitude) per location.
 
-    Coordinates are averaged over models (and the TTA mirror) in EPSG:3766, then converted to degrees.
+    Coordinates are averaged over models (and the TTA mirror) in EPSG:3766, moved onto land when the
+    average lies outside Croatia (`src.geo.snap_to_land`), then converted to degrees.
     """
-    sizes = [int(m.hparams["image_size"]) for m in models]
-    loader = DataLoader(QuadrupletFolders(locations, sizes), batch_size=batch_size, shuffle=False,
+    specs = [input_spec(m.hparams) for m in models]
+    loader = DataLoader(QuadrupletFolders(locations, specs), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers, collate_fn=collate_quadruplets,
                         pin_memory=device.startswith("cuda"))
     prior = ensemble_prior(models)
@@ -192,8 +197,8 @@ def predict_locations(models, locations: list[tuple[str, Path]], tta: bool = Fal
     for uuids, batches, has_views, replaced in tqdm(loader, desc="predict", unit="batch", file=sys.stderr,
                                                     disable=not progress):
         xy = torch.zeros(len(uuids), 2, dtype=torch.float64)
-        for model, size in zip(models, sizes):
-            xy += predict_xy(model, batches[size].to(device, non_blocking=True), tta).cpu()
+        for model, spec in zip(models, specs):
+            xy += predict_xy(model, batches[spec].to(device, non_blocking=True), tta).cpu()
         xy = (xy / len(models)).numpy()
         xy[~has_views.numpy()] = prior_xy
         issues.replaced += replaced
@@ -201,7 +206,7 @@ def predict_locations(models, locations: list[tuple[str, Path]], tta: bool = Fal
         all_uuids += uuids
         all_xy.append(xy)
     xy = np.concatenate(all_xy)
-    lat, lng = unproject(xy[:, 0], xy[:, 1])
+    lat, lng = unproject(*snap_to_land(xy[:, 0], xy[:, 1]))
     frame = pd.DataFrame({"uuid": all_uuids, "latitude": lat, "longitude": lng})
     return frame.sort_values("uuid", ignore_index=True), issues
 
@@ -221,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="class centroids a classification checkpoint averages (default: the one it was trained with)")
     parser.add_argument("--topk", type=int, default=None,
                         help="average only the k most likely classes, 0 for all (default: as trained)")
+    parser.add_argument("--predict-rule", choices=PREDICT_RULES, default=None,
+                        help="class probabilities -> point: probability-weighted mean, geometric median (minimises "
+                             "the expected km) or mode (the most likely class) (default: as trained)")
     parser.add_argument("--tta", action="store_true",
                         help="also predict the mirrored quadruplet (views flipped, 90/270 swapped) and average")
     parser.add_argument("--batch-size", type=int, default=32, help="locations per batch (default: 32)")
@@ -256,11 +264,12 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         models = []
         for path in checkpoints:
             model = load_model(path, args.device, reports_dir=args.reports_dir,
-                               centroids=args.centroids, topk=args.topk)
+                               centroids=args.centroids, topk=args.topk, predict_rule=args.predict_rule)
             models.append(engine_model(model, path, engine))
             hp = models[-1].hparams
-            how = f", {hp.get('centroids')} centroids, top-{hp.get('topk') or 'all'}" \
-                if hp.get("approach") == "classification" else ""
+            how = (f", {hp.get('fusion', 'concat')} fusion, rule {hp.get('predict_rule', 'mean')} over "
+                   f"{hp.get('centroids')} centroids, top-{hp.get('topk') or 'all'}"
+                   if hp.get("approach") != "regression" else "")
             print(f"checkpoint {path}: {hp.get('approach')} {hp.get('backbone')} {hp.get('image_size')} px{how}, "
                   f"engine {engine}", file=sys.stderr)
         if args.images is not None:

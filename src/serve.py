@@ -40,7 +40,7 @@ from aiohttp import web
 from PIL import Image
 
 from src import geo
-from src.data import eval_transform
+from src.data import eval_transform, input_spec
 from src.errors import UserError, brief, run_cli
 from src.export import ENGINES, engine_model, infer, resolve_engine
 from src.images import JPEG_EOI, VIEWS, load_image
@@ -150,7 +150,7 @@ class ServedModel:
         hp = self.hparams
         return {"name": self.name, "checkpoint": str(self.checkpoint), "approach": hp["approach"],
                 "backbone": hp["backbone"], "image_size": int(hp["image_size"]),
-                "classes": len(hp["classes"]["cell"]) if hp["approach"] == "classification" else 0,
+                "classes": len(hp["classes"]["cell"]) if hp["approach"] != "regression" else 0,
                 "centroids": hp.get("centroids"), "engine": self.engine}
 
 
@@ -188,7 +188,7 @@ def load_models(checkpoints: list[Path], engine: str, device: str, threads: int 
     for path in checkpoints:
         model = engine_model(load_model(path, device), path, engine, threads)
         served = ServedModel(model_name(path, set(models)), Path(path), model, engine)
-        if model.hparams["approach"] == "classification":
+        if model.hparams["approach"] != "regression":  # classification and hybrid: class probabilities
             served.cell_lat, served.cell_lng, served.cell_bounds = class_cells(model.hparams)
         models[served.name] = served
         hp = model.hparams
@@ -266,7 +266,7 @@ async def read_views(request: web.Request) -> dict[int, bytes]:
     return views
 
 
-def decode_view(name: str, data: bytes, size: int) -> torch.Tensor:
+def decode_view(name: str, data: bytes, spec: tuple) -> torch.Tensor:
     """One uploaded view -> normalised [3, S, S]; ValueError naming the field when it is not a usable image."""
     if not data:
         raise ValueError(f"field {name}: empty file")
@@ -280,14 +280,14 @@ def decode_view(name: str, data: bytes, size: int) -> torch.Tensor:
     if width < 8 or height < 8:
         raise ValueError(f"field {name}: image too small ({width}x{height})")
     try:
-        return eval_transform(size)(load_image(io.BytesIO(data), size))
+        return eval_transform(*spec)(load_image(io.BytesIO(data), spec[0]))
     except Exception as error:  # corrupt data past the header
         raise ValueError(f"field {name}: corrupt image ({brief(error)})") from None
 
 
-def decode_views(views: dict[int, bytes], size: int) -> tuple[torch.Tensor, list[dict]]:
+def decode_views(views: dict[int, bytes], spec: tuple) -> tuple[torch.Tensor, list[dict]]:
     """The quadruplet [4, 3, S, S] with missing views substituted as src.predict does, and what was substituted."""
-    tensors = {i: decode_view(str(VIEWS[i]), data, size) for i, data in views.items()}
+    tensors = {i: decode_view(str(VIEWS[i]), data, spec) for i, data in views.items()}
     reasons = [None if i in tensors else "missing" for i in range(4)]
     source = substitute_sources(reasons)
     substituted = [{"view": VIEWS[i], "reason": reasons[i], "used": VIEWS[j]}
@@ -312,14 +312,14 @@ async def predict(request: web.Request) -> web.Response:
     start = time.perf_counter()
     served = pick_model(request)
     views = await read_views(request)
-    size = int(served.hparams["image_size"])
+    spec = input_spec(served.hparams)
     loop = asyncio.get_running_loop()
     try:
-        quadruplet, substituted = await loop.run_in_executor(request.app["decoders"], decode_views, views, size)
+        quadruplet, substituted = await loop.run_in_executor(request.app["decoders"], decode_views, views, spec)
     except ValueError as error:
         raise RequestError(400, str(error)) from None
     probabilities, xy = await served.batcher.predict(quadruplet)
-    lat, lng = geo.unproject(xy[0], xy[1])
+    lat, lng = geo.unproject(*geo.snap_to_land(xy[0], xy[1]))
     answer = {"latitude": float(lat), "longitude": float(lng), "top": [], "substituted_views": substituted,
               "model": served.name, "engine": served.engine}
     if probabilities is not None:

@@ -21,10 +21,12 @@ import shlex
 import signal
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
@@ -35,16 +37,18 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from tqdm import tqdm
 
 from src import geo
-from src.backbones import default_backbone, list_backbones
+from src.backbones import backbone_spec, default_backbone, list_backbones
 from src.checkpoints import read_checkpoint
 from src.data import AUGMENT_CHOICES, GeoDataModule
 from src.enrich import (LOCATIONS_FILE, add_enrich_arguments, add_locations_argument, check_data_flags,
-                        data_hparams, enrich_from_args, write_locations_csv)
+                        data_hparams, dataset_tag, enrich_from_args, write_locations_csv)
 from src.errors import UserError, run_cli
 from src.export import ENGINES
 from src.files import atomic_path
 from src.grid import CENTROID_KINDS, CENTROID_PREFIX
+from src.heads import FUSIONS, PREDICT_RULES, class_radius_m
 from src.model import APPROACHES, OPTIMIZERS, SCHEDULERS, FreezeThenUnfreeze, GeoModel
+from src.plots import training_curves
 from src.trainer_output import quiet_callbacks, quiet_lightning
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,12 +57,14 @@ DEFAULT_CACHE_DIR = ROOT / "data" / "cache" / "features"
 # defaults that depend on the situation: (backbone, image size, epochs, unfreeze epoch; -1 = never)
 DEMO_DEFAULTS = {"backbone": "efficientnet_lite0", "image_size": 96, "epochs": 30, "unfreeze_at_epoch": -1}
 # on CPU fine-tuning runs at ~1 location/s (benchmarks.throughput): the backbone stays frozen unless asked
-CPU_DEFAULTS = {"image_size": 224, "epochs": 30, "unfreeze_at_epoch": -1}
-GPU_DEFAULTS = {"image_size": 224, "epochs": 20, "unfreeze_at_epoch": 5}
+CPU_DEFAULTS = {"epochs": 30, "unfreeze_at_epoch": -1}  # image size: the backbone's native one
+GPU_DEFAULTS = {"epochs": 20, "unfreeze_at_epoch": 5}
 QUICK_DEFAULTS = {"image_size": 64, "epochs": 2}
 MAX_IMAGE_SIZE = 2048
 
 
+# model defaults chosen by 5-fold cross-validation on real LUMEN locations (README, "Accuracy levers")
+DEFAULTS = {"predict_rule": "mean", "fusion": "concat", "label_smoothing_km": 0.0}
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
 
 
@@ -89,22 +95,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             torch.save(checkpoint, tmp)
 
 
-class AtomicTensorBoardLogger(TensorBoardLogger):
-    """TensorBoardLogger whose hparams.yaml is written to a temporary file and renamed into place."""
-
-    @rank_zero_only
-    def save(self) -> None:
-        super(TensorBoardLogger, self).save()  # flush the event file
-        path = Path(self.log_dir) / self.NAME_HPARAMS_FILE
-        if path.parent.is_dir() and not path.is_file():
-            with atomic_path(path) as tmp:
-                save_hparams_to_yaml(tmp, self.hparams)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The train CLI's argument parser (enrich's data options included)."""
     parser = argparse.ArgumentParser(prog="python -m src.train", allow_abbrev=False, description=__doc__.split("\n")[0])
-    parser.add_argument("--approach", choices=APPROACHES, required=True, help="predict a grid class or the x/y position directly")
+    parser.add_argument("--approach", choices=APPROACHES, required=True,
+                        help="predict a cell (classification), the x/y position (regression), or a cell and the "
+                             "offset inside it (hybrid)")
     add_enrich_arguments(parser)
     add_locations_argument(parser)
     model = parser.add_argument_group("model")
@@ -113,10 +109,23 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
                        help="start from ImageNet weights (default: on)")
     model.add_argument("--image-size", type=int, default=None,
-                       help="input side in pixels (default: 224; 96 on the demo set; 64 with --quick)")
+                       help="input side in pixels (default: the backbone's native size, e.g. 224 for efficientnet_lite0; "
+                            "96 on the demo set; 64 with --quick)")
     model.add_argument("--centroids", choices=CENTROID_KINDS, default="weighted",
                        help="class centroids averaged by the classification prediction (default: weighted)")
     model.add_argument("--topk", type=int, default=0, help="average only the k most likely classes, 0 for all (default: 0)")
+    model.add_argument("--predict-rule", choices=PREDICT_RULES, default=DEFAULTS["predict_rule"],
+                       help="class probabilities -> point: probability-weighted mean, geometric median (minimises the "
+                            f"expected km) or mode (the most likely class); saved, predict can override "
+                            f"(default: {DEFAULTS['predict_rule']})")
+    model.add_argument("--fusion", choices=FUSIONS, default=DEFAULTS["fusion"],
+                       help="how the four view embeddings combine: side by side, averaged, or a self-attention layer "
+                            f"with heading embeddings (default: {DEFAULTS['fusion']})")
+    model.add_argument("--label-smoothing-km", type=float, default=DEFAULTS["label_smoothing_km"], metavar="TAU",
+                       help="haversine label smoothing: soft targets exp(-d/TAU) over the class centroids, 0 for one-hot "
+                            f"cross-entropy (default: {DEFAULTS['label_smoothing_km']:g})")
+    model.add_argument("--offset-weight", type=float, default=1.0,
+                       help="hybrid: weight of the offset loss beside the cell loss (default: 1)")
     model.add_argument("--hidden", type=int, default=512, help="hidden units of the head, 0 for a linear head (default: 512)")
     model.add_argument("--dropout", type=float, default=0.2, help="dropout in the head (default: 0.2)")
     opt = parser.add_argument_group("optimisation")
@@ -161,8 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"data loader worker processes, kept alive across epochs (default: usable CPU cores - 1, here {default_num_workers()})")
     run = parser.add_argument_group("run")
     run.add_argument("--out-dir", type=Path, default=Path("reports"), help="TensorBoard logs and checkpoints go to OUT_DIR/RUN_NAME/version_N (default: reports)")
-    run.add_argument("--run-name", default=None, help="(default: <approach>-<backbone>)")
+    run.add_argument("--run-name", default=None, help="(default: <data>-<approach>-<backbone>, data = demo or the dataset dirs' names)")
     run.add_argument("--resume", type=Path, default=None, help="continue training from this checkpoint (same approach, backbone, image size)")
+    run.add_argument("--folds", type=int, default=None, metavar="K",
+                     help="K-fold cross-validation: K runs, each testing on one seeded fold (val from the rest by --split's "
+                          "train:val ratio); out-of-fold predictions in version_N/oof.csv (default: off)")
     run.add_argument("--quick", action="store_true",
                      help="smoke run: 2 epochs of at most 2 batches, 64 px (unless given)")
     run.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu, ... (default: auto)")
@@ -191,6 +203,8 @@ def resolve_defaults(args: argparse.Namespace, demo: bool) -> None:
     else:
         say(f"backbone: {args.backbone} (--backbone)")
     table = DEMO_DEFAULTS if demo else GPU_DEFAULTS if torch.cuda.is_available() else CPU_DEFAULTS
+    if not demo:  # the backbone's native input size (efficientnet_lite2: 260 px)
+        table = {**table, "image_size": backbone_spec(args.backbone).input_size}
     if args.quick:
         table = {**table, **QUICK_DEFAULTS}
     for key in ("image_size", "epochs", "unfreeze_at_epoch"):
@@ -205,7 +219,8 @@ def resolve_defaults(args: argparse.Namespace, demo: bool) -> None:
         say(f"fine-tuning: the backbone unfreezes at epoch {args.unfreeze_at_epoch} ({stages}, lr {args.lr_finetune:g})")
     check_numbers(args)
     if args.run_name is None:
-        args.run_name = f"{args.approach}-{args.backbone}"
+        data = "demo" if demo else dataset_tag(args.dataset_dirs) if args.dataset_dirs else "locations"
+        args.run_name = f"{data}-{args.approach}-{args.backbone}"
 
 
 def check_numbers(args: argparse.Namespace) -> None:
@@ -231,6 +246,9 @@ def check_numbers(args: argparse.Namespace) -> None:
         ("val_check_interval", lambda v: 0 < v <= 1 or (v > 1 and float(v).is_integer()),
          "a fraction of an epoch in (0, 1] or a whole number of batches"),
         ("ema", lambda v: 0 < v < 1, "a decay in (0, 1), e.g. 0.999"),
+        ("label_smoothing_km", lambda v: 0 <= v < float("inf"), "0 (off) or a distance in km, e.g. 12"),
+        ("offset_weight", lambda v: 0 <= v < float("inf"), "0 or more"),
+        ("folds", lambda v: 2 <= v <= 100, "a number of folds from 2 to 100"),
     ]
     for key, ok, expected in checks:
         value = getattr(args, key, None)
@@ -277,12 +295,46 @@ def resumed_version(args: argparse.Namespace) -> str | None:
     return None
 
 
-def class_table(classes) -> dict[str, list]:
-    """The enriched class table as checkpoint hparams: cells, train counts and centroid x/y per kind."""
+def class_table(enriched, centroids: str = "weighted", hybrid: bool = False) -> dict[str, list]:
+    """The enriched class table as checkpoint hparams: cells, train counts and centroid x/y per kind; for the
+    hybrid head also each class's cell radius around its `centroids` (the unit of its offsets)."""
+    classes = enriched.classes
     table = {"cell": [int(c) for c in classes["cell"]], "n_train": [int(n) for n in classes["n_train"]]}
     for kind, prefix in CENTROID_PREFIX.items():
         table[kind] = classes[[f"{prefix}_x", f"{prefix}_y"]].to_numpy(float).tolist()
+    if hybrid:
+        table["radius"] = class_radius_m(classes, enriched.grid.cells, centroids).tolist()
     return table
+
+
+class EpochHistory(pl.Callback):
+    """Per-epoch train/val loss and val mean km (rank 0), for the training-curves figure."""
+
+    def __init__(self):
+        self.rows: list[dict[str, float]] = []
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))}
+        self.rows.append({"epoch": trainer.current_epoch, **metrics})
+
+
+class QuietTensorBoardLogger(TensorBoardLogger):
+    """TensorBoardLogger without the `epoch` scalar Lightning adds to every log call (a line that only
+    counts up), and whose hparams.yaml is written to a temporary file and renamed into place."""
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        super().log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step)
+
+    @rank_zero_only
+    def save(self) -> None:
+        super(TensorBoardLogger, self).save()  # flush the event file
+        path = Path(self.log_dir) / self.NAME_HPARAMS_FILE
+        if path.parent.is_dir() and not path.is_file():
+            with atomic_path(path) as tmp:
+                save_hparams_to_yaml(tmp, self.hparams)
 
 
 class Interrupt:
@@ -359,8 +411,22 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(128 + signal.Signals[interrupt.signal or "SIGINT"].value) from None
 
 
+def prepare(args: argparse.Namespace) -> bool:
+    """Checks and situation-dependent defaults before anything slow; returns whether the demo set is used."""
+    if args.folds is not None and (args.resume is not None or args.locations is not None):
+        raise UserError(f"--folds {args.folds}: cross-validation splits the dataset dirs itself; "
+                        "drop --resume / --locations")
+    demo = use_demo_dataset_if_none(args)
+    check_data_flags(args)  # a wrong --dataset-dirs or --locations fails here, before the slow start-up
+    # absolute paths: the split's canonical order, the hparams and the test folders do not depend on the cwd
+    args.dataset_dirs = [Path(d).resolve() for d in args.dataset_dirs]
+    args.holdout_dirs = [Path(d).resolve() for d in args.holdout_dirs]
+    resolve_defaults(args, demo)
+    return demo
+
+
 def train(args: argparse.Namespace, interrupt: Interrupt) -> None:
-    """Enrich, train, test and report (see the module docstring)."""
+    """Enrich, train, test and report (see the module docstring); with --folds, cross-validate."""
     # Lightning 2.6 calls a torch pytree API that torch 2.14 deprecates, once per batch: noise, not news
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     quiet_lightning()  # no GPU/TPU availability lines, no litlogger advert
@@ -368,48 +434,76 @@ def train(args: argparse.Namespace, interrupt: Interrupt) -> None:
     warnings.filterwarnings("ignore", message=r".*`DistributedSampler` with the dataloaders. During `trainer.test")
     # the --resume file is read before anything else is printed
     saved = read_checkpoint(args.resume, "--resume", training_state=True)["hyper_parameters"] if args.resume else None
-    demo = use_demo_dataset_if_none(args)
-    check_data_flags(args)  # a wrong --dataset-dirs or --locations fails here, before the slow start-up
-    # absolute paths: the split's canonical order, the hparams and the test folders do not depend on the cwd
-    args.dataset_dirs = [Path(d).resolve() for d in args.dataset_dirs]
-    args.holdout_dirs = [Path(d).resolve() for d in args.holdout_dirs]
-    resolve_defaults(args, demo)
+    prepare(args)
     if saved is not None:
         check_resume(args, saved)
+    if args.folds is None:
+        fit(args, interrupt)
+    else:
+        cross_validate(args, interrupt)
+
+
+@dataclass
+class FitResult:
+    """What one training run leaves behind, for the report (rank 0; None elsewhere)."""
+
+    locations: Any  # the enriched locations table
+    test: Any  # its test rows, in the order of test_km / test_xy
+    test_km: np.ndarray
+    test_xy: np.ndarray  # predicted EPSG:3766 x/y, moved onto land
+    baseline_km: np.ndarray  # the constant (train mean) prediction's km on the test rows
+    checkpoint: Path
+    log_dir: Path
+
+
+def fit(args: argparse.Namespace, interrupt: Interrupt, version: str | None = None,
+        report: bool = True) -> FitResult | None:
+    """One training run: enrich, fit, test the best checkpoint (the last one without a val split), write
+    metrics.json and the training curves; with `report` print the test table and the checkpoint line."""
     enriched = enrich_from_args(args)
     locations = enriched.locations
     counts = locations["split"].value_counts()
-    if not counts.get("train") or not counts.get("val") or not counts.get("test"):
-        raise UserError(f"--dataset-dirs: the splits need train, val and test locations; got {counts.to_dict()}")
+    if not counts.get("train"):
+        raise UserError(f"--dataset-dirs: no train location; got {counts.to_dict()}")
+    has_val, has_test = bool(counts.get("val")), bool(counts.get("test"))
+    if not has_val:
+        no_val_fixes(args)
     pl.seed_everything(args.seed, workers=True, verbose=False)
     train = locations[locations["split"] == "train"]
     test = locations[locations["split"] == "test"]
+    spec = backbone_spec(args.backbone)
     model = GeoModel(
         approach=args.approach, backbone=args.backbone, image_size=args.image_size,
-        classes=class_table(enriched.classes), scaler={k: float(v) for k, v in enriched.scaler.items()},
+        classes=class_table(enriched, args.centroids, hybrid=args.approach == "hybrid"),
+        scaler={k: float(v) for k, v in enriched.scaler.items()},
         centroids=args.centroids, topk=args.topk, hidden=args.hidden, dropout=args.dropout,
         lr=args.lr, lr_finetune=args.lr_finetune, unfreeze_at_epoch=args.unfreeze_at_epoch,
         unfreeze_blocks=args.unfreeze_blocks, optimizer=args.optimizer, weight_decay=args.weight_decay,
         scheduler=args.scheduler, warmup_epochs=args.warmup_epochs, **data_hparams(args),
         prior_lat=float(train["latitude"].mean()), prior_lng=float(train["longitude"].mean()),
         test_locations=test[["uuid", "image_dir"]].astype(str).values.tolist(),
-        backbone_weights="imagenet" if args.pretrained else "random", pretrained=args.pretrained,
+        backbone_weights="imagenet" if args.pretrained else "random", fusion=args.fusion,
+        predict_rule=args.predict_rule, label_smoothing_km=args.label_smoothing_km, offset_weight=args.offset_weight,
+        image_mean=list(spec.mean), image_std=list(spec.std), pretrained=args.pretrained,
     )
     datamodule = GeoDataModule(
         locations, image_size=args.image_size, batch_size=args.batch_size, num_workers=args.num_workers,
         augment=args.augment, mirror_p=args.mirror_p, unfreeze_at_epoch=args.unfreeze_at_epoch,
         cache_dir=args.cache_dir if args.cache_features else None, backbone_name=args.backbone,
-        feature_engine=args.engine,
+        feature_engine=args.engine, mean=spec.mean, std=spec.std,
     )
-    logger = AtomicTensorBoardLogger(args.out_dir, name=args.run_name, version=resumed_version(args),
-                                     default_hp_metric=False)
+    logger = QuietTensorBoardLogger(args.out_dir, name=args.run_name, version=version or resumed_version(args),
+                                    default_hp_metric=False)
     interrupt.last_checkpoint = Path(logger.log_dir) / "checkpoints" / "last.ckpt"
-    checkpoint = ModelCheckpoint(monitor="val/km_mean", mode="min", auto_insert_metric_name=False,
-                                 filename="best-epoch{epoch:02d}-km{val/km_mean:.1f}")
     # every epoch's state as last.ckpt, for --resume (save_last=True only follows improvements); an
-    # interrupted run keeps the one of its last completed epoch (a mid-epoch state would not resume exactly)
+    # interrupted run keeps the one of its last completed epoch (a mid-epoch state would not resume exactly).
+    # Without a val split last.ckpt is also the run's result.
     last = ModelCheckpoint(monitor=None, save_top_k=1, filename="last", enable_version_counter=False)
-    quick = {"limit_train_batches": 2, "limit_val_batches": 2, "limit_test_batches": 2} if args.quick else {}
+    checkpoint = (ModelCheckpoint(monitor="val/km_mean", mode="min", auto_insert_metric_name=False,
+                                  filename="best-epoch{epoch:02d}-km{val/km_mean:.1f}") if has_val else last)
+    limits = {"limit_train_batches": 2, "limit_val_batches": 2, "limit_test_batches": 2} if args.quick else {}
+    if not has_val:
+        limits["limit_val_batches"] = 0
     gpu = args.accelerator not in ("cpu",) and torch.cuda.is_available()
     if args.deterministic is None:
         args.deterministic = not gpu
@@ -422,9 +516,12 @@ def train(args: argparse.Namespace, interrupt: Interrupt) -> None:
     model.channels_last = gpu if args.channels_last is None else args.channels_last
     if model.channels_last:  # every registered backbone is convolutional
         model.backbone.to(memory_format=torch.channels_last)
-    say(f"precision: {args.precision} ({reason}); channels_last: {'on' if model.channels_last else 'off'}")
-    callbacks = [checkpoint, last, LearningRateMonitor(logging_interval="epoch"),
-                 FreezeThenUnfreeze(args.unfreeze_at_epoch, args.unfreeze_blocks, args.freeze_bn)]
+    if report:
+        say(f"precision: {args.precision} ({reason}); channels_last: {'on' if model.channels_last else 'off'}")
+    history = EpochHistory()
+    callbacks = [*([checkpoint, last] if has_val else [last]), history, FreezeThenUnfreeze(args.unfreeze_at_epoch, args.unfreeze_blocks, args.freeze_bn)]
+    if args.unfreeze_at_epoch is not None:  # a backbone that never trains has no learning rate to show
+        callbacks.append(LearningRateMonitor(logging_interval="epoch"))
     if args.early_stopping_patience is not None:
         callbacks.append(EarlyStopping(monitor="val/km_mean", mode="min", patience=args.early_stopping_patience))
     if args.ema is not None:
@@ -435,7 +532,7 @@ def train(args: argparse.Namespace, interrupt: Interrupt) -> None:
         strategy=args.strategy, num_nodes=args.num_nodes, logger=logger, callbacks=[*callbacks, *quiet_callbacks()],
         plugins=[AtomicCheckpointIO()], reload_dataloaders_every_n_epochs=1,
         accumulate_grad_batches=args.accumulate_grad_batches, gradient_clip_val=args.gradient_clip_val,
-        val_check_interval=interval, log_every_n_steps=1, deterministic=deterministic, **quick,
+        val_check_interval=interval, log_every_n_steps=1, deterministic=deterministic, **limits,
         # BatchNorm statistics over all processes' batches, so the ranks' running statistics stay equal
         # (GPU only: SyncBatchNorm has no CPU implementation)
         sync_batchnorm=gpu and args.unfreeze_at_epoch == 0 and not args.freeze_bn and args.strategy.startswith("ddp"),
@@ -446,35 +543,103 @@ def train(args: argparse.Namespace, interrupt: Interrupt) -> None:
                         "must train from the start (--unfreeze-at-epoch 0) or stay frozen (-1)")
     if trainer.is_global_zero:  # reusable with --locations by train, analyze and score
         write_locations_csv(locations, Path(logger.log_dir) / LOCATIONS_FILE)
+    val = locations[locations["split"] == "val"]
     baseline_val = geo.haversine_km(model.hparams.prior_lat, model.hparams.prior_lng,
-                                    *locations.loc[locations["split"] == "val", ["latitude", "longitude"]].to_numpy().T)
-    say(f"{len(train)} train / {counts['val']} val / {len(test)} test locations, {len(enriched.classes)} classes; "
-        f"constant baseline (train mean location): val mean {baseline_val.mean():.1f} km; logs in {logger.log_dir}")
-    # scalar hparams (not the class table or lists) for TensorBoard's HPARAMS tab and hparams.yaml;
-    # the -1 placeholders (Lightning's convention) are overwritten by the final metrics
-    logger.log_hyperparams({k: v for k, v in model.hparams.items() if not isinstance(v, (dict, list))},
-                           metrics={"hp/test_km_mean": -1, "hp/val_km_best": -1})
+                                    val["latitude"].to_numpy(), val["longitude"].to_numpy())
+    model.val_baseline_km = float(baseline_val.mean()) if has_val else None
+    say(f"{len(train)} train / {counts.get('val', 0)} val / {len(test)} test locations, {len(enriched.classes)} classes; "
+        + (f"constant baseline (train mean location): val mean {baseline_val.mean():.1f} km; " if has_val else
+           f"no val split: {args.epochs} epochs, the last checkpoint is kept; ")
+        + f"logs in {logger.log_dir}")
+    # scalar hparams (not the class table or lists) plus what the run used, for TensorBoard's HPARAMS tab
+    # and hparams.yaml; the -1 placeholders (Lightning's convention) are overwritten by the final metrics
+    run_hparams = {k: v for k, v in model.hparams.items() if not isinstance(v, (dict, list))}
+    run_hparams.update(data=",".join(map(str, args.dataset_dirs)), epochs=args.epochs, batch_size=args.batch_size,
+                       n_cells=len(enriched.classes), precision=args.precision)
+    logger.log_hyperparams(run_hparams, metrics={"val/km_best": -1, "test/km_mean": -1})
     with contextlib.redirect_stdout(sys.stderr):  # Lightning's progress bars and tables -> stderr
         trainer.fit(model, datamodule=datamodule, ckpt_path=args.resume)
-        best = checkpoint.best_model_path or last.best_model_path
-        trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)
+        best = Path(checkpoint.best_model_path or last.best_model_path)
+        if has_test:
+            trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)
     if not trainer.is_global_zero:  # the other DDP processes have the same results: rank 0 reports
-        return
-    test_km = model.test_km
+        return None
+    test_km, test_xy = (model.test_km, model.test_xy) if has_test else (np.empty(0), np.empty((0, 2)))
+    test_xy = np.column_stack(geo.snap_to_land(test_xy[:, 0], test_xy[:, 1]))  # as test_km scores them
     baseline_km = geo.haversine_km(model.hparams.prior_lat, model.hparams.prior_lng,
                                    test["latitude"].to_numpy(), test["longitude"].to_numpy())
-    rows = [(f"{args.approach} ({args.backbone})", geo.summarize_km(test_km)),
-            ("constant (train mean location)", geo.summarize_km(baseline_km))]
     best_val = float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else float("nan")
-    logger.log_metrics({"hp/test_km_mean": float(test_km.mean()), "hp/val_km_best": best_val})
+    logger.log_metrics({"val/km_best": best_val, "test/km_mean": float(test_km.mean()) if has_test else float("nan")})
+    rows = [(f"{args.approach} ({args.backbone})", geo.summarize_km(test_km)),
+            ("constant (train mean location)", geo.summarize_km(baseline_km))] if has_test else []
+    if rows:  # the test table as text (TensorBoard's TEXT tab), not as single-point charts
+        logger.experiment.add_text("test", geo.km_table(rows, "model"), trainer.global_step)
     logger.save()
     metrics = {"checkpoint": str(best), "epochs": trainer.current_epoch, "val_km_best": best_val,
-               "test": geo.summarize_km(test_km), "test_constant_baseline": geo.summarize_km(baseline_km)}
+               "val_constant_baseline_km": model.val_baseline_km,
+               "test": geo.summarize_km(test_km) if has_test else None,
+               "test_constant_baseline": geo.summarize_km(baseline_km) if has_test else None}
     with atomic_path(Path(logger.log_dir) / "metrics.json") as tmp:
         tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-    print(f"test split of {', '.join(map(str, args.dataset_dirs))}:")
+    curves = training_curves(history.rows, model.val_baseline_km, Path(logger.log_dir) / "curves.png")
+    if report:
+        say(f"training curves: {curves}")
+        if rows:
+            print(f"test split of {', '.join(map(str, args.dataset_dirs))}:")
+            print(geo.km_table(rows, "model"))
+        else:
+            print(f"no test split: nothing to test ({', '.join(map(str, args.dataset_dirs))})")
+        print(f"checkpoint: {best}")
+    return FitResult(locations, test, test_km, test_xy, baseline_km, best, Path(logger.log_dir))
+
+
+def no_val_fixes(args: argparse.Namespace) -> None:
+    """Without a val split (a final fit, e.g. --split 1 0 0): refuse what needs val, replace the plateau
+    scheduler (it follows val km) by cosine."""
+    if args.early_stopping_patience is not None:
+        raise UserError(f"--early-stopping-patience {args.early_stopping_patience}: needs a val split; "
+                        "give --split with a val fraction > 0")
+    if args.scheduler == "plateau":
+        args.scheduler = "cosine"
+        say("no val split: the plateau scheduler follows val km, using --scheduler cosine instead")
+
+
+def cross_validate(args: argparse.Namespace, interrupt: Interrupt) -> None:
+    """--folds K: K runs in version_N/fold_k, each testing on fold k; out-of-fold predictions of every
+    location in version_N/oof.csv and their km against the constant baseline in version_N/oof_metrics.json."""
+    version = f"version_{TensorBoardLogger(args.out_dir, name=args.run_name).version}"
+    predictions, truths, baselines, checkpoints = [], [], [], []
+    for k in range(args.folds):
+        args.fold = [k, args.folds]
+        say(f"fold {k + 1} of {args.folds}")
+        result = fit(args, interrupt, version=f"{version}/fold_{k}", report=False)
+        if result is None:  # not rank 0
+            continue
+        lat, lng = geo.unproject(result.test_xy[:, 0], result.test_xy[:, 1])
+        predictions.append(pd.DataFrame({"uuid": result.test["uuid"].astype(str).to_numpy(),
+                                         "latitude": np.atleast_1d(lat), "longitude": np.atleast_1d(lng)}))
+        truths.append(result.test_km)
+        baselines.append(result.baseline_km)
+        checkpoints.append(str(result.checkpoint))
+        say(f"fold {k + 1}: {len(result.test_km)} test locations, mean {result.test_km.mean():.1f} km "
+            f"(constant {result.baseline_km.mean():.1f} km)")
+    if not predictions:
+        return
+    folder = args.out_dir / args.run_name / version
+    oof = pd.concat(predictions, ignore_index=True).sort_values("uuid", ignore_index=True)
+    with atomic_path(folder / "oof.csv") as tmp:
+        oof.to_csv(tmp, index=False, float_format="%.7f")
+    km, baseline = np.concatenate(truths), np.concatenate(baselines)
+    rows = [(f"{args.approach} ({args.backbone}), out of fold", geo.summarize_km(km)),
+            ("constant (each fold's train mean)", geo.summarize_km(baseline))]
+    metrics = {"folds": args.folds, "checkpoints": checkpoints, "oof": geo.summarize_km(km),
+               "oof_constant_baseline": geo.summarize_km(baseline)}
+    with atomic_path(folder / "oof_metrics.json") as tmp:
+        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    print(f"{args.folds}-fold cross-validation of {', '.join(map(str, args.dataset_dirs))} "
+          f"({len(oof)} locations, each predicted by the run that did not train on it):")
     print(geo.km_table(rows, "model"))
-    print(f"checkpoint: {best}")
+    print(f"out-of-fold predictions: {folder / 'oof.csv'}")
 
 
 if __name__ == "__main__":

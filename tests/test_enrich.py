@@ -288,7 +288,7 @@ def test_data_hparams_round_trip_and_old_checkpoints_fall_back_to_defaults(tmp_p
     assert data_hparams(restored) == {
         "seed": 2, "spacing": 1.0, "dataset_dirs": ["/d"], "split_fractions": [0.8, 0.1, 0.1], "holdout_dirs": [],
         "full_decode": False, "max_outside_km": 10.0, "mainland_only": False, "cells": "grid", "n_classes": 0,
-        "split_by": "location"}
+        "split_by": "location", "fold": None}
     with pytest.raises(KeyError):
         apply_data_hparams(restored, {"spacing": 1.0})
 

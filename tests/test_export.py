@@ -22,6 +22,7 @@ from src.export import (OPSET, OnnxFeatureExtractor, OnnxGeoModel, build_parser,
 from src.export import main as export_main
 from src.features import FeatureCache
 from src.checkpoints import load_model
+from src.backbones import IMAGENET_MEAN, IMAGENET_STD
 from src.predict import QuadrupletFolders, collate_quadruplets
 from src.predict import main as predict_main
 from src.train import main as train_main
@@ -32,8 +33,9 @@ REPO = Path(__file__).resolve().parent.parent
 def demo_views(demo_dir, n: int, size: int) -> torch.Tensor:
     """Real quadruplets [n, 4, 3, S, S] of the first n demo locations, as src.predict loads them."""
     folders = sorted((demo_dir / "data").iterdir())[:n]
-    dataset = QuadrupletFolders([(f.name, f) for f in folders], [size])
-    return collate_quadruplets([dataset[i] for i in range(n)])[1][size]
+    spec = (size, IMAGENET_MEAN, IMAGENET_STD)  # the tiny backbone's normalisation
+    dataset = QuadrupletFolders([(f.name, f) for f in folders], [spec])
+    return collate_quadruplets([dataset[i] for i in range(n)])[1][spec]
 
 
 @pytest.mark.parametrize("approach", ["classification", "regression"])
@@ -81,7 +83,7 @@ def test_export_cli_errors_are_one_line(tiny_checkpoints, tmp_path, capsys):
     cases = [(["--checkpoint", str(tmp_path / "none.ckpt"), "--out", str(tmp_path / "m.onnx")], "file not found"),
              (["--checkpoint", str(tiny_checkpoints["classification"]), "--out", str(tmp_path)], "is a directory"),
              (["--checkpoint", str(tiny_checkpoints["classification"])], "--out"),
-             (["--checkpoint", str(REPO / "README.md"), "--out", str(tmp_path / "m.onnx")], "not a readable GeoModel")]
+             (["--checkpoint", str(REPO / "README.md"), "--out", str(tmp_path / "m.onnx")], "not a readable checkpoint")]
     for args, fragment in cases:
         with pytest.raises(SystemExit) as exit_:
             run_cli(export_main, args)
@@ -174,7 +176,7 @@ def test_train_fills_the_cache_with_onnx_runtime(demo_dir, tmp_path):
     checkpoint = Path(stdout.getvalue().strip().splitlines()[-1].removeprefix("checkpoint: "))
     backbone = load_model(checkpoint).backbone
     entries = pd.read_csv(demo_dir / "data.csv")["uuid"].head(120)
-    cache = FeatureCache(tmp_path / "cache", "tiny", backbone, 32)
+    cache = FeatureCache(tmp_path / "cache", "tiny", backbone, 32, preprocessing=repr(eval_transform(32)))
     checked = 0
     for uuid in entries:
         cached = cache.get(demo_dir / "data" / uuid)

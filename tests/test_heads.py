@@ -14,9 +14,8 @@ from torch.nn import functional as F
 
 from src.geo import EARTH_RADIUS_KM
 from src.heads import (FUSIONS, AttentionFusion, ConcatFusion, HybridHead, MeanFusion, class_radius_m, create_fusion,
-                       geometric_median_xy, haversine_smoothing_loss, haversine_smoothing_targets, hybrid_decode,
-                       hybrid_loss, hybrid_targets, predict_xy, top_probabilities)
-from src.model import weighted_centroid_xy
+                       geometric_median_xy, haversine_smoothing_loss, haversine_smoothing_targets, hybrid_loss,
+                       hybrid_points, hybrid_targets, predict_xy, top_probabilities, weighted_centroid_xy)
 
 KM = 1000.0
 LINE = torch.tensor([[0.0, 0.0], [10 * KM, 0.0], [20 * KM, 0.0]], dtype=torch.float64)  # three collinear centroids
@@ -192,13 +191,19 @@ def test_hybrid_targets_and_decoding_by_hand():
     torch.testing.assert_close(targets, torch.tensor([[0.5, -0.5], [0.5, 1.0]], dtype=torch.float64))
     logits = torch.tensor([[0.1, 2.0], [3.0, -1.0]])  # most likely: cell 1, then cell 0
     offsets = torch.tensor([[[9.0, 9.0], [0.25, -0.5]], [[-1.0, 0.5], [9.0, 9.0]]])
-    decoded = hybrid_decode(logits, offsets, CLASS_XY, CLASS_RADIUS)
+    points = hybrid_points(offsets, CLASS_XY, CLASS_RADIUS)
+    assert points.shape == (2, 2, 2)
+    decoded = predict_xy("mode", logits.softmax(dim=1), points)  # the most likely cell, moved by its offset
     torch.testing.assert_close(decoded, torch.tensor([[105 * KM, -10 * KM], [-10 * KM, 5 * KM]], dtype=torch.float64))
     # offsets equal to the targets in the right cells decode back to the true points
     perfect = torch.zeros(2, 2, 2, dtype=torch.float64)
     perfect[0, 0], perfect[1, 1] = targets[0], targets[1]
-    right = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
-    torch.testing.assert_close(hybrid_decode(right, perfect, CLASS_XY, CLASS_RADIUS), xy)
+    right = torch.tensor([[2.0, 0.0], [0.0, 2.0]]).softmax(dim=1)
+    torch.testing.assert_close(predict_xy("mode", right, hybrid_points(perfect, CLASS_XY, CLASS_RADIUS)), xy)
+    # the other rules weigh every cell's moved centroid: mean by hand for location 0
+    p = logits.softmax(dim=1)[0].double()
+    by_hand = p[0] * points[0, 0] + p[1] * points[0, 1]
+    torch.testing.assert_close(predict_xy("mean", logits.softmax(dim=1), points)[0], by_hand)
 
 
 def test_hybrid_loss_is_cross_entropy_plus_the_true_cells_offset_error():

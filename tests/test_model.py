@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from src import geo
-from src.model import GeoModel, scale_xy, unscale_xy, weighted_centroid_xy, xy_to_km
+from src.heads import weighted_centroid_xy
+from src.model import GeoModel, scale_xy, unscale_xy, xy_to_km
 
 SCALER = {"x_min": 300_000.0, "x_max": 800_000.0, "y_min": 4_700_000.0, "y_max": 5_100_000.0}
 CLASSES = {
@@ -87,13 +88,24 @@ def test_predict_xy_restores_training_mode():
 
 
 def test_xy_to_km_matches_haversine_on_degrees():
-    lat = np.array([45.815, 43.508]); lng = np.array([15.982, 16.440])  # Zagreb, Split
+    lat = np.array([45.815, 45.551]); lng = np.array([15.982, 18.694])  # Zagreb, Osijek
     x, y = geo.project(lat, lng)
     predicted = torch.tensor(np.stack([x, y], axis=1)[::-1].copy())  # swapped: each predicts the other city
     km = xy_to_km(predicted, torch.tensor(lat), torch.tensor(lng))
     expected = geo.haversine_km(lat[::-1], lng[::-1], lat, lng)
     np.testing.assert_allclose(km.numpy(), expected, rtol=1e-6)
-    assert 250 < km[0] < 270  # Zagreb - Split is about 260 km
+    assert 205 < km[0] < 220  # Zagreb - Osijek is about 212 km
+
+
+def test_xy_to_km_scores_a_prediction_at_sea_from_the_nearest_land():
+    # a point in the Adriatic, ~25 km off the coast, is scored as src.predict writes it: moved onto land
+    sea_x, sea_y = (float(v) for v in geo.project(43.3, 15.9))
+    land_x, land_y = (float(v) for v in geo.snap_to_land(sea_x, sea_y))
+    assert np.hypot(land_x - sea_x, land_y - sea_y) > 5_000
+    zagreb = (torch.tensor([45.815], dtype=torch.float64), torch.tensor([15.982], dtype=torch.float64))
+    km = xy_to_km(torch.tensor([[sea_x, sea_y]], dtype=torch.float64), *zagreb)
+    land_lat, land_lng = geo.unproject(land_x, land_y)
+    np.testing.assert_allclose(km.numpy(), geo.haversine_km(land_lat, land_lng, 45.815, 15.982), rtol=1e-9)
 
 
 def test_pretrained_is_not_saved_so_a_checkpoint_rebuilds_offline():

@@ -58,16 +58,17 @@ def test_mirror_on_a_hand_made_quadruplet():
 
 def test_collate_substitutes_unreadable_views_and_flags_empty_locations():
     size = 2
+    spec = (size, (0.5,) * 3, (0.25,) * 3)  # (image size, mean, std), as src.data.input_spec gives
     view = [torch.full((3, size, size), float(v)) for v in range(4)]
     items = [
-        ("a", {size: [view[0], None, view[2], view[3]]}, [None, "missing", None, None]),
-        ("b", {size: [None, None, None, view[3]]}, ["missing", "truncated JPEG", "empty file", None]),
-        ("c", {size: [None] * 4}, ["missing"] * 4),
-        ("d", {size: list(view)}, [None] * 4),
+        ("a", {spec: [view[0], None, view[2], view[3]]}, [None, "missing", None, None]),
+        ("b", {spec: [None, None, None, view[3]]}, ["missing", "truncated JPEG", "empty file", None]),
+        ("c", {spec: [None] * 4}, ["missing"] * 4),
+        ("d", {spec: list(view)}, [None] * 4),
     ]
     uuids, batches, has_views, replaced = collate_quadruplets(items)
     assert uuids == ["a", "b", "c", "d"]
-    got = batches[size][:, :, 0, 0, 0]  # [B, 4]: which original view fills each slot
+    got = batches[spec][:, :, 0, 0, 0]  # [B, 4]: which original view fills each slot
     # a's 90 view takes its neighbour 180; b has only 270 left; c has nothing (zeros + flagged); d untouched
     assert got.tolist() == [[0, 2, 2, 3], [3, 3, 3, 3], [0, 0, 0, 0], [0, 1, 2, 3]]
     assert has_views.tolist() == [True, True, False, True]
@@ -105,7 +106,7 @@ def checkpoints(demo_dir, tmp_path_factory):
 def reference_xy(model, folder: Path, views: list[int] | None = None, mirror: bool = False) -> np.ndarray:
     """One location's prediction [x, y] built by hand: load the chosen view files (default 0, 90, 180, 270)."""
     size = model.hparams.image_size
-    transform = eval_transform(size)
+    transform = eval_transform(size, model.hparams.image_mean, model.hparams.image_std)
     files = [folder / f"{v}.jpg" for v in (views or VIEWS)]
     quad = torch.stack([transform(load_image(f, size)) for f in files])
     if mirror:  # flip every view left-right, then the 90 view shows the old 270 and vice versa
@@ -114,7 +115,8 @@ def reference_xy(model, folder: Path, views: list[int] | None = None, mirror: bo
 
 
 def to_latlng(xy) -> tuple[float, float]:
-    lat, lng = geo.unproject(xy[0], xy[1])
+    """A predicted EPSG:3766 point as the submission writes it: moved onto land, in degrees."""
+    lat, lng = geo.unproject(*geo.snap_to_land(xy[0], xy[1]))
     return float(lat), float(lng)
 
 
@@ -149,8 +151,10 @@ def test_row_for_every_folder_with_corrupt_and_missing_views(checkpoints, damage
     assert np.isfinite(submission[["latitude", "longitude"]].to_numpy()).all()
     got = submission.set_index("uuid")
     model = GeoModel.load_from_checkpoint(classification, map_location="cpu").eval()
-    # the location without views sits at the training prior (train-mean location)
-    assert got.loc[names[3]].tolist() == pytest.approx([model.hparams.prior_lat, model.hparams.prior_lng], abs=1e-6)
+    # the location without views sits at the training prior (train-mean location), moved onto land when the
+    # mean of Croatia's crescent falls outside it
+    prior = geo.unproject(*geo.snap_to_land(*geo.project(model.hparams.prior_lat, model.hparams.prior_lng)))
+    assert got.loc[names[3]].tolist() == pytest.approx([float(prior[0]), float(prior[1])], abs=1e-6)
     # a replaced view is its nearest readable neighbour: 90 -> 180, 0 -> 90, 270 -> 0
     expected = {
         names[0]: [0, 180, 180, 270], names[1]: [90, 90, 180, 270], names[2]: [0, 90, 180, 0],
@@ -202,10 +206,14 @@ def test_ensemble_averages_x_y_across_checkpoints(checkpoints, demo_dir, capsys)
     capsys.readouterr()
     assert len(ensemble) == 120 and ensemble["uuid"].is_monotonic_increasing
     assert not np.allclose(single[0][["latitude"]], single[1][["latitude"]])
-    x = [geo.project(t["latitude"], t["longitude"]) for t in tta]
-    lat, lng = geo.unproject((x[0][0] + x[1][0]) / 2, (x[0][1] + x[1][1]) / 2)
+    # by hand: each model's TTA mean in EPSG:3766, averaged over the two models, then moved onto land
+    models = [GeoModel.load_from_checkpoint(p, map_location="cpu").eval() for p in (classification, regression)]
+    folders = sorted((demo_dir / "data").iterdir())
+    xy = np.mean([[(reference_xy(m, f) + reference_xy(m, f, mirror=True)) / 2 for f in folders] for m in models], axis=0)
+    lat, lng = geo.unproject(*geo.snap_to_land(xy[:, 0], xy[:, 1]))
     np.testing.assert_allclose(ensemble["latitude"], lat, atol=1e-6)
     np.testing.assert_allclose(ensemble["longitude"], lng, atol=1e-6)
+    assert len(tta) == 2 and not np.allclose(tta[0]["latitude"], tta[1]["latitude"])
 
 
 def test_centroids_and_topk_flags(checkpoints, demo_dir, tmp_path, capsys):

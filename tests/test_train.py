@@ -73,7 +73,7 @@ def test_checkpoint_holds_what_predict_needs(trained, demo_dir):
     train = enriched.locations[enriched.locations.split == "train"]
     assert (hp.approach, hp.backbone, hp.image_size, hp.centroids, hp.seed, hp.spacing) == \
         ("classification", "efficientnet_lite0", 64, "weighted", 0, 0.5)
-    assert hp.classes == class_table(enriched.classes) and set(hp.classes) >= {"weighted", "clipped", "plain"}
+    assert hp.classes == class_table(enriched) and set(hp.classes) >= {"weighted", "clipped", "plain"}
     assert hp.scaler == pytest.approx(enriched.scaler)
     # every data flag that decides the split, paths absolute (predict/analyze from any working directory)
     assert hp.dataset_dirs == [str(demo_dir.resolve())] and hp.holdout_dirs == []
@@ -372,3 +372,91 @@ def test_unfrozen_batchnorm_trains_and_a_resumed_run_matches(demo_dir, tmp_path,
     after = resumed.backbone.state_dict()
     changed = {k.split(".")[1] for k in before if before[k].is_floating_point() and not torch.equal(before[k], after[k])}
     assert changed == {"2"}
+
+
+TINY = ["--backbone", "tiny", "--no-pretrained", "--image-size", 32, "--num-workers", 0, "--engine", "torch"]
+
+
+def test_cross_validation_predicts_every_location_once_out_of_fold(demo_dir, tmp_path):
+    lines = run_main(["--approach", "classification", "--dataset-dirs", demo_dir, *TINY, "--epochs", 2,
+                      "--folds", 3, "--seed", 1, "--out-dir", tmp_path, "--cache-dir", tmp_path / "cache",
+                      "--run-name", "cv"])
+    folder = tmp_path / "cv" / "version_0"
+    oof = pd.read_csv(folder / "oof.csv", dtype={"uuid": str})
+    assert list(oof.columns) == ["uuid", "latitude", "longitude"]
+    truth = pd.read_csv(demo_dir / "data.csv", dtype={"uuid": str}).set_index("uuid")
+    assert sorted(oof.uuid) == sorted(truth.index)  # every labelled location exactly once
+    tests = [set(pd.read_csv(folder / f"fold_{k}" / "locations.csv", dtype={"uuid": str}).query("split == 'test'").uuid)
+             for k in range(3)]
+    assert sum(map(len, tests)) == len(truth) and set.union(*tests) == set(truth.index)  # the folds partition
+    # the printed and saved out-of-fold km against an independent haversine over oof.csv
+    km = geo.haversine_km(oof.latitude, oof.longitude, truth.loc[oof.uuid, "latitude"], truth.loc[oof.uuid, "longitude"])
+    metrics = json.loads((folder / "oof_metrics.json").read_text())
+    assert metrics["oof"]["count"] == len(truth) and metrics["oof"]["mean_km"] == pytest.approx(km.mean(), rel=1e-6)
+    # the constant baseline: each fold's train-mean location
+    baseline = []
+    for k in range(3):
+        fold = pd.read_csv(folder / f"fold_{k}" / "locations.csv", dtype={"uuid": str})
+        train, test = fold[fold.split == "train"], fold[fold.split == "test"]
+        baseline.append(geo.haversine_km(train.latitude.mean(), train.longitude.mean(), test.latitude, test.longitude))
+    assert metrics["oof_constant_baseline"]["mean_km"] == pytest.approx(np.concatenate(baseline).mean(), rel=1e-9)
+    assert any("out of fold" in line for line in lines) and lines[-1] == f"out-of-fold predictions: {folder / 'oof.csv'}"
+
+
+def test_a_final_fit_on_all_labelled_data_keeps_the_last_checkpoint(demo_dir, tmp_path, capsys):
+    lines = run_main(["--approach", "classification", "--dataset-dirs", demo_dir, *TINY, "--epochs", 2,
+                      "--split", 1, 0, 0, "--out-dir", tmp_path, "--run-name", "final", "--cache-dir", tmp_path / "c"])
+    assert lines[-2].startswith("no test split") and checkpoint_path(lines).endswith("/checkpoints/last.ckpt")
+    assert "plateau scheduler follows val km, using --scheduler cosine" in capsys.readouterr().err
+    checkpoint = torch.load(checkpoint_path(lines), map_location="cpu", weights_only=False)
+    assert checkpoint["epoch"] == 1 and checkpoint["hyper_parameters"]["scheduler"] == "cosine"
+    assert pd.read_csv(tmp_path / "final" / "version_0" / "locations.csv").split.eq("train").all()
+
+
+@pytest.mark.parametrize("approach, extra", [
+    ("hybrid", ["--fusion", "attention", "--label-smoothing-km", 20, "--predict-rule", "median"]),
+    ("classification", ["--fusion", "mean", "--predict-rule", "mode", "--cells", "adaptive", "--classes", 6]),
+])
+def test_head_levers_train_end_to_end_and_are_saved(demo_dir, tmp_path, approach, extra):
+    lines = run_main(["--approach", approach, "--dataset-dirs", demo_dir, *TINY, "--epochs", 2,
+                      "--out-dir", tmp_path, "--cache-dir", tmp_path / "cache", *extra])
+    path = checkpoint_path(lines)
+    assert f"/{demo_dir.name}-{approach}-tiny/version_0/" in path  # the run name says which data it used
+    model = GeoModel.load_from_checkpoint(path, map_location="cpu")
+    flags = dict(zip(extra[::2], extra[1::2]))
+    assert model.hparams.fusion == flags["--fusion"] and model.hparams.predict_rule == flags["--predict-rule"]
+    assert model.hparams.label_smoothing_km == float(flags.get("--label-smoothing-km", 0))
+    metrics = json.loads((Path(path).parent.parent / "metrics.json").read_text())
+    assert np.isfinite(metrics["test"]["mean_km"])
+    # the checkpoint's test km comes from the saved rule: recompute it from the images
+    hp = model.hparams
+    views = torch.stack([load_quadruplet(d, 32, eval_transform(32, hp.image_mean, hp.image_std))
+                         for _, d in hp.test_locations])
+    xy = model.predict_xy(views).numpy()
+    lat, lng = geo.unproject(*geo.snap_to_land(xy[:, 0], xy[:, 1]))
+    truth = pd.read_csv(demo_dir / "data.csv", dtype={"uuid": str}).set_index("uuid")
+    uuids = [u for u, _ in hp.test_locations]
+    km = geo.haversine_km(lat, lng, truth.loc[uuids, "latitude"], truth.loc[uuids, "longitude"])
+    assert metrics["test"]["mean_km"] == pytest.approx(km.mean(), rel=1e-5)
+
+
+def test_tensorboard_opens_on_train_and_val_curves(demo_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    lines = run_main(["--approach", "classification", "--dataset-dirs", demo_dir, *TINY, "--epochs", 3,
+                      "--out-dir", tmp_path, "--cache-dir", tmp_path / "cache", "--run-name", "tb"])
+    folder = tmp_path / "tb" / "version_0"
+    scalars, baseline = set(), []
+    for events in folder.glob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events)).Reload()
+        scalars |= set(accumulator.Tags()["scalars"])
+        if "val/km_baseline" in accumulator.Tags()["scalars"]:
+            baseline += [e.value for e in accumulator.Scalars("val/km_baseline")]
+    assert {"train/loss", "val/loss", "val/km_mean", "val/km_baseline"} <= scalars
+    # no single-point charts: no epoch counter, no test scalars but the HParams metric, no frozen backbone lr
+    assert "epoch" not in scalars and not any(t.startswith(("test/", "lr-")) and t != "test/km_mean" for t in scalars)
+    assert len(baseline) == 3 and len(set(baseline)) == 1  # a flat line, one point per epoch
+    hparams = (folder / "hparams.yaml").read_text()
+    assert f"data: {demo_dir.resolve()}" in hparams and "n_cells:" in hparams and "epochs: 3" in hparams
+    assert (folder / "curves.png").stat().st_size > 10_000
+    assert checkpoint_path(lines)

@@ -1,0 +1,90 @@
+"""Out-of-fold accuracy of the model levers, each alone and combined: K-fold cross-validation (`src.train
+--folds`) of the CPU setup (frozen backbone on cached features) on one LUMEN dataset dir.
+
+    python -m benchmarks.accuracy_levers [--dataset-dir ../shared/data/lumen_external_subset] [--folds 5]
+
+Every configuration trains K runs with the same seeded folds, so each location is predicted once by a run
+that never saw it; the table gives the out-of-fold mean and median km, and the constant baseline (each
+fold's train-mean location). The last line is the best configuration's mean km against the constant's.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from tabulate import tabulate
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATASET = ROOT.parent / "shared" / "data" / "lumen_external_subset"
+# (name, flags added to the baseline command); "defaults" is src.train's CPU defaults as they are
+LEVERS = [
+    ("defaults", []),
+    ("--cells adaptive", ["--cells", "adaptive"]),
+    ("--label-smoothing-km 12", ["--label-smoothing-km", "12"]),
+    ("--label-smoothing-km 40", ["--label-smoothing-km", "40"]),
+    ("--predict-rule median", ["--predict-rule", "median"]),
+    ("--predict-rule mode", ["--predict-rule", "mode"]),
+    ("--approach hybrid", ["--approach", "hybrid"]),
+    ("--approach regression", ["--approach", "regression"]),
+    ("--fusion mean", ["--fusion", "mean"]),
+    ("--fusion attention", ["--fusion", "attention"]),
+    ("--backbone efficientnet_lite2", ["--backbone", "efficientnet_lite2"]),
+    ("--spacing 0.7", ["--spacing", "0.7"]),
+]
+
+
+def run(dataset: Path, out: Path, name: str, flags: list[str], folds: int, seed: int) -> dict:
+    """One cross-validated configuration; its oof_metrics.json."""
+    run_name = "".join(c if c.isalnum() else "_" for c in name)
+    command = [sys.executable, "-m", "src.train", "--approach", "classification", "--dataset-dirs", str(dataset),
+               "--folds", str(folds), "--seed", str(seed), "--out-dir", str(out), "--run-name", run_name,
+               "--cache-dir", str(out / "cache"), *flags]
+    if "--approach" in flags:  # the lever replaces the approach
+        at = command.index("--approach")
+        del command[at:at + 2]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"{name}: src.train failed:\n{result.stderr[-3000:]}")
+    return json.loads((out / run_name / "version_0" / "oof_metrics.json").read_text())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.accuracy_levers", allow_abbrev=False,
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--dataset-dir", type=Path, default=DEFAULT_DATASET, help="a LUMEN dataset dir")
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--levers", nargs="+", default=None, help="names of the levers to run (default: all)")
+    parser.add_argument("--combination", nargs="*", default=None,
+                        help="flags of a combined configuration to run after the levers (e.g. --fusion mean ...)")
+    parser.add_argument("--out-dir", type=Path, default=None, help="where the runs go (default: a temporary dir)")
+    args = parser.parse_args(argv)
+    levers = [(n, f) for n, f in LEVERS if args.levers is None or n in args.levers]
+    if args.combination:
+        levers.append(("combination: " + " ".join(args.combination), args.combination))
+    with tempfile.TemporaryDirectory() as tmp:
+        out = args.out_dir or Path(tmp)
+        rows, constant = [], None
+        for name, flags in levers:
+            metrics = run(args.dataset_dir, out, name, flags, args.folds, args.seed)
+            constant = metrics["oof_constant_baseline"]
+            rows.append((name, metrics["oof"]))
+            print(f"{name}: out-of-fold mean {metrics['oof']['mean_km']:.1f} km, median "
+                  f"{metrics['oof']['median_km']:.1f} km", file=sys.stderr, flush=True)
+    table = [["constant (train mean)", constant["count"], f"{constant['mean_km']:.1f}", f"{constant['median_km']:.1f}", ""]]
+    for name, oof in rows:
+        table.append([name, oof["count"], f"{oof['mean_km']:.1f}", f"{oof['median_km']:.1f}",
+                      f"{100 * (oof['mean_km'] / constant['mean_km'] - 1):+.1f}%"])
+    print(f"{args.folds}-fold cross-validation on {args.dataset_dir}:")
+    print(tabulate(table, headers=["configuration", "n", "oof mean km", "oof median km", "mean vs constant"],
+                   tablefmt="github", disable_numparse=True))
+    best_name, best = min(rows, key=lambda row: row[1]["mean_km"])
+    print(f"best: {best_name}: {best['mean_km']:.1f} km vs constant {constant['mean_km']:.1f} km: "
+          f"ratio {constant['mean_km'] / best['mean_km']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
