@@ -21,7 +21,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.collections import LineCollection  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
-from matplotlib.ticker import FuncFormatter  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import FuncFormatter, MultipleLocator  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
 from src.checkpoints import (DATA_HPARAMS, REPORTS_DIR, checkpoints_listing, find_checkpoint,  # noqa: E402
@@ -30,66 +31,64 @@ from src.enrich import (LOCATIONS_FILE, SPLITS, Enriched, add_enrich_arguments, 
                         apply_data_hparams, check_data_flags, check_spacing, enrich_from_args, locate_locations)
 from src.errors import UserError, run_cli  # noqa: E402
 from src.files import atomic_path  # noqa: E402
-from src.geo import haversine_km, load_border  # noqa: E402
+from src.geo import haversine_km  # noqa: E402
 from src.grid import CENTROID_KINDS, CENTROID_PREFIX, build_grid, nearest_class  # noqa: E402
 from src.images import VIEWS, check_image, load_image, view_paths  # noqa: E402
+from src.plots import croatia_axes, draw_land, save_figure  # noqa: E402
 from src.geo import km_table, summarize_km  # noqa: E402
 from src.score import match_and_measure, read_locations  # noqa: E402
 
 DEFAULT_SPACINGS = (0.25, 0.5, 1.0, 2.0)
+ERROR_CMAP = "plasma"
 
 
-def save_figure(fig: plt.Figure, path: str | Path, dpi: int = 120) -> Path:
-    """Save `fig` atomically (src.files.atomic_path) and close it."""
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-    finally:
-        plt.close(fig)
-    return Path(path)
-
-
-def draw_border(ax: plt.Axes) -> None:
-    """Croatia's border outline on `ax` (longitude x, latitude y) with an equal-distance aspect."""
-    border = load_border()
-    for polygon in getattr(border, "geoms", [border]):
-        x, y = polygon.exterior.xy
-        ax.plot(x, y, color="0.35", linewidth=0.6, zorder=1)
-    ax.set_aspect(1 / np.cos(np.radians(44.5)))
-    ax.set_xlabel("longitude")
-    ax.set_ylabel("latitude")
-
-
-def error_map(errors: pd.DataFrame, path: str | Path, title: str = "") -> Path:
-    """Map of true points coloured by error (km, log scale) with a line to each prediction.
+def error_map_figure(errors: pd.DataFrame, title: str = "") -> plt.Figure:
+    """Map of true points coloured by error (km, log scale), a cross at each prediction and a line between.
 
     `errors` has columns true_lat, true_lng, pred_lat, pred_lng, error_km (as `src.score.Scored.errors`).
     """
-    fig, ax = plt.subplots(figsize=(8, 7))
-    draw_border(ax)
-    segments = np.stack([errors[["true_lng", "true_lat"]].to_numpy(), errors[["pred_lng", "pred_lat"]].to_numpy()], 1)
-    ax.add_collection(LineCollection(segments, colors="0.5", linewidths=0.5, alpha=0.6, zorder=2))
     km = errors["error_km"].to_numpy()
+    fig, ax = croatia_axes(title or f"{len(errors)} locations, mean error {km.mean():.1f} km, "
+                                    f"median {np.median(km):.1f} km", figsize=(8, 7))
+    segments = np.stack([errors[["true_lng", "true_lat"]].to_numpy(), errors[["pred_lng", "pred_lat"]].to_numpy()], 1)
+    ax.add_collection(LineCollection(segments, colors="0.45", linewidths=0.6, alpha=0.6, zorder=2))
     norm = LogNorm(vmin=max(0.5, float(km.min())), vmax=max(1.0, float(km.max())))
-    points = ax.scatter(errors["true_lng"], errors["true_lat"], c=np.maximum(km, norm.vmin), cmap="plasma",
-                        norm=norm, s=16, edgecolors="k", linewidths=0.3, zorder=3)
-    ax.scatter(errors["pred_lng"], errors["pred_lat"], marker="x", s=10, color="0.2", linewidths=0.6, zorder=3,
-               label="prediction")
-    colorbar = fig.colorbar(points, ax=ax, shrink=0.8, label="error km (true point colour)")
+    points = ax.scatter(errors["true_lng"], errors["true_lat"], c=np.maximum(km, norm.vmin), cmap=ERROR_CMAP,
+                        norm=norm, s=22, edgecolors="k", linewidths=0.3, zorder=3)
+    ax.scatter(errors["pred_lng"], errors["pred_lat"], marker="x", s=45, color="black", linewidths=1.3, zorder=4)
+    colorbar = fig.colorbar(points, ax=ax, shrink=0.8, label="error km (colour of the true location)")
     ticks = [t for t in (1, 2, 5, 10, 20, 50, 100, 200, 500) if norm.vmin <= t <= norm.vmax]
     colorbar.set_ticks(ticks or [norm.vmin, norm.vmax])
     colorbar.ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     colorbar.ax.yaxis.set_minor_formatter(FuncFormatter(lambda value, _: ""))
-    ax.legend(loc="upper right")
-    ax.set_title(title or f"{len(errors)} locations, mean error {km.mean():.1f} km, median {np.median(km):.1f} km")
-    return save_figure(fig, path)
+    ax.legend(handles=[
+        Line2D([], [], linestyle="", marker="o", markersize=6, markerfacecolor=plt.get_cmap(ERROR_CMAP)(0.6),
+               markeredgecolor="k", markeredgewidth=0.3, label="true location (colour: error km)"),
+        Line2D([], [], linestyle="", marker="x", markersize=7, markeredgewidth=1.3, color="black",
+               label="prediction"),
+        Line2D([], [], color="0.45", linewidth=0.8, label="true to predicted")], loc="lower left")  # the sea
+    return fig
 
 
-def worst_gallery(errors: pd.DataFrame, image_dirs: dict[str, str | Path], path: str | Path, n: int = 8,
-                  thumb_size: int = 128) -> tuple[Path, pd.DataFrame]:
+def error_map(errors: pd.DataFrame, path: str | Path, title: str = "") -> Path:
+    """The error map (error_map_figure) written to `path`."""
+    return save_figure(error_map_figure(errors, title), path, dpi=120)
+
+
+def _degree_ticks(ax: plt.Axes) -> None:
+    """Ticks every 2 degrees of longitude and 1 of latitude, labelled 16°E / 45°N (no axis labels needed)."""
+    ax.xaxis.set_major_locator(MultipleLocator(2))
+    ax.yaxis.set_major_locator(MultipleLocator(1))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}°E"))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}°N"))
+    ax.tick_params(labelsize=9)
+
+
+def worst_gallery_figure(errors: pd.DataFrame, image_dirs: dict[str, str | Path], n: int = 8,
+                         thumb_size: int = 128) -> tuple[plt.Figure, pd.DataFrame]:
     """The `n` largest errors: four views per row and a map with the true (green) and predicted (red) point.
 
-    Returns the figure path and the rows shown (largest error first). Views that cannot be read show a note.
+    Returns the figure and the rows shown (largest error first). Views that cannot be read show a note.
     """
     worst = errors.sort_values("error_km", ascending=False, kind="stable").head(n).reset_index(drop=True)
     fig, axes = plt.subplots(len(worst), 5, figsize=(13, 2.6 * len(worst)), squeeze=False,
@@ -108,21 +107,29 @@ def worst_gallery(errors: pd.DataFrame, image_dirs: dict[str, str | Path], path:
                 ax.text(0.5, 0.5, reason, ha="center", va="center", wrap=True, fontsize=8, transform=ax.transAxes)
             if row == 0:
                 ax.set_title(f"{view} deg")
-        axes[row, 0].set_ylabel(f"#{row + 1} {record['uuid'][:8]}\n{record['error_km']:.0f} km", fontsize=9)
+        axes[row, 0].set_ylabel(f"#{row + 1} {record['uuid'][:8]}\n{record['error_km']:.0f} km", fontsize=10)
         ax = axes[row, 4]
-        draw_border(ax)
-        ax.set_xlabel("")
+        draw_land(ax)
+        ax.set_xlabel("")  # geopandas names the axes; the tick labels say degrees
         ax.set_ylabel("")
-        ax.tick_params(labelsize=6)
-        ax.plot([record["true_lng"], record["pred_lng"]], [record["true_lat"], record["pred_lat"]], color="0.4",
-                linewidth=0.8)
-        ax.scatter([record["true_lng"]], [record["true_lat"]], color="tab:green", s=25, zorder=3, label="true")
-        ax.scatter([record["pred_lng"]], [record["pred_lat"]], color="tab:red", s=25, zorder=3, label="predicted")
+        ax.set_aspect(1 / 0.71)
+        _degree_ticks(ax)
+        ax.plot([record["true_lng"], record["pred_lng"]], [record["true_lat"], record["pred_lat"]], color="0.3",
+                linewidth=0.9)
+        ax.scatter([record["true_lng"]], [record["true_lat"]], color="tab:green", s=30, zorder=3, label="true")
+        ax.scatter([record["pred_lng"]], [record["pred_lat"]], color="tab:red", s=30, zorder=3, label="predicted")
         if row == 0:
-            ax.legend(fontsize=7, loc="upper right")
+            ax.legend(fontsize=8, loc="lower left")  # the sea
     fig.suptitle(f"{len(worst)} largest errors", y=1.0)
     fig.tight_layout()
-    return save_figure(fig, path, dpi=90), worst
+    return fig, worst
+
+
+def worst_gallery(errors: pd.DataFrame, image_dirs: dict[str, str | Path], path: str | Path, n: int = 8,
+                  thumb_size: int = 128) -> tuple[Path, pd.DataFrame]:
+    """The worst-N gallery (worst_gallery_figure) written to `path`; the path and the rows shown."""
+    fig, worst = worst_gallery_figure(errors, image_dirs, n, thumb_size)
+    return save_figure(fig, path, dpi=100), worst
 
 
 def oracle_errors(locations: pd.DataFrame) -> pd.DataFrame:

@@ -11,8 +11,8 @@ import pytest
 import shapely
 from PIL import Image
 
-from src.analyze import (confusion_summary, error_map, oracle_ceiling, oracle_errors, per_class_accuracy,
-                         worst_gallery)
+from src.analyze import (confusion_summary, error_map, error_map_figure, oracle_ceiling, oracle_errors,
+                         per_class_accuracy, worst_gallery, worst_gallery_figure)
 from src.analyze import main as analyze_main
 from src.enrich import enrich
 from src.errors import UserError
@@ -61,6 +61,18 @@ def test_error_map_writes_a_png(tmp_path, errors):
     assert [p.name for p in path.parent.iterdir()] == ["error_map.png"]  # no temporary file left behind
 
 
+def test_error_map_has_a_legend_for_both_markers_and_large_prediction_crosses(errors):
+    figure = error_map_figure(errors)
+    axes = figure.axes[0]
+    assert [t.get_text() for t in axes.get_legend().get_texts()] == [
+        "true location (colour: error km)", "prediction", "true to predicted"]
+    true_points, predictions = axes.collections[-2:]  # after the land and the lines
+    np.testing.assert_allclose(true_points.get_offsets(), errors[["true_lng", "true_lat"]].to_numpy())
+    np.testing.assert_allclose(predictions.get_offsets(), errors[["pred_lng", "pred_lat"]].to_numpy())
+    assert predictions.get_sizes()[0] >= 2 * true_points.get_sizes()[0]
+    assert axes.xaxis.label.get_text() == "longitude (deg)" and axes.yaxis.label.get_text() == "latitude (deg)"
+
+
 def test_worst_gallery_shows_the_largest_errors_first(tmp_path, errors):
     folder = tmp_path / "c"
     folder.mkdir()
@@ -70,6 +82,19 @@ def test_worst_gallery_shows_the_largest_errors_first(tmp_path, errors):
     assert shown["uuid"].tolist() == ["c", "d", "b"]
     with Image.open(path) as image:
         assert image.format == "PNG" and image.height > image.width / 2  # three rows of thumbnails
+
+
+def test_worst_gallery_maps_have_readable_degree_ticks(errors):
+    figure, shown = worst_gallery_figure(errors, {}, n=2)
+    figure.canvas.draw()
+    maps = [row[4] for row in np.reshape(figure.axes, (2, 5))]
+    for axes in maps:
+        labels = [t for t in axes.get_xticklabels() + axes.get_yticklabels() if t.get_text() and t.get_visible()]
+        assert labels and all(t.get_fontsize() >= 9 for t in labels)
+        assert {t.get_text() for t in axes.get_xticklabels() if t.get_text()} >= {"14°E", "16°E", "18°E"}
+        assert {t.get_text() for t in axes.get_yticklabels() if t.get_text()} >= {"43°N", "44°N", "45°N"}
+    assert [t.get_text() for t in maps[0].get_legend().get_texts()] == ["true", "predicted"]
+    assert shown["uuid"].tolist() == ["c", "d"]
 
 
 def test_oracle_errors_on_hand_made_centroids():
