@@ -148,7 +148,8 @@ def oracle_errors(locations: pd.DataFrame) -> pd.DataFrame:
 def per_class_accuracy(true_class, pred_class, error_km, classes: pd.DataFrame) -> pd.DataFrame:
     """Accuracy (prediction in the true class) and mean km per true class, least accurate first.
 
-    `classes` is the class table (index = class); columns: class, cell, n_train, n, correct, accuracy, mean_km.
+    `classes` is the class table (index = class); columns: class, cell, centroid_lat, centroid_lng (the
+    cell's plain centroid), n_train, n, correct, accuracy, mean_km.
     """
     frame = pd.DataFrame({"class": np.asarray(true_class, int), "pred": np.asarray(pred_class, int),
                           "error_km": np.asarray(error_km, float)})
@@ -156,28 +157,55 @@ def per_class_accuracy(true_class, pred_class, error_km, classes: pd.DataFrame) 
     table = pd.DataFrame({"n": grouped.size(), "correct": grouped["correct"].sum(),
                           "mean_km": grouped["error_km"].mean()})
     table["accuracy"] = table["correct"] / table["n"]
-    for column in ("cell", "n_train"):
+    for column in ("cell", "centroid_lat", "centroid_lng", "n_train"):
         if column in classes.columns:
             table[column] = classes.loc[table.index, column].to_numpy()
     table = table.reset_index()
-    order = ["class", "cell", "n_train", "n", "correct", "accuracy", "mean_km"]
+    order = ["class", "cell", "centroid_lat", "centroid_lng", "n_train", "n", "correct", "accuracy", "mean_km"]
     table = table[[c for c in order if c in table.columns]]
     return table.sort_values(["accuracy", "n", "class"], ascending=[True, False, True], ignore_index=True)
 
 
-def confusion_summary(true_class, pred_class, classes: list[int], top: int = 3) -> pd.DataFrame:
-    """For each class in `classes`: its count, accuracy and the `top` classes its locations were predicted as."""
+def lat_lng(lat: float, lng: float) -> str:
+    """A point as '45.42, 16.11' (degrees, about 1 km)."""
+    return f"{lat:.2f}, {lng:.2f}"
+
+
+def class_place(classes: pd.DataFrame, label: int) -> str:
+    """A class with its cell's (plain) centroid, e.g. '27 (45.42, 16.11)'."""
+    return f"{label} ({lat_lng(classes.loc[label, 'centroid_lat'], classes.loc[label, 'centroid_lng'])})"
+
+
+def confusion_summary(true_class, pred_class, shown: list[int], classes: pd.DataFrame, top: int = 3) -> pd.DataFrame:
+    """For each class in `shown`: its centroid, count, accuracy and the `top` classes it was predicted as.
+
+    `classes` is the class table (index = class, with centroid_lat/centroid_lng); "predicted as" names each
+    class with its centroid and count, e.g. '27 (45.42, 16.11): 6; 3 (43.51, 16.44): 1'.
+    """
     frame = pd.DataFrame({"class": np.asarray(true_class, int), "pred": np.asarray(pred_class, int)})
     rows = []
-    for label in classes:
+    for label in shown:
         mine = frame.loc[frame["class"] == label, "pred"]
         counts = mine.value_counts().sort_index().sort_values(ascending=False, kind="stable")
         rows.append({
-            "class": int(label), "n": int(len(mine)),
+            "class": int(label), "centroid_lat": float(classes.loc[label, "centroid_lat"]),
+            "centroid_lng": float(classes.loc[label, "centroid_lng"]), "n": int(len(mine)),
             "accuracy": float((mine == label).mean()) if len(mine) else float("nan"),
-            "predicted as": ", ".join(f"{int(c)} ({int(k)})" for c, k in counts.head(top).items()),
+            "predicted as": "; ".join(f"{class_place(classes, int(c))}: {int(k)}" for c, k in counts.head(top).items()),
         })
-    return pd.DataFrame(rows, columns=["class", "n", "accuracy", "predicted as"])
+    return pd.DataFrame(rows, columns=["class", "centroid_lat", "centroid_lng", "n", "accuracy", "predicted as"])
+
+
+def confusion_text(confusion: pd.DataFrame) -> str:
+    """The confusion summary as a printed table: centroid as 'lat, lng', accuracy as a percentage."""
+    shown = pd.DataFrame({
+        "class": confusion["class"],
+        "centroid (lat, lng)": [lat_lng(*point) for point in zip(confusion["centroid_lat"], confusion["centroid_lng"])],
+        "n": confusion["n"],
+        "accuracy": [f"{100 * a:.1f}%" for a in confusion["accuracy"]],
+        "predicted as: class (lat, lng): n": confusion["predicted as"],
+    })
+    return tabulate(shown, headers="keys", tablefmt="github", showindex=False, disable_numparse=True)
 
 
 def rows_of_split(locations: pd.DataFrame, split: str) -> pd.DataFrame:
@@ -333,12 +361,11 @@ def main(argv: list[str] | None = None) -> dict:
         errors["pred_class"] = predicted_classes(enriched, errors["pred_lat"].to_numpy(), errors["pred_lng"].to_numpy())
         accuracy = per_class_accuracy(errors["true_class"], errors["pred_class"], errors["error_km"], enriched.classes)
         confusion = confusion_summary(errors["true_class"], errors["pred_class"],
-                                      accuracy["class"].head(args.least_accurate).tolist())
+                                      accuracy["class"].head(args.least_accurate).tolist(), enriched.classes)
         overall = float((errors["true_class"] == errors["pred_class"]).mean())
         print(f"\nclass accuracy (prediction in the true class's cell): {100 * overall:.1f}% over "
               f"{accuracy['class'].nunique()} classes; the {len(confusion)} least accurate:")
-        shown = confusion.assign(accuracy=[f"{100 * a:.1f}%" for a in confusion["accuracy"]])
-        print(tabulate(shown, headers="keys", tablefmt="github", showindex=False, disable_numparse=True))
+        print(confusion_text(confusion))
         image_dirs = dict(zip(labels.index, labels["image_dir"]))
         gallery, worst = worst_gallery(errors, image_dirs, args.figures_dir / f"{name}_worst.png", n=args.worst)
         paths += [
