@@ -123,8 +123,11 @@ def class_sizes_figure(enriched):
     colour_bar.ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     colour_bar.ax.yaxis.set_minor_formatter(FuncFormatter(lambda value, _: ""))
     _draw_coastline(axes)
-    axes.legend(handles=[Patch(facecolor="0.92", edgecolor="0.6", hatch="///", label="0 train locations (not a class)"),
-                         Line2D([], [], color="black", linewidth=0.8, label="coastline / border")], loc="lower left")
+    handles = [Line2D([], [], color="black", linewidth=0.8, label="coastline / border")]
+    if len(empty):  # adaptive cells are all classes
+        handles.insert(0, Patch(facecolor="0.92", edgecolor="0.6", hatch="///",
+                                label="0 train locations (not a class)"))
+    axes.legend(handles=handles, loc="lower left")
     return figure
 
 

@@ -77,6 +77,14 @@ def test_class_sizes_hatches_empty_cells_and_draws_the_coast(enriched):
     plt.close("all")
 
 
+def test_class_sizes_of_adaptive_cells_has_no_empty_cell_entry(demo_dir):
+    adaptive = enrich([demo_dir], cells="adaptive", n_classes=6, seed=0, progress=False)
+    axes = class_sizes_figure(adaptive).axes[0]
+    assert legend_texts(axes) == ["coastline / border"]  # every adaptive cell holds train locations
+    assert not [c for c in axes.collections if c.get_hatch()]
+    plt.close("all")
+
+
 def test_distribution_shows_val_and_test_in_different_colours_and_markers(enriched):
     axes = distribution_figure(enriched).axes[0]
     counts = enriched.locations["split"].value_counts()
