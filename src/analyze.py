@@ -21,7 +21,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.collections import LineCollection  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
-from matplotlib.ticker import FuncFormatter  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import FuncFormatter, MultipleLocator  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
 from src.checkpoints import (DATA_HPARAMS, REPORTS_DIR, checkpoints_listing, find_checkpoint,  # noqa: E402
@@ -30,66 +31,64 @@ from src.enrich import (LOCATIONS_FILE, SPLITS, Enriched, add_enrich_arguments, 
                         apply_data_hparams, check_data_flags, check_spacing, enrich_from_args, locate_locations)
 from src.errors import UserError, run_cli  # noqa: E402
 from src.files import atomic_path  # noqa: E402
-from src.geo import haversine_km, load_border  # noqa: E402
+from src.geo import haversine_km  # noqa: E402
 from src.grid import CENTROID_KINDS, CENTROID_PREFIX, build_grid, nearest_class  # noqa: E402
 from src.images import VIEWS, check_image, load_image, view_paths  # noqa: E402
+from src.plots import croatia_axes, draw_land, save_figure  # noqa: E402
 from src.geo import km_table, summarize_km  # noqa: E402
 from src.score import match_and_measure, read_locations  # noqa: E402
 
 DEFAULT_SPACINGS = (0.25, 0.5, 1.0, 2.0)
+ERROR_CMAP = "plasma"
 
 
-def save_figure(fig: plt.Figure, path: str | Path, dpi: int = 120) -> Path:
-    """Save `fig` atomically (src.files.atomic_path) and close it."""
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-    finally:
-        plt.close(fig)
-    return Path(path)
-
-
-def draw_border(ax: plt.Axes) -> None:
-    """Croatia's border outline on `ax` (longitude x, latitude y) with an equal-distance aspect."""
-    border = load_border()
-    for polygon in getattr(border, "geoms", [border]):
-        x, y = polygon.exterior.xy
-        ax.plot(x, y, color="0.35", linewidth=0.6, zorder=1)
-    ax.set_aspect(1 / np.cos(np.radians(44.5)))
-    ax.set_xlabel("longitude")
-    ax.set_ylabel("latitude")
-
-
-def error_map(errors: pd.DataFrame, path: str | Path, title: str = "") -> Path:
-    """Map of true points coloured by error (km, log scale) with a line to each prediction.
+def error_map_figure(errors: pd.DataFrame, title: str = "") -> plt.Figure:
+    """Map of true points coloured by error (km, log scale), a cross at each prediction and a line between.
 
     `errors` has columns true_lat, true_lng, pred_lat, pred_lng, error_km (as `src.score.Scored.errors`).
     """
-    fig, ax = plt.subplots(figsize=(8, 7))
-    draw_border(ax)
-    segments = np.stack([errors[["true_lng", "true_lat"]].to_numpy(), errors[["pred_lng", "pred_lat"]].to_numpy()], 1)
-    ax.add_collection(LineCollection(segments, colors="0.5", linewidths=0.5, alpha=0.6, zorder=2))
     km = errors["error_km"].to_numpy()
+    fig, ax = croatia_axes(title or f"{len(errors)} locations, mean error {km.mean():.1f} km, "
+                                    f"median {np.median(km):.1f} km", figsize=(8, 7))
+    segments = np.stack([errors[["true_lng", "true_lat"]].to_numpy(), errors[["pred_lng", "pred_lat"]].to_numpy()], 1)
+    ax.add_collection(LineCollection(segments, colors="0.45", linewidths=0.6, alpha=0.6, zorder=2))
     norm = LogNorm(vmin=max(0.5, float(km.min())), vmax=max(1.0, float(km.max())))
-    points = ax.scatter(errors["true_lng"], errors["true_lat"], c=np.maximum(km, norm.vmin), cmap="plasma",
-                        norm=norm, s=16, edgecolors="k", linewidths=0.3, zorder=3)
-    ax.scatter(errors["pred_lng"], errors["pred_lat"], marker="x", s=10, color="0.2", linewidths=0.6, zorder=3,
-               label="prediction")
-    colorbar = fig.colorbar(points, ax=ax, shrink=0.8, label="error km (true point colour)")
+    points = ax.scatter(errors["true_lng"], errors["true_lat"], c=np.maximum(km, norm.vmin), cmap=ERROR_CMAP,
+                        norm=norm, s=22, edgecolors="k", linewidths=0.3, zorder=3)
+    ax.scatter(errors["pred_lng"], errors["pred_lat"], marker="x", s=45, color="black", linewidths=1.3, zorder=4)
+    colorbar = fig.colorbar(points, ax=ax, shrink=0.8, label="error km (colour of the true location)")
     ticks = [t for t in (1, 2, 5, 10, 20, 50, 100, 200, 500) if norm.vmin <= t <= norm.vmax]
     colorbar.set_ticks(ticks or [norm.vmin, norm.vmax])
     colorbar.ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     colorbar.ax.yaxis.set_minor_formatter(FuncFormatter(lambda value, _: ""))
-    ax.legend(loc="upper right")
-    ax.set_title(title or f"{len(errors)} locations, mean error {km.mean():.1f} km, median {np.median(km):.1f} km")
-    return save_figure(fig, path)
+    ax.legend(handles=[
+        Line2D([], [], linestyle="", marker="o", markersize=6, markerfacecolor=plt.get_cmap(ERROR_CMAP)(0.6),
+               markeredgecolor="k", markeredgewidth=0.3, label="true location (colour: error km)"),
+        Line2D([], [], linestyle="", marker="x", markersize=7, markeredgewidth=1.3, color="black",
+               label="prediction"),
+        Line2D([], [], color="0.45", linewidth=0.8, label="true to predicted")], loc="lower left")  # the sea
+    return fig
 
 
-def worst_gallery(errors: pd.DataFrame, image_dirs: dict[str, str | Path], path: str | Path, n: int = 8,
-                  thumb_size: int = 128) -> tuple[Path, pd.DataFrame]:
+def error_map(errors: pd.DataFrame, path: str | Path, title: str = "") -> Path:
+    """The error map (error_map_figure) written to `path`."""
+    return save_figure(error_map_figure(errors, title), path, dpi=120)
+
+
+def _degree_ticks(ax: plt.Axes) -> None:
+    """Ticks every 2 degrees of longitude and 1 of latitude, labelled 16°E / 45°N (no axis labels needed)."""
+    ax.xaxis.set_major_locator(MultipleLocator(2))
+    ax.yaxis.set_major_locator(MultipleLocator(1))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}°E"))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}°N"))
+    ax.tick_params(labelsize=9)
+
+
+def worst_gallery_figure(errors: pd.DataFrame, image_dirs: dict[str, str | Path], n: int = 8,
+                         thumb_size: int = 128) -> tuple[plt.Figure, pd.DataFrame]:
     """The `n` largest errors: four views per row and a map with the true (green) and predicted (red) point.
 
-    Returns the figure path and the rows shown (largest error first). Views that cannot be read show a note.
+    Returns the figure and the rows shown (largest error first). Views that cannot be read show a note.
     """
     worst = errors.sort_values("error_km", ascending=False, kind="stable").head(n).reset_index(drop=True)
     fig, axes = plt.subplots(len(worst), 5, figsize=(13, 2.6 * len(worst)), squeeze=False,
@@ -108,21 +107,29 @@ def worst_gallery(errors: pd.DataFrame, image_dirs: dict[str, str | Path], path:
                 ax.text(0.5, 0.5, reason, ha="center", va="center", wrap=True, fontsize=8, transform=ax.transAxes)
             if row == 0:
                 ax.set_title(f"{view} deg")
-        axes[row, 0].set_ylabel(f"#{row + 1} {record['uuid'][:8]}\n{record['error_km']:.0f} km", fontsize=9)
+        axes[row, 0].set_ylabel(f"#{row + 1} {record['uuid'][:8]}\n{record['error_km']:.0f} km", fontsize=10)
         ax = axes[row, 4]
-        draw_border(ax)
-        ax.set_xlabel("")
+        draw_land(ax)
+        ax.set_xlabel("")  # geopandas names the axes; the tick labels say degrees
         ax.set_ylabel("")
-        ax.tick_params(labelsize=6)
-        ax.plot([record["true_lng"], record["pred_lng"]], [record["true_lat"], record["pred_lat"]], color="0.4",
-                linewidth=0.8)
-        ax.scatter([record["true_lng"]], [record["true_lat"]], color="tab:green", s=25, zorder=3, label="true")
-        ax.scatter([record["pred_lng"]], [record["pred_lat"]], color="tab:red", s=25, zorder=3, label="predicted")
+        ax.set_aspect(1 / 0.71)
+        _degree_ticks(ax)
+        ax.plot([record["true_lng"], record["pred_lng"]], [record["true_lat"], record["pred_lat"]], color="0.3",
+                linewidth=0.9)
+        ax.scatter([record["true_lng"]], [record["true_lat"]], color="tab:green", s=30, zorder=3, label="true")
+        ax.scatter([record["pred_lng"]], [record["pred_lat"]], color="tab:red", s=30, zorder=3, label="predicted")
         if row == 0:
-            ax.legend(fontsize=7, loc="upper right")
+            ax.legend(fontsize=8, loc="lower left")  # the sea
     fig.suptitle(f"{len(worst)} largest errors", y=1.0)
     fig.tight_layout()
-    return save_figure(fig, path, dpi=90), worst
+    return fig, worst
+
+
+def worst_gallery(errors: pd.DataFrame, image_dirs: dict[str, str | Path], path: str | Path, n: int = 8,
+                  thumb_size: int = 128) -> tuple[Path, pd.DataFrame]:
+    """The worst-N gallery (worst_gallery_figure) written to `path`; the path and the rows shown."""
+    fig, worst = worst_gallery_figure(errors, image_dirs, n, thumb_size)
+    return save_figure(fig, path, dpi=100), worst
 
 
 def oracle_errors(locations: pd.DataFrame) -> pd.DataFrame:
@@ -141,7 +148,8 @@ def oracle_errors(locations: pd.DataFrame) -> pd.DataFrame:
 def per_class_accuracy(true_class, pred_class, error_km, classes: pd.DataFrame) -> pd.DataFrame:
     """Accuracy (prediction in the true class) and mean km per true class, least accurate first.
 
-    `classes` is the class table (index = class); columns: class, cell, n_train, n, correct, accuracy, mean_km.
+    `classes` is the class table (index = class); columns: class, cell, centroid_lat, centroid_lng (the
+    cell's plain centroid), n_train, n, correct, accuracy, mean_km.
     """
     frame = pd.DataFrame({"class": np.asarray(true_class, int), "pred": np.asarray(pred_class, int),
                           "error_km": np.asarray(error_km, float)})
@@ -149,28 +157,55 @@ def per_class_accuracy(true_class, pred_class, error_km, classes: pd.DataFrame) 
     table = pd.DataFrame({"n": grouped.size(), "correct": grouped["correct"].sum(),
                           "mean_km": grouped["error_km"].mean()})
     table["accuracy"] = table["correct"] / table["n"]
-    for column in ("cell", "n_train"):
+    for column in ("cell", "centroid_lat", "centroid_lng", "n_train"):
         if column in classes.columns:
             table[column] = classes.loc[table.index, column].to_numpy()
     table = table.reset_index()
-    order = ["class", "cell", "n_train", "n", "correct", "accuracy", "mean_km"]
+    order = ["class", "cell", "centroid_lat", "centroid_lng", "n_train", "n", "correct", "accuracy", "mean_km"]
     table = table[[c for c in order if c in table.columns]]
     return table.sort_values(["accuracy", "n", "class"], ascending=[True, False, True], ignore_index=True)
 
 
-def confusion_summary(true_class, pred_class, classes: list[int], top: int = 3) -> pd.DataFrame:
-    """For each class in `classes`: its count, accuracy and the `top` classes its locations were predicted as."""
+def lat_lng(lat: float, lng: float) -> str:
+    """A point as '45.42, 16.11' (degrees, about 1 km)."""
+    return f"{lat:.2f}, {lng:.2f}"
+
+
+def class_place(classes: pd.DataFrame, label: int) -> str:
+    """A class with its cell's (plain) centroid, e.g. '27 (45.42, 16.11)'."""
+    return f"{label} ({lat_lng(classes.loc[label, 'centroid_lat'], classes.loc[label, 'centroid_lng'])})"
+
+
+def confusion_summary(true_class, pred_class, shown: list[int], classes: pd.DataFrame, top: int = 3) -> pd.DataFrame:
+    """For each class in `shown`: its centroid, count, accuracy and the `top` classes it was predicted as.
+
+    `classes` is the class table (index = class, with centroid_lat/centroid_lng); "predicted as" names each
+    class with its centroid and count, e.g. '27 (45.42, 16.11): 6; 3 (43.51, 16.44): 1'.
+    """
     frame = pd.DataFrame({"class": np.asarray(true_class, int), "pred": np.asarray(pred_class, int)})
     rows = []
-    for label in classes:
+    for label in shown:
         mine = frame.loc[frame["class"] == label, "pred"]
         counts = mine.value_counts().sort_index().sort_values(ascending=False, kind="stable")
         rows.append({
-            "class": int(label), "n": int(len(mine)),
+            "class": int(label), "centroid_lat": float(classes.loc[label, "centroid_lat"]),
+            "centroid_lng": float(classes.loc[label, "centroid_lng"]), "n": int(len(mine)),
             "accuracy": float((mine == label).mean()) if len(mine) else float("nan"),
-            "predicted as": ", ".join(f"{int(c)} ({int(k)})" for c, k in counts.head(top).items()),
+            "predicted as": "; ".join(f"{class_place(classes, int(c))}: {int(k)}" for c, k in counts.head(top).items()),
         })
-    return pd.DataFrame(rows, columns=["class", "n", "accuracy", "predicted as"])
+    return pd.DataFrame(rows, columns=["class", "centroid_lat", "centroid_lng", "n", "accuracy", "predicted as"])
+
+
+def confusion_text(confusion: pd.DataFrame) -> str:
+    """The confusion summary as a printed table: centroid as 'lat, lng', accuracy as a percentage."""
+    shown = pd.DataFrame({
+        "class": confusion["class"],
+        "centroid (lat, lng)": [lat_lng(*point) for point in zip(confusion["centroid_lat"], confusion["centroid_lng"])],
+        "n": confusion["n"],
+        "accuracy": [f"{100 * a:.1f}%" for a in confusion["accuracy"]],
+        "predicted as: class (lat, lng): n": confusion["predicted as"],
+    })
+    return tabulate(shown, headers="keys", tablefmt="github", showindex=False, disable_numparse=True)
 
 
 def rows_of_split(locations: pd.DataFrame, split: str) -> pd.DataFrame:
@@ -326,12 +361,11 @@ def main(argv: list[str] | None = None) -> dict:
         errors["pred_class"] = predicted_classes(enriched, errors["pred_lat"].to_numpy(), errors["pred_lng"].to_numpy())
         accuracy = per_class_accuracy(errors["true_class"], errors["pred_class"], errors["error_km"], enriched.classes)
         confusion = confusion_summary(errors["true_class"], errors["pred_class"],
-                                      accuracy["class"].head(args.least_accurate).tolist())
+                                      accuracy["class"].head(args.least_accurate).tolist(), enriched.classes)
         overall = float((errors["true_class"] == errors["pred_class"]).mean())
         print(f"\nclass accuracy (prediction in the true class's cell): {100 * overall:.1f}% over "
               f"{accuracy['class'].nunique()} classes; the {len(confusion)} least accurate:")
-        shown = confusion.assign(accuracy=[f"{100 * a:.1f}%" for a in confusion["accuracy"]])
-        print(tabulate(shown, headers="keys", tablefmt="github", showindex=False, disable_numparse=True))
+        print(confusion_text(confusion))
         image_dirs = dict(zip(labels.index, labels["image_dir"]))
         gallery, worst = worst_gallery(errors, image_dirs, args.figures_dir / f"{name}_worst.png", n=args.worst)
         paths += [

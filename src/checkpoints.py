@@ -112,8 +112,9 @@ def read_hparams(path: str | Path, flag: str = "--checkpoint", reports_dir: str 
 
 
 def load_model(path: str | Path, device: str = "cpu", flag: str = "--checkpoint",
-               reports_dir: str | Path | None = None, **overrides):
-    """A GeoModel from a src.train checkpoint, in eval mode on `device`.
+               reports_dir: str | Path | None = REPORTS_DIR, **overrides):
+    """A GeoModel from a src.train checkpoint, in eval mode on `device`; a missing file's message lists the
+    checkpoints under `reports_dir` (default: reports/, for commands without --reports-dir).
 
     `overrides` replace hparams that only change how outputs become coordinates (`centroids`, `topk`,
     `predict_rule`); None values are ignored.

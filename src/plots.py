@@ -25,7 +25,8 @@ LAND = {"color": "#dfe9d8", "edgecolor": "#4a6b3a"}
 CLASS_COLOUR = "tab:blue"
 
 
-def _draw_land(axes) -> None:
+def draw_land(axes) -> None:
+    """Croatia filled (longitude x, latitude y)."""
     gpd.GeoSeries([geo.load_border()], crs=geo.WGS84).plot(ax=axes, color=LAND["color"], edgecolor=LAND["edgecolor"],
                                                            linewidth=0.6)
 
@@ -35,25 +36,34 @@ def _draw_coastline(axes) -> None:
     gpd.GeoSeries([geo.load_border()], crs=geo.WGS84).boundary.plot(ax=axes, color="black", linewidth=0.5, zorder=5)
 
 
-def _label_axes(axes, title: str) -> None:
+def label_axes(axes, title: str = "") -> None:
+    """Title, longitude/latitude labels and an aspect that makes degrees look roughly square on the ground."""
     axes.set_title(title)
-    axes.set_xlabel("longitude (deg)")
-    axes.set_ylabel("latitude (deg)")
-    axes.set_aspect(1 / 0.71)  # ~1/cos(45 deg): degrees look roughly square on the ground
+    # an explicit size: geopandas labels empty axes with fontsize="small", and a later label keeps that size
+    size = plt.rcParams["axes.labelsize"]
+    axes.set_xlabel("longitude (deg)", fontsize=size)
+    axes.set_ylabel("latitude (deg)", fontsize=size)
+    axes.set_aspect(1 / 0.71)  # ~1/cos(45 deg)
 
 
-def _croatia_axes(title: str):
-    figure, axes = plt.subplots(figsize=(9, 8))
-    _draw_land(axes)
-    _label_axes(axes, title)
+def croatia_axes(title: str = "", figsize=(9, 8)):
+    """A new figure and axes with Croatia's land, labelled."""
+    figure, axes = plt.subplots(figsize=figsize)
+    draw_land(axes)
+    label_axes(axes, title)
     return figure, axes
 
 
-def _save(figure, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, dpi=130, bbox_inches="tight")
-    plt.close(figure)
-    return path
+def save_figure(figure, path: str | Path, dpi: int = 130) -> Path:
+    """Save `figure` atomically (src.files.atomic_path) and close it."""
+    try:
+        with atomic_path(path) as tmp:
+            figure.savefig(tmp, dpi=dpi, bbox_inches="tight")
+    finally:
+        plt.close(figure)
+    return Path(path)
+
+
 
 
 def _cells_title(cells) -> str:
@@ -73,32 +83,33 @@ def _draw_grid_lines(axes, grid) -> None:
     axes.set_yticks(ys[::every], [f"{y:.2f}" for y in ys[::every]])
 
 
-def plot_grid(enriched, path: Path) -> Path:
+def grid_figure(enriched):
     """Croatia with the cells: classes (cells with train data) shaded, kept cells without data outlined."""
     cells = enriched.grid
-    figure, axes = _croatia_axes(f"Cells: {_cells_title(cells)}, {len(enriched.classes)} classes")
+    figure, axes = croatia_axes(f"Cells: {_cells_title(cells)}, {len(enriched.classes)} classes")
     if cells.kind == "grid":
         _draw_grid_lines(axes, cells)
     is_class = cells.cells.index.isin(enriched.classes["cell"])
+    alpha = 0.25 if cells.kind == "grid" else 0.35
     if cells.kind == "grid":
-        cells.cells[is_class].plot(ax=axes, color=CLASS_COLOUR, alpha=0.25, edgecolor="none")
+        cells.cells[is_class].plot(ax=axes, color=CLASS_COLOUR, alpha=alpha, edgecolor="none")
     else:  # Voronoi polygons reach far out to sea: shade their land parts
         land = gpd.GeoSeries(cells.cells["land"].to_numpy(), crs=geo.CROATIA_CRS).to_crs(geo.WGS84)
-        land[is_class].plot(ax=axes, color=CLASS_COLOUR, alpha=0.35, edgecolor="none")
+        land[is_class].plot(ax=axes, color=CLASS_COLOUR, alpha=alpha, edgecolor="none")
     cells.cells.boundary.plot(ax=axes, color="black", linewidth=0.6)
-    axes.legend(handles=[Patch(facecolor=CLASS_COLOUR, alpha=0.25, edgecolor="black", label="class (has train data)"),
+    axes.legend(handles=[Patch(facecolor=CLASS_COLOUR, alpha=alpha, edgecolor="black", label="class (has train data)"),
                          Patch(facecolor="none", edgecolor="black", label="kept cell without train data"),
                          Patch(facecolor=LAND["color"], edgecolor=LAND["edgecolor"], label="land (Croatia)")],
                 loc="lower left")
-    return _save(figure, path)
+    return figure
 
 
-def plot_class_sizes(enriched, path: Path) -> Path:
+def class_sizes_figure(enriched):
     """Kept cells coloured by their number of train locations; cells with none hatched grey (no class)."""
     cells = enriched.grid.cells.copy()
     cells["n_train"] = enriched.classes.set_index("cell")["n_train"].reindex(cells.index).fillna(0).astype(int)
     figure, axes = plt.subplots(figsize=(9, 8))
-    _label_axes(axes, f"Train locations per cell (class size): {_cells_title(enriched.grid)}")
+    label_axes(axes, f"Train locations per cell (class size): {_cells_title(enriched.grid)}")
     empty = cells[cells["n_train"] == 0]
     if len(empty):
         empty.plot(ax=axes, facecolor="0.92", edgecolor="0.6", hatch="///", linewidth=0.4)
@@ -111,35 +122,38 @@ def plot_class_sizes(enriched, path: Path) -> Path:
     colour_bar.ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     colour_bar.ax.yaxis.set_minor_formatter(FuncFormatter(lambda value, _: ""))
     _draw_coastline(axes)
-    axes.legend(handles=[Patch(facecolor="0.92", edgecolor="0.6", hatch="///", label="0 train locations (not a class)"),
-                         Line2D([], [], color="black", linewidth=0.8, label="coastline / border")], loc="lower left")
-    return _save(figure, path)
+    handles = [Line2D([], [], color="black", linewidth=0.8, label="coastline / border")]
+    if len(empty):  # adaptive cells are all classes
+        handles.insert(0, Patch(facecolor="0.92", edgecolor="0.6", hatch="///",
+                                label="0 train locations (not a class)"))
+    axes.legend(handles=handles, loc="lower left")
+    return figure
 
 
-def plot_centroids(enriched, path: Path) -> Path:
+def centroids_figure(enriched):
     """The plain, clipped and weighted centroid of every class."""
     classes = enriched.classes
-    figure, axes = _croatia_axes(f"Class centroids: {_cells_title(enriched.grid)}")
+    figure, axes = croatia_axes(f"Class centroids: {_cells_title(enriched.grid)}")
     enriched.grid.cells.loc[classes["cell"]].boundary.plot(ax=axes, color="0.5", linewidth=0.5)
     for prefix, label, marker, colour in (("centroid", "plain (cell land)", "o", "tab:gray"),
                                           ("clipped", "clipped to land", "x", "tab:red"),
                                           ("weighted", "weighted (train mean)", "^", "tab:blue")):
         axes.scatter(classes[f"{prefix}_lng"], classes[f"{prefix}_lat"], marker=marker, s=22, color=colour, label=label)
     axes.legend(loc="upper right")
-    return _save(figure, path)
+    return figure
 
 
-def plot_distribution(enriched, path: Path) -> Path:
+def distribution_figure(enriched):
     """Locations by split on the map, and the histogram of train locations per class."""
     locations = enriched.locations
     figure, (axes_map, axes_hist) = plt.subplots(1, 2, figsize=(15, 7), gridspec_kw={"width_ratios": [3, 2]})
-    _draw_land(axes_map)
+    draw_land(axes_map)
     size = float(np.clip(2000 / max(len(locations), 1), 3, 12))  # dots shrink as locations grow
     for split, style in SPLIT_STYLE.items():
         part = locations[locations["split"] == split]
         axes_map.scatter(part["longitude"], part["latitude"], label=f"{split} ({len(part)})", zorder=3,
                          linewidths=0, color=style["color"], marker=style["marker"], s=size * style["scale"])
-    _label_axes(axes_map, f"{len(locations)} locations by split")
+    label_axes(axes_map, f"{len(locations)} locations by split")
     axes_map.legend(loc="upper right", markerscale=2)
     sizes = enriched.classes["n_train"]
     axes_hist.hist(sizes, bins=np.arange(0, sizes.max() + 2) - 0.5 if sizes.max() < 40 else 30, color=CLASS_COLOUR)
@@ -148,16 +162,16 @@ def plot_distribution(enriched, path: Path) -> Path:
     axes_hist.set_xlabel("train locations in the class")
     axes_hist.set_ylabel("number of classes")
     axes_hist.set_title(f"Class sizes ({len(sizes)} classes, median {sizes.median():g})")
-    return _save(figure, path)
+    return figure
+
+
+FIGURES = {"grid": grid_figure, "class_sizes": class_sizes_figure, "centroids": centroids_figure,
+           "distribution": distribution_figure}
 
 
 def enrich_figures(enriched, out_dir: str | Path, tag: str) -> list[Path]:
     """All enrich figures into `out_dir` as <figure>_<tag>.png (tag: see src.enrich.output_tag); their paths."""
-    out_dir = Path(out_dir)
-    return [plot_grid(enriched, out_dir / f"grid_{tag}.png"),
-            plot_class_sizes(enriched, out_dir / f"class_sizes_{tag}.png"),
-            plot_centroids(enriched, out_dir / f"centroids_{tag}.png"),
-            plot_distribution(enriched, out_dir / f"distribution_{tag}.png")]
+    return [save_figure(make(enriched), Path(out_dir) / f"{name}_{tag}.png") for name, make in FIGURES.items()]
 
 
 def training_curves(history: list[dict[str, float]], baseline_km: float | None, path: Path) -> Path:
@@ -183,4 +197,4 @@ def training_curves(history: list[dict[str, float]], baseline_km: float | None, 
         if axes.get_legend_handles_labels()[0]:
             axes.legend()
     figure.tight_layout()
-    return _save(figure, Path(path))
+    return save_figure(figure, Path(path))

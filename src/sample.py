@@ -123,15 +123,15 @@ def sample_points(n: int, seed: int = 0, mainland_only: bool = False, min_distan
 
 def plot_points(points: pd.DataFrame, path: Path, exclude_lat=(), exclude_lng=()) -> Path:
     """The points (and excluded locations) over Croatia's border."""
-    from src.plots import _croatia_axes, _save  # matplotlib only when a figure is drawn
+    from src.plots import croatia_axes, save_figure  # matplotlib only when a figure is drawn
 
-    figure, axes = _croatia_axes(f"{len(points):,} sampled points")
+    figure, axes = croatia_axes(f"{len(points):,} sampled points")
     size = float(np.clip(3000 / max(len(points), 1), 0.05, 8))
     if len(exclude_lat):
         axes.scatter(exclude_lng, exclude_lat, s=size, color="tab:grey", label=f"excluded ({len(exclude_lat):,})")
     axes.scatter(points["longitude"], points["latitude"], s=size, color="tab:red", label="sampled points")
     axes.legend(loc="lower left", markerscale=max(1.0, 4 / size))
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -43,6 +43,25 @@ def check_not_swapped(submission_path: str | Path, truth_path: str | Path) -> No
                         "give the submission first, then the truth: python -m src.score SUBMISSION TRUTH")
 
 
+def swap_hint(submission: pd.DataFrame, truth: pd.DataFrame, submission_path: str | Path,
+              truth_path: str | Path) -> str:
+    """For a uuid mismatch: a UserError when the first file has extra columns, the second exactly
+    uuid,latitude,longitude and a strict subset of its uuids (a data.csv given first); a hint to append to the
+    mismatch message when only the uuids suggest a swap; else ""."""
+    sub_ids, truth_ids = set(submission["uuid"]), set(truth["uuid"])
+    truth_columns = header(truth_path)
+    if not truth_ids < sub_ids or any(c in truth_columns for c in TRUTH_ONLY_COLUMNS):
+        return ""
+    extra = [c for c in header(submission_path) if c not in SUBMISSION_COLUMNS]
+    if extra and sorted(truth_columns) == sorted(SUBMISSION_COLUMNS):
+        raise UserError(f"{submission_path} and {truth_path}: the arguments look swapped: the first has "
+                        f"{len(sub_ids)} uuids and extra columns ({', '.join(extra[:4])}), the second only "
+                        f"uuid,latitude,longitude for {len(truth_ids)} of them; give the submission first, then the "
+                        "truth: python -m src.score SUBMISSION TRUTH")
+    return (f"; if the arguments are swapped (every uuid of {truth_path} is in {submission_path}), give the "
+            "submission first, then the truth: python -m src.score SUBMISSION TRUTH")
+
+
 def _row_defects(frame: pd.DataFrame) -> pd.Series:
     """Per row: None when uuid and coordinates are usable, else what is wrong (the first defect found)."""
     reason = pd.Series(None, index=frame.index, dtype=object)
@@ -107,10 +126,11 @@ class Scored:
 
 
 def match_and_measure(submission: pd.DataFrame, truth: pd.DataFrame, allow_missing: bool = False,
-                      where: str = "submission vs truth") -> Scored:
+                      where: str = "submission vs truth", hint: str = "") -> Scored:
     """Join submission and truth on uuid and compute each location's great-circle error in km.
 
-    A differing uuid set raises UserError unless `allow_missing`, which scores the common uuids.
+    A differing uuid set raises UserError (with `hint` appended) unless `allow_missing`, which scores the
+    common uuids.
     """
     sub_ids, truth_ids = set(submission["uuid"]), set(truth["uuid"])
     missing, extra = sorted(truth_ids - sub_ids), sorted(sub_ids - truth_ids)
@@ -122,7 +142,7 @@ def match_and_measure(submission: pd.DataFrame, truth: pd.DataFrame, allow_missi
             parts.append(f"{len(extra)} submission uuid(s) are not in truth (e.g. {extra[0]})")
         raise UserError(
             f"{where}: uuid sets differ: {'; '.join(parts)}; score against the matching truth "
-            "file (or --split), or pass --allow-missing for a partial score"
+            f"file (or --split), or pass --allow-missing for a partial score{hint}"
         )
     joined = truth[SUBMISSION_COLUMNS].merge(submission[SUBMISSION_COLUMNS], on="uuid", suffixes=("_true", "_pred"))
     if joined.empty:
@@ -150,8 +170,8 @@ def score_files(submission_path: str | Path, truth_path: str | Path, allow_missi
         truth = truth[truth["split"] == split]
         if truth.empty:
             raise UserError(f"{truth_path}: no row has split == {split!r}; splits present: train, val, test")
-    scored = match_and_measure(submission, truth, allow_missing,
-                               where=f"{submission_path} vs {truth_path}")
+    hint = "" if allow_missing else swap_hint(submission, truth, submission_path, truth_path)
+    scored = match_and_measure(submission, truth, allow_missing, where=f"{submission_path} vs {truth_path}", hint=hint)
     return scored, summarize_km(scored.errors["error_km"])
 
 

@@ -11,8 +11,8 @@ import pytest
 import shapely
 from PIL import Image
 
-from src.analyze import (confusion_summary, error_map, oracle_ceiling, oracle_errors, per_class_accuracy,
-                         worst_gallery)
+from src.analyze import (confusion_summary, confusion_text, error_map, error_map_figure, oracle_ceiling,
+                         oracle_errors, per_class_accuracy, worst_gallery, worst_gallery_figure)
 from src.analyze import main as analyze_main
 from src.enrich import enrich
 from src.errors import UserError
@@ -27,7 +27,8 @@ KM_PER_DEG_LAT = math.pi * EARTH_RADIUS_KM / 180
 
 
 def test_per_class_accuracy_and_confusion_on_hand_made_labels():
-    classes = pd.DataFrame({"cell": [10, 11, 12], "n_train": [5, 3, 1]})
+    classes = pd.DataFrame({"cell": [10, 11, 12], "n_train": [5, 3, 1], "centroid_lat": [45.0, 44.5, 43.123],
+                            "centroid_lng": [16.0, 15.25, 17.0]})
     true = [0, 0, 0, 0, 1, 1, 2]
     pred = [0, 0, 1, 2, 1, 0, 1]
     km = [1.0, 3.0, 50.0, 70.0, 2.0, 40.0, 90.0]
@@ -36,13 +37,22 @@ def test_per_class_accuracy_and_confusion_on_hand_made_labels():
     assert table["accuracy"].tolist() == [0.0, 0.5, 0.5]
     assert table["n"].tolist() == [1, 4, 2]
     assert table["cell"].tolist() == [12, 10, 11]
+    assert table["centroid_lat"].tolist() == [43.123, 45.0, 44.5]
+    assert table["centroid_lng"].tolist() == [17.0, 16.0, 15.25]
     assert table["n_train"].tolist() == [1, 5, 3]
     assert table["mean_km"].tolist() == [90.0, 31.0, 21.0]
-    summary = confusion_summary(true, pred, [2, 0], top=2)
+    summary = confusion_summary(true, pred, [2, 0], classes, top=2)
     assert summary.to_dict("records") == [
-        {"class": 2, "n": 1, "accuracy": 0.0, "predicted as": "1 (1)"},
-        {"class": 0, "n": 4, "accuracy": 0.5, "predicted as": "0 (2), 1 (1)"},
+        {"class": 2, "centroid_lat": 43.123, "centroid_lng": 17.0, "n": 1, "accuracy": 0.0,
+         "predicted as": "1 (44.50, 15.25): 1"},
+        {"class": 0, "centroid_lat": 45.0, "centroid_lng": 16.0, "n": 4, "accuracy": 0.5,
+         "predicted as": "0 (45.00, 16.00): 2; 1 (44.50, 15.25): 1"},
     ]
+    # printed: each class next to its cell's centroid, accuracy as a percentage
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in confusion_text(summary).splitlines()]
+    assert rows[0] == ["class", "centroid (lat, lng)", "n", "accuracy", "predicted as: class (lat, lng): n"]
+    assert rows[2] == ["2", "43.12, 17.00", "1", "0.0%", "1 (44.50, 15.25): 1"]
+    assert rows[3] == ["0", "45.00, 16.00", "4", "50.0%", "0 (45.00, 16.00): 2; 1 (44.50, 15.25): 1"]
 
 
 @pytest.fixture
@@ -61,6 +71,18 @@ def test_error_map_writes_a_png(tmp_path, errors):
     assert [p.name for p in path.parent.iterdir()] == ["error_map.png"]  # no temporary file left behind
 
 
+def test_error_map_has_a_legend_for_both_markers_and_large_prediction_crosses(errors):
+    figure = error_map_figure(errors)
+    axes = figure.axes[0]
+    assert [t.get_text() for t in axes.get_legend().get_texts()] == [
+        "true location (colour: error km)", "prediction", "true to predicted"]
+    true_points, predictions = axes.collections[-2:]  # after the land and the lines
+    np.testing.assert_allclose(true_points.get_offsets(), errors[["true_lng", "true_lat"]].to_numpy())
+    np.testing.assert_allclose(predictions.get_offsets(), errors[["pred_lng", "pred_lat"]].to_numpy())
+    assert predictions.get_sizes()[0] >= 2 * true_points.get_sizes()[0]
+    assert axes.xaxis.label.get_text() == "longitude (deg)" and axes.yaxis.label.get_text() == "latitude (deg)"
+
+
 def test_worst_gallery_shows_the_largest_errors_first(tmp_path, errors):
     folder = tmp_path / "c"
     folder.mkdir()
@@ -70,6 +92,19 @@ def test_worst_gallery_shows_the_largest_errors_first(tmp_path, errors):
     assert shown["uuid"].tolist() == ["c", "d", "b"]
     with Image.open(path) as image:
         assert image.format == "PNG" and image.height > image.width / 2  # three rows of thumbnails
+
+
+def test_worst_gallery_maps_have_readable_degree_ticks(errors):
+    figure, shown = worst_gallery_figure(errors, {}, n=2)
+    figure.canvas.draw()
+    maps = [row[4] for row in np.reshape(figure.axes, (2, 5))]
+    for axes in maps:
+        labels = [t for t in axes.get_xticklabels() + axes.get_yticklabels() if t.get_text() and t.get_visible()]
+        assert labels and all(t.get_fontsize() >= 9 for t in labels)
+        assert {t.get_text() for t in axes.get_xticklabels() if t.get_text()} >= {"14°E", "16°E", "18°E"}
+        assert {t.get_text() for t in axes.get_yticklabels() if t.get_text()} >= {"43°N", "44°N", "45°N"}
+    assert [t.get_text() for t in maps[0].get_legend().get_texts()] == ["true", "predicted"]
+    assert shown["uuid"].tolist() == ["c", "d"]
 
 
 def test_oracle_errors_on_hand_made_centroids():
@@ -140,6 +175,9 @@ def test_cli_on_an_oracle_submission(demo_dir, tmp_path, capsys):
     assert out["class_accuracy"] == 1.0 and (out["per_class"]["accuracy"] == 1.0).all()
     assert out["per_class"]["n"].sum() == len(test)
     assert "oracle ceiling" in printed and "class accuracy" in printed
+    # the confusion table names each class with its cell's centroid
+    first = out["per_class"].iloc[0]
+    assert f"| {first['centroid_lat']:.2f}, {first['centroid_lng']:.2f}" in printed
     # the km statistics in the shared format (src.geo.km_table); accuracies as percentages
     row = next(line for line in printed.splitlines() if line.startswith("| oracle.csv"))
     assert [c.strip() for c in row.strip("|").split("|")][:3] == ["oracle.csv", str(len(test)),

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from src.checkpoints import (checkpoints_listing, find_checkpoint, list_checkpoints, load_model, read_checkpoint,
-                             read_hparams, val_km)
+from src.checkpoints import (REPORTS_DIR, checkpoints_listing, find_checkpoint, list_checkpoints, load_model,
+                             read_checkpoint, read_hparams, val_km)
 from src.errors import UserError
 from src.train import main as train_main
 
@@ -105,5 +105,12 @@ def test_a_missing_file_lists_the_checkpoints_that_exist(trained, tmp_path):
         read_checkpoint(tmp_path / "typo.ckpt", reports_dir=reports)
     assert str(best) in str(error.value) and "newest first" in str(error.value)
     assert "no checkpoint under" in checkpoints_listing(tmp_path / "empty")
+    # load_model (export, serve) lists reports/ unless told another dir
+    with pytest.raises(UserError) as error:
+        load_model(tmp_path / "typo.ckpt")
+    assert f"under {REPORTS_DIR}" in str(error.value) and "\n" not in str(error.value)
+    with pytest.raises(UserError) as error:
+        load_model(tmp_path / "typo.ckpt", reports_dir=reports)
+    assert str(best) in str(error.value)
     with pytest.raises(UserError, match="no best checkpoint"):
         find_checkpoint(tmp_path / "empty")

@@ -175,3 +175,30 @@ def test_swapped_arguments_are_named(tmp_path):
         score_files(truth, sub, split="test")
     assert "give the submission first" in str(error.value) and "\n" not in str(error.value)
     assert score_files(sub, truth, split="test")[1]["count"] == 2
+
+
+def test_a_data_csv_given_first_is_named_swapped(tmp_path):
+    """A LUMEN data.csv (index and extra columns, every location) first and a submission of some of its
+    locations second: the truth-only columns cannot tell, the extra columns and the uuids can."""
+    rows = [(i, i, f"u{i}", 45.0 + i / 100, 16.0, "OK") for i in range(6)]
+    data = write(tmp_path / "data.csv", rows, ("", "Unnamed: 0", "uuid", "latitude", "longitude", "status"))
+    sub = write(tmp_path / "sub.csv", [("u1", 45.5, 16.0), ("u4", 45.0, 16.0)])
+    with pytest.raises(UserError, match="the arguments look swapped") as error:
+        score_files(data, sub)
+    message = str(error.value)
+    assert "the first has 6 uuids and extra columns (Unnamed: 0.1, Unnamed: 0, status)" in message
+    assert "uuid,latitude,longitude for 2 of them" in message and "give the submission first" in message
+    assert "\n" not in message
+    assert score_files(sub, data, allow_missing=True)[1]["count"] == 2  # the right order scores
+    # a three-column data.csv first (the demo set's): the mismatch error says the arguments may be swapped
+    plain = write(tmp_path / "plain.csv", [(u, lat, lng) for _, _, u, lat, lng, _ in rows])
+    with pytest.raises(UserError, match="uuid sets differ") as error:
+        score_files(plain, sub)
+    assert "if the arguments are swapped (every uuid of" in str(error.value) and "\n" not in str(error.value)
+    # a submission for more locations than a truth file: --allow-missing still scores the common ones
+    assert score_files(data, sub, allow_missing=True)[1]["count"] == 2
+    # an enriched truth second is the truth: more submission rows are a plain mismatch, no swap hint
+    truth = enriched_truth(tmp_path / "enriched.csv", [("u1", 45.0, 16.0, "test"), ("u4", 45.0, 16.0, "test")])
+    with pytest.raises(UserError, match="uuid sets differ") as error:
+        score_files(data, truth, split="test")
+    assert "swapped" not in str(error.value)
