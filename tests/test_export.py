@@ -81,7 +81,8 @@ def test_export_cli_errors_are_one_line(tiny_checkpoints, tmp_path, capsys):
     cases = [(["--checkpoint", str(tmp_path / "none.ckpt"), "--out", str(tmp_path / "m.onnx")], "file not found"),
              (["--checkpoint", str(tiny_checkpoints["classification"]), "--out", str(tmp_path)], "is a directory"),
              (["--checkpoint", str(tiny_checkpoints["classification"])], "--out"),
-             (["--checkpoint", str(REPO / "README.md"), "--out", str(tmp_path / "m.onnx")], "not a readable GeoModel")]
+             (["--checkpoint", str(REPO / "README.md"), "--out", str(tmp_path / "m.onnx")],
+              "not a readable checkpoint")]
     for args, fragment in cases:
         with pytest.raises(SystemExit) as exit_:
             run_cli(export_main, args)
@@ -174,7 +175,7 @@ def test_train_fills_the_cache_with_onnx_runtime(demo_dir, tmp_path):
     checkpoint = Path(stdout.getvalue().strip().splitlines()[-1].removeprefix("checkpoint: "))
     backbone = load_model(checkpoint).backbone
     entries = pd.read_csv(demo_dir / "data.csv")["uuid"].head(120)
-    cache = FeatureCache(tmp_path / "cache", "tiny", backbone, 32)
+    cache = FeatureCache(tmp_path / "cache", "tiny", backbone, 32, preprocessing=repr(eval_transform(32)))
     checked = 0
     for uuid in entries:
         cached = cache.get(demo_dir / "data" / uuid)
