@@ -59,6 +59,7 @@ CSV_FLUSH_S = 30.0  # data.csv is rewritten at most this often while images arri
 DATA_COLUMNS = ["uuid", "latitude", "longitude", "pano_id", "date", "point_id", "sample_latitude", "sample_longitude"]
 REPORT_COLUMNS = ["point_id", "latitude", "longitude", "outcome", "pano_id", "uuid"]
 SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
+STOP_GRACE_S = 2.0  # after a signal, requests in flight get this long to finish (their images are kept)
 
 
 DENIED_HINT = (f"check --key / ${KEY_ENV} (and --secret), and that the Street View Static API is enabled for "
@@ -240,13 +241,16 @@ class StreetViewClient:
         return body
 
 
-async def run_pool(jobs, handle, workers: int) -> None:
+async def run_pool(jobs, handle, workers: int, stopping=lambda: False) -> None:
     """`workers` coroutines take jobs one at a time from a shared iterator: at most `workers` in flight,
-    a new one starting as soon as any finishes. The first error cancels the rest."""
+    a new one starting as soon as any finishes, none once `stopping()`. The first error cancels the rest."""
     jobs = iter(jobs)
 
     async def worker() -> None:
-        for job in jobs:
+        while not stopping():
+            job = next(jobs, None)
+            if job is None:
+                return
             await handle(job)
 
     async with asyncio.TaskGroup() as group:
@@ -385,6 +389,7 @@ class Downloader:
         self.last_flush = time.monotonic()
         self.journal: Journal | None = None
         self.images_needed = 0  # --metadata-only: image requests a full run would make
+        self.stopping = False  # set by a signal: start no new request
 
     def _bar(self, total: int, desc: str, unit: str) -> tqdm:
         return tqdm(total=total, desc=desc, unit=unit, disable=not self.progress, file=sys.stderr, dynamic_ncols=True)
@@ -397,6 +402,8 @@ class Downloader:
             client = StreetViewClient(session, self.settings, self.counters)
             await self._metadata_step(client)
             self.table = choose_panoramas(self.points, self.journal, *self.exclude, self.previous)
+            if self.stopping:
+                return
             if self.settings.metadata_only:
                 self.images_needed = len(self.image_budget_plan(budget=None)[0])
             else:
@@ -422,7 +429,7 @@ class Downloader:
             bar.update()
 
         try:
-            await run_pool(todo, look_up, self.settings.concurrency)
+            await run_pool(todo, look_up, self.settings.concurrency, lambda: self.stopping)
         finally:
             bar.close()
 
@@ -483,7 +490,7 @@ class Downloader:
             bar.update()
 
         try:
-            await run_pool(jobs, fetch, self.settings.concurrency)
+            await run_pool(jobs, fetch, self.settings.concurrency, lambda: self.stopping)
         finally:
             bar.close()
             panoramas.close()
@@ -572,15 +579,22 @@ def save_run_parameters(args: argparse.Namespace, out: Path) -> None:
 
 
 async def _run_until_signal(downloader: Downloader) -> int | None:
-    """Run the downloader; SIGINT/SIGTERM cancel it at once. Returns the signal number, or None."""
+    """Run the downloader until done or SIGINT/SIGTERM; returns the signal number, or None.
+
+    A signal starts no new request and gives those in flight STOP_GRACE_S to finish (so no image that
+    arrives is fetched again by the rerun), then cancels the rest; a second signal cancels at once."""
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     received: list[int] = []
+    timers = []
 
     def stop(signum: int) -> None:
-        if not received:
-            received.append(signum)
+        if received:
             task.cancel()
+            return
+        received.append(signum)
+        downloader.stopping = True
+        timers.append(loop.call_later(STOP_GRACE_S, task.cancel))
 
     for signum in SIGNAL_EXIT:
         loop.add_signal_handler(signum, stop, signum)
@@ -590,6 +604,8 @@ async def _run_until_signal(downloader: Downloader) -> int | None:
         if not received:
             raise
     finally:
+        for timer in timers:
+            timer.cancel()
         for signum in SIGNAL_EXIT:
             loop.remove_signal_handler(signum)
     return received[0] if received else None
