@@ -680,13 +680,20 @@ def main(argv: list[str] | None = None) -> None:
     try:
         signum = asyncio.run(_run_until_signal(downloader))
     except ExceptionGroup as group:  # from the worker pool's TaskGroup
-        denied = group.subgroup(ApiDenied)
-        if denied is None:
+        denied, unwritable = group.subgroup(ApiDenied), group.subgroup(OSError)
+        if denied is None and unwritable is None:
             raise
-        while isinstance(denied, ExceptionGroup):
-            denied = denied.exceptions[0]
-        downloader.finish()
-        message = mask(str(denied), args.key, args.secret)
+        error = denied or unwritable
+        while isinstance(error, ExceptionGroup):
+            error = error.exceptions[0]
+        try:
+            downloader.finish()
+        except OSError:
+            if denied is not None:
+                raise
+        if denied is None:  # e.g. a full disk or a file where a folder goes: run_cli's one line
+            raise error from None
+        message = mask(str(error), args.key, args.secret)
         raise UserError(f"the Street View API refused the request: {message}") from None
     report = downloader.finish()
     print(mask(downloader.summary(report), args.key, args.secret), file=sys.stderr)

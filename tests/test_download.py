@@ -351,3 +351,15 @@ def test_sigterm_cancels_the_requests_that_outlast_the_grace(tmp_path):
     assert "Traceback" not in stderr and not list(out.rglob("*.tmp*")) and not list(out.rglob("*.jpg"))
     report = pd.read_csv(out / "points_report.csv")
     assert len(report) == 24 and report["outcome"].eq("pending").sum() == 19
+
+
+def test_an_output_that_cannot_be_written_mid_run_is_one_line(tmp_path):
+    points_csv, panoramas = make_world(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "images").write_text("a file where the image folders go")
+    with running(StreetViewEmulator(panoramas, key=KEY)) as url:
+        run = run_command("download", "--points", points_csv, "--out", out, "--api-url", url, "--key", KEY,
+                          "--qps", 0, "--no-progress", cwd=tmp_path)
+    assert_user_error(run, "images/", "Not a directory")
+    assert len(pd.read_csv(out / "points_report.csv")) == 24
