@@ -70,6 +70,10 @@ def test_cli_writes_csv_and_figure_and_rejects_bad_input(tmp_path, demo_dir):
                                   tmp_path / "nope", cwd=tmp_path), "nope")
     assert_user_error(run_command("sample", "--n", 5000, "--out", tmp_path / "p.csv", "--min-distance-m", 20000,
                                   cwd=tmp_path), "fit")
+    for figure in (tmp_path, tmp_path / "points.txt"):  # refused before anything is written
+        assert_user_error(run_command("sample", "--n", 5, "--out", tmp_path / "q.csv", "--figure", figure,
+                                      cwd=tmp_path), "--figure", ".png")
+    assert not (tmp_path / "q.csv").exists()
 
 
 def test_help_lists_every_flag_with_its_default(tmp_path):
