@@ -50,6 +50,7 @@ UUID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, DEFAULT_API_URL)
 DUPLICATE_M = 5.0  # panoramas closer than this are the same place
 IMAGE_SIZE = "640x640"
 RETRY_STATUSES = {"OVER_QUERY_LIMIT", "UNKNOWN_ERROR"}
+BUDGET_REASON = "--max-images budget reached (rerun with a larger budget to resume)"
 FATAL_STATUSES = {"REQUEST_DENIED", "INVALID_REQUEST"}
 BACKOFF_BASE_S = 0.5
 BACKOFF_MAX_S = 60.0
@@ -58,10 +59,20 @@ CSV_FLUSH_S = 30.0  # data.csv is rewritten at most this often while images arri
 DATA_COLUMNS = ["uuid", "latitude", "longitude", "pano_id", "date", "point_id", "sample_latitude", "sample_longitude"]
 REPORT_COLUMNS = ["point_id", "latitude", "longitude", "outcome", "pano_id", "uuid"]
 SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
+STOP_GRACE_S = 2.0  # after a signal, requests in flight get this long to finish (their images are kept)
+
+
+DENIED_HINT = (f"check --key / ${KEY_ENV} (and --secret), and that the Street View Static API is enabled for "
+               "the key")
 
 
 class ApiDenied(Exception):
-    """The API refused the credentials or the request: stop the whole run."""
+    """The API refused the credentials or the request, or --api-url is no Street View API: stop the run.
+    The message ends with what to check."""
+
+
+class BudgetReached(Exception):
+    """--max-images image requests were sent: no more in this run."""
 
 
 class RequestFailed(Exception):
@@ -168,6 +179,9 @@ class StreetViewClient:
                 await self._backoff(attempt - 1, retry_after)
             retry_after = None
             await self.bucket.acquire()
+            if kind == "image" and self.settings.max_images is not None \
+                    and self.counters.requests["image"] >= self.settings.max_images:
+                raise BudgetReached()  # retries count too: the budget is of requests sent
             self.counters.requests[kind] += 1
             try:
                 async with self.session.get(url, allow_redirects=False) as response:
@@ -197,14 +211,18 @@ class StreetViewClient:
                 await self._backoff(attempt - 1, None)
             status, body = await self.get("metadata", "/metadata", params)
             if status in (401, 403):
-                raise ApiDenied(f"HTTP {status} from the metadata endpoint ({body[:120].decode(errors='replace')})")
+                raise ApiDenied(f"HTTP {status} from the metadata endpoint ({body[:120].decode(errors='replace')}); "
+                                f"{DENIED_HINT}")
+            if status == 404:  # Google's metadata endpoint answers every location: a wrong URL
+                raise ApiDenied(f"HTTP 404 from {self.base}/metadata: not a Street View API; check --api-url "
+                                f"(default: {DEFAULT_API_URL})")
             try:
                 answer = json.loads(body)
                 api_status = answer["status"]
             except (ValueError, KeyError, TypeError):
                 raise RequestFailed(f"metadata: HTTP {status}, not a JSON status answer") from None
             if api_status in FATAL_STATUSES:
-                raise ApiDenied(f"{api_status} ({answer.get('error_message', 'no message')})")
+                raise ApiDenied(f"{api_status} ({answer.get('error_message', 'no message')}); {DENIED_HINT}")
             if api_status not in RETRY_STATUSES:
                 return answer
         raise RequestFailed(f"metadata: {api_status} ({self.settings.retries + 1} attempts)")
@@ -216,19 +234,23 @@ class StreetViewClient:
         if status == 404:
             raise NoImagery()
         if status in (400, 401, 403):
-            raise ApiDenied(f"HTTP {status} from the image endpoint ({body[:120].decode(errors='replace')})")
+            raise ApiDenied(f"HTTP {status} from the image endpoint ({body[:120].decode(errors='replace')}); "
+                            f"{DENIED_HINT}")
         if status != 200:
             raise RequestFailed(f"image: HTTP {status}")
         return body
 
 
-async def run_pool(jobs, handle, workers: int) -> None:
+async def run_pool(jobs, handle, workers: int, stopping=lambda: False) -> None:
     """`workers` coroutines take jobs one at a time from a shared iterator: at most `workers` in flight,
-    a new one starting as soon as any finishes. The first error cancels the rest."""
+    a new one starting as soon as any finishes, none once `stopping()`. The first error cancels the rest."""
     jobs = iter(jobs)
 
     async def worker() -> None:
-        for job in jobs:
+        while not stopping():
+            job = next(jobs, None)
+            if job is None:
+                return
             await handle(job)
 
     async with asyncio.TaskGroup() as group:
@@ -284,6 +306,10 @@ def read_points(path: Path) -> pd.DataFrame:
     if table.empty:
         raise UserError(f"{path}: no points; {fix}")
     table = table[["point_id", "latitude", "longitude"]].copy()
+    no_id = table["point_id"].isna()
+    if no_id.any():
+        line = int(np.flatnonzero(no_id)[0]) + 2
+        raise UserError(f"{path}: line {line}: empty point_id ({int(no_id.sum())} rows); {fix}")
     table["point_id"] = table["point_id"].astype(str).str.strip()
     for column in ("latitude", "longitude"):
         table[column] = pd.to_numeric(table[column], errors="coerce")
@@ -299,9 +325,23 @@ def read_points(path: Path) -> pd.DataFrame:
     return table.reset_index(drop=True)
 
 
-def choose_panoramas(points: pd.DataFrame, journal: Journal, exclude_lat, exclude_lng) -> pd.DataFrame:
+def previous_rows(path: Path) -> pd.DataFrame:
+    """The rows of an existing DIR/data.csv (earlier runs, perhaps over other points): they are kept."""
+    if not path.exists():
+        return pd.DataFrame(columns=DATA_COLUMNS)
+    fix = "give --out a new dir, or one that python -m src.download wrote"
+    table = read_csv_strict(path, fix)
+    missing = [column for column in DATA_COLUMNS if column not in table.columns]
+    if missing:
+        raise UserError(f"{path}: not written by src.download (no {', '.join(missing)} column); {fix}")
+    return table[DATA_COLUMNS]
+
+
+def choose_panoramas(points: pd.DataFrame, journal: Journal, exclude_lat, exclude_lng,
+                     previous: pd.DataFrame | None = None) -> pd.DataFrame:
     """Step 2: per point its metadata answer and outcome so far; a panorama is kept for its first point only,
-    and only if it is at least DUPLICATE_M from every kept panorama and excluded location."""
+    and only if it is at least DUPLICATE_M from every kept panorama, excluded location and row of `previous`
+    (data.csv) other than this point's own panorama (a resumed run)."""
     records = [journal.answers.get(Journal.point_key(*row)) for row in
                points[["point_id", "latitude", "longitude"]].itertuples(index=False)]
     table = points.copy()
@@ -315,6 +355,11 @@ def choose_panoramas(points: pd.DataFrame, journal: Journal, exclude_lat, exclud
     found = table["status"].eq("OK")
     table.loc[found & table["pano_id"].duplicated(), "outcome"] = "duplicate_panorama"
     candidates = np.flatnonzero(found & table["outcome"].isna())
+    if previous is not None and len(previous):  # rows of other points (or of panoramas these points no longer find)
+        found_by = set(zip(table["point_id"][found], table["pano_id"][found]))
+        other = previous[[key not in found_by for key in zip(previous["point_id"].astype(str), previous["pano_id"])]]
+        exclude_lat = np.concatenate([np.asarray(exclude_lat, float), other["latitude"].to_numpy(float)])
+        exclude_lng = np.concatenate([np.asarray(exclude_lng, float), other["longitude"].to_numpy(float)])
     fixed_x, fixed_y = geo.project(np.asarray(exclude_lat, float), np.asarray(exclude_lng, float))
     x, y = geo.project(table["pano_lat"].to_numpy()[candidates], table["pano_lng"].to_numpy()[candidates])
     keep = thin(np.concatenate([np.atleast_1d(fixed_x), np.atleast_1d(x)]),
@@ -329,8 +374,11 @@ def choose_panoramas(points: pd.DataFrame, journal: Journal, exclude_lat, exclud
 class Downloader:
     """The three steps over one aiohttp session, with everything needed to stop and resume cleanly."""
 
-    def __init__(self, points: pd.DataFrame, out: Path, settings: Settings, exclude=((), ()), progress: bool = True):
+    def __init__(self, points: pd.DataFrame, out: Path, settings: Settings, exclude=((), ()), progress: bool = True,
+                 previous: pd.DataFrame | None = None):
         self.points, self.out, self.settings, self.exclude, self.progress = points, out, settings, exclude, progress
+        self.previous = previous if previous is not None else pd.DataFrame(columns=DATA_COLUMNS)  # data.csv rows
+        self.carried = 0  # rows of earlier runs written again to data.csv
         self.images_dir = out / "images"
         self.counters = Counters()
         self.failures: dict[str, str] = {}  # point_id -> reason (metadata) or uuid -> reason (images)
@@ -341,6 +389,7 @@ class Downloader:
         self.last_flush = time.monotonic()
         self.journal: Journal | None = None
         self.images_needed = 0  # --metadata-only: image requests a full run would make
+        self.stopping = False  # set by a signal: start no new request
 
     def _bar(self, total: int, desc: str, unit: str) -> tqdm:
         return tqdm(total=total, desc=desc, unit=unit, disable=not self.progress, file=sys.stderr, dynamic_ncols=True)
@@ -352,7 +401,9 @@ class Downloader:
         async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
             client = StreetViewClient(session, self.settings, self.counters)
             await self._metadata_step(client)
-            self.table = choose_panoramas(self.points, self.journal, *self.exclude)
+            self.table = choose_panoramas(self.points, self.journal, *self.exclude, self.previous)
+            if self.stopping:
+                return
             if self.settings.metadata_only:
                 self.images_needed = len(self.image_budget_plan(budget=None)[0])
             else:
@@ -378,7 +429,7 @@ class Downloader:
             bar.update()
 
         try:
-            await run_pool(todo, look_up, self.settings.concurrency)
+            await run_pool(todo, look_up, self.settings.concurrency, lambda: self.stopping)
         finally:
             bar.close()
 
@@ -405,7 +456,7 @@ class Downloader:
     async def _image_step(self, client: StreetViewClient) -> None:
         jobs, over_budget = self.image_budget_plan(self.settings.max_images)
         for uuid_ in over_budget:
-            self.failures[uuid_] = "--max-images budget reached (rerun with a larger budget to resume)"
+            self.failures[uuid_] = BUDGET_REASON
         remaining = Counter(job[0] for job in jobs)
         bar = self._bar(len(jobs), "images", "img")
         panoramas = self._bar(len(remaining), "panoramas", "pano")
@@ -417,6 +468,8 @@ class Downloader:
                 return
             try:
                 body = await client.image(pano_id, view)
+            except BudgetReached:
+                self.failures[uuid_] = BUDGET_REASON
             except NoImagery:
                 self.journal.add({"no_imagery": pano_id})
                 self.no_imagery_now.add(uuid_)
@@ -437,7 +490,7 @@ class Downloader:
             bar.update()
 
         try:
-            await run_pool(jobs, fetch, self.settings.concurrency)
+            await run_pool(jobs, fetch, self.settings.concurrency, lambda: self.stopping)
         finally:
             bar.close()
             panoramas.close()
@@ -470,7 +523,8 @@ class Downloader:
         return report[REPORT_COLUMNS]
 
     def write_data_csv(self) -> int:
-        """DIR/data.csv (atomically) with every complete location; returns its row count."""
+        """DIR/data.csv (atomically): the rows it held before (earlier runs) and every complete location of
+        these points; returns its row count."""
         self.last_flush = time.monotonic()
         if self.table is None:
             return 0
@@ -478,6 +532,10 @@ class Downloader:
         data = pd.DataFrame({"uuid": done["uuid"], "latitude": done["pano_lat"], "longitude": done["pano_lng"],
                              "pano_id": done["pano_id"], "date": done["date"], "point_id": done["point_id"],
                              "sample_latitude": done["latitude"], "sample_longitude": done["longitude"]})
+        earlier = self.previous[~self.previous["uuid"].isin(data["uuid"])]
+        self.carried = len(earlier)
+        if len(earlier):
+            data = pd.concat([earlier, data[DATA_COLUMNS]], ignore_index=True)
         if len(data) or not (self.out / "data.csv").exists():
             with atomic_path(self.out / "data.csv") as tmp:
                 data[DATA_COLUMNS].to_csv(tmp, index=False)
@@ -506,6 +564,8 @@ class Downloader:
                  ["retries", self.counters.requests["retry"]],
                  ["images received", self.counters.images_received],
                  ["seconds", f"{elapsed:.1f}"]]
+        if self.carried:
+            rows.append(["data.csv rows of earlier runs kept", self.carried])
         return tabulate(rows, headers=["points / requests", "count"])
 
 
@@ -519,15 +579,22 @@ def save_run_parameters(args: argparse.Namespace, out: Path) -> None:
 
 
 async def _run_until_signal(downloader: Downloader) -> int | None:
-    """Run the downloader; SIGINT/SIGTERM cancel it at once. Returns the signal number, or None."""
+    """Run the downloader until done or SIGINT/SIGTERM; returns the signal number, or None.
+
+    A signal starts no new request and gives those in flight STOP_GRACE_S to finish (so no image that
+    arrives is fetched again by the rerun), then cancels the rest; a second signal cancels at once."""
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     received: list[int] = []
+    timers = []
 
     def stop(signum: int) -> None:
-        if not received:
-            received.append(signum)
+        if received:
             task.cancel()
+            return
+        received.append(signum)
+        downloader.stopping = True
+        timers.append(loop.call_later(STOP_GRACE_S, task.cancel))
 
     for signum in SIGNAL_EXIT:
         loop.add_signal_handler(signum, stop, signum)
@@ -537,6 +604,8 @@ async def _run_until_signal(downloader: Downloader) -> int | None:
         if not received:
             raise
     finally:
+        for timer in timers:
+            timer.cancel()
         for signum in SIGNAL_EXIT:
             loop.remove_signal_handler(signum)
     return received[0] if received else None
@@ -605,20 +674,27 @@ def main(argv: list[str] | None = None) -> None:
     settings = Settings(api_url=args.api_url, key=args.key, secret=args.secret, radius=args.radius,
                         concurrency=args.concurrency, qps=args.qps, timeout=args.timeout, retries=args.retries,
                         max_images=args.max_images, metadata_only=args.metadata_only)
+    previous = previous_rows(args.out / "data.csv")
     save_run_parameters(args, args.out)
-    downloader = Downloader(points, args.out, settings, exclude, progress=not args.no_progress)
+    downloader = Downloader(points, args.out, settings, exclude, progress=not args.no_progress, previous=previous)
     try:
         signum = asyncio.run(_run_until_signal(downloader))
     except ExceptionGroup as group:  # from the worker pool's TaskGroup
-        denied = group.subgroup(ApiDenied)
-        if denied is None:
+        denied, unwritable = group.subgroup(ApiDenied), group.subgroup(OSError)
+        if denied is None and unwritable is None:
             raise
-        while isinstance(denied, ExceptionGroup):
-            denied = denied.exceptions[0]
-        downloader.finish()
-        message = mask(str(denied), args.key, args.secret)
-        raise UserError(f"the Street View API refused the request: {message}; check --key / ${KEY_ENV} "
-                        "(and --secret), and that the Street View Static API is enabled for the key") from None
+        error = denied or unwritable
+        while isinstance(error, ExceptionGroup):
+            error = error.exceptions[0]
+        try:
+            downloader.finish()
+        except OSError:
+            if denied is not None:
+                raise
+        if denied is None:  # e.g. a full disk or a file where a folder goes: run_cli's one line
+            raise error from None
+        message = mask(str(error), args.key, args.secret)
+        raise UserError(f"the Street View API refused the request: {message}") from None
     report = downloader.finish()
     print(mask(downloader.summary(report), args.key, args.secret), file=sys.stderr)
     if signum is not None:

@@ -295,10 +295,16 @@ def check_inputs(model, images: Path | None, limit: int = 8) -> tuple[torch.Tens
     from src.data import input_spec
     from src.predict import QuadrupletFolders, collate_quadruplets, locations_from_images
 
+    if images is not None and not images.is_dir():
+        raise UserError(f"--check-images {images}: not a directory; give a location folder (0.jpg ... 270.jpg) "
+                        "or a dataset dir")
     if images is not None and (images / "0.jpg").exists():
         locations = [(images.name, images)]
     elif images is not None:
-        locations = locations_from_images(images)[:limit]
+        try:
+            locations = locations_from_images(images)[:limit]
+        except UserError as error:  # src.predict's message names its own flag
+            raise UserError(str(error).replace("--images", "--check-images", 1)) from None
     else:
         locations = [(u, Path(f)) for u, f in (model.hparams.get("test_locations") or []) if Path(f).is_dir()][:limit]
     spec = input_spec(model.hparams)
@@ -306,6 +312,9 @@ def check_inputs(model, images: Path | None, limit: int = 8) -> tuple[torch.Tens
         return example_views(model), "random input (no test split images here; pass --check-images)"
     _, batches, has_views, _ = collate_quadruplets([QuadrupletFolders(locations, [spec])[i]
                                                     for i in range(len(locations))])
+    if not has_views.any():
+        raise UserError(f"--check-images {images or 'the test split'}: none of the first {len(locations)} location "
+                        "folders holds a readable view (0.jpg ... 270.jpg)")
     return batches[spec][has_views], f"{int(has_views.sum())} location(s) from {locations[0][1].parent}"
 
 
@@ -316,9 +325,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if args.out.is_dir():
         raise UserError(f"--out {args.out}: is a directory; give a file name such as model.onnx")
     model = load_model(args.checkpoint, "cpu")
+    views, source = check_inputs(model, args.check_images)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=args.out.parent):  # an unwritable --out fails here, in one line
+        pass
     key = checkpoint_key(args.checkpoint, model, args.backbone_only)
     export_model(model, args.out, args.backbone_only, key)
-    views, source = check_inputs(model, args.check_images)
     check = compare_with_torch(model, args.out, views, args.backbone_only)
     hp = model.hparams
     what = "backbone" if args.backbone_only else f"{hp.approach} model"
@@ -330,4 +342,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    # through the imported module: the export child unpickles QuadrupletGraph from src.export, not __main__
+    from src.export import main as export_main
+
+    run_cli(export_main)

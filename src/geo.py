@@ -12,7 +12,6 @@ from pathlib import Path
 import geopandas as gpd
 import numpy as np
 import shapely
-import torch
 from pyproj import Transformer
 from tabulate import tabulate
 
@@ -46,8 +45,11 @@ def haversine_km(lat1, lng1, lat2, lng2) -> np.ndarray:
     return 2 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(np.clip(a, 0.0, 1.0)))
 
 
-def haversine_km_torch(lat1: torch.Tensor, lng1: torch.Tensor, lat2: torch.Tensor, lng2: torch.Tensor) -> torch.Tensor:
+def haversine_km_torch(lat1: "torch.Tensor", lng1: "torch.Tensor", lat2: "torch.Tensor",
+                       lng2: "torch.Tensor") -> "torch.Tensor":
     """Great-circle distance in km (torch, batched, differentiable, finite gradient at zero distance)."""
+    import torch  # here, so that commands without a model (src.sample, src.download) start fast
+
     lat1, lng1, lat2, lng2 = (torch.deg2rad(v) for v in (lat1, lng1, lat2, lng2))
     a = torch.sin((lat2 - lat1) / 2) ** 2 + torch.cos(lat1) * torch.cos(lat2) * torch.sin((lng2 - lng1) / 2) ** 2
     # the clamp keeps sqrt's gradient finite at zero distance without biasing small distances

@@ -273,6 +273,8 @@ def decode_view(name: str, data: bytes, spec: tuple) -> torch.Tensor:
     try:
         with Image.open(io.BytesIO(data)) as image:
             kind, width, height = image.format, image.width, image.height
+    except Image.DecompressionBombError as error:
+        raise ValueError(f"field {name}: image too large ({brief(error)})") from None
     except Exception:
         raise ValueError(f"field {name}: not an image (JPEG or another format PIL reads)") from None
     if kind == "JPEG" and JPEG_EOI not in data[-64:]:
@@ -356,6 +358,16 @@ async def index(request: web.Request) -> web.Response:
     return web.FileResponse(WEB_DIR / "index.html")
 
 
+async def static_file(request: web.Request) -> web.Response:
+    """GET /static/NAME: a file of the page (src/web); anything else is a 404 JSON error (aiohttp's own static
+    route answers a missing file with an empty, non-JSON 404 that no middleware sees)."""
+    name = request.match_info["name"]
+    path = (WEB_DIR / name).resolve()
+    if not path.is_relative_to(WEB_DIR.resolve()) or not path.is_file():
+        raise RequestError(404, f"no such file: /static/{name}")
+    return web.FileResponse(path)
+
+
 def demo_examples(n: int = 6, image_size: int = 96, seed: int = 1) -> list[dict]:
     """`n` synthetic locations from src.demo (the images the demo checkpoints learn from), views inlined."""
     from src.demo import write_demo_dataset
@@ -396,7 +408,7 @@ def build_app(served: dict[str, ServedModel], max_batch: int = 32, batch_wait_ms
     app.on_startup.append(start_batchers)
     app.on_cleanup.append(stop_batchers)
     app.router.add_get("/", index)
-    app.router.add_static("/static/", WEB_DIR, show_index=False)
+    app.router.add_get("/static/{name:.+}", static_file)
     app.router.add_post("/api/predict", predict)
     app.router.add_get("/api/health", health)
     app.router.add_get("/api/models", models)

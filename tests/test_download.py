@@ -4,6 +4,7 @@ import base64
 import hashlib
 import hmac
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -210,13 +211,13 @@ def test_sigint_then_rerun_resumes_without_refetching(tmp_path):
     assert emulator.stats.requests["metadata", "ok"] == 24  # no point looked up twice
     by_uuid = {download.location_uuid(pano): pano for pano in data["pano_id"]}
     assert all(emulator.stats.served[by_uuid[uuid], view] == 1 for uuid, view in on_disk)
-    twice = [k for k, count in emulator.stats.served.items() if count > 1]
-    assert len(twice) <= 2  # at most the requests in flight when the signal came
+    assert set(emulator.stats.served.values()) == {1}  # the requests in flight at the signal were finished
 
 
 def test_bad_input_is_one_line(tmp_path):
     (tmp_path / "bad.csv").write_text("point_id,latitude,longitude\n0,45.1,15.2\n1,north,15.0\n")
     (tmp_path / "cols.csv").write_text("id,lat,lon\n0,45.1,15.2\n")
+    (tmp_path / "noid.csv").write_text("point_id,latitude,longitude\n0,45.1,15.2\n,45.2,15.3\n")
     (tmp_path / "afile").write_text("x")
     good = tmp_path / "good.csv"
     good.write_text("point_id,latitude,longitude\n0,45.1,15.2\n")
@@ -225,6 +226,7 @@ def test_bad_input_is_one_line(tmp_path):
         (["--points", tmp_path / "missing.csv", "--out", tmp_path / "o"], "missing.csv"),
         (["--points", tmp_path / "bad.csv", "--out", tmp_path / "o"], "line 3"),
         (["--points", tmp_path / "cols.csv", "--out", tmp_path / "o"], "point_id"),
+        (["--points", tmp_path / "noid.csv", "--out", tmp_path / "o"], "line 3: empty point_id"),
         (["--points", good, "--out", tmp_path / "afile"], "--out"),
         (["--points", good, "--out", tmp_path / "afile" / "sub"], "--out"),
         (["--points", good, "--out", tmp_path / "o", "--qps", -1], "--qps"),
@@ -263,3 +265,101 @@ def test_failed_points_are_reported_then_retried_by_a_rerun(tmp_path):
     report = pd.read_csv(out / "points_report.csv")
     assert report["outcome"][4] == report["outcome"][5] == "downloaded"
     assert set(emulator.stats.served.values()) == {1}  # pano5's three good views were kept, not fetched again
+
+
+def test_the_image_budget_counts_retries(tmp_path):
+    """--max-images is a hard cap on image requests sent: retried requests count, so none is sent past it."""
+    points_csv, panoramas = make_world(tmp_path)
+    emulator = StreetViewEmulator(panoramas, key=KEY)
+    emulator.inject("500", "image", match="pano=pano0&heading=0", times=3)
+    out = tmp_path / "out"
+    with running(emulator) as url:
+        run_download("--points", points_csv, "--out", out, "--api-url", url, "--key", KEY, "--qps", 0,
+                     "--max-images", 8, "--concurrency", 2)
+    assert sum(count for (target, _), count in emulator.stats.requests.items() if target == "image") == 8
+    report = pd.read_csv(out / "points_report.csv")
+    assert report["outcome"].str.contains("--max-images").sum() == 18  # pano0 or pano1 did not complete
+    assert report["outcome"].eq("downloaded").sum() == 1 and len(pd.read_csv(out / "data.csv")) == 1
+
+
+def test_a_run_over_other_points_keeps_the_earlier_rows_and_dedupes_against_them(tmp_path):
+    """Growing one dataset dir with a second points file: earlier rows stay, their panoramas are not repeated."""
+    points_csv, panoramas = make_world(tmp_path)
+    points = pd.read_csv(points_csv)
+    first, second = tmp_path / "first.csv", tmp_path / "second.csv"
+    points[:12].to_csv(first, index=False)
+    points[12:].assign(point_id=range(12)).to_csv(second, index=False)  # point ids 0-11 again, other places
+    emulator = StreetViewEmulator(panoramas, key=KEY)
+    out = tmp_path / "out"
+    with running(emulator) as url:
+        common = ["--out", out, "--api-url", url, "--key", KEY, "--qps", 0]
+        run_download("--points", first, *common)
+        before = pd.read_csv(out / "data.csv")
+        run_download("--points", second, *common)
+        run_download("--points", second, *common)  # a rerun of the same command adds nothing
+    after = pd.read_csv(out / "data.csv")
+    assert after[:len(before)].equals(before) and after["uuid"].is_unique
+    assert sorted(after["pano_id"]) == sorted(f"pano{i}" for i in [*range(18), 19])
+    report = pd.read_csv(out / "points_report.csv")  # of the second points: 20, 21 and 22 found pano0, 1, 18
+    assert report["outcome"].tolist()[6:] == ["no_panorama"] * 2 + ["duplicate_panorama"] * 3 + ["downloaded"]
+    assert set(emulator.stats.served.values()) == {1}
+    assert len(read_datasets([out], progress=False).locations) == 19
+
+
+def test_stops_at_once_when_the_url_is_not_a_street_view_api(tmp_path):
+    points_csv, panoramas = make_world(tmp_path)
+    emulator = StreetViewEmulator(panoramas, key=KEY)
+    with running(emulator) as url:
+        run = run_command("download", "--points", points_csv, "--out", tmp_path / "out", "--api-url",
+                          url.replace("/maps/api/streetview", "/maps/api/streetvue"), "--key", KEY,
+                          "--concurrency", 3, "--no-progress", cwd=tmp_path)
+    assert_user_error(run, "HTTP 404", "--api-url")
+    assert len(emulator.stats.arrivals) <= 3
+
+
+def test_an_out_dir_holding_another_dataset_is_refused(tmp_path, demo_dir):
+    points_csv, _ = make_world(tmp_path)
+    lumen = tmp_path / "lumen"
+    shutil.copytree(demo_dir, lumen)
+    data_csv = (lumen / "data.csv").read_bytes()
+    run = run_command("download", "--points", points_csv, "--out", lumen, "--key", KEY, "--api-url",
+                      "http://127.0.0.1:9/maps/api/streetview", cwd=tmp_path)
+    assert_user_error(run, "data.csv: not written by src.download", "pano_id")
+    assert (lumen / "data.csv").read_bytes() == data_csv and not (lumen / "run.json").exists()
+
+
+def test_sigterm_cancels_the_requests_that_outlast_the_grace(tmp_path):
+    """Image answers take 4 s: SIGTERM waits STOP_GRACE_S for them, then cancels; exit 143, nothing partial."""
+    points_csv, panoramas = make_world(tmp_path)
+    emulator = StreetViewEmulator(panoramas, key=KEY, latency=lambda request: 4.0 if "heading=" in request.query_string
+                                  else 0.0)
+    out = tmp_path / "out"
+    with running(emulator) as url:
+        args = ["--points", points_csv, "--out", out, "--api-url", url, "--qps", 0, "--concurrency", 4, "--no-progress"]
+        process = subprocess.Popen([sys.executable, "-m", "src.download", *map(str, args)], cwd=ROOT,
+                                   env={**os.environ, download.KEY_ENV: KEY}, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while not (emulator.stats.requests["metadata", "ok"] == 24 and emulator.stats.in_flight == 4) \
+                and time.monotonic() < deadline:  # four image requests held by the emulator
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        _, stderr = process.communicate(timeout=30)
+        assert download.STOP_GRACE_S <= time.monotonic() - sent < download.STOP_GRACE_S + 3
+    assert process.returncode == 143 and "interrupted (SIGTERM): rerun the same command" in stderr, stderr
+    assert "Traceback" not in stderr and not list(out.rglob("*.tmp*")) and not list(out.rglob("*.jpg"))
+    report = pd.read_csv(out / "points_report.csv")
+    assert len(report) == 24 and report["outcome"].eq("pending").sum() == 19
+
+
+def test_an_output_that_cannot_be_written_mid_run_is_one_line(tmp_path):
+    points_csv, panoramas = make_world(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "images").write_text("a file where the image folders go")
+    with running(StreetViewEmulator(panoramas, key=KEY)) as url:
+        run = run_command("download", "--points", points_csv, "--out", out, "--api-url", url, "--key", KEY,
+                          "--qps", 0, "--no-progress", cwd=tmp_path)
+    assert_user_error(run, "images/", "Not a directory")
+    assert len(pd.read_csv(out / "points_report.csv")) == 24

@@ -4,6 +4,8 @@ export, predict --engine and the feature cache filled by either engine."""
 import contextlib
 import io
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +69,16 @@ def test_export_matches_torch_on_real_images_with_any_batch_size(approach, tiny_
             np.testing.assert_allclose(outputs, model(views).softmax(dim=1).detach().numpy(), atol=1e-5)
 
 
+def test_the_export_command_as_a_user_runs_it(tiny_checkpoints, demo_dir, tmp_path):
+    """`python -m src.export` in its own process (its export child must not look for classes in __main__)."""
+    run = subprocess.run([sys.executable, "-m", "src.export", "--checkpoint", str(tiny_checkpoints["regression"]),
+                          "--out", str(tmp_path / "m.onnx"), "--check-images", str(demo_dir)], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "ONNX opset" in run.stderr and "checked against torch on 8 location(s)" in run.stderr
+    assert ort.InferenceSession(str(tmp_path / "m.onnx")).get_inputs()[0].name == "views"
+
+
 def test_backbone_only_export(tiny_checkpoints, demo_dir, tmp_path):
     checkpoint = tiny_checkpoints["classification"]
     out = tmp_path / "backbone.onnx"
@@ -80,10 +92,19 @@ def test_backbone_only_export(tiny_checkpoints, demo_dir, tmp_path):
 
 
 def test_export_cli_errors_are_one_line(tiny_checkpoints, tmp_path, capsys):
-    cases = [(["--checkpoint", str(tmp_path / "none.ckpt"), "--out", str(tmp_path / "m.onnx")], "file not found"),
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "no_views" / "a").mkdir(parents=True)
+    (tmp_path / "empty").mkdir()
+    ckpt = ["--checkpoint", str(tiny_checkpoints["classification"]), "--out", str(tmp_path / "m.onnx")]
+    cases = [(ckpt + ["--check-images", str(tmp_path / "nope")], "--check-images"),
+             (ckpt + ["--check-images", str(tmp_path / "no_views")], "holds a readable view"),
+             (ckpt + ["--check-images", str(tmp_path / "empty")], "--check-images"),
+             (ckpt[:3] + [str(tmp_path / "afile" / "m.onnx")], "afile"),
+             (["--checkpoint", str(tmp_path / "none.ckpt"), "--out", str(tmp_path / "m.onnx")], "file not found"),
              (["--checkpoint", str(tiny_checkpoints["classification"]), "--out", str(tmp_path)], "is a directory"),
              (["--checkpoint", str(tiny_checkpoints["classification"])], "--out"),
-             (["--checkpoint", str(REPO / "README.md"), "--out", str(tmp_path / "m.onnx")], "not a readable checkpoint")]
+             (["--checkpoint", str(REPO / "README.md"), "--out", str(tmp_path / "m.onnx")],
+              "not a readable checkpoint")]
     for args, fragment in cases:
         with pytest.raises(SystemExit) as exit_:
             run_cli(export_main, args)

@@ -3,6 +3,7 @@ every bad request, a bounded load test), graceful SIGINT/SIGTERM, and the web pa
 
 import asyncio
 import base64
+import io
 import json
 import shutil
 import signal
@@ -153,6 +154,8 @@ BAD_REQUESTS = {
     "not an image": (lambda j: {"data": views_form(files={"0": b"GIF? no, plain text"})}, 400, "field 0: not an image"),
     "truncated JPEG": (lambda j: {"data": views_form(files={"90": j[:len(j) // 2]})}, 400, "field 90: truncated JPEG"),
     "corrupt JPEG": (lambda j: {"data": views_form(files={"0": j[:200] + bytes(len(j) - 200)})}, 400, "field 0:"),
+    "decompression bomb": (lambda j: {"data": views_form(files={"0": png(15000, 15000)})}, 400,
+                           "field 0: image too large"),
     "empty file": (lambda j: {"data": views_form(files={"180": b""})}, 400, "field 180: empty file"),
     "no views": (lambda j: {"data": aiohttp.FormData({"x": "1"}, default_to_multipart=True)}, 400, "unknown field 'x'"),
     "empty body": (lambda j: {"data": b"", "headers": {"Content-Type": "multipart/form-data; boundary=zz"}}, 400,
@@ -165,6 +168,15 @@ BAD_REQUESTS = {
     "over --max-upload-mb": (lambda j: {"data": views_form(files={"0": j + bytes(1_200_000)})}, 413,
                              "over the limit of 1 MB"),
 }
+
+
+def png(width: int, height: int) -> bytes:
+    """A black PNG: 15000x15000 is 650 kB on the wire, 225 M pixels decoded (over PIL's bomb limit)."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height)).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def twice(data: bytes) -> aiohttp.FormData:
@@ -188,6 +200,8 @@ def test_bad_uploads_get_a_4xx_json_error(server, demo_dir, case):
     ("POST", "/api/health", 405, "not allowed"),
     ("GET", "/api/nothing", 404, "no such endpoint"),
     ("GET", "/static/../src/serve.py", 404, ""),
+    ("GET", "/static/nope.js", 404, "no such file: /static/nope.js"),
+    ("GET", "/static/", 404, ""),
 ])
 def test_wrong_methods_and_paths_get_a_4xx_json_error(server, method, path, status, fragment):
     got, kind, answer = run(call(server.url, method, path))
