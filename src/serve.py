@@ -183,10 +183,11 @@ def class_cells(hparams) -> tuple[np.ndarray, np.ndarray, list | None]:
     return np.atleast_1d(lat), np.atleast_1d(lng), bounds
 
 
-def load_models(checkpoints: list[Path], engine: str, device: str, threads: int | None) -> dict[str, ServedModel]:
+def load_models(checkpoints: list[Path], engine: str, device: str, threads: int | None,
+                reports_dir: Path | None = None) -> dict[str, ServedModel]:
     models: dict[str, ServedModel] = {}
     for path in checkpoints:
-        model = engine_model(load_model(path, device), path, engine, threads)
+        model = engine_model(load_model(path, device, reports_dir=reports_dir), path, engine, threads)
         served = ServedModel(model_name(path, set(models)), Path(path), model, engine)
         if model.hparams["approach"] != "regression":  # classification and hybrid: class probabilities
             served.cell_lat, served.cell_lng, served.cell_bounds = class_cells(model.hparams)
@@ -499,7 +500,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     check_address(args.host, args.port)
     checkpoints = args.checkpoint or [find_checkpoint(args.reports_dir or REPORTS_DIR)]
-    served = load_models(checkpoints, engine, args.device, args.threads or None)
+    served = load_models(checkpoints, engine, args.device, args.threads or None, args.reports_dir or REPORTS_DIR)
     app = build_app(served, args.max_batch, args.batch_wait_ms, args.max_upload_mb, args.top, demo_examples())
     asyncio.run(serve(app, args.host, args.port, args.shutdown_timeout))
 

@@ -206,3 +206,24 @@ def test_train_fills_the_cache_with_onnx_runtime(demo_dir, tmp_path):
             torch.testing.assert_close(cached, fresh, atol=1e-5, rtol=1e-4)
             checked += 1
     assert checked > 50
+
+
+def test_hybrid_median_export_matches_torch(demo_dir, tmp_path):
+    """A hybrid checkpoint with attention fusion and the median rule (Weiszfeld's steps inside the graph)."""
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        train_main(["--approach", "hybrid", "--fusion", "attention", "--predict-rule", "median", "--dataset-dirs",
+                    str(demo_dir), "--backbone", "tiny", "--no-pretrained", "--quick", "--image-size", "32",
+                    "--num-workers", "0", "--engine", "torch", "--out-dir", str(tmp_path / "reports"),
+                    "--cache-dir", str(tmp_path / "cache")])
+    checkpoint = Path(stdout.getvalue().strip().splitlines()[-1].removeprefix("checkpoint: "))
+    out = tmp_path / "hybrid.onnx"
+    check = export_main(["--checkpoint", str(checkpoint), "--out", str(out), "--check-images", str(demo_dir)])
+    assert check["max_abs_diff"] < 1e-4 and check["max_distance_m"] < 1.0
+    assert [o.name for o in onnx.load(str(out)).graph.output] == ["probabilities", "xy"]
+    model = load_model(checkpoint)
+    views = demo_views(demo_dir, 5, 32)
+    probabilities, xy = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(
+        None, {"views": views.numpy()})
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    assert np.hypot(*(xy - model.predict_xy(views).double().numpy()).T).max() < 1.0  # metres
