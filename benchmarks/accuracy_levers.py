@@ -10,6 +10,7 @@ fold's train-mean location). The last line is the best configuration's mean km a
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -19,9 +20,12 @@ from tabulate import tabulate
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATASET = ROOT.parent / "shared" / "data" / "lumen_external_subset"
-# (name, flags added to the baseline command); "defaults" is src.train's CPU defaults as they are
+# the head before the levers (the reference's: concatenated views, one-hot cross-entropy); each lever's
+# flags follow it (argparse keeps the last value), "current defaults" is src.train as it is
+BEFORE = ["--fusion", "concat", "--label-smoothing-km", "0"]
 LEVERS = [
-    ("defaults", []),
+    ("current defaults", None),
+    ("before the levers", []),
     ("--cells adaptive", ["--cells", "adaptive"]),
     ("--label-smoothing-km 12", ["--label-smoothing-km", "12"]),
     ("--label-smoothing-km 40", ["--label-smoothing-km", "40"]),
@@ -37,7 +41,8 @@ LEVERS = [
 
 
 def run(dataset: Path, out: Path, name: str, flags: list[str], folds: int, seed: int) -> dict:
-    """One cross-validated configuration; its oof_metrics.json."""
+    """One cross-validated configuration (`flags` None: src.train's defaults); its oof_metrics.json."""
+    flags = flags or []
     run_name = "".join(c if c.isalnum() else "_" for c in name)
     command = [sys.executable, "-m", "src.train", "--approach", "classification", "--dataset-dirs", str(dataset),
                "--folds", str(folds), "--seed", str(seed), "--out-dir", str(out), "--run-name", run_name,
@@ -58,13 +63,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--levers", nargs="+", default=None, help="names of the levers to run (default: all)")
-    parser.add_argument("--combination", nargs="*", default=None,
-                        help="flags of a combined configuration to run after the levers (e.g. --fusion mean ...)")
+    parser.add_argument("--combination", action="append", default=[], metavar="FLAGS",
+                        help='flags of a combined configuration to run after the levers, quoted '
+                             '(e.g. --combination="--fusion mean --label-smoothing-km 40"); repeatable')
     parser.add_argument("--out-dir", type=Path, default=None, help="where the runs go (default: a temporary dir)")
     args = parser.parse_args(argv)
-    levers = [(n, f) for n, f in LEVERS if args.levers is None or n in args.levers]
-    if args.combination:
-        levers.append(("combination: " + " ".join(args.combination), args.combination))
+    levers = [(n, None if f is None else BEFORE + f) for n, f in LEVERS if args.levers is None or n in args.levers]
+    levers += [(flags, shlex.split(flags)) for flags in args.combination]
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out_dir or Path(tmp)
         rows, constant = [], None

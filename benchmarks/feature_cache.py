@@ -31,7 +31,7 @@ def epoch_seconds(enriched, backbone: str, image_size: int, cache_dir: Path | No
     """Wall time of one frozen training epoch (no validation) of a fresh model."""
     pl.seed_everything(0, verbose=False)
     model = GeoModel(approach="classification", backbone=backbone, image_size=image_size,
-                     classes=class_table(enriched.classes), scaler=enriched.scaler, scheduler="none", pretrained=True)
+                     classes=class_table(enriched), scaler=enriched.scaler, scheduler="none", pretrained=True)
     data = GeoDataModule(enriched.locations, image_size, batch_size=batch_size, num_workers=0,
                          unfreeze_at_epoch=None, cache_dir=cache_dir, backbone_name=backbone)
     if cache_dir is not None:  # fill the cache first: the benchmark compares a later epoch / run

@@ -71,7 +71,7 @@ def classifier(dataset_dir: Path, image_size: int) -> GeoModel:
     enriched = enrich([dataset_dir], progress=False)
     train = enriched.locations[enriched.locations["split"] == "train"]
     return GeoModel(approach="classification", backbone="efficientnet_lite0", image_size=image_size,
-                    classes=class_table(enriched.classes), scaler=enriched.scaler, pretrained=True,
+                    classes=class_table(enriched), scaler=enriched.scaler, pretrained=True,
                     prior_lat=float(train["latitude"].mean()), prior_lng=float(train["longitude"].mean())).eval()
 
 

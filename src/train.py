@@ -46,7 +46,7 @@ from src.errors import UserError, run_cli
 from src.export import ENGINES
 from src.files import atomic_path
 from src.grid import CENTROID_KINDS, CENTROID_PREFIX
-from src.heads import FUSIONS, PREDICT_RULES, class_radius_m
+from src.heads import DEFAULT_LABEL_SMOOTHING_KM, FUSIONS, PREDICT_RULES, class_radius_m
 from src.model import APPROACHES, OPTIMIZERS, SCHEDULERS, FreezeThenUnfreeze, GeoModel
 from src.plots import training_curves
 from src.trainer_output import quiet_callbacks, quiet_lightning
@@ -64,7 +64,7 @@ MAX_IMAGE_SIZE = 2048
 
 
 # model defaults chosen by 5-fold cross-validation on real LUMEN locations (README, "Accuracy levers")
-DEFAULTS = {"predict_rule": "mean", "fusion": "concat", "label_smoothing_km": 0.0}
+DEFAULTS = {"predict_rule": "mean", "fusion": "mean", "label_smoothing_km": DEFAULT_LABEL_SMOOTHING_KM}
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
 
 

@@ -73,7 +73,7 @@ from src.train import class_table
 demo, out = sys.argv[1], sys.argv[2]
 enriched = enrich([demo], spacing=0.5, seed=0, progress=False)
 pl.seed_everything(0, workers=True, verbose=False)
-model = GeoModel("classification", "tiny", 32, class_table(enriched.classes), dict(enriched.scaler), hidden=0,
+model = GeoModel("classification", "tiny", 32, class_table(enriched), dict(enriched.scaler), hidden=0,
                  lr_finetune=1e-2, unfreeze_at_epoch=0, scheduler="none")
 data = GeoDataModule(enriched.locations, image_size=32, batch_size=8, unfreeze_at_epoch=0, augment="finetune")
 

@@ -17,6 +17,7 @@ from src import geo
 from src.data import GeoDataModule, eval_transform, load_quadruplet
 from src.enrich import enrich
 from src.errors import run_cli
+from src.heads import DEFAULT_LABEL_SMOOTHING_KM
 from src.model import FreezeThenUnfreeze, GeoModel
 from src.train import class_table, main, resolve_defaults
 
@@ -134,7 +135,7 @@ def same(a, b):
 def test_backbone_stays_frozen_until_the_unfreeze_epoch(demo_dir, tmp_path, cache):
     enriched = enrich([demo_dir], spacing=1.0, seed=0, progress=False)
     pl.seed_everything(0)
-    model = GeoModel(approach="regression", backbone="tiny", image_size=32, classes=class_table(enriched.classes),
+    model = GeoModel(approach="regression", backbone="tiny", image_size=32, classes=class_table(enriched),
                      scaler=enriched.scaler, hidden=16, lr=1e-2, lr_finetune=1e-2, unfreeze_at_epoch=2)
     data = GeoDataModule(enriched.locations, image_size=32, batch_size=32, unfreeze_at_epoch=2,
                          cache_dir=tmp_path / "cache" if cache else None, backbone_name="tiny")
@@ -154,7 +155,7 @@ def test_backbone_stays_frozen_until_the_unfreeze_epoch(demo_dir, tmp_path, cach
 def test_unfreezing_only_the_last_stages(demo_dir, tmp_path):
     enriched = enrich([demo_dir], spacing=1.0, seed=0, progress=False)
     model = GeoModel(approach="classification", backbone="tiny", image_size=32,
-                     classes=class_table(enriched.classes), scaler=enriched.scaler, hidden=16, unfreeze_at_epoch=1)
+                     classes=class_table(enriched), scaler=enriched.scaler, hidden=16, unfreeze_at_epoch=1)
     data = GeoDataModule(enriched.locations, image_size=32, batch_size=64, unfreeze_at_epoch=1,
                          cache_dir=tmp_path / "cache", backbone_name="tiny")
     record = RecordBackbone()
@@ -192,7 +193,7 @@ class RecordLearningRates(pl.Callback):
 
 def fit_with_scheduler(demo_dir, tmp_path, **hparams):
     enriched = enrich([demo_dir], spacing=1.0, seed=0, progress=False)
-    model = GeoModel(approach="classification", backbone="tiny", image_size=32, classes=class_table(enriched.classes),
+    model = GeoModel(approach="classification", backbone="tiny", image_size=32, classes=class_table(enriched),
                      scaler=enriched.scaler, hidden=16, lr=0.01, lr_finetune=0.001, **hparams)
     data = GeoDataModule(enriched.locations, image_size=32, batch_size=32, cache_dir=tmp_path, backbone_name="tiny")
     record = RecordLearningRates()
@@ -345,7 +346,7 @@ def test_unfrozen_batchnorm_trains_and_a_resumed_run_matches(demo_dir, tmp_path,
 
     def fit(epochs, resume=None):
         pl.seed_everything(0, workers=True, verbose=False)
-        model = GeoModel(approach="classification", backbone="tiny", image_size=32, classes=class_table(enriched.classes),
+        model = GeoModel(approach="classification", backbone="tiny", image_size=32, classes=class_table(enriched),
                          scaler=enriched.scaler, hidden=16, unfreeze_at_epoch=1, scheduler="none")
         data = GeoDataModule(enriched.locations, image_size=32, batch_size=64, unfreeze_at_epoch=1, augment="none",
                              cache_dir=tmp_path / "cache", backbone_name="tiny")
@@ -425,7 +426,7 @@ def test_head_levers_train_end_to_end_and_are_saved(demo_dir, tmp_path, approach
     model = GeoModel.load_from_checkpoint(path, map_location="cpu")
     flags = dict(zip(extra[::2], extra[1::2]))
     assert model.hparams.fusion == flags["--fusion"] and model.hparams.predict_rule == flags["--predict-rule"]
-    assert model.hparams.label_smoothing_km == float(flags.get("--label-smoothing-km", 0))
+    assert model.hparams.label_smoothing_km == float(flags.get("--label-smoothing-km", DEFAULT_LABEL_SMOOTHING_KM))
     metrics = json.loads((Path(path).parent.parent / "metrics.json").read_text())
     assert np.isfinite(metrics["test"]["mean_km"])
     # the checkpoint's test km comes from the saved rule: recompute it from the images
