@@ -278,8 +278,12 @@ def test_the_image_budget_counts_retries(tmp_path):
                      "--max-images", 8, "--concurrency", 2)
     assert sum(count for (target, _), count in emulator.stats.requests.items() if target == "image") == 8
     report = pd.read_csv(out / "points_report.csv")
-    assert report["outcome"].str.contains("--max-images").sum() == 18  # pano0 or pano1 did not complete
-    assert report["outcome"].eq("downloaded").sum() == 1 and len(pd.read_csv(out / "data.csv")) == 1
+    # which of pano0 and pano1 completes (if either) depends on how the two workers interleave with the
+    # retries; never both, and every other point waits for a later run
+    downloaded = int(report["outcome"].eq("downloaded").sum())
+    assert downloaded <= 1 and report["outcome"].str.contains("--max-images").sum() == 19 - downloaded
+    assert len(pd.read_csv(out / "data.csv")) == downloaded if downloaded else not (out / "data.csv").exists() or \
+        pd.read_csv(out / "data.csv").empty
 
 
 def test_a_run_over_other_points_keeps_the_earlier_rows_and_dedupes_against_them(tmp_path):
