@@ -96,7 +96,7 @@ def mode_xy(probabilities: torch.Tensor, class_xy: torch.Tensor, topk: int = 0) 
     best = probabilities.argmax(dim=1)
     if class_xy.dim() == 2:
         return class_xy[best]
-    return class_xy[torch.arange(len(best), device=best.device), best]
+    return class_xy[torch.arange(best.shape[0], device=best.device), best]
 
 
 def predict_xy(rule: str, probabilities: torch.Tensor, class_xy: torch.Tensor, topk: int = 0) -> torch.Tensor:

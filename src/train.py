@@ -1,10 +1,12 @@
-"""Train a quadruplet geolocation model (classification or regression) with Lightning.
+"""Train a quadruplet geolocation model (classification, regression or hybrid) with Lightning.
 
     python -m src.train --approach classification [--dataset-dirs DIR ...] [options]
 
 Without --dataset-dirs the synthetic demo dataset in data/demo is used (generated when missing).
-Logs and checkpoints go to <out-dir>/<run-name>/version_N/ (TensorBoard); the test split's metrics
-print as a table (and go to metrics.json there) and the last stdout line is `checkpoint: <best checkpoint>`.
+Logs and checkpoints go to <out-dir>/<run-name>/version_N/ (TensorBoard, curves.png); the test split's
+metrics print as a table (and go to metrics.json there) and the last stdout line is
+`checkpoint: <best checkpoint>`. With --folds K, K runs go to version_N/fold_k/ and the out-of-fold
+predictions of every location to version_N/oof.csv.
 
 Ctrl+C (SIGINT) or SIGTERM stops training gracefully: checkpoints/last.ckpt keeps the state at the end
 of the last completed epoch, and the command exits with status 130 (143 for SIGTERM) and one line

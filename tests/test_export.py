@@ -4,6 +4,7 @@ export, predict --engine and the feature cache filled by either engine."""
 import contextlib
 import io
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -227,3 +228,11 @@ def test_hybrid_median_export_matches_torch(demo_dir, tmp_path):
         None, {"views": views.numpy()})
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
     assert np.hypot(*(xy - model.predict_xy(views).double().numpy()).T).max() < 1.0  # metres
+    # the mode rule, chosen at predict time: the ONNX engine's export has a symbolic batch axis too
+    images = tmp_path / "seven"
+    for folder in sorted((demo_dir / "data").iterdir())[:7]:
+        shutil.copytree(folder, images / folder.name)
+    common = ["--checkpoint", str(checkpoint), "--images", str(images), "--predict-rule", "mode", "--num-workers", "0"]
+    onnx_rows = predict_main([*common, "--engine", "onnx", "--batch-size", "7"])
+    torch_rows = predict_main([*common, "--engine", "torch"])
+    np.testing.assert_allclose(onnx_rows[["latitude", "longitude"]], torch_rows[["latitude", "longitude"]], atol=1e-6)
