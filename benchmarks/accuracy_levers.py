@@ -66,10 +66,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--combination", action="append", default=[], metavar="FLAGS",
                         help='flags of a combined configuration to run after the levers, quoted '
                              '(e.g. --combination="--fusion mean --label-smoothing-km 40"); repeatable')
+    parser.add_argument("--train-flags", default="", metavar="FLAGS",
+                        help='flags added to every run, quoted (e.g. --train-flags="--image-size 96")')
     parser.add_argument("--out-dir", type=Path, default=None, help="where the runs go (default: a temporary dir)")
     args = parser.parse_args(argv)
     levers = [(n, None if f is None else BEFORE + f) for n, f in LEVERS if args.levers is None or n in args.levers]
     levers += [(flags, shlex.split(flags)) for flags in args.combination]
+    common = shlex.split(args.train_flags)
+    levers = [(name, None if flags is None and not common else common + (flags or [])) for name, flags in levers]
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out_dir or Path(tmp)
         rows, constant = [], None

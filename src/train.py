@@ -339,19 +339,43 @@ class QuietTensorBoardLogger(TensorBoardLogger):
                 save_hparams_to_yaml(tmp, self.hparams)
 
 
-class Interrupt:
+class Interrupt(pl.Callback):
     """SIGINT and SIGTERM during a run: the first one raises KeyboardInterrupt (Lightning's graceful
     shutdown: callbacks' on_exception, loggers finalized, no half-written checkpoint thanks to
-    AtomicCheckpointIO), later ones are ignored while shutting down. Records which signal came."""
+    AtomicCheckpointIO), later ones are ignored while shutting down. Records which signal came.
+
+    While Lightning's training loop runs (this object is also its callback), the KeyboardInterrupt is raised
+    at the next batch boundary instead of wherever the signal lands: raised inside a lock (TensorBoard's
+    event queue, a progress bar) it could leave a background thread blocked and the shutdown hanging."""
 
     def __init__(self):
         self.signal: str | None = None
         self.last_checkpoint: Path | None = None  # this run's last.ckpt, once its folder is known
+        self.deferred = False  # True inside the training loop: raise at the next batch boundary
 
     def handler(self, signum: int, frame) -> None:
         if self.signal is None:
             self.signal = signal.Signals(signum).name
+            if not self.deferred:
+                raise KeyboardInterrupt(self.signal)
+
+    def _raise_if_signalled(self, *_) -> None:
+        if self.signal is not None and self.deferred:
+            self.deferred = False
             raise KeyboardInterrupt(self.signal)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.deferred = True
+        self._raise_if_signalled()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._raise_if_signalled()
+        self.deferred = False
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self.deferred = False
+
+    on_train_batch_end = on_validation_batch_end = on_train_epoch_end = on_validation_epoch_end = _raise_if_signalled
 
     @contextlib.contextmanager
     def installed(self):
@@ -521,7 +545,7 @@ def fit(args: argparse.Namespace, interrupt: Interrupt, version: str | None = No
     if report:
         say(f"precision: {args.precision} ({reason}); channels_last: {'on' if model.channels_last else 'off'}")
     history = EpochHistory()
-    callbacks = [*([checkpoint, last] if has_val else [last]), history, FreezeThenUnfreeze(args.unfreeze_at_epoch, args.unfreeze_blocks, args.freeze_bn)]
+    callbacks = [*([checkpoint, last] if has_val else [last]), history, interrupt, FreezeThenUnfreeze(args.unfreeze_at_epoch, args.unfreeze_blocks, args.freeze_bn)]
     if args.unfreeze_at_epoch is not None:  # a backbone that never trains has no learning rate to show
         callbacks.append(LearningRateMonitor(logging_interval="epoch"))
     if args.early_stopping_patience is not None:
