@@ -39,11 +39,6 @@ def input_spec(hparams) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
             tuple(hparams.get("image_std", IMAGENET_STD)))
 
 
-def model_transform(hparams) -> Callable:
-    """The evaluation transform of a model, from its checkpoint hparams (see `input_spec`)."""
-    return eval_transform(*input_spec(hparams))
-
-
 def train_transform(image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> Callable:
     """Training augmentation: random resized crop and colour jitter, then normalisation (as eval_transform).
 

@@ -473,13 +473,11 @@ def train(args: argparse.Namespace, interrupt: Interrupt) -> None:
 class FitResult:
     """What one training run leaves behind, for the report (rank 0; None elsewhere)."""
 
-    locations: Any  # the enriched locations table
-    test: Any  # its test rows, in the order of test_km / test_xy
+    test: Any  # the enriched test rows, in the order of test_km / test_xy
     test_km: np.ndarray
     test_xy: np.ndarray  # predicted EPSG:3766 x/y, moved onto land
     baseline_km: np.ndarray  # the constant (train mean) prediction's km on the test rows
     checkpoint: Path
-    log_dir: Path
 
 
 def fit(args: argparse.Namespace, interrupt: Interrupt, version: str | None = None,
@@ -616,7 +614,7 @@ def fit(args: argparse.Namespace, interrupt: Interrupt, version: str | None = No
         else:
             print(f"no test split: nothing to test ({', '.join(map(str, args.dataset_dirs))})")
         print(f"checkpoint: {best}")
-    return FitResult(locations, test, test_km, test_xy, baseline_km, best, Path(logger.log_dir))
+    return FitResult(test, test_km, test_xy, baseline_km, best)
 
 
 def no_val_fixes(args: argparse.Namespace) -> None:
