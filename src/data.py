@@ -110,10 +110,6 @@ class FeatureDataset(Dataset):
         return {"features": self.features[index], "index": index, **{k: v[index] for k, v in self.targets.items()}}
 
 
-def _load_eval_quadruplet(image_dir: str, image_size: int, transform: Callable) -> torch.Tensor:
-    return load_quadruplet(image_dir, image_size, transform)
-
-
 class GeoDataModule(pl.LightningDataModule):
     """Train/val/test loaders over an enriched locations table (column `split`).
 
@@ -210,7 +206,7 @@ class GeoDataModule(pl.LightningDataModule):
         if resolve_engine(self.feature_engine, device) == "onnx":
             extract = OnnxFeatureExtractor(backbone, self.image_size, cache.directory / "backbone.onnx")
         computed = cache.compute_missing(
-            image_dirs, backbone, partial(_load_eval_quadruplet, image_size=self.image_size, transform=self.eval_transform()),
+            image_dirs, backbone, partial(load_quadruplet, image_size=self.image_size, transform=self.eval_transform()),
             batch_size=self.batch_size, num_workers=self.num_workers, device=device, extract=extract,
         )
         log.info("feature cache (%s): %d computed, %d reused", split, computed, len(image_dirs) - computed)

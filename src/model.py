@@ -20,7 +20,7 @@ from torch.nn import functional as F
 from src.backbones import IMAGENET_MEAN, IMAGENET_STD, Backbone, create_backbone
 from src.geo import haversine_km_torch, snap_to_land, unproject
 from src.grid import CENTROID_KINDS
-from src.heads import (FUSIONS, PREDICT_RULES, HybridHead, create_fusion, haversine_smoothing_loss, hybrid_loss,
+from src.heads import (PREDICT_RULES, HybridHead, create_fusion, haversine_smoothing_loss, hybrid_loss,
                        hybrid_points, predict_xy)
 from src.images import N_VIEWS
 

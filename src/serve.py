@@ -22,7 +22,6 @@ import asyncio
 import base64
 import contextlib
 import io
-import json
 import logging
 import signal
 import socket

@@ -16,7 +16,6 @@ import pandas as pd
 import pytest
 
 from src import download
-from src.geo import haversine_km
 from src.images import check_image
 from src.ingest import read_datasets
 from src.sample import sample_points

@@ -7,7 +7,6 @@ import io
 import json
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import time
