@@ -2,7 +2,7 @@
 
     python -m benchmarks.download [--images 2000] [--concurrency 16] [--slow-share 0.05]
 
-The Street View emulator (tests/streetview_emulator.py) answers most requests in about 20 ms and a few
+The Street View emulator (src/collect/emulator.py) answers most requests in about 20 ms and a few
 (--slow-share) in about 400 ms; each (pano, heading) gets the same latency in both runs. Both methods use
 the same StreetViewClient (one aiohttp session, no QPS cap) and write every image to disk atomically.
 The reference method (the 22 km solution's downloader) sends --concurrency requests, gathers them and
@@ -18,10 +18,10 @@ from pathlib import Path
 
 import aiohttp
 
-from src.download import Counters, Settings, StreetViewClient, run_pool
-from src.files import atomic_path
-from src.images import VIEWS
-from tests.streetview_emulator import StreetViewEmulator, running
+from src.collect.streetview import Counters, Settings, StreetViewClient, run_pool
+from src.core.files import atomic_path
+from src.data.images import VIEWS
+from src.collect.emulator import StreetViewEmulator, running
 
 KEY = "benchmark-key"
 

@@ -18,10 +18,10 @@ import numpy as np
 import pandas as pd
 import shapely
 
-from src import geo
-from src.demo import sample_land_points
-from src.enrich import locate_locations, split_locations
-from src.grid import build_grid
+from src.core import geo
+from src.data.synthetic import sample_land_points
+from src.data.enrich import locate_locations, split_locations
+from src.data.cells import build_grid
 
 REPEATS = 3
 

@@ -12,8 +12,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from src.demo import write_demo_dataset
-from src.enrich import enrich
+from src.data.synthetic import write_demo_dataset
+from src.data.enrich import enrich
 
 
 def seconds(dataset_dir: Path, check_cache: Path | None) -> float:

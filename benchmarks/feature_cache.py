@@ -19,11 +19,11 @@ from pathlib import Path
 import pytorch_lightning as pl
 
 from benchmarks import DEFAULT_DATASET
-from src.data import GeoDataModule, eval_transform, load_quadruplet
-from src.enrich import enrich
-from src.features import FeatureCache
-from src.model import FreezeThenUnfreeze, GeoModel
-from src.train import class_table
+from src.data.datamodule import GeoDataModule, eval_transform, load_quadruplet
+from src.data.enrich import enrich
+from src.data.features import FeatureCache
+from src.model.geomodel import FreezeThenUnfreeze, GeoModel
+from src.training.run import class_table
 
 
 

@@ -21,10 +21,10 @@ import pandas as pd
 import shapely
 from tabulate import tabulate
 
-from src import geo
-from src.enrich import locate_locations, split_locations
-from src.errors import UserError, run_cli
-from src.grid import CENTROID_KINDS, CENTROID_PREFIX, CellSpec, build_grid
+from src.core import geo
+from src.data.enrich import locate_locations, split_locations
+from src.core.errors import UserError, run_cli
+from src.data.cells import CENTROID_KINDS, CENTROID_PREFIX, CellSpec, build_grid
 
 SPACING_RANGE = (0.05, 3.0)  # degrees searched for a grid with the target class count
 BISECTION_STEPS = 12

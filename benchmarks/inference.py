@@ -28,15 +28,15 @@ import aiohttp
 import pytorch_lightning as pl
 import torch
 
-from src import geo
-from src.backbones import create_backbone
-from src.data import eval_transform, load_quadruplet
-from src.enrich import enrich
-from src.export import OnnxFeatureExtractor, OnnxGeoModel, export_model, infer
-from src.features import FeatureCache
-from src.images import VIEWS, load_image, view_paths
-from src.model import GeoModel
-from src.train import class_table
+from src.core import geo
+from src.model.backbones import create_backbone
+from src.data.datamodule import eval_transform, load_quadruplet
+from src.data.enrich import enrich
+from src.inference.engine import OnnxFeatureExtractor, OnnxGeoModel, export_model, infer
+from src.data.features import FeatureCache
+from src.data.images import VIEWS, load_image, view_paths
+from src.model.geomodel import GeoModel
+from src.training.run import class_table
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATASET = ROOT.parent / "shared" / "data" / "lumen_external_subset"
@@ -141,7 +141,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20, help="latency repeats (default: 20)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
-    from src.predict import locations_from_images
+    from src.inference.predictor import locations_from_images
 
     folders = [folder for _, folder in locations_from_images(args.dataset_dir)]
     image_dirs = [str(f) for f in folders[:args.locations]]

@@ -12,8 +12,8 @@ from pathlib import Path
 from PIL import Image
 
 from benchmarks import DEFAULT_DATASET
-from src.images import load_image, view_paths
-from src.ingest import find_image_root, list_location_dirs
+from src.data.images import load_image, view_paths
+from src.data.ingest import find_image_root, list_location_dirs
 
 
 

@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 from benchmarks import DEFAULT_DATASET
-from src.data import GeoDataModule
-from src.enrich import enrich
-from src.resize import resize_datasets
+from src.data.datamodule import GeoDataModule
+from src.data.enrich import enrich
+from src.data.resizing import resize_datasets
 
 
 def one_pass(datamodule: GeoDataModule) -> tuple[int, float]:

@@ -19,9 +19,9 @@ import torch
 from torch.nn import functional as F
 
 from benchmarks import DEFAULT_DATASET
-from src.data import eval_transform, load_quadruplet
-from src.ingest import find_image_root, list_location_dirs
-from src.model import GeoModel
+from src.data.datamodule import eval_transform, load_quadruplet
+from src.data.ingest import find_image_root, list_location_dirs
+from src.model.geomodel import GeoModel
 
 BACKBONES = ("efficientnet_lite0", "resnext50_32x4d")
 CLASSES = {"cell": [0, 1], "n_train": [1, 1], "weighted": [[0.0, 0.0], [1.0, 1.0]],

@@ -2,7 +2,7 @@
 
 import pytest
 
-from src.demo import write_demo_dataset
+from src.data.synthetic import write_demo_dataset
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from src.demo import write_demo_dataset
+from src.data.synthetic import write_demo_dataset
 
 # a point about 2.8 km outside the 1:10m border, north of Čakovec (kept: border roads fall outside the outline)
 JUST_OUTSIDE = (46.57, 16.33)

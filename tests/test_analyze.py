@@ -11,15 +11,14 @@ import pytest
 import shapely
 from PIL import Image
 
-from src.analyze import (confusion_summary, confusion_text, error_map, error_map_figure, oracle_ceiling,
-                         oracle_errors, per_class_accuracy, worst_gallery, worst_gallery_figure)
+from src.evaluation.analysis import confusion_summary, confusion_text, error_map, error_map_figure, oracle_ceiling, oracle_errors, per_class_accuracy, worst_gallery, worst_gallery_figure
 from src.analyze import main as analyze_main
-from src.enrich import enrich
-from src.errors import UserError
-from src.geo import haversine_km
-from src.model import GeoModel
+from src.data.enrich import enrich
+from src.core.errors import UserError
+from src.core.geo import haversine_km
+from src.model.geomodel import GeoModel
 from src.predict import main as predict_main
-from src.score import score_files
+from src.evaluation.scoring import score_files
 from src.train import main as train_main
 
 EARTH_RADIUS_KM = 6371.0088

@@ -6,11 +6,10 @@ import pytest
 import torch
 from torchvision import transforms as T
 
-from src.backbones import (EFFICIENTNET_LITE_MEAN, EFFICIENTNET_LITE_STD, IMAGENET_MEAN, IMAGENET_STD, backbone_spec,
-                           create_backbone, default_backbone, list_backbones)
-from src.demo import write_demo_dataset
-from src.errors import UserError
-from src.images import load_image
+from src.model.backbones import EFFICIENTNET_LITE_MEAN, EFFICIENTNET_LITE_STD, IMAGENET_MEAN, IMAGENET_STD, backbone_spec, create_backbone, default_backbone, list_backbones
+from src.data.synthetic import write_demo_dataset
+from src.core.errors import UserError
+from src.data.images import load_image
 
 
 def test_registry_lists_the_issue_backbones():

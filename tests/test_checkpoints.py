@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from src.checkpoints import (REPORTS_DIR, checkpoints_listing, find_checkpoint, list_checkpoints, load_model,
-                             read_checkpoint, read_hparams, val_km)
-from src.errors import UserError
+from src.inference.checkpoints import REPORTS_DIR, checkpoints_listing, find_checkpoint, list_checkpoints, load_model, read_checkpoint, read_hparams, val_km
+from src.core.errors import UserError
 from src.train import main as train_main
 
 

@@ -5,9 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from src.data import (IMAGENET_MEAN, IMAGENET_STD, GeoDataModule, eval_transform, load_quadruplet, mirror_views,
-                      train_transform)
-from src.enrich import enrich
+from src.data.datamodule import IMAGENET_MEAN, IMAGENET_STD, GeoDataModule, eval_transform, load_quadruplet, mirror_views, train_transform
+from src.data.enrich import enrich
 
 COLOURS = {0: (255, 0, 0), 90: (0, 255, 0), 180: (0, 0, 255), 270: (255, 255, 255)}
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from src.demo import write_demo_dataset
-from src.enrich import enrich
+from src.data.synthetic import write_demo_dataset
+from src.data.enrich import enrich
 
 ROOT = Path(__file__).resolve().parent.parent
 # a 2-process and a 1-process run differ in batch composition and order (DistributedSampler), so their
@@ -65,10 +65,10 @@ FINETUNE_SCRIPT = """
 import sys
 import pytorch_lightning as pl
 import torch
-from src.data import GeoDataModule
-from src.enrich import enrich
-from src.model import FreezeThenUnfreeze, GeoModel
-from src.train import class_table
+from src.data.datamodule import GeoDataModule
+from src.data.enrich import enrich
+from src.model.geomodel import FreezeThenUnfreeze, GeoModel
+from src.training.run import class_table
 
 demo, out = sys.argv[1], sys.argv[2]
 enriched = enrich([demo], spacing=0.5, seed=0, progress=False)
@@ -114,6 +114,6 @@ def initial_backbone() -> dict:
     """The tiny backbone's initial weights under seed 0 (as the script builds them)."""
     import pytorch_lightning as pl
 
-    from src.backbones import create_backbone
+    from src.model.backbones import create_backbone
     pl.seed_everything(0, workers=True, verbose=False)
     return create_backbone("tiny", False).state_dict()

@@ -16,10 +16,10 @@ import pandas as pd
 import pytest
 
 from src import download
-from src.images import check_image
-from src.ingest import read_datasets
-from src.sample import sample_points
-from tests.streetview_emulator import StreetViewEmulator, running
+from src.data.images import check_image
+from src.data.ingest import read_datasets
+from src.data.sampling import sample_points
+from src.collect.emulator import StreetViewEmulator, running
 from tests.test_cli import assert_user_error, run_command
 from tests.test_cli import test_help_lists_every_flag_with_its_default as check_help
 

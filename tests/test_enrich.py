@@ -8,13 +8,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from src import geo
-from src.enrich import (OUTPUT_COLUMNS, apply_data_hparams, build_parser, data_hparams, dataset_tag, enrich,
-                        enrich_from_locations, read_locations_csv, split_locations, thin_data_warning, unit_hash,
-                        write_locations_csv)
+from src.core import geo
+from src.data.enrich import OUTPUT_COLUMNS, apply_data_hparams, data_hparams, dataset_tag, enrich, enrich_from_locations, read_locations_csv, split_locations, thin_data_warning, unit_hash, write_locations_csv
+from src.enrich import build_parser
 from src.enrich import main as enrich_main
-from src.errors import UserError, run_cli
-from src.grid import build_grid
+from src.core.errors import UserError, run_cli
+from src.data.cells import build_grid
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -299,8 +298,8 @@ def test_a_runs_cells_and_split_flags_flow_through_its_checkpoint_into_analyze(d
     import io
 
     from src.analyze import build_parser as analyze_parser
-    from src.analyze import enrich_args_from_checkpoint
-    from src.model import GeoModel
+    from src.evaluation.analysis import enrich_args_from_checkpoint
+    from src.model.geomodel import GeoModel
     from src.train import main as train_main
 
     printed = io.StringIO()

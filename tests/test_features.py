@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from src.backbones import create_backbone
-from src.data import eval_transform, load_quadruplet
-from src.features import FeatureCache
-from src.ingest import find_image_root
+from src.model.backbones import create_backbone
+from src.data.datamodule import eval_transform, load_quadruplet
+from src.data.features import FeatureCache
+from src.data.ingest import find_image_root
 
 
 @pytest.fixture()

@@ -4,7 +4,7 @@ import shapely
 import torch
 from pyproj import Geod, Proj
 
-from src import geo
+from src.core import geo
 
 # EPSG:3766 (HTRS96 / Croatia LCC) written out from its definition, independent of the EPSG database
 HTRS96_LCC = Proj("+proj=lcc +lat_1=45.9166666666667 +lat_2=43.0833333333333 +lat_0=0 +lon_0=16.5 "

@@ -3,9 +3,9 @@ import pandas as pd
 import pytest
 import shapely
 
-from src import geo
-from src.sample import sample_land_points
-from src.grid import CellSpec, Grid, build_adaptive, build_grid, class_table, kmeans, nearest_class
+from src.core import geo
+from src.data.sampling import sample_land_points
+from src.data.cells import CellSpec, Grid, build_adaptive, build_grid, class_table, kmeans, nearest_class
 
 # cells intersecting the Natural Earth 1:10m outline; the reference solution (another outline) got
 # about 31, 55, 75 and 115 classes for these spacings

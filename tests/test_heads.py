@@ -12,10 +12,8 @@ import shapely
 import torch
 from torch.nn import functional as F
 
-from src.geo import EARTH_RADIUS_KM
-from src.heads import (FUSIONS, AttentionFusion, ConcatFusion, HybridHead, MeanFusion, class_radius_m, create_fusion,
-                       geometric_median_xy, haversine_smoothing_loss, haversine_smoothing_targets, hybrid_loss,
-                       hybrid_points, hybrid_targets, predict_xy, top_probabilities, weighted_centroid_xy)
+from src.core.geo import EARTH_RADIUS_KM
+from src.model.heads import FUSIONS, AttentionFusion, ConcatFusion, HybridHead, MeanFusion, class_radius_m, create_fusion, geometric_median_xy, haversine_smoothing_loss, haversine_smoothing_targets, hybrid_loss, hybrid_points, hybrid_targets, predict_xy, top_probabilities, weighted_centroid_xy
 
 KM = 1000.0
 LINE = torch.tensor([[0.0, 0.0], [10 * KM, 0.0], [20 * KM, 0.0]], dtype=torch.float64)  # three collinear centroids

@@ -6,9 +6,9 @@ import pandas as pd
 import pytest
 import shapely
 
-from src import geo
-from src.errors import UserError
-from src.ingest import CheckManifest, check_dataset_dirs, find_image_root, read_datasets
+from src.core import geo
+from src.core.errors import UserError
+from src.data.ingest import CheckManifest, check_dataset_dirs, find_image_root, read_datasets
 from tests.corpus import JUST_OUTSIDE, write_defect_corpus
 
 

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from src.model import GeoModel
-from src.train import Interrupt, build_parser, interrupted_message, main, resume_command
+from src.model.geomodel import GeoModel
+from src.training.run import Interrupt, interrupted_message, resume_command
+from src.train import build_parser, main
 
 ROOT = Path(__file__).resolve().parent.parent
 EPOCHS = 3

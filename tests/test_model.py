@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from src import geo
-from src.heads import weighted_centroid_xy
-from src.model import GeoModel, scale_xy, unscale_xy, xy_to_km
+from src.core import geo
+from src.model.heads import weighted_centroid_xy
+from src.model.geomodel import GeoModel, scale_xy, unscale_xy, xy_to_km
 
 SCALER = {"x_min": 300_000.0, "x_max": 800_000.0, "y_min": 4_700_000.0, "y_max": 5_100_000.0}
 CLASSES = {

@@ -10,9 +10,8 @@ import pytest  # noqa: E402
 from matplotlib.colors import to_rgba  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from src.enrich import enrich  # noqa: E402
-from src.plots import (class_sizes_figure, distribution_figure, enrich_figures, grid_figure,  # noqa: E402
-                       label_axes)
+from src.data.enrich import enrich  # noqa: E402
+from src.evaluation.plots import class_sizes_figure, distribution_figure, enrich_figures, grid_figure, label_axes
 
 
 @pytest.fixture(scope="module")

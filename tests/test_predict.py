@@ -13,12 +13,12 @@ import pandas as pd
 import pytest
 import torch
 
-from src import geo
-from src.data import eval_transform, mirror_views
-from src.errors import UserError
-from src.images import VIEWS, load_image
-from src.model import GeoModel
-from src.predict import collate_quadruplets, predict_locations
+from src.core import geo
+from src.data.datamodule import eval_transform, mirror_views
+from src.core.errors import UserError
+from src.data.images import VIEWS, load_image
+from src.model.geomodel import GeoModel
+from src.inference.predictor import collate_quadruplets, predict_locations
 from src.predict import main as predict_main
 from src.train import main as train_main
 

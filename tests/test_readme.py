@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from src import geo
+from src.core import geo
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from src.enrich import enrich
-from src.errors import UserError
-from src.images import load_image
-from src.resize import main, resize_datasets
+from src.data.enrich import enrich
+from src.core.errors import UserError
+from src.data.images import load_image
+from src.resize import main
+from src.data.resizing import resize_datasets
 from tests.corpus import write_defect_corpus
 
 REPO = Path(__file__).resolve().parent.parent

@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import shapely
 
-from src import geo
-from src.sample import sample_points, thin
+from src.core import geo
+from src.data.sampling import sample_points, thin
 from tests.test_cli import assert_user_error, run_command
 from tests.test_cli import test_help_lists_every_flag_with_its_default as check_help
 

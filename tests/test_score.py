@@ -9,9 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from src.errors import UserError
-from src.geo import geoguessr_scale_km, summarize_km
-from src.score import main, score_files
+from src.core.errors import UserError
+from src.core.geo import geoguessr_scale_km, summarize_km
+from src.score import main
+from src.evaluation.scoring import score_files
 
 REPO = Path(__file__).resolve().parent.parent
 EARTH_RADIUS_KM = 6371.0088

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import shapely
 
-from src import geo
-from src.images import VIEWS
-from src.errors import run_cli
+from src.core import geo
+from src.data.images import VIEWS
+from src.core.errors import run_cli
 from src.predict import main as predict_main
 from src.serve import build_parser
 from src.serve import main as serve_main
@@ -352,8 +352,8 @@ def test_page_in_a_real_browser(server, demo_dir):
 
 
 def test_class_cells_are_the_runs_grid_squares_and_none_for_other_cells(tiny_checkpoints):
-    from src.checkpoints import load_model
-    from src.serve import class_cells
+    from src.inference.checkpoints import load_model
+    from src.app.server import class_cells
 
     hparams = dict(load_model(tiny_checkpoints["classification"]).hparams)
     lat, lng, bounds = class_cells(hparams)

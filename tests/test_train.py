@@ -13,13 +13,14 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from src import geo
-from src.data import GeoDataModule, eval_transform, load_quadruplet
-from src.enrich import enrich
-from src.errors import run_cli
-from src.heads import DEFAULT_LABEL_SMOOTHING_KM
-from src.model import FreezeThenUnfreeze, GeoModel
-from src.train import class_table, main, resolve_defaults
+from src.core import geo
+from src.data.datamodule import GeoDataModule, eval_transform, load_quadruplet
+from src.data.enrich import enrich
+from src.core.errors import run_cli
+from src.model.heads import DEFAULT_LABEL_SMOOTHING_KM
+from src.model.geomodel import FreezeThenUnfreeze, GeoModel
+from src.training.run import class_table, resolve_defaults
+from src.train import main
 
 # Lightning 2.6 with torch 2.14: a deprecation warning per batch, from Lightning's own code
 pytestmark = pytest.mark.filterwarnings(r"ignore:.*isinstance\(treespec, LeafSpec\)")

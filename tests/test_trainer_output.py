@@ -3,7 +3,7 @@
 import logging
 
 from src.train import main
-from src.trainer_output import DropNoise, quiet_lightning
+from src.training.output import DropNoise, quiet_lightning
 
 
 def test_a_training_run_prints_no_lightning_noise(demo_dir, tmp_path, capfd, caplog):

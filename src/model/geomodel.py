@@ -17,12 +17,11 @@ from pytorch_lightning.callbacks import BaseFinetuning
 from torch import nn
 from torch.nn import functional as F
 
-from src.backbones import IMAGENET_MEAN, IMAGENET_STD, Backbone, create_backbone
-from src.geo import haversine_km_torch, snap_to_land, unproject
-from src.grid import CENTROID_KINDS
-from src.heads import (PREDICT_RULES, HybridHead, create_fusion, haversine_smoothing_loss, hybrid_loss,
-                       hybrid_points, predict_xy)
-from src.images import N_VIEWS
+from src.model.backbones import IMAGENET_MEAN, IMAGENET_STD, Backbone, create_backbone
+from src.core.geo import haversine_km_torch, snap_to_land, unproject
+from src.data.cells import CENTROID_KINDS
+from src.model.heads import PREDICT_RULES, HybridHead, create_fusion, haversine_smoothing_loss, hybrid_loss, hybrid_points, predict_xy
+from src.data.images import N_VIEWS
 
 APPROACHES = ("classification", "regression", "hybrid")
 OPTIMIZERS = ("adam", "adamw")

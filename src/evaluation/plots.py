@@ -14,8 +14,8 @@ from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.cm import ScalarMappable  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
-from src import geo  # noqa: E402
-from src.files import atomic_path  # noqa: E402
+from src.core import geo  # noqa: E402
+from src.core.files import atomic_path  # noqa: E402
 
 # train: blue dots; val and test: distinct colours and markers, drawn larger on top (sizes scaled by data)
 SPLIT_STYLE = {"train": {"color": "tab:blue", "marker": "o", "scale": 1.0},

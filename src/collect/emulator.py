@@ -22,7 +22,7 @@ import numpy as np
 from aiohttp import web
 from PIL import Image
 
-from src import geo
+from src.core import geo
 
 API_PATH = "/maps/api/streetview"
 FAULTS = ("429", "500", "slow", "truncated", "zero_results", "no_imagery", "denied", "over_query_limit")

@@ -7,7 +7,6 @@ so s = 65.6 km: a guess 65.6 km off scores 5000/e = 1839, one 10 km off scores 4
 """
 
 from functools import lru_cache
-from pathlib import Path
 
 import geopandas as gpd
 import numpy as np
@@ -15,10 +14,11 @@ import shapely
 from pyproj import Transformer
 from tabulate import tabulate
 
+from src.core.paths import BORDER_FILE
+
 WGS84 = "EPSG:4326"
 CROATIA_CRS = "EPSG:3766"  # HTRS96 / Croatia LCC, metres
 EARTH_RADIUS_KM = 6371.0088  # IUGG mean radius
-BORDER_FILE = Path(__file__).resolve().parent.parent / "data" / "croatia.geojson"
 
 
 @lru_cache(maxsize=None)

@@ -19,7 +19,7 @@ import torch
 import torchvision
 from torch import nn
 
-from src.errors import UserError
+from src.core.errors import UserError
 
 
 class Backbone(nn.Module):

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from src.geo import haversine_km_torch
-from src.grid import CENTROID_PREFIX
+from src.core.geo import haversine_km_torch
+from src.data.cells import CENTROID_PREFIX
 
 PREDICT_RULES = ("mean", "median", "mode")
 FUSIONS = ("concat", "mean", "attention")

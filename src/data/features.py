@@ -19,9 +19,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from src.backbones import Backbone
-from src.files import atomic_path
-from src.images import N_VIEWS, view_paths
+from src.model.backbones import Backbone
+from src.core.files import atomic_path
+from src.data.images import N_VIEWS, view_paths
 
 log = logging.getLogger(__name__)
 LISTED_CORRUPT = 5

@@ -16,10 +16,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
-from src.export import OnnxFeatureExtractor, resolve_engine
-from src.backbones import IMAGENET_MEAN, IMAGENET_STD
-from src.features import FeatureCache
-from src.images import load_image, view_paths
+from src.inference.engine import OnnxFeatureExtractor, resolve_engine
+from src.model.backbones import IMAGENET_MEAN, IMAGENET_STD
+from src.data.features import FeatureCache
+from src.data.images import load_image, view_paths
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from src.errors import UserError, brief
+from src.core.paths import REPORTS_DIR
+from src.core.errors import UserError, brief
 
-REPORTS_DIR = Path(__file__).resolve().parent.parent / "reports"
 # hparams every GeoModel checkpoint carries (predict needs the rest: prior_lat/lng, scaler, ...)
 MODEL_HPARAMS = ("approach", "backbone", "image_size", "classes")
 PREDICT_HPARAMS = ("image_size", "prior_lat", "prior_lng")
@@ -119,7 +119,7 @@ def load_model(path: str | Path, device: str = "cpu", flag: str = "--checkpoint"
     `overrides` replace hparams that only change how outputs become coordinates (`centroids`, `topk`,
     `predict_rule`); None values are ignored.
     """
-    from src.model import GeoModel  # Lightning and the backbones: only where a model is built
+    from src.model.geomodel import GeoModel  # Lightning and the backbones: only where a model is built
 
     read_hparams(path, flag, reports_dir, required=PREDICT_HPARAMS)
     overrides = {key: value for key, value in overrides.items() if value is not None}

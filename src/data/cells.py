@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import shapely
 
-from src import geo
+from src.core import geo
 
 CELL_KINDS = ("grid", "adaptive")
 CENTROID_KINDS = ("weighted", "clipped", "plain")

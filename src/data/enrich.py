@@ -1,0 +1,450 @@
+"""The enrich stage: dataset dirs -> kept locations with EPSG:3766 coordinates, split, cell class, centroids.
+
+    python -m src.enrich --dataset-dirs DIR [DIR ...] [--cells {grid,adaptive}] [--spacing 0.5] [--classes K]
+                         [--split-by {location,cell}] [--seed 0] [--out CSV]
+"""
+
+import argparse
+import hashlib
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tabulate import tabulate
+
+from src.core import geo
+from src.core.errors import UserError
+from src.core.files import atomic_path
+from src.data.cells import CELL_KINDS, CENTROID_PREFIX, Cells, CellSpec, Grid, class_table, nearest_class
+from src.data.ingest import CHECK_CACHE_DIR, SKIP_COLUMNS, Ingested, check_dataset_dirs, read_csv_strict, read_datasets
+
+SPLITS = ("train", "val", "test")
+SPLIT_BY = ("location", "cell")
+DEFAULT_SPLIT = (0.8, 0.1, 0.1)
+REPORTS_DIR = Path("reports")
+CENTROID_COLUMNS = [f"{prefix}_{axis}" for prefix in CENTROID_PREFIX.values() for axis in ("lat", "lng")]
+OUTPUT_COLUMNS = ["uuid", "latitude", "longitude", "dataset_dir", "image_dir", "split", "crs_x", "crs_y",
+                  "cell", "label", *CENTROID_COLUMNS]
+# the columns an enriched CSV must have to be reused with --locations (cells, labels, centroids are recomputed)
+LOCATIONS_COLUMNS = ["uuid", "latitude", "longitude", "dataset_dir", "image_dir", "split"]
+LOCATIONS_FILE = "locations.csv"  # a training run's enriched locations, in its version_N folder
+LISTED_PER_REASON = 10
+SPACING_RANGE = (0.01, 10.0)  # degrees: below ~1 km cells the grid gets huge, above it is one cell
+MAX_SEED = 2**32 - 1  # numpy and Lightning seeds
+MAX_CLASSES = 5000  # adaptive cells: k-means cost grows with locations x classes
+THIN_CLASS_MEDIAN = 5  # warn when the median class has fewer train locations than this
+TAG_LENGTH = 40  # dataset tags in file names stay short
+
+
+def check_spacing(spacing: float, flag: str = "--spacing") -> None:
+    """A grid spacing must be a finite number of degrees in SPACING_RANGE."""
+    low, high = SPACING_RANGE
+    if not low <= spacing <= high:  # also false for nan
+        raise UserError(f"{flag} {spacing:g}: give a grid cell size in degrees between {low:g} and {high:g} "
+                        "(e.g. 0.5)")
+
+
+def check_seed(seed: int) -> None:
+    if not 0 <= seed <= MAX_SEED:
+        raise UserError(f"--seed {seed}: give a whole number from 0 to {MAX_SEED}")
+
+
+def check_cells(cells: str, n_classes: int, split_by: str) -> None:
+    """--cells, --classes and --split-by must name a known kind / a class count in range."""
+    if cells not in CELL_KINDS:
+        raise UserError(f"--cells {cells}: choose one of {', '.join(CELL_KINDS)}")
+    if not 0 <= n_classes <= MAX_CLASSES:
+        raise UserError(f"--classes {n_classes}: give a number of adaptive cells from 1 to {MAX_CLASSES} "
+                        "(0: as many as the --spacing grid has classes)")
+    if n_classes and cells == "grid":
+        raise UserError(f"--classes {n_classes}: only for --cells adaptive; the grid's classes follow --spacing")
+    if split_by not in SPLIT_BY:
+        raise UserError(f"--split-by {split_by}: choose one of {', '.join(SPLIT_BY)}")
+
+
+@dataclass
+class Enriched:
+    """Everything later stages need: locations, the class table, the train scaler and the grid."""
+
+    locations: pd.DataFrame  # OUTPUT_COLUMNS, one row per kept location
+    classes: pd.DataFrame  # indexed 0..C-1, see grid.class_table
+    scaler: dict  # x_min, x_max, y_min, y_max of TRAIN rows in EPSG:3766 metres
+    grid: Cells  # the cells (a Grid or AdaptiveCells; named grid for history)
+    ingested: Ingested
+    split_by: str = "location"
+
+
+def unit_hash(keys, seed: int) -> np.ndarray:
+    """A number in [0, 1) per key, decided by (seed, key) alone: blake2b of the key, keyed by the seed."""
+    salt = int(seed).to_bytes(8, "little")
+    words = [int.from_bytes(hashlib.blake2b(str(key).encode(), digest_size=8, key=salt).digest(), "little") >> 11
+             for key in keys]
+    return np.asarray(words, dtype=float) / 2.0**53
+
+
+def split_locations(locations: pd.DataFrame, seed: int, fractions=DEFAULT_SPLIT, holdout_dirs=(),
+                    blocks=None, fold: tuple[int, int] | None = None) -> np.ndarray:
+    """'train'/'val'/'test' per row, fixed by `seed`, independent of row order.
+
+    Without `blocks` a seeded hash of each uuid decides its split, so adding or removing locations never
+    moves the others (split sizes follow the fractions up to sampling noise). With `blocks` (a block id
+    per row, e.g. its grid cell) whole blocks go to one split: in seeded-hash order of the block ids, the
+    blocks fill train, then val, then test by their number of locations.
+    Rows from `holdout_dirs` all go to test; the others are split by the train and val fractions
+    (renormalized) when dirs are held out, else by all three.
+
+    With `fold` (k, K), for K-fold cross-validation: the same positions cut into K equal folds, fold k is
+    the test split and the rest is split into train and val by the train and val fractions (renormalized),
+    using the position within its fold; so the K test splits partition the rows (or blocks).
+    """
+    fractions = np.asarray(fractions, float)
+    if fractions.shape != (3,) or not np.isfinite(fractions).all() or (fractions < 0).any() or abs(fractions.sum() - 1) > 1e-6 or fractions[0] <= 0:
+        raise UserError(f"--split {' '.join(map(str, fractions))}: give three fractions train val test, "
+                        "non-negative, summing to 1, train > 0 (e.g. 0.8 0.1 0.1)")
+    holdout = locations["dataset_dir"].isin([str(Path(d)) for d in holdout_dirs]).to_numpy()
+    if holdout_dirs:
+        fractions = np.array([fractions[0], fractions[1], 0.0]) / (fractions[0] + fractions[1])
+    split = np.full(len(locations), "test", dtype=object)
+    pool = ~holdout
+    if not pool.any():
+        return split
+    if blocks is None:
+        position = unit_hash(locations["uuid"].to_numpy()[pool], seed)
+    else:
+        ids, inverse, counts = np.unique(np.asarray(blocks)[pool], return_inverse=True, return_counts=True)
+        order = np.argsort(unit_hash(ids, seed), kind="stable")
+        filled = np.cumsum(counts[order])
+        middle = np.empty(len(ids))
+        middle[order] = (filled - counts[order] / 2) / filled[-1]
+        position = middle[inverse.ravel()]
+    if fold is not None:
+        k, n_folds = fold
+        scaled = position * n_folds
+        in_fold = np.minimum(np.floor(scaled), n_folds - 1)
+        within = scaled - in_fold
+        train_share = fractions[0] / (fractions[0] + fractions[1])
+        split[pool] = np.where(in_fold == k, "test", np.where(within < train_share, "train", "val"))
+        return split
+    train_end, val_end = np.cumsum(fractions)[:2]
+    split[pool] = np.where(position < train_end, "train", np.where(position < val_end, "val", "test"))
+    return split
+
+
+def minmax_scaler(x: np.ndarray, y: np.ndarray) -> dict:
+    """Min-max parameters of EPSG:3766 x/y (compute them from TRAIN rows only)."""
+    return {"x_min": float(np.min(x)), "x_max": float(np.max(x)), "y_min": float(np.min(y)), "y_max": float(np.max(y))}
+
+
+def split_and_cells(locations: pd.DataFrame, cells: CellSpec | Cells, seed: int = 0, fractions=DEFAULT_SPLIT,
+                    holdout_dirs=(), split_by: str = "location",
+                    fold: tuple[int, int] | None = None) -> tuple[np.ndarray, Cells]:
+    """The split of the rows (see split_locations) and the cells built from its TRAIN rows.
+
+    `cells` is a CellSpec, or cells already built (used as they are). With `split_by` 'cell' the split
+    blocks are the squares of the spacing grid (for grid cells: the cells themselves), so the blocks never
+    depend on the split they decide.
+    """
+    lat, lng = locations["latitude"].to_numpy(), locations["longitude"].to_numpy()
+    blocks = None
+    if split_by == "cell":
+        block_grid = cells if isinstance(cells, Grid) else cells.grid() if isinstance(cells, CellSpec) else None
+        if block_grid is None:
+            raise ValueError("--split-by cell needs a CellSpec or a Grid")
+        blocks = block_grid.assign(lat, lng)
+    split = split_locations(locations, seed, fractions, holdout_dirs, blocks, fold)
+    train = split == "train"
+    if not train.any():
+        raise UserError("no location left for training: add data or lower the val/test fractions")
+    if isinstance(cells, CellSpec):
+        cells = cells.build(lat[train], lng[train], seed)
+    return split, cells
+
+
+def locate_locations(locations: pd.DataFrame, split: np.ndarray,
+                     grid: Cells) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Project to EPSG:3766, assign cells and classes, attach class centroids and the train scaler."""
+    out = locations.copy()
+    out["split"] = split
+    train = split == "train"
+    out["crs_x"], out["crs_y"] = geo.project(out["latitude"].to_numpy(), out["longitude"].to_numpy())
+    out["cell"] = grid.assign(out["latitude"].to_numpy(), out["longitude"].to_numpy())
+    classes = class_table(grid, out["cell"].to_numpy()[train], out["crs_x"].to_numpy()[train],
+                          out["crs_y"].to_numpy()[train])
+    out["label"] = nearest_class(classes, grid, out["cell"].to_numpy(), out["latitude"].to_numpy(),
+                                 out["longitude"].to_numpy())
+    out[CENTROID_COLUMNS] = classes[CENTROID_COLUMNS].to_numpy()[out["label"].to_numpy()]
+    scaler = minmax_scaler(out["crs_x"].to_numpy()[train], out["crs_y"].to_numpy()[train])
+    return out[OUTPUT_COLUMNS], classes, scaler
+
+
+def enrich(dataset_dirs, spacing: float = 0.5, seed: int = 0, fractions=DEFAULT_SPLIT, holdout_dirs=(),
+           check_images: bool = True, full_decode: bool = False, max_outside_km: float = 10.0,
+           mainland_only: bool = False, progress: bool = True, cells: str = "grid", n_classes: int = 0,
+           split_by: str = "location", check_cache: Path | None = None,
+           fold: tuple[int, int] | None = None) -> Enriched:
+    """Read the dataset dirs and enrich their locations (see the module docstring); `fold` (k, K) makes
+    fold k of a K-fold cross-validation the test split (see split_locations)."""
+    check_spacing(spacing)
+    check_seed(seed)
+    check_cells(cells, n_classes, split_by)
+    if not 0 <= max_outside_km < float("inf"):  # also false for nan
+        raise UserError(f"--max-outside-km {max_outside_km:g}: give a distance in km >= 0 (e.g. 10)")
+    unknown = [d for d in holdout_dirs if str(Path(d)) not in {str(Path(x)) for x in dataset_dirs}]
+    if unknown:
+        raise UserError(f"--holdout-dirs {' '.join(map(str, unknown))}: not among --dataset-dirs")
+    ingested = read_datasets(dataset_dirs, check_images, full_decode, max_outside_km, mainland_only, progress,
+                             check_cache)
+    if ingested.locations.empty:
+        raise UserError(f"{', '.join(map(str, dataset_dirs))}: no usable location "
+                        f"({len(ingested.skipped)} skipped; see the skip list)")
+    spec = CellSpec(cells, spacing, n_classes, mainland_only)
+    split, built = split_and_cells(ingested.locations, spec, seed, fractions, holdout_dirs, split_by,
+                                   None if fold is None else tuple(fold))
+    locations, classes, scaler = locate_locations(ingested.locations, split, built)
+    return Enriched(locations, classes, scaler, built, ingested, split_by)
+
+
+# data hparams saved in every checkpoint -> (args attribute, default for checkpoints written before the key existed)
+DATA_HPARAM_DEFAULTS = {
+    "split_fractions": ("split", list(DEFAULT_SPLIT)), "holdout_dirs": ("holdout_dirs", []),
+    "full_decode": ("full_decode", False), "max_outside_km": ("max_outside_km", 10.0),
+    "mainland_only": ("mainland_only", False), "cells": ("cells", "grid"), "n_classes": ("n_classes", 0),
+    "split_by": ("split_by", "location"), "fold": ("fold", None),
+}
+
+
+def data_hparams(args: argparse.Namespace) -> dict[str, Any]:
+    """The data flags that decide the run's locations, split and cells, as checkpoint hparams (paths absolute).
+
+    With these, `apply_data_hparams` and `enrich_from_args` rebuild the run's locations exactly."""
+    return {"seed": args.seed, "spacing": args.spacing, "dataset_dirs": [str(d) for d in args.dataset_dirs],
+            "split_fractions": [float(f) for f in args.split], "holdout_dirs": [str(d) for d in args.holdout_dirs],
+            "full_decode": bool(args.full_decode), "max_outside_km": float(args.max_outside_km),
+            "mainland_only": bool(args.mainland_only), "cells": str(args.cells), "n_classes": int(args.n_classes),
+            "split_by": str(args.split_by), "fold": None if getattr(args, "fold", None) is None else list(args.fold)}
+
+
+def apply_data_hparams(args: argparse.Namespace, hparams) -> None:
+    """Set the data flags of `args` from a checkpoint's hparams (the inverse of data_hparams).
+
+    dataset_dirs, spacing and seed are required (KeyError without them); keys that older checkpoints lack,
+    or hold as None, fall back to the enrich defaults."""
+    args.dataset_dirs, args.spacing, args.seed = hparams["dataset_dirs"], hparams["spacing"], hparams["seed"]
+    for key, (attribute, default) in DATA_HPARAM_DEFAULTS.items():
+        value = hparams.get(key)
+        setattr(args, attribute, default if value is None else value)
+
+
+def read_locations_csv(path: str | Path, check_folders: bool = True) -> pd.DataFrame:
+    """An enriched locations CSV (`src.enrich --out`, or a run's version_N/locations.csv) to reuse as is.
+
+    Checked: the columns of LOCATIONS_COLUMNS, numeric degrees, unique uuids, split values, a train row
+    and (`check_folders`) that the image folders exist here; each problem is a one-line UserError naming the file and line.
+    """
+    path = Path(path)
+    fix = "pass a CSV written by `python -m src.enrich` or a run's version_N/locations.csv"
+    if not path.exists():
+        raise UserError(f"--locations {path}: file not found; {fix}")
+    frame = read_csv_strict(path, fix)
+    missing = [c for c in LOCATIONS_COLUMNS if c not in frame.columns]
+    if missing:
+        raise UserError(f"--locations {path}: lacks column(s) {', '.join(missing)} (has "
+                        f"{', '.join(map(str, frame.columns))}); {fix}")
+    if frame.empty:
+        raise UserError(f"--locations {path}: has a header but no rows; {fix}")
+    frame = frame[LOCATIONS_COLUMNS].copy()
+    degrees = frame[["latitude", "longitude"]].apply(pd.to_numeric, errors="coerce")
+    problems = [
+        (frame["uuid"].isna() | frame["uuid"].duplicated(keep=False), "empty or repeated uuid"),
+        (degrees.isna().any(axis=1) | ~degrees["latitude"].between(-90, 90) | ~degrees["longitude"].between(-180, 180),
+         "latitude/longitude not in degrees"),
+        (~frame["split"].isin(SPLITS), f"split not one of {', '.join(SPLITS)}"),
+        (frame["image_dir"].isna() | frame["dataset_dir"].isna(), "empty image_dir or dataset_dir"),
+    ]
+    for bad, what in problems:
+        if bad.any():
+            first = int(np.flatnonzero(bad.to_numpy())[0])
+            raise UserError(f"--locations {path}: line {first + 2}: {what} ({bad.sum()} row(s)); {fix}")
+    if not (frame["split"] == "train").any():
+        raise UserError(f"--locations {path}: no train row; {fix}")
+    absent = [d for d in frame["image_dir"] if not Path(d).is_dir()] if check_folders else []
+    if absent:
+        raise UserError(f"--locations {path}: {len(absent)} of {len(frame)} image folders do not exist here "
+                        f"(e.g. {absent[0]}); re-run enrich on this machine's --dataset-dirs")
+    frame[["latitude", "longitude"]] = degrees.astype(float)
+    return frame
+
+
+def enrich_from_locations(path: str | Path, spacing: float = 0.5, mainland_only: bool = False, cells: str = "grid",
+                          n_classes: int = 0, seed: int = 0) -> Enriched:
+    """Enriched from a locations CSV (read_locations_csv): its locations and split, no dataset dir read and
+    no image opened; cells (built from its train rows), classes, centroids and scaler are recomputed."""
+    check_spacing(spacing)
+    check_cells(cells, n_classes, "location")
+    frame = read_locations_csv(path)
+    base = frame[LOCATIONS_COLUMNS[:-1]].reset_index(drop=True)
+    split = frame["split"].to_numpy()
+    train = split == "train"
+    built = CellSpec(cells, spacing, n_classes, mainland_only).build(
+        base["latitude"].to_numpy()[train], base["longitude"].to_numpy()[train], seed)
+    locations, classes, scaler = locate_locations(base, split, built)
+    ingested = Ingested(locations=base, skipped=pd.DataFrame(columns=SKIP_COLUMNS),
+                        orphans=pd.DataFrame(columns=["dataset_dir", "folder"]), n_read=len(frame))
+    return Enriched(locations, classes, scaler, built, ingested, split_by="as in the locations CSV")
+
+
+def write_locations_csv(locations: pd.DataFrame, path: str | Path) -> Path:
+    """The enriched locations as a CSV (atomically), reusable with --locations."""
+    with atomic_path(path) as tmp:
+        locations.to_csv(tmp, index=False)
+    return Path(path)
+
+
+def add_locations_argument(parser: argparse.ArgumentParser) -> None:
+    """--locations CSV: reuse an enriched CSV instead of reading --dataset-dirs (train, analyze)."""
+    parser.add_argument("--locations", type=Path, default=None, metavar="CSV",
+                        help="reuse this enriched CSV (src.enrich --out, or a run's version_N/locations.csv): its "
+                             "locations and split, no image re-checked; instead of --dataset-dirs (default: none)")
+
+
+def check_data_flags(args: argparse.Namespace) -> None:
+    """Cheap checks of the data flags before any slow start-up: the dataset dirs exist and hold a data.csv;
+    with --locations the CSV is valid and its dataset dirs become args.dataset_dirs."""
+    if getattr(args, "locations", None) is not None:
+        if args.dataset_dirs:
+            raise UserError("--locations and --dataset-dirs: give one of them (the CSV already names its dataset dirs)")
+        args.dataset_dirs = [Path(d) for d in dict.fromkeys(read_locations_csv(args.locations)["dataset_dir"])]
+    else:
+        check_dataset_dirs(args.dataset_dirs)
+
+
+def add_enrich_arguments(parser: argparse.ArgumentParser, require_dataset: bool = False) -> None:
+    """The data flags shared by every command that reads dataset dirs (enrich, train)."""
+    group = parser.add_argument_group("data")
+    group.add_argument("--dataset-dirs", nargs="+", type=Path, required=require_dataset, metavar="DIR",
+                       help="LUMEN dataset dirs (data.csv + data/ or images/ with one folder per uuid)")
+    group.add_argument("--cells", choices=CELL_KINDS, default="grid",
+                       help="classes: squares of --spacing, or adaptive k-means cells of the train locations "
+                            "(Voronoi polygons clipped to Croatia) (default: grid)")
+    group.add_argument("--spacing", type=float, default=0.5,
+                       help="grid cell size in degrees; also the blocks of --split-by cell (default: 0.5)")
+    group.add_argument("--classes", "--n-classes", type=int, default=0, dest="n_classes", metavar="K",
+                       help="number of adaptive cells; 0: as many as the --spacing grid has classes (default: 0)")
+    group.add_argument("--seed", type=int, default=0, help="seed of the split, the cells and training (default: 0)")
+    group.add_argument("--split", type=float, nargs=3, default=DEFAULT_SPLIT, metavar=("TRAIN", "VAL", "TEST"),
+                       help="split fractions (default: 0.8 0.1 0.1)")
+    group.add_argument("--split-by", choices=SPLIT_BY, default="location",
+                       help="location: a seeded hash of each uuid decides its split; cell: whole --spacing grid "
+                            "squares go to one split, so nearby locations never sit in train and test "
+                            "(default: location)")
+    group.add_argument("--holdout-dirs", nargs="+", type=Path, default=[], metavar="DIR",
+                       help="dataset dirs used whole as the test split (default: none)")
+    group.add_argument("--full-decode", action="store_true",
+                       help="check images by decoding every pixel (default: header and end marker only)")
+    group.add_argument("--max-outside-km", type=float, default=10.0,
+                       help="reject points farther than this outside the border (default: 10)")
+    group.add_argument("--mainland-only", action="store_true",
+                       help="use the mainland polygon only, without islands (default: off)")
+    group.add_argument("--check-cache", type=Path, default=CHECK_CACHE_DIR, metavar="DIR",
+                       help="remember image checks here, keyed by path, size and mtime, so unchanged images are "
+                            "not re-opened (default: data/cache/image_checks)")
+    group.add_argument("--no-check-cache", dest="check_cache", action="store_const", const=None,
+                       help="check every image again and remember nothing")
+
+
+def enrich_from_args(args: argparse.Namespace, progress: bool = True, report: bool = True) -> Enriched:
+    """enrich() with the flags of add_enrich_arguments (enrich_from_locations with --locations).
+
+    With `report`, the skipped rows and orphan folders are listed on stderr (a few per reason), so a
+    command that reads dataset dirs (train, analyze) never loses a location silently.
+    """
+    if getattr(args, "locations", None) is not None:
+        return enrich_from_locations(args.locations, args.spacing, args.mainland_only, args.cells, args.n_classes,
+                                     args.seed)
+    enriched = enrich(args.dataset_dirs, args.spacing, args.seed, args.split, args.holdout_dirs,
+                      full_decode=args.full_decode, max_outside_km=args.max_outside_km,
+                      mainland_only=args.mainland_only, progress=progress, cells=args.cells,
+                      n_classes=args.n_classes, split_by=args.split_by, check_cache=args.check_cache,
+                      fold=getattr(args, "fold", None))
+    if report:
+        listing = skip_listing(enriched.ingested)
+        if listing:
+            print(listing, file=sys.stderr)
+        warning = thin_data_warning(enriched)
+        if warning:
+            print(warning, file=sys.stderr)
+    return enriched
+
+
+def thin_data_warning(enriched: Enriched) -> str | None:
+    """A warning line when the median class has fewer than THIN_CLASS_MEDIAN train locations, else None."""
+    sizes = enriched.classes["n_train"]
+    if sizes.median() >= THIN_CLASS_MEDIAN:
+        return None
+    fix = ("a larger --spacing" if enriched.grid.kind == "grid" else "fewer --classes")
+    return (f"warning: training data is thin for the classes: {len(sizes)} classes hold a median of "
+            f"{sizes.median():g} train location(s) each (below {THIN_CLASS_MEDIAN}); most classes can hardly "
+            f"be learnt. Use {fix}, or more data")
+
+
+def dataset_tag(dataset_dirs) -> str:
+    """A short name of the dataset dirs for file and run names: their folder names joined by '+'."""
+    names = [re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(d).resolve().name) or "root" for d in dataset_dirs]
+    tag = "+".join(names)
+    if len(tag) > TAG_LENGTH:
+        tag = f"{names[0][:TAG_LENGTH - 8]}+{len(names) - 1}more" if len(names) > 1 else names[0][:TAG_LENGTH]
+    return tag
+
+
+def output_tag(dataset_dirs, cells: Cells, split_by: str = "location") -> str:
+    """The name part of enrich's outputs: dataset tag, cells (grid0.5, adaptive30) and a cell split."""
+    return f"{dataset_tag(dataset_dirs)}_{cells.tag}" + ("_cellsplit" if split_by == "cell" else "")
+
+
+def summary(enriched: Enriched) -> str:
+    """A tabulate summary: locations read / kept / skipped per reason, cells, classes, class sizes."""
+    ingested, locations = enriched.ingested, enriched.locations
+    rows = [("CSV rows read", ingested.n_read), ("locations kept", len(locations))]
+    rows += [(f"skipped: {reason}", count) for reason, count in ingested.skipped["reason"].value_counts().items()]
+    rows += [("image folders without a CSV row", len(ingested.orphans))]
+    rows += [(f"split: {name}", int((locations["split"] == name).sum())) for name in SPLITS]
+    rows += [("split by", enriched.split_by)]
+    sizes = enriched.classes["n_train"]
+    rows += enriched.grid.describe()
+    rows += [("classes (cells with train data)", len(sizes)),
+             ("train locations per class (min / median / max)", f"{sizes.min()} / {sizes.median():g} / {sizes.max()}")]
+    return tabulate(rows, headers=["", "count"], tablefmt="github")
+
+
+def skip_listing(ingested: Ingested, report_path: Path | None = None) -> str:
+    """Console listing of skipped rows and orphan folders, a few per reason; the full list is in the report.
+
+    Without a report file (`report_path` None) the rest is pointed to `python -m src.enrich`'s report.
+    """
+    if report_path is None:
+        dirs = " ".join(sorted(set(map(str, [*ingested.skipped["dataset_dir"], *ingested.orphans["dataset_dir"]]))))
+        report_path = f"the skip report of `python -m src.enrich --dataset-dirs {dirs}`"
+    lines = []
+    for reason, group in ingested.skipped.groupby("reason", sort=True):
+        lines.append(f"warning: skipped {len(group)} location(s): {reason}")
+        lines += [f"  {row.dataset_dir}: {row.uuid} ({row.detail})" for row in group.head(LISTED_PER_REASON).itertuples()]
+        if len(group) > LISTED_PER_REASON:
+            lines.append(f"  ... and {len(group) - LISTED_PER_REASON} more in {report_path}")
+    if len(ingested.orphans):
+        lines.append(f"warning: {len(ingested.orphans)} image folder(s) have no row in data.csv (not used)")
+        lines += [f"  {folder}" for folder in ingested.orphans["folder"].head(LISTED_PER_REASON)]
+        if len(ingested.orphans) > LISTED_PER_REASON:
+            lines.append(f"  ... and {len(ingested.orphans) - LISTED_PER_REASON} more in {report_path}")
+    return "\n".join(lines)
+
+
+def write_skip_report(ingested: Ingested, path: Path) -> None:
+    """All skipped rows and orphan folders as one CSV (reason 'folder without CSV row' for orphans)."""
+    orphans = pd.DataFrame({"dataset_dir": ingested.orphans["dataset_dir"], "uuid": ingested.orphans["folder"].map(lambda f: Path(f).name),
+                            "reason": "folder without CSV row", "detail": ingested.orphans["folder"]})
+    with atomic_path(path) as tmp:
+        pd.concat([ingested.skipped, orphans], ignore_index=True).to_csv(tmp, index=False)
