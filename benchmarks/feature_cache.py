@@ -19,10 +19,12 @@ from pathlib import Path
 import pytorch_lightning as pl
 
 from benchmarks import DEFAULT_DATASET
-from src.data.datamodule import GeoDataModule, eval_transform, load_quadruplet
+from src.data.datamodule import GeoDataModule
+from src.data.quadruplets import eval_transform, load_quadruplet
 from src.data.enrich import enrich
 from src.data.features import FeatureCache
-from src.model.geomodel import FreezeThenUnfreeze, GeoModel
+from src.model.geomodel import GeoModel
+from src.model.finetune import FreezeThenUnfreeze
 from src.training.run import class_table
 
 

@@ -24,7 +24,8 @@ from tabulate import tabulate
 from src.core import geo
 from src.data.enrich import locate_locations, split_locations
 from src.core.errors import UserError, run_cli
-from src.data.cells import CENTROID_KINDS, CENTROID_PREFIX, CellSpec, build_grid
+from src.data.cells import CellSpec, build_grid
+from src.data.config import CENTROID_KINDS, CENTROID_PREFIX
 
 SPACING_RANGE = (0.05, 3.0)  # degrees searched for a grid with the target class count
 BISECTION_STEPS = 12

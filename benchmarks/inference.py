@@ -30,7 +30,7 @@ import torch
 
 from src.core import geo
 from src.model.backbones import create_backbone
-from src.data.datamodule import eval_transform, load_quadruplet
+from src.data.quadruplets import eval_transform, load_quadruplet
 from src.data.enrich import enrich
 from src.inference.engine import OnnxFeatureExtractor, OnnxGeoModel, export_model, infer
 from src.data.features import FeatureCache

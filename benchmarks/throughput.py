@@ -19,7 +19,7 @@ import torch
 from torch.nn import functional as F
 
 from benchmarks import DEFAULT_DATASET
-from src.data.datamodule import eval_transform, load_quadruplet
+from src.data.quadruplets import eval_transform, load_quadruplet
 from src.data.ingest import find_image_root, list_location_dirs
 from src.model.geomodel import GeoModel
 

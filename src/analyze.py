@@ -11,18 +11,22 @@ Figures go to figures/, tables to reports/analysis/ (both written atomically); t
 
 import argparse
 import sys
+from types import SimpleNamespace
 from pathlib import Path
 
 
 from tabulate import tabulate
 
 from src.inference.checkpoints import REPORTS_DIR, checkpoints_listing
-from src.data.enrich import SPLITS, add_enrich_arguments, add_locations_argument, check_data_flags, check_spacing, enrich_from_args
+from src.core.files import write_csv
+from src.core.flags import check_ranges
+from src.data.config import SPLITS, DataConfig, add_data_arguments, add_locations_argument, spacing_rule
+from src.data.enrich import enrich_data
 from src.core.errors import UserError, run_cli
-from src.data.cells import CENTROID_KINDS
+from src.data.config import CENTROID_KINDS
 from src.core.geo import km_table, summarize_km
 from src.evaluation.scoring import match_and_measure, read_locations
-from src.evaluation.analysis import DEFAULT_SPACINGS, confusion_summary, confusion_text, enrich_args_from_checkpoint, error_map, oracle_ceiling, oracle_figure, per_class_accuracy, predicted_classes, rows_of_split, worst_gallery, write_table
+from src.evaluation.analysis import DEFAULT_SPACINGS, confusion_summary, confusion_text, data_of_checkpoint, error_map, oracle_ceiling, oracle_figure, per_class_accuracy, predicted_classes, rows_of_split, worst_gallery
 
 
 
@@ -31,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m src.analyze", allow_abbrev=False,
         description="Oracle ceiling of the grid; with --submission: error map, worst-N gallery, per-class accuracy.",
     )
-    add_enrich_arguments(parser)
+    add_data_arguments(parser)
     add_locations_argument(parser)
     group = parser.add_argument_group("analysis")
     group.add_argument("--checkpoint", type=Path,
@@ -63,27 +67,27 @@ def main(argv: list[str] | None = None) -> dict:
         if value < 1:
             raise UserError(f"{flag} {value}: give a number of rows >= 1")
     for spacing in args.spacings:
-        check_spacing(spacing, "--spacings")
+        check_ranges(SimpleNamespace(spacings=spacing), [spacing_rule("spacings")])
     checkpoint = None
     if not args.dataset_dirs and args.locations is None:
-        checkpoint = enrich_args_from_checkpoint(args)
-        where = f"--locations {args.locations}" if args.locations is not None else \
-            f"--dataset-dirs {' '.join(map(str, args.dataset_dirs))}"
-        print(f"locations of the run of {checkpoint}: {where} --spacing {args.spacing} --seed {args.seed}",
+        checkpoint, data = data_of_checkpoint(args.checkpoint, args.reports_dir)
+        where = f"--locations {data.locations_csv}" if data.locations_csv is not None else \
+            f"--dataset-dirs {' '.join(data.dataset_dirs)}"
+        print(f"locations of the run of {checkpoint}: {where} --spacing {data.spacing} --seed {data.seed}",
               file=sys.stderr)
     else:
-        check_data_flags(args)
-    enriched = enrich_from_args(args, progress=False)
+        data = DataConfig.from_args(args)
+    enriched = enrich_data(data, progress=False)
     out: dict = {}
 
-    oracle = oracle_ceiling(enriched, [*args.spacings, args.spacing], args.eval_split, args.mainland_only)
+    oracle = oracle_ceiling(enriched, [*args.spacings, data.spacing], args.eval_split, data.mainland_only)
     out["oracle"] = oracle
     print(f"oracle ceiling ({args.eval_split} locations at their true class's centroid), mean / median km:")
     print(tabulate([[r.spacing, r.classes, r.locations, *(f"{getattr(r, f'{k}_km'):.1f} / "
                                                           f"{getattr(r, f'{k}_median_km'):.1f}" for k in CENTROID_KINDS)]
                     for r in oracle.itertuples()],
                    headers=["spacing", "classes", "locations", *CENTROID_KINDS], tablefmt="github"))
-    paths = [write_table(oracle, args.tables_dir / "oracle_ceiling.csv"),
+    paths = [write_csv(oracle, args.tables_dir / "oracle_ceiling.csv"),
              oracle_figure(oracle, args.figures_dir / "oracle_ceiling.png", args.eval_split)]
 
     if args.submission is not None:
@@ -119,9 +123,9 @@ def main(argv: list[str] | None = None) -> dict:
         image_dirs = dict(zip(labels.index, labels["image_dir"]))
         gallery, worst = worst_gallery(errors, image_dirs, args.figures_dir / f"{name}_worst.png", n=args.worst)
         paths += [
-            write_table(errors, args.tables_dir / f"{name}_errors.csv"),
-            write_table(accuracy, args.tables_dir / f"{name}_per_class.csv"),
-            write_table(confusion, args.tables_dir / f"{name}_confusion.csv"),
+            write_csv(errors, args.tables_dir / f"{name}_errors.csv"),
+            write_csv(accuracy, args.tables_dir / f"{name}_per_class.csv"),
+            write_csv(confusion, args.tables_dir / f"{name}_confusion.csv"),
             error_map(errors, args.figures_dir / f"{name}_error_map.png"),
             gallery,
         ]

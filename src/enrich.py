@@ -10,14 +10,17 @@ from pathlib import Path
 
 
 from src.core.errors import run_cli
-from src.data.enrich import REPORTS_DIR, add_enrich_arguments, enrich_from_args, output_tag, skip_listing, summary, thin_data_warning, write_locations_csv, write_skip_report
+from src.data.config import DataConfig, add_data_arguments
+from src.data.enrich import enrich_data, output_tag, skip_listing, summary, thin_data_warning, write_skip_report
+from src.data.locations import write_locations_csv
 
+REPORTS_DIR = Path("reports")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m src.enrich", allow_abbrev=False,
                                      description="Read LUMEN dataset dirs and write the enriched location table.")
-    add_enrich_arguments(parser, require_dataset=True)
+    add_data_arguments(parser, require_dataset=True)
     parser.add_argument("--out", type=Path,
                         help=f"enriched CSV, written atomically; the skip report goes beside it as <stem>_skipped.csv "
                              f"(default: {REPORTS_DIR}/enriched_<dataset>_<cells>.csv, e.g. enriched_demo_grid0.5.csv)")
@@ -31,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
 
-    enriched = enrich_from_args(args, report=False)
+    enriched = enrich_data(DataConfig.from_args(args), report=False)
     tag = output_tag(args.dataset_dirs, enriched.grid, args.split_by)
     out = args.out or REPORTS_DIR / f"enriched_{tag}.csv"
     report_path = out.with_name(f"{out.stem}_skipped.csv")

@@ -44,8 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_inputs(model, images: Path | None, limit: int = 8) -> tuple[torch.Tensor, str]:
     """Real quadruplets [B, 4, 3, S, S] to compare the engines on, and where they came from."""
-    from src.data.datamodule import input_spec
-    from src.inference.predictor import QuadrupletFolders, collate_quadruplets, locations_from_images
+    from src.data.quadruplets import input_spec
+    from src.inference.predictor import locations_from_images
+    from src.data.quadruplets import QuadrupletFolders, collate_quadruplets
 
     if images is not None and not images.is_dir():
         raise UserError(f"--check-images {images}: not a directory; give a location folder (0.jpg ... 270.jpg) "

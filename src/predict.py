@@ -27,8 +27,8 @@ from src.inference.checkpoints import REPORTS_DIR, find_checkpoint, load_model
 from src.core.errors import UserError, run_cli
 from src.inference.engine import ENGINES, engine_model, resolve_engine
 from src.core.files import atomic_path
-from src.data.cells import CENTROID_KINDS
-from src.model.heads import PREDICT_RULES
+from src.data.config import CENTROID_KINDS
+from src.model.config import PREDICT_RULES
 from src.inference.predictor import check_device, ensemble_prior, locations_from_checkpoint, locations_from_images, predict_locations
 
 # a missing view is replaced by the first readable one in this order: its neighbours, then the opposite view

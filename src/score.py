@@ -11,9 +11,9 @@ from pathlib import Path
 
 
 from src.core.errors import UserError, run_cli
-from src.core.files import atomic_path
+from src.core.files import write_csv
 from src.core.geo import geoguessr_scale_km, km_table
-from src.data.enrich import read_locations_csv
+from src.data.locations import read_locations_csv
 from src.evaluation.scoring import score_files
 
 
@@ -55,8 +55,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         print(f"warning: ignored {len(scored.extra)} submission row(s) whose uuid is not in the truth file "
               f"(first: {', '.join(scored.extra[:5])})", file=sys.stderr)
     if args.errors_out:
-        with atomic_path(args.errors_out) as tmp:
-            scored.errors.to_csv(tmp, index=False)
+        write_csv(scored.errors, args.errors_out)
         print(f"per-location errors: {args.errors_out}", file=sys.stderr)
     print(km_table([(Path(args.submission).name, stats)], "submission"))
     print(f"GeoGuessr: mean points per location, 5000 * exp(-km / {geoguessr_scale_km():.1f})")

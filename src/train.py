@@ -20,18 +20,43 @@ import signal
 import sys
 from pathlib import Path
 
-from tqdm import tqdm
-
-from src.model.backbones import list_backbones
-from src.data.datamodule import AUGMENT_CHOICES
-from src.data.enrich import add_enrich_arguments, add_locations_argument
-from src.core.errors import run_cli
+from src.core.errors import UserError, run_cli
+from src.core.flags import Rule, at_least, check_ranges, non_negative_finite, positive_finite
+from src.core.paths import FEATURE_CACHE_DIR
+from src.data.config import (AUGMENT_CHOICES, CENTROID_KINDS, DataConfig, LoaderConfig, add_data_arguments,
+                             add_locations_argument)
 from src.inference.engine import ENGINES
-from src.data.cells import CENTROID_KINDS
-from src.model.heads import FUSIONS, PREDICT_RULES
-from src.model.geomodel import APPROACHES, OPTIMIZERS, SCHEDULERS
-from src.training.run import DEFAULTS, DEFAULT_CACHE_DIR, Interrupt, PRECISIONS, check_numbers, default_num_workers, interrupted_message, train
+from src.model.backbones import list_backbones
+from src.model.config import (APPROACHES, DEFAULT_FUSION, DEFAULT_LABEL_SMOOTHING_KM, DEFAULT_PREDICT_RULE, FUSIONS,
+                              OPTIMIZERS, PREDICT_RULES, SCHEDULERS, ModelConfig, OptimConfig)
+from src.training.config import MAX_IMAGE_SIZE, PRECISIONS, RunConfig, TrainerConfig
+from src.training.run import default_num_workers
 
+RULES = [
+    Rule("epochs", at_least(1), "a whole number of epochs >= 1"),
+    Rule("batch_size", at_least(1), "a number of locations per batch >= 1"),
+    Rule("image_size", lambda v: 16 <= v <= MAX_IMAGE_SIZE, f"a side in pixels from 16 to {MAX_IMAGE_SIZE}"),
+    Rule("num_workers", at_least(0), "0 (load in the main process) or more worker processes"),
+    Rule("lr", positive_finite, "a positive learning rate, e.g. 1e-3"),
+    Rule("lr_finetune", positive_finite, "a positive learning rate, e.g. 1e-4"),
+    Rule("weight_decay", non_negative_finite, "0 or more"),
+    Rule("dropout", lambda v: 0 <= v < 1, "a probability in [0, 1)"),
+    Rule("mirror_p", lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+    Rule("topk", at_least(0), "0 (all classes) or more"),
+    Rule("hidden", at_least(0), "0 (a linear head) or more units"),
+    Rule("warmup_epochs", at_least(0), "0 or more epochs"),
+    Rule("unfreeze_blocks", at_least(0), "0 (all stages) or more"),
+    Rule("num_nodes", at_least(1), "1 or more"),
+    Rule("accumulate_grad_batches", at_least(1), "1 or more batches"),
+    Rule("gradient_clip_val", positive_finite, "a positive gradient norm"),
+    Rule("early_stopping_patience", at_least(1), "1 or more validations"),
+    Rule("val_check_interval", lambda v: 0 < v <= 1 or (v > 1 and float(v).is_integer()),
+         "a fraction of an epoch in (0, 1] or a whole number of batches"),
+    Rule("ema", lambda v: 0 < v < 1, "a decay in (0, 1), e.g. 0.999"),
+    Rule("label_smoothing_km", non_negative_finite, "0 (off) or a distance in km, e.g. 12"),
+    Rule("offset_weight", non_negative_finite, "0 or more"),
+    Rule("folds", lambda v: 2 <= v <= 100, "a number of folds from 2 to 100"),
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--approach", choices=APPROACHES, required=True,
                         help="predict a cell (classification), the x/y position (regression), or a cell and the "
                              "offset inside it (hybrid)")
-    add_enrich_arguments(parser)
+    add_data_arguments(parser)
     add_locations_argument(parser)
     model = parser.add_argument_group("model")
     model.add_argument("--backbone", choices=list_backbones(), default=None,
@@ -53,16 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--centroids", choices=CENTROID_KINDS, default="weighted",
                        help="class centroids averaged by the classification prediction (default: weighted)")
     model.add_argument("--topk", type=int, default=0, help="average only the k most likely classes, 0 for all (default: 0)")
-    model.add_argument("--predict-rule", choices=PREDICT_RULES, default=DEFAULTS["predict_rule"],
+    model.add_argument("--predict-rule", choices=PREDICT_RULES, default=DEFAULT_PREDICT_RULE,
                        help="class probabilities -> point: probability-weighted mean, geometric median (minimises the "
                             f"expected km) or mode (the most likely class); saved, predict can override "
-                            f"(default: {DEFAULTS['predict_rule']})")
-    model.add_argument("--fusion", choices=FUSIONS, default=DEFAULTS["fusion"],
+                            f"(default: {DEFAULT_PREDICT_RULE})")
+    model.add_argument("--fusion", choices=FUSIONS, default=DEFAULT_FUSION,
                        help="how the four view embeddings combine: side by side, averaged, or a self-attention layer "
-                            f"with heading embeddings (default: {DEFAULTS['fusion']})")
-    model.add_argument("--label-smoothing-km", type=float, default=DEFAULTS["label_smoothing_km"], metavar="TAU",
+                            f"with heading embeddings (default: {DEFAULT_FUSION})")
+    model.add_argument("--label-smoothing-km", type=float, default=DEFAULT_LABEL_SMOOTHING_KM, metavar="TAU",
                        help="haversine label smoothing: soft targets exp(-d/TAU) over the class centroids, 0 for one-hot "
-                            f"cross-entropy (default: {DEFAULTS['label_smoothing_km']:g})")
+                            f"cross-entropy (default: {DEFAULT_LABEL_SMOOTHING_KM:g})")
     model.add_argument("--offset-weight", type=float, default=1.0,
                        help="hybrid: weight of the offset loss beside the cell loss (default: 1)")
     model.add_argument("--hidden", type=int, default=512, help="hidden units of the head, 0 for a linear head (default: 512)")
@@ -101,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="probability of mirroring an augmented training quadruplet: all views flipped, 90/270 swapped (default: 0)")
     data.add_argument("--cache-features", action=argparse.BooleanOptionalAction, default=True,
                       help="reuse backbone features from disk while the backbone is frozen and unaugmented (default: on)")
-    data.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help="feature cache folder (default: data/cache/features)")
+    data.add_argument("--cache-dir", type=Path, default=FEATURE_CACHE_DIR, help="feature cache folder (default: data/cache/features)")
     data.add_argument("--engine", choices=ENGINES, default="auto",
                       help="fills the feature cache: torch, or ONNX Runtime (backbone exported once into the cache "
                            "folder); auto: onnx on the CPU, torch on a GPU (default: auto)")
@@ -131,6 +156,58 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_config(args: argparse.Namespace) -> RunConfig:
+    """The typed configs of a run from the flags, with the situation-dependent defaults filled in."""
+    import torch  # noqa: PLC0415 (not for --help)
+
+    from src.model.backbones import backbone_spec  # noqa: PLC0415
+    from src.training.run import default_precision, ensure_demo_dataset, resolve_choices, say  # noqa: PLC0415
+
+    if args.folds is not None and (args.resume is not None or args.locations is not None):
+        raise UserError(f"--folds {args.folds}: cross-validation splits the dataset dirs itself; "
+                        "drop --resume / --locations")
+    demo = not args.dataset_dirs and args.locations is None
+    if demo:
+        args.dataset_dirs = [ensure_demo_dataset()]
+    data = DataConfig.from_args(args)  # a wrong --dataset-dirs or --locations fails here, before the slow start-up
+    choices = resolve_choices(args.backbone, args.image_size, args.epochs, args.unfreeze_at_epoch, demo, args.quick)
+    gpu = args.accelerator != "cpu" and torch.cuda.is_available()
+    precision, reason = default_precision(args.accelerator) if args.precision is None else (args.precision, "--precision")
+    channels_last = gpu if args.channels_last is None else args.channels_last
+    say(f"precision: {precision} ({reason}); channels_last: {'on' if channels_last else 'off'}")
+    deterministic = not gpu if args.deterministic is None else args.deterministic
+    # on a GPU some ops (e.g. adaptive pooling's backward) have no deterministic kernel: warn, do not fail
+    deterministic = ("warn" if gpu else True) if deterministic else False
+    spec = backbone_spec(choices.backbone)
+    if args.run_name is None:
+        from src.data.enrich import dataset_tag  # noqa: PLC0415
+
+        source = "demo" if demo else dataset_tag(data.dataset_dirs) if args.dataset_dirs else "locations"
+        args.run_name = f"{source}-{args.approach}-{choices.backbone}"
+    model = ModelConfig(
+        approach=args.approach, backbone=choices.backbone, image_size=choices.image_size,
+        backbone_weights="imagenet" if args.pretrained else "random", fusion=args.fusion, hidden=args.hidden,
+        dropout=args.dropout, centroids=args.centroids, topk=args.topk, predict_rule=args.predict_rule,
+        label_smoothing_km=args.label_smoothing_km, offset_weight=args.offset_weight, image_mean=tuple(spec.mean),
+        image_std=tuple(spec.std), channels_last=channels_last)
+    optim = OptimConfig(lr=args.lr, lr_finetune=args.lr_finetune, unfreeze_at_epoch=choices.unfreeze_at_epoch,
+                        unfreeze_blocks=args.unfreeze_blocks, freeze_bn=args.freeze_bn, optimizer=args.optimizer,
+                        weight_decay=args.weight_decay, scheduler=args.scheduler, warmup_epochs=args.warmup_epochs)
+    loader = LoaderConfig(image_size=choices.image_size, mean=tuple(spec.mean), std=tuple(spec.std),
+                          batch_size=args.batch_size, num_workers=args.num_workers, augment=args.augment,
+                          mirror_p=args.mirror_p, unfreeze_at_epoch=choices.unfreeze_at_epoch,
+                          cache_dir=str(args.cache_dir) if args.cache_features else None,
+                          backbone=choices.backbone, engine=args.engine)
+    trainer = TrainerConfig(
+        epochs=choices.epochs, out_dir=args.out_dir, run_name=args.run_name, accelerator=args.accelerator,
+        devices=args.devices, num_nodes=args.num_nodes, strategy=args.strategy, precision=precision,
+        deterministic=deterministic, accumulate_grad_batches=args.accumulate_grad_batches,
+        gradient_clip_val=args.gradient_clip_val, early_stopping_patience=args.early_stopping_patience,
+        val_check_interval=args.val_check_interval, ema=args.ema, quick=args.quick, resume=args.resume,
+        folds=args.folds)
+    return RunConfig(data, model, optim, loader, trainer)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse the CLI, train, test the best checkpoint, print the table and the checkpoint path.
 
@@ -138,18 +215,33 @@ def main(argv: list[str] | None = None) -> None:
     """
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = build_parser().parse_args(argv)
-    check_numbers(args)
+    check_ranges(args, RULES)
+    from tqdm import tqdm  # noqa: PLC0415
+
+    from src.inference.checkpoints import read_checkpoint  # noqa: PLC0415
+    from src.training.callbacks import Interrupt, interrupted_message  # noqa: PLC0415
+    from src.training.run import check_resume, say_fine_tuning, train  # noqa: PLC0415
+
     interrupt = Interrupt()
+    epochs = args.epochs
     with interrupt.installed():
         try:
-            train(args, interrupt)
+            # the --resume file is read before anything else is printed
+            saved = read_checkpoint(args.resume, "--resume", training_state=True) if args.resume else None
+            config = run_config(args)
+            epochs = config.trainer.epochs
+            say_fine_tuning(config)
+            if saved is not None:
+                check_resume(config, saved)
+            train(config, interrupt)
         except (KeyboardInterrupt, SystemExit) as exception:
             # Lightning turns a KeyboardInterrupt inside fit/test into sys.exit(1) after its graceful shutdown
             if interrupt.signal is None and not isinstance(exception, KeyboardInterrupt):
                 raise
             for bar in list(getattr(tqdm, "_instances", ())):  # Lightning's bars: closed now, not after our line
                 bar.close()
-            print(f"error: {interrupted_message(interrupt, argv, args, args.epochs)}", file=sys.stderr, flush=True)
+            print(f"error: {interrupted_message(interrupt, argv, args.resume, epochs)}",
+                  file=sys.stderr, flush=True)
             raise SystemExit(128 + signal.Signals[interrupt.signal or "SIGINT"].value) from None
 
 

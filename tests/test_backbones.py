@@ -6,7 +6,8 @@ import pytest
 import torch
 from torchvision import transforms as T
 
-from src.model.backbones import EFFICIENTNET_LITE_MEAN, EFFICIENTNET_LITE_STD, IMAGENET_MEAN, IMAGENET_STD, backbone_spec, create_backbone, default_backbone, list_backbones
+from src.model.backbones import EFFICIENTNET_LITE_MEAN, EFFICIENTNET_LITE_STD, backbone_spec, create_backbone, default_backbone, list_backbones
+from src.model.config import IMAGENET_MEAN, IMAGENET_STD
 from src.data.synthetic import write_demo_dataset
 from src.core.errors import UserError
 from src.data.images import load_image

@@ -5,7 +5,10 @@ import pytest
 import torch
 from PIL import Image
 
-from src.data.datamodule import IMAGENET_MEAN, IMAGENET_STD, GeoDataModule, eval_transform, load_quadruplet, mirror_views, train_transform
+from src.data.datamodule import GeoDataModule
+from tests.builders import loader_config
+from src.data.quadruplets import eval_transform, load_quadruplet, mirror_views, train_transform
+from src.model.config import IMAGENET_MEAN, IMAGENET_STD
 from src.data.enrich import enrich
 
 COLOURS = {0: (255, 0, 0), 90: (0, 255, 0), 180: (0, 0, 255), 270: (255, 255, 255)}
@@ -55,7 +58,7 @@ def test_mirror_flips_every_view_and_swaps_90_with_270():
 
 def test_data_module_loads_each_split_with_targets(demo_dir):
     enriched = enrich([demo_dir], spacing=0.5, seed=0, progress=False)
-    data = GeoDataModule(enriched.locations, image_size=32, batch_size=8, augment="none")
+    data = GeoDataModule(enriched.locations, loader_config(32, batch_size=8, augment="none"))
     sizes = {split: len(data.split(split)) for split in ("train", "val", "test")}
     assert sum(sizes.values()) == len(enriched.locations) and min(sizes.values()) > 0
     batch = next(iter(data.val_dataloader()))
@@ -69,12 +72,12 @@ def test_data_module_loads_each_split_with_targets(demo_dir):
 
 def test_cache_and_augmentation_follow_the_phase(demo_dir):
     enriched = enrich([demo_dir], spacing=0.5, seed=0, progress=False)
-    frozen = GeoDataModule(enriched.locations, 32, unfreeze_at_epoch=3, cache_dir="unused", augment="finetune")
+    frozen = GeoDataModule(enriched.locations, loader_config(32, unfreeze_at_epoch=3, cache_dir="unused", augment="finetune"))
     assert frozen.frozen_epoch() and frozen.uses_cache("train") and frozen.uses_cache("val")
     assert not frozen.uses_cache("test")
-    always = GeoDataModule(enriched.locations, 32, unfreeze_at_epoch=3, cache_dir="unused", augment="always")
+    always = GeoDataModule(enriched.locations, loader_config(32, unfreeze_at_epoch=3, cache_dir="unused", augment="always"))
     assert not always.uses_cache("train") and always.uses_cache("val")
-    no_cache = GeoDataModule(enriched.locations, 32, unfreeze_at_epoch=3, cache_dir=None)
+    no_cache = GeoDataModule(enriched.locations, loader_config(32, unfreeze_at_epoch=3, cache_dir=None))
     assert not no_cache.uses_cache("train")
     with pytest.raises(ValueError):
-        GeoDataModule(enriched.locations, 32, augment="sometimes")
+        GeoDataModule(enriched.locations, loader_config(32, augment="sometimes"))

@@ -67,15 +67,20 @@ import pytorch_lightning as pl
 import torch
 from src.data.datamodule import GeoDataModule
 from src.data.enrich import enrich
-from src.model.geomodel import FreezeThenUnfreeze, GeoModel
-from src.training.run import class_table
+from src.model.geomodel import GeoModel
+from src.model.finetune import FreezeThenUnfreeze
+from src.data.config import DataConfig, LoaderConfig
+from src.model.config import IMAGENET_MEAN, IMAGENET_STD, ModelConfig, OptimConfig
+from src.training.run import build_class_table
 
 demo, out = sys.argv[1], sys.argv[2]
 enriched = enrich([demo], spacing=0.5, seed=0, progress=False)
 pl.seed_everything(0, workers=True, verbose=False)
-model = GeoModel("classification", "tiny", 32, class_table(enriched), dict(enriched.scaler), hidden=0,
-                 lr_finetune=1e-2, unfreeze_at_epoch=0, scheduler="none")
-data = GeoDataModule(enriched.locations, image_size=32, batch_size=8, unfreeze_at_epoch=0, augment="finetune")
+config = ModelConfig("classification", "tiny", 32, hidden=0)
+model = GeoModel(config, OptimConfig(lr_finetune=1e-2, unfreeze_at_epoch=0, scheduler="none"),
+                 build_class_table(enriched, DataConfig(), config))
+data = GeoDataModule(enriched.locations, LoaderConfig(32, IMAGENET_MEAN, IMAGENET_STD, batch_size=8, unfreeze_at_epoch=0,
+                                                      augment="finetune"))
 
 
 class SaveBackbone(pl.Callback):

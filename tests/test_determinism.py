@@ -33,8 +33,9 @@ def assert_same_run(a, b):
     assert metrics_a["val_km_best"] == metrics_b["val_km_best"]  # exactly, not approximately
     assert metrics_a["test"] == metrics_b["test"]
     assert Path(metrics_a["checkpoint"]).name == Path(metrics_b["checkpoint"]).name
-    for key in ("test_locations", "classes", "scaler", "dataset_dirs", "split_fractions", "seed"):
+    for key in ("classes", "scaler", "prior_lat", "prior_lng"):
         assert last_a["hyper_parameters"][key] == last_b["hyper_parameters"][key], key
+    assert last_a["datamodule_hyper_parameters"] == last_b["datamodule_hyper_parameters"]  # data config, test split
     for saved_a, saved_b in ((last_a, last_b), (best_a, best_b)):
         assert saved_a["state_dict"].keys() == saved_b["state_dict"].keys()
         for key, value in saved_a["state_dict"].items():
@@ -49,7 +50,11 @@ def test_cold_and_warm_feature_cache_give_the_same_run(demo_dir, tmp_path, monke
     monkeypatch.chdir(tmp_path)
     warm = run(demo_dir, tmp_path / "warm", "--cache-dir", cache, "--num-workers", 0)
     assert_same_run(cold, warm)
-    assert cold[1]["hyper_parameters"]["dataset_dirs"] == [str(demo_dir.resolve())]
+    assert cold[1]["datamodule_hyper_parameters"]["data"]["dataset_dirs"] == [str(demo_dir.resolve())]
+    # the warm run read every feature from the cache the cold run filled (the cache's own counters)
+    train_val = cold[0]["feature_cache"]["computed"]
+    assert train_val > 0 and cold[0]["feature_cache"]["reused"] == 0
+    assert warm[0]["feature_cache"] == {"computed": 0, "reused": train_val}
     assert cold[0]["test"]["count"] > 0 and cold[0]["val_km_best"] > 0
 
 

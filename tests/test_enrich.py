@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 
 from src.core import geo
-from src.data.enrich import OUTPUT_COLUMNS, apply_data_hparams, data_hparams, dataset_tag, enrich, enrich_from_locations, read_locations_csv, split_locations, thin_data_warning, unit_hash, write_locations_csv
+from src.data.enrich import OUTPUT_COLUMNS, apply_data_hparams, data_hparams, dataset_tag, enrich, enrich_from_locations, split_locations, thin_data_warning, unit_hash
+from src.data.locations import read_locations_csv, write_locations_csv
 from src.enrich import build_parser
 from src.enrich import main as enrich_main
 from src.core.errors import UserError, run_cli

@@ -18,15 +18,15 @@ import torch
 
 from src.core import geo
 from src.model.backbones import create_backbone
-from src.data.datamodule import eval_transform, load_quadruplet
+from src.data.quadruplets import eval_transform, load_quadruplet
 from src.core.errors import UserError, run_cli
 from src.inference.engine import OPSET, OnnxFeatureExtractor, OnnxGeoModel, cached_export_path, engine_model, resolve_engine, stored_key
 from src.export import build_parser
 from src.export import main as export_main
 from src.data.features import FeatureCache
 from src.inference.checkpoints import load_model
-from src.model.backbones import IMAGENET_MEAN, IMAGENET_STD
-from src.inference.predictor import QuadrupletFolders, collate_quadruplets
+from src.model.config import IMAGENET_MEAN, IMAGENET_STD
+from src.data.quadruplets import QuadrupletFolders, collate_quadruplets
 from src.predict import main as predict_main
 from src.train import main as train_main
 

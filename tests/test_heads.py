@@ -13,7 +13,8 @@ import torch
 from torch.nn import functional as F
 
 from src.core.geo import EARTH_RADIUS_KM
-from src.model.heads import FUSIONS, AttentionFusion, ConcatFusion, HybridHead, MeanFusion, class_radius_m, create_fusion, geometric_median_xy, haversine_smoothing_loss, haversine_smoothing_targets, hybrid_loss, hybrid_points, hybrid_targets, predict_xy, top_probabilities, weighted_centroid_xy
+from src.model.heads import AttentionFusion, ConcatFusion, HybridHead, MeanFusion, class_radius_m, create_fusion, geometric_median_xy, haversine_smoothing_loss, haversine_smoothing_targets, hybrid_loss, hybrid_points, hybrid_targets, point_by_rule, top_probabilities, weighted_centroid_xy
+from src.model.config import FUSIONS
 
 KM = 1000.0
 LINE = torch.tensor([[0.0, 0.0], [10 * KM, 0.0], [20 * KM, 0.0]], dtype=torch.float64)  # three collinear centroids
@@ -27,10 +28,10 @@ def expected_distance(point: torch.Tensor, weights: torch.Tensor, points: torch.
 def test_median_of_collinear_points_is_the_point_holding_most_weight():
     # on a line the geometric median is the weighted median: the point whose weight reaches half
     probabilities = torch.tensor([[0.1, 0.7, 0.2], [0.2, 0.2, 0.6], [0.6, 0.3, 0.1]])
-    median = predict_xy("median", probabilities, LINE)
+    median = point_by_rule("median", probabilities, LINE)
     torch.testing.assert_close(median, LINE[[1, 2, 0]], atol=0.01, rtol=0)
     # the mean is pulled towards the others: 0.1*0 + 0.7*10 + 0.2*20 = 11 km
-    torch.testing.assert_close(predict_xy("mean", probabilities, LINE)[0],
+    torch.testing.assert_close(point_by_rule("mean", probabilities, LINE)[0],
                                torch.tensor([11 * KM, 0.0], dtype=torch.float64))
 
 
@@ -73,15 +74,15 @@ def test_median_matches_a_brute_force_grid_search():
 
 def test_mode_and_topk():
     probabilities = torch.tensor([[0.1, 0.5, 0.4], [0.45, 0.1, 0.45]])
-    torch.testing.assert_close(predict_xy("mode", probabilities, LINE), LINE[[1, 0]])
+    torch.testing.assert_close(point_by_rule("mode", probabilities, LINE), LINE[[1, 0]])
     renormalised = top_probabilities(probabilities, topk=2)
     torch.testing.assert_close(renormalised[0], torch.tensor([0.0, 5 / 9, 4 / 9]))
     # top-1 median and mean are the most likely centroid; top-2 mean on the first row: 5/9*10 + 4/9*20 km
-    torch.testing.assert_close(predict_xy("median", probabilities[:1], LINE, topk=1), LINE[1:2])
-    torch.testing.assert_close(predict_xy("mean", probabilities[:1], LINE, topk=2)[0, 0],
+    torch.testing.assert_close(point_by_rule("median", probabilities[:1], LINE, topk=1), LINE[1:2])
+    torch.testing.assert_close(point_by_rule("mean", probabilities[:1], LINE, topk=2)[0, 0],
                                torch.tensor(130 * KM / 9, dtype=torch.float64))
     with pytest.raises(ValueError, match="median"):
-        predict_xy("centre", probabilities, LINE)
+        point_by_rule("centre", probabilities, LINE)
 
 
 # ---- haversine label smoothing --------------------------------------------------------------------
@@ -191,17 +192,17 @@ def test_hybrid_targets_and_decoding_by_hand():
     offsets = torch.tensor([[[9.0, 9.0], [0.25, -0.5]], [[-1.0, 0.5], [9.0, 9.0]]])
     points = hybrid_points(offsets, CLASS_XY, CLASS_RADIUS)
     assert points.shape == (2, 2, 2)
-    decoded = predict_xy("mode", logits.softmax(dim=1), points)  # the most likely cell, moved by its offset
+    decoded = point_by_rule("mode", logits.softmax(dim=1), points)  # the most likely cell, moved by its offset
     torch.testing.assert_close(decoded, torch.tensor([[105 * KM, -10 * KM], [-10 * KM, 5 * KM]], dtype=torch.float64))
     # offsets equal to the targets in the right cells decode back to the true points
     perfect = torch.zeros(2, 2, 2, dtype=torch.float64)
     perfect[0, 0], perfect[1, 1] = targets[0], targets[1]
     right = torch.tensor([[2.0, 0.0], [0.0, 2.0]]).softmax(dim=1)
-    torch.testing.assert_close(predict_xy("mode", right, hybrid_points(perfect, CLASS_XY, CLASS_RADIUS)), xy)
+    torch.testing.assert_close(point_by_rule("mode", right, hybrid_points(perfect, CLASS_XY, CLASS_RADIUS)), xy)
     # the other rules weigh every cell's moved centroid: mean by hand for location 0
     p = logits.softmax(dim=1)[0].double()
     by_hand = p[0] * points[0, 0] + p[1] * points[0, 1]
-    torch.testing.assert_close(predict_xy("mean", logits.softmax(dim=1), points)[0], by_hand)
+    torch.testing.assert_close(point_by_rule("mean", logits.softmax(dim=1), points)[0], by_hand)
 
 
 def test_hybrid_loss_is_cross_entropy_plus_the_true_cells_offset_error():

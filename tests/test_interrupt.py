@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from src.model.geomodel import GeoModel
-from src.training.run import Interrupt, interrupted_message, resume_command
+from src.training.callbacks import Interrupt, interrupted_message, resume_command
 from src.train import build_parser, main
 
 ROOT = Path(__file__).resolve().parent.parent

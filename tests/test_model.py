@@ -6,7 +6,9 @@ import torch
 
 from src.core import geo
 from src.model.heads import weighted_centroid_xy
+from src.inference.checkpoints import load_model
 from src.model.geomodel import GeoModel, scale_xy, unscale_xy, xy_to_km
+from tests.builders import class_table, geo_model
 
 SCALER = {"x_min": 300_000.0, "x_max": 800_000.0, "y_min": 4_700_000.0, "y_max": 5_100_000.0}
 CLASSES = {
@@ -19,8 +21,7 @@ CLASSES = {
 
 def make_model(approach="classification", **kwargs) -> GeoModel:
     torch.manual_seed(0)
-    return GeoModel(approach=approach, backbone="tiny", image_size=32, classes=CLASSES, scaler=SCALER,
-                    hidden=16, **kwargs).eval()
+    return geo_model(approach, class_table(CLASSES, SCALER), hidden=16, **kwargs).eval()
 
 
 def test_batched_views_equal_four_separate_forwards():
@@ -58,7 +59,7 @@ def test_confident_classifier_predicts_the_chosen_centroid(kind):
     with torch.no_grad():
         last.weight.zero_()
         last.bias.copy_(torch.tensor([0.0, 50.0, 0.0]))
-    xy = model.predict_xy(torch.randn(2, 4, 3, 32, 32))
+    xy = model.locate(torch.randn(2, 4, 3, 32, 32))
     assert xy.shape == (2, 2)
     np.testing.assert_allclose(xy.numpy(), [CLASSES[kind][1]] * 2, atol=1e-3)
 
@@ -77,13 +78,13 @@ def test_regression_predicts_unscaled_metres():
     with torch.no_grad():
         last.weight.zero_()
         last.bias.copy_(torch.tensor([0.5, 0.25]))
-    xy = model.predict_xy(torch.randn(3, 4, 3, 32, 32))
+    xy = model.locate(torch.randn(3, 4, 3, 32, 32))
     np.testing.assert_allclose(xy.numpy(), [[550_000.0, 4_800_000.0]] * 3, rtol=1e-6)
 
 
-def test_predict_xy_restores_training_mode():
+def test_locate_restores_training_mode():
     model = make_model().train()
-    model.predict_xy(torch.randn(1, 4, 3, 32, 32))
+    model.locate(torch.randn(1, 4, 3, 32, 32))
     assert model.training
 
 
@@ -114,17 +115,32 @@ def test_pretrained_is_not_saved_so_a_checkpoint_rebuilds_offline():
     assert model.hparams.backbone == "tiny" and model.hparams.classes == CLASSES
 
 
-def test_checkpoint_without_the_data_hparams_still_loads(tmp_path):
-    """Checkpoints written before split_fractions, holdout_dirs, ... were recorded load with enrich's defaults."""
-    model = make_model("regression", seed=3, spacing=1.0, dataset_dirs=["/data/a"])
-    hparams = {k: v for k, v in model.hparams.items()
-               if k not in ("split_fractions", "holdout_dirs", "full_decode", "max_outside_km", "mainland_only")}
+def test_configs_round_trip_through_the_checkpoint_hparams(tmp_path):
+    torch.manual_seed(0)
+    classes = class_table({**CLASSES, "radius": [10_000.0, 20_000.0, 30_000.0]}, SCALER, cells="adaptive", spacing=0.3)
+    model = geo_model("hybrid", classes, hidden=16, fusion="attention", predict_rule="median", lr=3e-3,
+                      unfreeze_at_epoch=2)
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}, path)
+    loaded = load_model(path, reports_dir=None)
+    assert loaded.config == model.config and loaded.optim == model.optim and loaded.classes == model.classes
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key])
+
+
+def test_checkpoint_with_the_old_flat_hparams_still_loads(tmp_path):
+    """Checkpoints written before the typed configs held the data flags and test split among the model's hparams
+    and lacked later keys (normalisation, fusion, channels_last ...): they load with the defaults."""
+    model = make_model("regression")
+    old_keys = {"approach", "backbone", "image_size", "classes", "scaler", "centroids", "topk", "hidden", "dropout",
+                "lr", "lr_finetune", "unfreeze_at_epoch", "unfreeze_blocks", "optimizer", "weight_decay",
+                "scheduler", "warmup_epochs", "prior_lat", "prior_lng", "backbone_weights"}
+    hparams = {k: v for k, v in model.hparams.items() if k in old_keys}
+    hparams.update(seed=3, spacing=1.0, dataset_dirs=["/data/a"], test_locations=[["u1", "/data/a/data/u1"]])
     path = tmp_path / "old.ckpt"
     torch.save({"state_dict": model.state_dict(), "hyper_parameters": hparams, "pytorch-lightning_version": "2.6.0"}, path)
-    loaded = GeoModel.load_from_checkpoint(path, map_location="cpu")
-    hp = loaded.hparams
-    assert (hp.seed, hp.spacing, hp.dataset_dirs) == (3, 1.0, ["/data/a"])
-    assert (hp.split_fractions, hp.holdout_dirs, hp.full_decode, hp.max_outside_km, hp.mainland_only) == \
-        (None, None, False, 10.0, False)
+    loaded = load_model(path, reports_dir=None)
+    assert loaded.config.fusion == "concat" and loaded.config.image_mean == (0.485, 0.456, 0.406)
+    assert loaded.classes.spacing == 1.0 and loaded.classes.cells == "grid"
     for key, value in model.state_dict().items():
         assert torch.equal(value, loaded.state_dict()[key])

@@ -14,11 +14,12 @@ import pytest
 import torch
 
 from src.core import geo
-from src.data.datamodule import eval_transform, mirror_views
+from src.data.quadruplets import eval_transform, mirror_views
 from src.core.errors import UserError
 from src.data.images import VIEWS, load_image
 from src.model.geomodel import GeoModel
-from src.inference.predictor import collate_quadruplets, predict_locations
+from src.inference.predictor import predict_locations
+from src.data.quadruplets import collate_quadruplets
 from src.predict import main as predict_main
 from src.train import main as train_main
 
@@ -111,7 +112,7 @@ def reference_xy(model, folder: Path, views: list[int] | None = None, mirror: bo
     quad = torch.stack([transform(load_image(f, size)) for f in files])
     if mirror:  # flip every view left-right, then the 90 view shows the old 270 and vice versa
         quad = torch.stack([quad[0].flip(-1), quad[3].flip(-1), quad[2].flip(-1), quad[1].flip(-1)])
-    return model.predict_xy(quad[None]).double().numpy()[0]
+    return model.locate(quad[None]).double().numpy()[0]
 
 
 def to_latlng(xy) -> tuple[float, float]:

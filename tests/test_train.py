@@ -1,6 +1,5 @@
 """Training end to end on a generated demo set: CLI output, checkpoint contents, resume, fine-tuning."""
 
-import argparse
 import contextlib
 import io
 import shutil
@@ -14,12 +13,15 @@ import pytorch_lightning as pl
 import torch
 
 from src.core import geo
-from src.data.datamodule import GeoDataModule, eval_transform, load_quadruplet
+from src.data.datamodule import GeoDataModule
+from src.data.quadruplets import eval_transform, load_quadruplet
 from src.data.enrich import enrich
 from src.core.errors import run_cli
-from src.model.heads import DEFAULT_LABEL_SMOOTHING_KM
-from src.model.geomodel import FreezeThenUnfreeze, GeoModel
-from src.training.run import class_table, resolve_defaults
+from src.model.config import DEFAULT_LABEL_SMOOTHING_KM
+from src.model.finetune import FreezeThenUnfreeze
+from src.training.run import resolve_choices
+from src.inference.checkpoints import load_model, read_data_config, read_test_locations
+from tests.builders import enriched_classes, geo_model, loader_config
 from src.train import main
 
 # Lightning 2.6 with torch 2.14: a deprecation warning per batch, from Lightning's own code
@@ -68,30 +70,32 @@ def test_end_to_end_training_beats_the_constant_baseline(trained, demo_dir):
 
 def test_checkpoint_holds_what_predict_needs(trained, demo_dir):
     path = checkpoint_path(trained[0])
-    model = GeoModel.load_from_checkpoint(path, map_location="cpu")
+    model = load_model(path, reports_dir=None)
     hp = model.hparams
     enriched = enrich([demo_dir], spacing=0.5, seed=0, progress=False)
     test = enriched.locations[enriched.locations.split == "test"]
     train = enriched.locations[enriched.locations.split == "train"]
-    assert (hp.approach, hp.backbone, hp.image_size, hp.centroids, hp.seed, hp.spacing) == \
-        ("classification", "efficientnet_lite0", 64, "weighted", 0, 0.5)
-    assert hp.classes == class_table(enriched) and set(hp.classes) >= {"weighted", "clipped", "plain"}
+    assert (hp.approach, hp.backbone, hp.image_size, hp.centroids) == ("classification", "efficientnet_lite0", 64, "weighted")
+    assert model.classes == enriched_classes(enriched) and set(hp.classes) >= {"weighted", "clipped", "plain"}
     assert hp.scaler == pytest.approx(enriched.scaler)
     # every data flag that decides the split, paths absolute (predict/analyze from any working directory)
-    assert hp.dataset_dirs == [str(demo_dir.resolve())] and hp.holdout_dirs == []
-    assert (hp.split_fractions, hp.max_outside_km, hp.mainland_only, hp.full_decode) == ([0.8, 0.1, 0.1], 10.0, False, False)
-    rebuilt = enrich(hp.dataset_dirs, hp.spacing, hp.seed, hp.split_fractions, hp.holdout_dirs, full_decode=hp.full_decode,
-                     max_outside_km=hp.max_outside_km, mainland_only=hp.mainland_only, progress=False).locations
+    data = read_data_config(path)
+    assert data.dataset_dirs == (str(demo_dir.resolve()),) and data.holdout_dirs == () and (data.seed, data.spacing) == (0, 0.5)
+    assert (data.split, data.max_outside_km, data.mainland_only, data.full_decode) == ((0.8, 0.1, 0.1), 10.0, False, False)
+    rebuilt = enrich(data.dataset_dirs, data.spacing, data.seed, data.split, data.holdout_dirs, full_decode=data.full_decode,
+                     max_outside_km=data.max_outside_km, mainland_only=data.mainland_only, progress=False).locations
     assert rebuilt[["uuid", "split"]].equals(enriched.locations[["uuid", "split"]])
-    assert all(Path(image_dir).is_absolute() for _, image_dir in hp.test_locations)
+    test_locations = read_test_locations(path)
+    assert all(image_dir.is_absolute() for _, image_dir in test_locations)
     assert hp.prior_lat == pytest.approx(train.latitude.mean()) and hp.prior_lng == pytest.approx(train.longitude.mean())
-    assert hp.test_locations == test[["uuid", "image_dir"]].astype(str).values.tolist()
+    assert [[u, str(d)] for u, d in test_locations] == sorted(test[["uuid", "image_dir"]].astype(str).values.tolist())
     state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
     for key, value in model.state_dict().items():
         assert torch.equal(value, state[key])
     # predictions of the reloaded model: metres in EPSG:3766, close to the truth on average
-    views = torch.stack([load_quadruplet(d, 64, eval_transform(64)) for _, d in hp.test_locations])
-    xy = model.predict_xy(views).numpy()
+    test = test.sort_values("uuid")
+    views = torch.stack([load_quadruplet(d, 64, eval_transform(64)) for _, d in test_locations])
+    xy = model.locate(views).numpy()
     lat, lng = geo.unproject(xy[:, 0], xy[:, 1])
     km = geo.haversine_km(lat, lng, test.latitude, test.longitude)
     baseline = geo.haversine_km(hp.prior_lat, hp.prior_lng, test.latitude, test.longitude)
@@ -136,10 +140,9 @@ def same(a, b):
 def test_backbone_stays_frozen_until_the_unfreeze_epoch(demo_dir, tmp_path, cache):
     enriched = enrich([demo_dir], spacing=1.0, seed=0, progress=False)
     pl.seed_everything(0)
-    model = GeoModel(approach="regression", backbone="tiny", image_size=32, classes=class_table(enriched),
-                     scaler=enriched.scaler, hidden=16, lr=1e-2, lr_finetune=1e-2, unfreeze_at_epoch=2)
-    data = GeoDataModule(enriched.locations, image_size=32, batch_size=32, unfreeze_at_epoch=2,
-                         cache_dir=tmp_path / "cache" if cache else None, backbone_name="tiny")
+    model = geo_model("regression", enriched=enriched, hidden=16, lr=1e-2, lr_finetune=1e-2, unfreeze_at_epoch=2)
+    data = GeoDataModule(enriched.locations, loader_config(32, batch_size=32, unfreeze_at_epoch=2,
+                                                           cache_dir=tmp_path / "cache" if cache else None, backbone="tiny"))
     record = RecordBackbone()
     trainer = pl.Trainer(max_epochs=3, callbacks=[FreezeThenUnfreeze(2), record], logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -155,10 +158,9 @@ def test_backbone_stays_frozen_until_the_unfreeze_epoch(demo_dir, tmp_path, cach
 
 def test_unfreezing_only_the_last_stages(demo_dir, tmp_path):
     enriched = enrich([demo_dir], spacing=1.0, seed=0, progress=False)
-    model = GeoModel(approach="classification", backbone="tiny", image_size=32,
-                     classes=class_table(enriched), scaler=enriched.scaler, hidden=16, unfreeze_at_epoch=1)
-    data = GeoDataModule(enriched.locations, image_size=32, batch_size=64, unfreeze_at_epoch=1,
-                         cache_dir=tmp_path / "cache", backbone_name="tiny")
+    model = geo_model("classification", enriched=enriched, hidden=16, unfreeze_at_epoch=1)
+    data = GeoDataModule(enriched.locations, loader_config(32, batch_size=64, unfreeze_at_epoch=1,
+                                                           cache_dir=tmp_path / "cache", backbone="tiny"))
     record = RecordBackbone()
     trainer = pl.Trainer(max_epochs=2, callbacks=[FreezeThenUnfreeze(1, blocks=1), record], logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -194,9 +196,9 @@ class RecordLearningRates(pl.Callback):
 
 def fit_with_scheduler(demo_dir, tmp_path, **hparams):
     enriched = enrich([demo_dir], spacing=1.0, seed=0, progress=False)
-    model = GeoModel(approach="classification", backbone="tiny", image_size=32, classes=class_table(enriched),
-                     scaler=enriched.scaler, hidden=16, lr=0.01, lr_finetune=0.001, unfreeze_at_epoch=10, **hparams)
-    data = GeoDataModule(enriched.locations, image_size=32, batch_size=32, cache_dir=tmp_path, backbone_name="tiny")
+    model = geo_model("classification", enriched=enriched, hidden=16, lr=0.01, lr_finetune=0.001, unfreeze_at_epoch=10,
+                      **hparams)
+    data = GeoDataModule(enriched.locations, loader_config(32, batch_size=32, cache_dir=tmp_path, backbone="tiny"))
     record = RecordLearningRates()
     trainer = pl.Trainer(max_epochs=3, callbacks=[FreezeThenUnfreeze(None), record], logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -280,11 +282,11 @@ def test_nonsense_numbers_are_one_line_errors(flag, value, tmp_path, capsys):
 
 
 def test_demo_backbone_reason_reads_cleanly(capsys):
-    args = argparse.Namespace(backbone=None, image_size=None, epochs=None, unfreeze_at_epoch=None, quick=False,
-                              unfreeze_blocks=0, lr_finetune=1e-4, batch_size=32, run_name=None, approach="regression")
-    resolve_defaults(args, demo=True)
+    choices = resolve_choices(None, None, None, None, demo=True, quick=False)
     line = capsys.readouterr().err.splitlines()[0]
     assert line == "backbone: efficientnet_lite0 (default for the demo set: fast on CPU, offline weights)"
+    assert (choices.backbone, choices.image_size, choices.epochs, choices.unfreeze_at_epoch) == \
+        ("efficientnet_lite0", 96, 30, None)
 
 
 def test_a_run_saves_its_locations_and_locations_reuses_them(demo_dir, tmp_path, capsys):
@@ -300,9 +302,8 @@ def test_a_run_saves_its_locations_and_locations_reuses_them(demo_dir, tmp_path,
     (dataset / "data.csv").unlink()  # the dataset dir can no longer be read: --locations does not need it
     second = Path(checkpoint_path(run_main([*common, "--locations", saved])))
     assert second.parent.parent != first.parent.parent
-    hparams = [torch.load(p, map_location="cpu", weights_only=False)["hyper_parameters"] for p in (first, second)]
-    assert hparams[1]["test_locations"] == hparams[0]["test_locations"]
-    assert hparams[1]["dataset_dirs"] == hparams[0]["dataset_dirs"] == [str(dataset.resolve())]
+    assert read_test_locations(second) == read_test_locations(first)
+    assert read_data_config(second).dataset_dirs == read_data_config(first).dataset_dirs == (str(dataset.resolve()),)
     assert (second.parent.parent / "locations.csv").read_text() == saved.read_text()
     capsys.readouterr()
     error = one_line_error([*common, "--locations", saved, "--dataset-dirs", demo_dir], capsys)
@@ -348,10 +349,9 @@ def test_unfrozen_batchnorm_trains_and_a_resumed_run_matches(demo_dir, tmp_path,
 
     def fit(epochs, resume=None):
         pl.seed_everything(0, workers=True, verbose=False)
-        model = GeoModel(approach="classification", backbone="tiny", image_size=32, classes=class_table(enriched),
-                         scaler=enriched.scaler, hidden=16, unfreeze_at_epoch=1, scheduler="none")
-        data = GeoDataModule(enriched.locations, image_size=32, batch_size=64, unfreeze_at_epoch=1, augment="none",
-                             cache_dir=tmp_path / "cache", backbone_name="tiny")
+        model = geo_model("classification", enriched=enriched, hidden=16, unfreeze_at_epoch=1, scheduler="none")
+        data = GeoDataModule(enriched.locations, loader_config(32, batch_size=64, unfreeze_at_epoch=1, augment="none",
+                                                               cache_dir=tmp_path / "cache", backbone="tiny"))
         record = RecordBatchNormModes()
         trainer = pl.Trainer(max_epochs=epochs, callbacks=[FreezeThenUnfreeze(1, blocks=1, freeze_bn=freeze_bn), record],
                              logger=False, enable_progress_bar=False, enable_model_summary=False, deterministic=True,
@@ -425,7 +425,7 @@ def test_head_levers_train_end_to_end_and_are_saved(demo_dir, tmp_path, approach
                       "--out-dir", tmp_path, "--cache-dir", tmp_path / "cache", *extra])
     path = checkpoint_path(lines)
     assert f"/{demo_dir.name}-{approach}-tiny/version_0/" in path  # the run name says which data it used
-    model = GeoModel.load_from_checkpoint(path, map_location="cpu")
+    model = load_model(path, reports_dir=None)
     flags = dict(zip(extra[::2], extra[1::2]))
     assert model.hparams.fusion == flags["--fusion"] and model.hparams.predict_rule == flags["--predict-rule"]
     assert model.hparams.label_smoothing_km == float(flags.get("--label-smoothing-km", DEFAULT_LABEL_SMOOTHING_KM))
@@ -433,12 +433,13 @@ def test_head_levers_train_end_to_end_and_are_saved(demo_dir, tmp_path, approach
     assert np.isfinite(metrics["test"]["mean_km"])
     # the checkpoint's test km comes from the saved rule: recompute it from the images
     hp = model.hparams
+    test_locations = read_test_locations(path)
     views = torch.stack([load_quadruplet(d, 32, eval_transform(32, hp.image_mean, hp.image_std))
-                         for _, d in hp.test_locations])
-    xy = model.predict_xy(views).numpy()
+                         for _, d in test_locations])
+    xy = model.locate(views).numpy()
     lat, lng = geo.unproject(*geo.snap_to_land(xy[:, 0], xy[:, 1]))
     truth = pd.read_csv(demo_dir / "data.csv", dtype={"uuid": str}).set_index("uuid")
-    uuids = [u for u, _ in hp.test_locations]
+    uuids = [u for u, _ in test_locations]
     km = geo.haversine_km(lat, lng, truth.loc[uuids, "latitude"], truth.loc[uuids, "longitude"])
     assert metrics["test"]["mean_km"] == pytest.approx(km.mean(), rel=1e-5)
 

@@ -38,12 +38,12 @@ from aiohttp import web
 from PIL import Image
 
 from src.core import geo
-from src.data.datamodule import eval_transform, input_spec
+from src.data.quadruplets import eval_transform, input_spec
 from src.core.errors import UserError, brief
 from src.inference.engine import engine_model, infer
 from src.data.images import JPEG_EOI, VIEWS, load_image
 from src.inference.checkpoints import load_model
-from src.inference.predictor import substitute_sources
+from src.data.quadruplets import substitute_sources
 
 log = logging.getLogger(__name__)
 WEB_DIR = Path(__file__).resolve().parent / "web"

@@ -41,7 +41,7 @@ from src.core import geo
 from src.core.errors import UserError
 from src.core.files import atomic_path
 from src.data.images import JPEG_EOI, JPEG_SOI, VIEWS, check_image
-from src.data.ingest import read_csv_strict
+from src.data.locations import read_csv_strict
 from src.data.sampling import thin
 
 DEFAULT_API_URL = "https://maps.googleapis.com/maps/api/streetview"

@@ -21,3 +21,17 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_csv(frame, path: str | Path, **to_csv) -> Path:
+    """`frame.to_csv(path, index=False, **to_csv)`, atomically; returns the path."""
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False, **to_csv)
+    return Path(path)
+
+
+def write_text(text: str, path: str | Path) -> Path:
+    """Write `text` to `path` atomically; returns the path."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)

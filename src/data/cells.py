@@ -14,11 +14,8 @@ import pandas as pd
 import shapely
 
 from src.core import geo
+from src.data.config import CELL_KINDS, CENTROID_PREFIX
 
-CELL_KINDS = ("grid", "adaptive")
-CENTROID_KINDS = ("weighted", "clipped", "plain")
-# column prefix of each centroid kind in the class table and the enriched CSV
-CENTROID_PREFIX = {"plain": "centroid", "clipped": "clipped", "weighted": "weighted"}
 # clipped centroids are moved this far inside the land polygon, so they are inside, not on, the border
 CLIP_INSET_M = 100.0
 # adaptive cells: Voronoi regions are bounded by Croatia's bounding box grown by this margin (covers

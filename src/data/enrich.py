@@ -4,13 +4,11 @@
                          [--split-by {location,cell}] [--seed 0] [--out CSV]
 """
 
-import argparse
 import hashlib
 import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -18,52 +16,19 @@ from tabulate import tabulate
 
 from src.core import geo
 from src.core.errors import UserError
-from src.core.files import atomic_path
-from src.data.cells import CELL_KINDS, CENTROID_PREFIX, Cells, CellSpec, Grid, class_table, nearest_class
-from src.data.ingest import CHECK_CACHE_DIR, SKIP_COLUMNS, Ingested, check_dataset_dirs, read_csv_strict, read_datasets
+from src.core.files import write_csv
+from src.data.cells import Cells, CellSpec, Grid, class_table, nearest_class
+from src.data.config import CENTROID_PREFIX
+from src.data.config import DEFAULT_SPLIT, SPLITS, DataConfig
+from src.data.ingest import SKIP_COLUMNS, Ingested, read_datasets
+from src.data.locations import LOCATIONS_COLUMNS, read_locations_csv
 
-SPLITS = ("train", "val", "test")
-SPLIT_BY = ("location", "cell")
-DEFAULT_SPLIT = (0.8, 0.1, 0.1)
-REPORTS_DIR = Path("reports")
 CENTROID_COLUMNS = [f"{prefix}_{axis}" for prefix in CENTROID_PREFIX.values() for axis in ("lat", "lng")]
 OUTPUT_COLUMNS = ["uuid", "latitude", "longitude", "dataset_dir", "image_dir", "split", "crs_x", "crs_y",
                   "cell", "label", *CENTROID_COLUMNS]
-# the columns an enriched CSV must have to be reused with --locations (cells, labels, centroids are recomputed)
-LOCATIONS_COLUMNS = ["uuid", "latitude", "longitude", "dataset_dir", "image_dir", "split"]
-LOCATIONS_FILE = "locations.csv"  # a training run's enriched locations, in its version_N folder
 LISTED_PER_REASON = 10
-SPACING_RANGE = (0.01, 10.0)  # degrees: below ~1 km cells the grid gets huge, above it is one cell
-MAX_SEED = 2**32 - 1  # numpy and Lightning seeds
-MAX_CLASSES = 5000  # adaptive cells: k-means cost grows with locations x classes
 THIN_CLASS_MEDIAN = 5  # warn when the median class has fewer train locations than this
 TAG_LENGTH = 40  # dataset tags in file names stay short
-
-
-def check_spacing(spacing: float, flag: str = "--spacing") -> None:
-    """A grid spacing must be a finite number of degrees in SPACING_RANGE."""
-    low, high = SPACING_RANGE
-    if not low <= spacing <= high:  # also false for nan
-        raise UserError(f"{flag} {spacing:g}: give a grid cell size in degrees between {low:g} and {high:g} "
-                        "(e.g. 0.5)")
-
-
-def check_seed(seed: int) -> None:
-    if not 0 <= seed <= MAX_SEED:
-        raise UserError(f"--seed {seed}: give a whole number from 0 to {MAX_SEED}")
-
-
-def check_cells(cells: str, n_classes: int, split_by: str) -> None:
-    """--cells, --classes and --split-by must name a known kind / a class count in range."""
-    if cells not in CELL_KINDS:
-        raise UserError(f"--cells {cells}: choose one of {', '.join(CELL_KINDS)}")
-    if not 0 <= n_classes <= MAX_CLASSES:
-        raise UserError(f"--classes {n_classes}: give a number of adaptive cells from 1 to {MAX_CLASSES} "
-                        "(0: as many as the --spacing grid has classes)")
-    if n_classes and cells == "grid":
-        raise UserError(f"--classes {n_classes}: only for --cells adaptive; the grid's classes follow --spacing")
-    if split_by not in SPLIT_BY:
-        raise UserError(f"--split-by {split_by}: choose one of {', '.join(SPLIT_BY)}")
 
 
 @dataclass
@@ -188,14 +153,9 @@ def enrich(dataset_dirs, spacing: float = 0.5, seed: int = 0, fractions=DEFAULT_
            fold: tuple[int, int] | None = None) -> Enriched:
     """Read the dataset dirs and enrich their locations (see the module docstring); `fold` (k, K) makes
     fold k of a K-fold cross-validation the test split (see split_locations)."""
-    check_spacing(spacing)
-    check_seed(seed)
-    check_cells(cells, n_classes, split_by)
-    if not 0 <= max_outside_km < float("inf"):  # also false for nan
-        raise UserError(f"--max-outside-km {max_outside_km:g}: give a distance in km >= 0 (e.g. 10)")
-    unknown = [d for d in holdout_dirs if str(Path(d)) not in {str(Path(x)) for x in dataset_dirs}]
-    if unknown:
-        raise UserError(f"--holdout-dirs {' '.join(map(str, unknown))}: not among --dataset-dirs")
+    DataConfig(dataset_dirs=tuple(str(Path(d)) for d in dataset_dirs), cells=cells, spacing=spacing,
+               n_classes=n_classes, seed=seed, split_by=split_by, holdout_dirs=tuple(str(Path(d)) for d in holdout_dirs),
+               max_outside_km=max_outside_km).validate()
     ingested = read_datasets(dataset_dirs, check_images, full_decode, max_outside_km, mainland_only, progress,
                              check_cache)
     if ingested.locations.empty:
@@ -208,83 +168,11 @@ def enrich(dataset_dirs, spacing: float = 0.5, seed: int = 0, fractions=DEFAULT_
     return Enriched(locations, classes, scaler, built, ingested, split_by)
 
 
-# data hparams saved in every checkpoint -> (args attribute, default for checkpoints written before the key existed)
-DATA_HPARAM_DEFAULTS = {
-    "split_fractions": ("split", list(DEFAULT_SPLIT)), "holdout_dirs": ("holdout_dirs", []),
-    "full_decode": ("full_decode", False), "max_outside_km": ("max_outside_km", 10.0),
-    "mainland_only": ("mainland_only", False), "cells": ("cells", "grid"), "n_classes": ("n_classes", 0),
-    "split_by": ("split_by", "location"), "fold": ("fold", None),
-}
-
-
-def data_hparams(args: argparse.Namespace) -> dict[str, Any]:
-    """The data flags that decide the run's locations, split and cells, as checkpoint hparams (paths absolute).
-
-    With these, `apply_data_hparams` and `enrich_from_args` rebuild the run's locations exactly."""
-    return {"seed": args.seed, "spacing": args.spacing, "dataset_dirs": [str(d) for d in args.dataset_dirs],
-            "split_fractions": [float(f) for f in args.split], "holdout_dirs": [str(d) for d in args.holdout_dirs],
-            "full_decode": bool(args.full_decode), "max_outside_km": float(args.max_outside_km),
-            "mainland_only": bool(args.mainland_only), "cells": str(args.cells), "n_classes": int(args.n_classes),
-            "split_by": str(args.split_by), "fold": None if getattr(args, "fold", None) is None else list(args.fold)}
-
-
-def apply_data_hparams(args: argparse.Namespace, hparams) -> None:
-    """Set the data flags of `args` from a checkpoint's hparams (the inverse of data_hparams).
-
-    dataset_dirs, spacing and seed are required (KeyError without them); keys that older checkpoints lack,
-    or hold as None, fall back to the enrich defaults."""
-    args.dataset_dirs, args.spacing, args.seed = hparams["dataset_dirs"], hparams["spacing"], hparams["seed"]
-    for key, (attribute, default) in DATA_HPARAM_DEFAULTS.items():
-        value = hparams.get(key)
-        setattr(args, attribute, default if value is None else value)
-
-
-def read_locations_csv(path: str | Path, check_folders: bool = True) -> pd.DataFrame:
-    """An enriched locations CSV (`src.enrich --out`, or a run's version_N/locations.csv) to reuse as is.
-
-    Checked: the columns of LOCATIONS_COLUMNS, numeric degrees, unique uuids, split values, a train row
-    and (`check_folders`) that the image folders exist here; each problem is a one-line UserError naming the file and line.
-    """
-    path = Path(path)
-    fix = "pass a CSV written by `python -m src.enrich` or a run's version_N/locations.csv"
-    if not path.exists():
-        raise UserError(f"--locations {path}: file not found; {fix}")
-    frame = read_csv_strict(path, fix)
-    missing = [c for c in LOCATIONS_COLUMNS if c not in frame.columns]
-    if missing:
-        raise UserError(f"--locations {path}: lacks column(s) {', '.join(missing)} (has "
-                        f"{', '.join(map(str, frame.columns))}); {fix}")
-    if frame.empty:
-        raise UserError(f"--locations {path}: has a header but no rows; {fix}")
-    frame = frame[LOCATIONS_COLUMNS].copy()
-    degrees = frame[["latitude", "longitude"]].apply(pd.to_numeric, errors="coerce")
-    problems = [
-        (frame["uuid"].isna() | frame["uuid"].duplicated(keep=False), "empty or repeated uuid"),
-        (degrees.isna().any(axis=1) | ~degrees["latitude"].between(-90, 90) | ~degrees["longitude"].between(-180, 180),
-         "latitude/longitude not in degrees"),
-        (~frame["split"].isin(SPLITS), f"split not one of {', '.join(SPLITS)}"),
-        (frame["image_dir"].isna() | frame["dataset_dir"].isna(), "empty image_dir or dataset_dir"),
-    ]
-    for bad, what in problems:
-        if bad.any():
-            first = int(np.flatnonzero(bad.to_numpy())[0])
-            raise UserError(f"--locations {path}: line {first + 2}: {what} ({bad.sum()} row(s)); {fix}")
-    if not (frame["split"] == "train").any():
-        raise UserError(f"--locations {path}: no train row; {fix}")
-    absent = [d for d in frame["image_dir"] if not Path(d).is_dir()] if check_folders else []
-    if absent:
-        raise UserError(f"--locations {path}: {len(absent)} of {len(frame)} image folders do not exist here "
-                        f"(e.g. {absent[0]}); re-run enrich on this machine's --dataset-dirs")
-    frame[["latitude", "longitude"]] = degrees.astype(float)
-    return frame
-
-
 def enrich_from_locations(path: str | Path, spacing: float = 0.5, mainland_only: bool = False, cells: str = "grid",
                           n_classes: int = 0, seed: int = 0) -> Enriched:
     """Enriched from a locations CSV (read_locations_csv): its locations and split, no dataset dir read and
     no image opened; cells (built from its train rows), classes, centroids and scaler are recomputed."""
-    check_spacing(spacing)
-    check_cells(cells, n_classes, "location")
+    DataConfig(cells=cells, spacing=spacing, n_classes=n_classes, seed=seed).validate()
     frame = read_locations_csv(path)
     base = frame[LOCATIONS_COLUMNS[:-1]].reset_index(drop=True)
     split = frame["split"].to_numpy()
@@ -297,86 +185,27 @@ def enrich_from_locations(path: str | Path, spacing: float = 0.5, mainland_only:
     return Enriched(locations, classes, scaler, built, ingested, split_by="as in the locations CSV")
 
 
-def write_locations_csv(locations: pd.DataFrame, path: str | Path) -> Path:
-    """The enriched locations as a CSV (atomically), reusable with --locations."""
-    with atomic_path(path) as tmp:
-        locations.to_csv(tmp, index=False)
-    return Path(path)
-
-
-def add_locations_argument(parser: argparse.ArgumentParser) -> None:
-    """--locations CSV: reuse an enriched CSV instead of reading --dataset-dirs (train, analyze)."""
-    parser.add_argument("--locations", type=Path, default=None, metavar="CSV",
-                        help="reuse this enriched CSV (src.enrich --out, or a run's version_N/locations.csv): its "
-                             "locations and split, no image re-checked; instead of --dataset-dirs (default: none)")
-
-
-def check_data_flags(args: argparse.Namespace) -> None:
-    """Cheap checks of the data flags before any slow start-up: the dataset dirs exist and hold a data.csv;
-    with --locations the CSV is valid and its dataset dirs become args.dataset_dirs."""
-    if getattr(args, "locations", None) is not None:
-        if args.dataset_dirs:
-            raise UserError("--locations and --dataset-dirs: give one of them (the CSV already names its dataset dirs)")
-        args.dataset_dirs = [Path(d) for d in dict.fromkeys(read_locations_csv(args.locations)["dataset_dir"])]
-    else:
-        check_dataset_dirs(args.dataset_dirs)
-
-
-def add_enrich_arguments(parser: argparse.ArgumentParser, require_dataset: bool = False) -> None:
-    """The data flags shared by every command that reads dataset dirs (enrich, train)."""
-    group = parser.add_argument_group("data")
-    group.add_argument("--dataset-dirs", nargs="+", type=Path, required=require_dataset, metavar="DIR",
-                       help="LUMEN dataset dirs (data.csv + data/ or images/ with one folder per uuid)")
-    group.add_argument("--cells", choices=CELL_KINDS, default="grid",
-                       help="classes: squares of --spacing, or adaptive k-means cells of the train locations "
-                            "(Voronoi polygons clipped to Croatia) (default: grid)")
-    group.add_argument("--spacing", type=float, default=0.5,
-                       help="grid cell size in degrees; also the blocks of --split-by cell (default: 0.5)")
-    group.add_argument("--classes", "--n-classes", type=int, default=0, dest="n_classes", metavar="K",
-                       help="number of adaptive cells; 0: as many as the --spacing grid has classes (default: 0)")
-    group.add_argument("--seed", type=int, default=0, help="seed of the split, the cells and training (default: 0)")
-    group.add_argument("--split", type=float, nargs=3, default=DEFAULT_SPLIT, metavar=("TRAIN", "VAL", "TEST"),
-                       help="split fractions (default: 0.8 0.1 0.1)")
-    group.add_argument("--split-by", choices=SPLIT_BY, default="location",
-                       help="location: a seeded hash of each uuid decides its split; cell: whole --spacing grid "
-                            "squares go to one split, so nearby locations never sit in train and test "
-                            "(default: location)")
-    group.add_argument("--holdout-dirs", nargs="+", type=Path, default=[], metavar="DIR",
-                       help="dataset dirs used whole as the test split (default: none)")
-    group.add_argument("--full-decode", action="store_true",
-                       help="check images by decoding every pixel (default: header and end marker only)")
-    group.add_argument("--max-outside-km", type=float, default=10.0,
-                       help="reject points farther than this outside the border (default: 10)")
-    group.add_argument("--mainland-only", action="store_true",
-                       help="use the mainland polygon only, without islands (default: off)")
-    group.add_argument("--check-cache", type=Path, default=CHECK_CACHE_DIR, metavar="DIR",
-                       help="remember image checks here, keyed by path, size and mtime, so unchanged images are "
-                            "not re-opened (default: data/cache/image_checks)")
-    group.add_argument("--no-check-cache", dest="check_cache", action="store_const", const=None,
-                       help="check every image again and remember nothing")
-
-
-def enrich_from_args(args: argparse.Namespace, progress: bool = True, report: bool = True) -> Enriched:
-    """enrich() with the flags of add_enrich_arguments (enrich_from_locations with --locations).
+def enrich_data(config: DataConfig, progress: bool = True, report: bool = True) -> Enriched:
+    """The enrich stage for a DataConfig: `enrich` over its dataset dirs, or `enrich_from_locations` when it
+    names an enriched CSV.
 
     With `report`, the skipped rows and orphan folders are listed on stderr (a few per reason), so a
     command that reads dataset dirs (train, analyze) never loses a location silently.
     """
-    if getattr(args, "locations", None) is not None:
-        return enrich_from_locations(args.locations, args.spacing, args.mainland_only, args.cells, args.n_classes,
-                                     args.seed)
-    enriched = enrich(args.dataset_dirs, args.spacing, args.seed, args.split, args.holdout_dirs,
-                      full_decode=args.full_decode, max_outside_km=args.max_outside_km,
-                      mainland_only=args.mainland_only, progress=progress, cells=args.cells,
-                      n_classes=args.n_classes, split_by=args.split_by, check_cache=args.check_cache,
-                      fold=getattr(args, "fold", None))
+    if config.locations_csv is not None:
+        enriched = enrich_from_locations(config.locations_csv, config.spacing, config.mainland_only, config.cells,
+                                         config.n_classes, config.seed)
+    else:
+        enriched = enrich(config.dataset_dirs, config.spacing, config.seed, config.split, config.holdout_dirs,
+                          full_decode=config.full_decode, max_outside_km=config.max_outside_km,
+                          mainland_only=config.mainland_only, progress=progress, cells=config.cells,
+                          n_classes=config.n_classes, split_by=config.split_by,
+                          check_cache=None if config.check_cache is None else Path(config.check_cache),
+                          fold=config.fold)
     if report:
-        listing = skip_listing(enriched.ingested)
-        if listing:
-            print(listing, file=sys.stderr)
-        warning = thin_data_warning(enriched)
-        if warning:
-            print(warning, file=sys.stderr)
+        for text in (skip_listing(enriched.ingested), thin_data_warning(enriched)):
+            if text:
+                print(text, file=sys.stderr)
     return enriched
 
 
@@ -446,5 +275,4 @@ def write_skip_report(ingested: Ingested, path: Path) -> None:
     """All skipped rows and orphan folders as one CSV (reason 'folder without CSV row' for orphans)."""
     orphans = pd.DataFrame({"dataset_dir": ingested.orphans["dataset_dir"], "uuid": ingested.orphans["folder"].map(lambda f: Path(f).name),
                             "reason": "folder without CSV row", "detail": ingested.orphans["folder"]})
-    with atomic_path(path) as tmp:
-        pd.concat([ingested.skipped, orphans], ignore_index=True).to_csv(tmp, index=False)
+    write_csv(pd.concat([ingested.skipped, orphans], ignore_index=True), path)

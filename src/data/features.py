@@ -16,27 +16,16 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from src.model.backbones import Backbone
 from src.core.files import atomic_path
 from src.data.images import N_VIEWS, view_paths
+from src.data.quadruplets import QuadrupletFolders, collate_quadruplets
 
 log = logging.getLogger(__name__)
 LISTED_CORRUPT = 5
-
-
-class _Quadruplets(Dataset):
-    def __init__(self, image_dirs: Sequence[str], load: Callable[[str], torch.Tensor]):
-        self.image_dirs = list(image_dirs)
-        self.load = load
-
-    def __len__(self) -> int:
-        return len(self.image_dirs)
-
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor]:
-        return index, self.load(self.image_dirs[index])
 
 
 class FeatureCache:
@@ -53,6 +42,8 @@ class FeatureCache:
         self.directory = Path(root) / f"{backbone_name}-{image_size}px-{self.weights_hash}"
         self.dim = backbone.out_features
         self.corrupt: list[Path] = []  # entries found unusable (and deleted) by this object
+        self.computed = 0  # entries this object computed and stored
+        self.reused = 0  # entries this object found usable and did not recompute
 
     def _read(self, path: Path) -> torch.Tensor | None:
         """The entry at `path`, or None when it is missing or unusable (then it is deleted)."""
@@ -100,7 +91,7 @@ class FeatureCache:
         self,
         image_dirs: Sequence[str],
         backbone: Backbone,
-        load: Callable[[str], torch.Tensor],
+        transform: Callable,
         batch_size: int = 32,
         num_workers: int = 0,
         device: torch.device | str = "cpu",
@@ -108,7 +99,7 @@ class FeatureCache:
     ) -> int:
         """Compute and store the entries missing for `image_dirs`; returns how many were computed.
 
-        `load(image_dir)` gives the [4, 3, H, W] evaluation-transformed quadruplet. The backbone
+        The views are read with `transform` (the evaluation transform, `src.data.quadruplets`). The backbone
         runs in eval mode; its previous mode is restored afterwards. Unusable entries count as missing
         (see the module docstring). The loader has its own random generator: filling the cache
         draws nothing from torch's global RNG, so a cold and a warm cache give the same training run.
@@ -123,19 +114,23 @@ class FeatureCache:
             more = f" and {len(corrupt) - LISTED_CORRUPT} more" if len(corrupt) > LISTED_CORRUPT else ""
             log.warning("warning: feature cache: %d corrupt entr%s (truncated, unreadable or wrong shape) "
                         "deleted and recomputed: %s%s", len(corrupt), "y" if len(corrupt) == 1 else "ies", listed, more)
+        self.reused += len(set(image_dirs)) - len(missing)
         if not missing:
             return 0
         log.info("feature cache: computing %d of %d locations into %s", len(missing), len(set(image_dirs)), self.directory)
         was_training = backbone.training
         backbone.eval()
-        loader = DataLoader(_Quadruplets(missing, load), batch_size=batch_size, num_workers=num_workers,
+        folders = QuadrupletFolders(missing, {"views": (self.image_size, transform)}, validate=False)
+        loader = DataLoader(folders, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_quadruplets,
                             generator=torch.Generator().manual_seed(0))
         try:
-            for indices, views in tqdm(loader, desc="caching features", unit="batch", leave=False):
+            for indices, batches, _, _ in tqdm(loader, desc="caching features", unit="batch", leave=False):
+                views = batches["views"]
                 batch, n_views = views.shape[:2]
                 features = (extract or backbone)(views.flatten(0, 1).to(device)).view(batch, n_views, -1)
                 for index, location_features in zip(indices.tolist(), features):
                     self.put(missing[index], location_features)
+                    self.computed += 1
         finally:
             backbone.train(was_training)
         return len(missing)

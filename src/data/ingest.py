@@ -4,7 +4,6 @@ import hashlib
 import os
 import sys
 import threading
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from src.core.paths import IMAGE_CHECK_CACHE_DIR
 from src.core import geo
 from src.core.errors import UserError
 from src.core.files import atomic_path
+from src.data.locations import CoordinateRows, read_coordinates
 from src.data.images import VIEWS, check_image
 
 REQUIRED_COLUMNS = ("uuid", "latitude", "longitude")
@@ -70,42 +70,13 @@ def location_names(root: str | Path) -> list[str]:
         return sorted(entry.name for entry in entries if entry.is_dir() and not entry.name.startswith("."))
 
 
-def read_csv_strict(path: str | Path, fix: str) -> pd.DataFrame:
-    """pd.read_csv for user files: any unreadable file or ragged row is a one-line UserError ending in `fix`.
-
-    A row with more fields than the header is an error (pandas would silently shift the first row into
-    an index); a row with fewer fields gets NaN in its missing columns (the row checks catch those).
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(f"{path}: is a directory, not a CSV file; {fix}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", pd.errors.ParserWarning)
-            return pd.read_csv(path, dtype={"uuid": str}, skipinitialspace=True, index_col=False)
-    except pd.errors.ParserWarning:
-        raise UserError(f"{path}: line 2 has more fields than the header; {fix}") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as error:
-        detail = str(error).strip().splitlines()[0].removeprefix("Error tokenizing data. C error: ")
-        raise UserError(f"{path}: not a readable CSV ({detail}); {fix}") from None
-
-
-def read_table(csv_path: Path) -> pd.DataFrame:
-    """data.csv as uuid (str), latitude, longitude (float, NaN where not a number) plus its CSV line number."""
+def read_table(csv_path: Path) -> CoordinateRows:
+    """A dataset's data.csv (column names case-insensitive, extra columns ignored) with its row defects."""
     if not csv_path.exists():
         raise UserError(f"{csv_path}: not found; a dataset dir needs a data.csv with columns "
                         f"{', '.join(REQUIRED_COLUMNS)}")
-    table = read_csv_strict(csv_path, f"a dataset's data.csv needs the columns {', '.join(REQUIRED_COLUMNS)}")
-    table.columns = [str(column).strip().lower() for column in table.columns]
-    missing = [column for column in REQUIRED_COLUMNS if column not in table.columns]
-    if missing:
-        raise UserError(f"{csv_path}: missing column(s) {', '.join(missing)}; found {', '.join(table.columns)}")
-    table = table[list(REQUIRED_COLUMNS)].copy()
-    table["uuid"] = table["uuid"].fillna("").astype(str).str.strip()
-    for column in ("latitude", "longitude"):
-        table[column] = pd.to_numeric(table[column], errors="coerce")
-    table["line"] = np.arange(len(table)) + 2  # 1-based, after the header
-    return table
+    return read_coordinates(csv_path, "data.csv", f"a dataset's data.csv needs the columns {', '.join(REQUIRED_COLUMNS)}",
+                            lowercase_columns=True)
 
 
 class CheckManifest:
@@ -190,7 +161,8 @@ def read_dataset(dataset_dir: str | Path, check_images: bool = True, full_decode
     Image checks are remembered in a CheckManifest under `check_cache` (None: not remembered)."""
     dataset_dir = Path(dataset_dir)
     root = find_image_root(dataset_dir)
-    table = read_table(dataset_dir / "data.csv")
+    rows = read_table(dataset_dir / "data.csv")
+    table = rows.table
     folders = {name: f"{root}{os.sep}{name}" for name in location_names(root)}  # uuid -> folder (str)
     table["dataset_dir"] = str(dataset_dir)
     csv_uuids = set(table["uuid"])
@@ -206,10 +178,9 @@ def read_dataset(dataset_dir: str | Path, check_images: bool = True, full_decode
         reason[mask] = why
         detail[mask] = what[mask] if isinstance(what, pd.Series) else what
 
-    skip(table["uuid"].eq("") | table["uuid"].str.lower().eq("nan"), "missing uuid", line)
-    skip(table["latitude"].isna() | table["longitude"].isna() | ~table["latitude"].between(-90, 90)
-         | ~table["longitude"].between(-180, 180), "invalid coordinates", line)
-    skip(table["uuid"].duplicated(), "duplicate uuid", line + " repeats an earlier row")
+    bad_row = rows.defect.notna()  # missing uuid, invalid coordinates, duplicate uuid
+    reason[bad_row] = rows.defect[bad_row]
+    detail[bad_row] = line[bad_row] + ": " + rows.detail[bad_row]
     skip(table["image_dir"].eq(""), "missing folder", pd.Series(f"no folder {root}/", index=table.index) + table["uuid"])
     if check_images:
         candidates = reason.isna()

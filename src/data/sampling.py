@@ -16,7 +16,7 @@ import shapely
 
 from src.core import geo
 from src.core.errors import UserError
-from src.core.files import atomic_path
+from src.core.files import write_text
 from src.data.ingest import read_table
 
 MAX_POINTS = 10_000_000
@@ -88,7 +88,7 @@ def excluded_locations(dataset_dirs) -> tuple[np.ndarray, np.ndarray]:
     for dataset_dir in dataset_dirs:
         if not Path(dataset_dir).is_dir():
             raise UserError(f"--exclude-dataset-dirs {dataset_dir}: no such dataset directory")
-        table = read_table(Path(dataset_dir) / "data.csv").dropna(subset=["latitude", "longitude"])
+        table = read_table(Path(dataset_dir) / "data.csv").table.dropna(subset=["latitude", "longitude"])
         lats.append(table["latitude"].to_numpy(float))
         lngs.append(table["longitude"].to_numpy(float))
     return np.concatenate(lats), np.concatenate(lngs)
@@ -123,8 +123,7 @@ def sample_points(n: int, seed: int = 0, mainland_only: bool = False, min_distan
 def write_points(points: pd.DataFrame, path: Path) -> None:
     """The points CSV, atomically (formatted by hand: 4-5x faster than DataFrame.to_csv for 1M rows)."""
     rows = zip(points["point_id"].tolist(), points["latitude"].tolist(), points["longitude"].tolist())
-    with atomic_path(path) as tmp:
-        tmp.write_text("point_id,latitude,longitude\n" + "".join([f"{i},{a:.7f},{b:.7f}\n" for i, a, b in rows]))
+    write_text("point_id,latitude,longitude\n" + "".join([f"{i},{a:.7f},{b:.7f}\n" for i, a, b in rows]), path)
 
 
 def plot_points(points: pd.DataFrame, path: Path, exclude_lat=(), exclude_lng=()) -> Path:

@@ -9,7 +9,7 @@ dataset dirs, spacing, seed and split flags.
 Figures go to figures/, tables to reports/analysis/ (both written atomically); tables also print on stdout.
 """
 
-import argparse
+from dataclasses import replace
 from pathlib import Path
 
 import matplotlib
@@ -24,12 +24,14 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MultipleLocator  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
-from src.inference.checkpoints import DATA_HPARAMS, find_checkpoint, read_hparams
-from src.data.enrich import LOCATIONS_FILE, Enriched, apply_data_hparams, locate_locations
+from src.inference.checkpoints import find_checkpoint, read_data_config
+from src.data.config import DataConfig
+from src.data.enrich import Enriched, locate_locations
+from src.data.config import LOCATIONS_FILE
 from src.core.errors import UserError  # noqa: E402
-from src.core.files import atomic_path  # noqa: E402
 from src.core.geo import haversine_km  # noqa: E402
-from src.data.cells import CENTROID_KINDS, CENTROID_PREFIX, build_grid, nearest_class  # noqa: E402
+from src.data.cells import build_grid, nearest_class  # noqa: E402
+from src.data.config import CENTROID_KINDS, CENTROID_PREFIX  # noqa: E402
 from src.data.images import VIEWS, check_image, load_image, view_paths  # noqa: E402
 from src.evaluation.plots import croatia_axes, draw_land, save_figure  # noqa: E402
 
@@ -251,21 +253,14 @@ def predicted_classes(enriched: Enriched, lat, lng) -> np.ndarray:
     return nearest_class(enriched.classes, enriched.grid, cell, lat, lng)
 
 
-def write_table(frame: pd.DataFrame, path: Path) -> Path:
-    """A CSV table, atomically."""
-    with atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=False)
-    return path
+def data_of_checkpoint(checkpoint: Path | None, reports_dir: Path) -> tuple[Path, DataConfig]:
+    """The checkpoint (default: `find_checkpoint(reports_dir)`) and the DataConfig of its run.
 
-
-def enrich_args_from_checkpoint(args: argparse.Namespace) -> Path:
-    """Fill the data flags from --checkpoint (default: src.checkpoints.find_checkpoint); returns its path.
-
-    When the run saved its locations (version_N/locations.csv) they are reused as --locations: the run's
-    exact locations and split, without re-reading the dataset dirs."""
-    path = Path(args.checkpoint or find_checkpoint(args.reports_dir))
-    apply_data_hparams(args, read_hparams(path, reports_dir=args.reports_dir, required=DATA_HPARAMS))
+    When the run saved its locations (version_N/locations.csv) they are reused: the run's exact locations and
+    split, without re-reading the dataset dirs."""
+    path = Path(checkpoint or find_checkpoint(reports_dir))
+    data = read_data_config(path, reports_dir=reports_dir)
     saved = path.parent.parent / LOCATIONS_FILE
     if path.parent.name == "checkpoints" and saved.is_file():
-        args.locations = saved  # enrich_from_args prefers it to the (restored) dataset dirs
-    return path
+        data = replace(data, locations_csv=str(saved))
+    return path, data

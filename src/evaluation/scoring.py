@@ -5,16 +5,14 @@
 The statistics (src.geo.summarize_km) are the ones training reports, GeoGuessr-style score included.
 """
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from src.core.errors import UserError
 from src.core.geo import haversine_km, summarize_km
-from src.data.ingest import read_csv_strict
+from src.data.locations import read_coordinates
 
 SUBMISSION_COLUMNS = ["uuid", "latitude", "longitude"]
 # columns of a data.csv or an enriched CSV that a predict submission never has
@@ -59,23 +57,6 @@ def swap_hint(submission: pd.DataFrame, truth: pd.DataFrame, submission_path: st
             "submission first, then the truth: python -m src.score SUBMISSION TRUTH")
 
 
-def _row_defects(frame: pd.DataFrame) -> pd.Series:
-    """Per row: None when uuid and coordinates are usable, else what is wrong (the first defect found)."""
-    reason = pd.Series(None, index=frame.index, dtype=object)
-
-    def mark(mask, why) -> None:
-        reason[mask & reason.isna()] = why[mask & reason.isna()] if isinstance(why, pd.Series) else why
-
-    mark(frame["uuid"].isna() | frame["uuid"].eq(""), "empty uuid")
-    for column, limit in (("latitude", 90.0), ("longitude", 180.0)):
-        values = pd.to_numeric(frame[column], errors="coerce")
-        mark(~np.isfinite(values.to_numpy(float, na_value=np.nan)),
-             f"{column} " + frame[column].map(repr) + " is not a number")
-        mark(values.abs() > limit, f"{column} " + values.astype(str) + f" is outside +-{limit:g} (not WGS84 degrees?)")
-    mark(frame["uuid"].duplicated(), "uuid " + frame["uuid"].astype(str) + " repeats an earlier row")
-    return reason
-
-
 def read_locations(path: str | Path, what: str, strict: bool = True) -> pd.DataFrame:
     """Read uuid/latitude/longitude (extra columns kept) from a CSV, validating every row.
 
@@ -83,34 +64,12 @@ def read_locations(path: str | Path, what: str, strict: bool = True) -> pd.DataF
     coordinates that are not WGS84 degrees) is a UserError when `strict` (a submission is the user's
     output); otherwise (truth data) it is skipped and listed in a warning on stderr.
     """
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: {what} file not found; pass the path of a CSV with columns uuid,latitude,longitude")
-    frame = read_csv_strict(path, f"the {what} must be a CSV with the header uuid,latitude,longitude")
-    missing = [c for c in SUBMISSION_COLUMNS if c not in frame.columns]
-    if missing:
-        raise UserError(
-            f"{path}: {what} lacks column(s) {', '.join(missing)} (has {', '.join(map(str, frame.columns))}); "
-            "the header must name uuid,latitude,longitude"
-        )
-    if frame.empty:
-        raise UserError(f"{path}: {what} has a header but no rows")
-    frame["uuid"] = frame["uuid"].str.strip()
-    reason = _row_defects(frame)
-    bad = reason.notna().to_numpy()
-    # CSV line numbers: the header is line 1, so data row i is line i + 2
-    listing = [f"line {i + 2}: {reason.iloc[i]}" for i in np.flatnonzero(bad)]
-    if bad.any() and strict:
-        raise UserError(f"{path}: {len(listing)} bad {what} row(s), first {listing[0]}; every row needs a unique "
-                        "uuid and latitude/longitude in degrees")
-    if bad.any():
-        print(f"warning: {path}: skipped {len(listing)} {what} row(s) that cannot be scored:", file=sys.stderr)
-        print("\n".join(f"  {line}" for line in listing), file=sys.stderr)
-    frame = frame[~bad].copy()
+    fix = "every row needs a unique uuid and latitude/longitude in degrees (header uuid,latitude,longitude)"
+    rows = read_coordinates(path, what, fix, keep_other_columns=True)
+    frame = rows.require_valid(what, fix) if strict else rows.skip_bad(what)
     if frame.empty:
         raise UserError(f"{path}: no usable {what} row left")
-    frame[["latitude", "longitude"]] = frame[["latitude", "longitude"]].apply(pd.to_numeric).astype(float)
-    return frame
+    return frame.drop(columns="line")
 
 
 @dataclass

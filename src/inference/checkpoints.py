@@ -7,6 +7,7 @@ the flag, the file and, where it helps, the checkpoints that do exist.
 """
 
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +103,7 @@ def read_checkpoint(path: str | Path, flag: str = "--checkpoint", reports_dir: s
 
 def read_hparams(path: str | Path, flag: str = "--checkpoint", reports_dir: str | Path | None = None,
                  required: tuple[str, ...] = ()) -> dict[str, Any]:
-    """The hparams of a src.train checkpoint; `required` keys missing is a one-line UserError."""
+    """The model hparams of a src.train checkpoint; `required` keys missing is a one-line UserError."""
     hparams = read_checkpoint(path, flag, reports_dir)["hyper_parameters"]
     missing = [key for key in required if key not in hparams]
     if missing:
@@ -111,20 +112,56 @@ def read_hparams(path: str | Path, flag: str = "--checkpoint", reports_dir: str 
     return dict(hparams)
 
 
+def _run_hparams(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """What the DataModule saved (`data`, `test_locations`); checkpoints written before the DataModule saved
+    them hold the same keys among the model's hparams."""
+    saved = checkpoint.get("datamodule_hyper_parameters") or {}
+    if saved.get("data") is not None:
+        return {**saved["data"], "test_locations": saved.get("test_locations")}
+    return checkpoint["hyper_parameters"]
+
+
+def read_data_config(path: str | Path, flag: str = "--checkpoint", reports_dir: str | Path | None = None):
+    """The DataConfig a checkpoint's run was trained on (its dataset dirs, cells, split)."""
+    from src.data.config import DataConfig  # noqa: PLC0415
+
+    saved = _run_hparams(read_checkpoint(path, flag, reports_dir))
+    missing = [key for key in DATA_HPARAMS if key not in saved]
+    if missing:
+        raise UserError(f"{flag} {path}: lacks {', '.join(missing)} in its data hparams (an older src.train?); "
+                        "pass --dataset-dirs or --locations")
+    return DataConfig.from_hparams(saved)
+
+
+def read_test_locations(path: str | Path, flag: str = "--checkpoint") -> list[tuple[str, Path]]:
+    """The (uuid, image folder) pairs of the test split of a checkpoint's run, sorted by uuid."""
+    saved = _run_hparams(read_checkpoint(path, flag)).get("test_locations") or []
+    return sorted((str(uuid), Path(folder)) for uuid, folder in saved)
+
+
 def load_model(path: str | Path, device: str = "cpu", flag: str = "--checkpoint",
                reports_dir: str | Path | None = REPORTS_DIR, **overrides):
     """A GeoModel from a src.train checkpoint, in eval mode on `device`; a missing file's message lists the
     checkpoints under `reports_dir` (default: reports/, for commands without --reports-dir).
 
-    `overrides` replace hparams that only change how outputs become coordinates (`centroids`, `topk`,
-    `predict_rule`); None values are ignored.
+    `overrides` replace model config values that only change how outputs become coordinates (`centroids`,
+    `topk`, `predict_rule`); None values are ignored. Every checkpoint src.train has written loads here.
     """
-    from src.model.geomodel import GeoModel  # Lightning and the backbones: only where a model is built
+    from src.model.config import configs_from_hparams  # noqa: PLC0415 (Lightning: only where a model is built)
+    from src.model.geomodel import GeoModel  # noqa: PLC0415
 
-    read_hparams(path, flag, reports_dir, required=PREDICT_HPARAMS)
-    overrides = {key: value for key, value in overrides.items() if value is not None}
+    checkpoint = read_checkpoint(path, flag, reports_dir)
+    hparams = checkpoint["hyper_parameters"]
+    missing = [key for key in PREDICT_HPARAMS if key not in hparams]
+    if missing:
+        raise UserError(f"{flag} {path}: lacks {', '.join(missing)} in its hparams (an older src.train?); "
+                        "retrain it with the current src.train")
     try:
-        model = GeoModel.load_from_checkpoint(path, map_location=device, **overrides)
+        model_config, optim, classes = configs_from_hparams(hparams)
+        model_config = replace(model_config, channels_last=model_config.channels_last and str(device).startswith("cuda"),
+                               **{key: value for key, value in overrides.items() if value is not None})
+        model = GeoModel(model_config, optim, classes)
+        model.load_state_dict(checkpoint["state_dict"])
     except Exception as error:  # a state dict that does not fit the hparams (edited or foreign weights)
         raise UserError(f"{flag} {path}: not a loadable GeoModel checkpoint ({brief(error)}); "
                         "pass a .ckpt written by src.train") from None

@@ -182,7 +182,7 @@ def compare_with_torch(model, path: str | Path, views: torch.Tensor, backbone_on
 
 
 class OnnxGeoModel:
-    """ONNX Runtime in place of a GeoModel at predict time: the same `hparams`, `predict_xy` and `infer`."""
+    """ONNX Runtime in place of a GeoModel at predict time: the same `hparams`, `locate` and `infer`."""
 
     def __init__(self, path: str | Path, hparams, threads: int | None = None):
         self.path = Path(path)
@@ -195,8 +195,8 @@ class OnnxGeoModel:
         outputs, xy = self.session.run(None, {"views": views.detach().cpu().float().contiguous().numpy()})
         return (outputs if self.hparams["approach"] != "regression" else None), xy
 
-    def predict_xy(self, views: torch.Tensor) -> torch.Tensor:
-        """[B, 4, 3, S, S] -> EPSG:3766 x/y [B, 2] (torch float64), like GeoModel.predict_xy."""
+    def locate(self, views: torch.Tensor) -> torch.Tensor:
+        """[B, 4, 3, S, S] -> EPSG:3766 x/y [B, 2] (torch float64), like GeoModel.locate."""
         return torch.from_numpy(self.infer(views)[1])
 
 

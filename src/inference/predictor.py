@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from src.data.datamodule import eval_transform, input_spec, mirror_views
+from src.data.quadruplets import eval_transform, input_spec, mirror_views
 from src.core.errors import UserError
 from src.core.geo import project, snap_to_land, unproject
 from src.data.images import N_VIEWS, VIEWS, check_image, load_image, view_paths
@@ -155,11 +155,11 @@ def collate_quadruplets(items):
 
 
 @torch.no_grad()
-def predict_xy(model, views: torch.Tensor, tta: bool = False) -> torch.Tensor:
+def member_xy(model, views: torch.Tensor, tta: bool = False) -> torch.Tensor:
     """EPSG:3766 x/y [B, 2] of one model; with `tta` the mean over the quadruplet and its mirror."""
-    xy = model.predict_xy(views)
+    xy = model.locate(views)
     if tta:
-        xy = (xy + model.predict_xy(mirror_views(views))) / 2
+        xy = (xy + model.locate(mirror_views(views))) / 2
     return xy.double()
 
 
@@ -190,7 +190,7 @@ def predict_locations(models, locations: list[tuple[str, Path]], tta: bool = Fal
                                                     disable=not progress):
         xy = torch.zeros(len(uuids), 2, dtype=torch.float64)
         for model, spec in zip(models, specs):
-            xy += predict_xy(model, batches[spec].to(device, non_blocking=True), tta).cpu()
+            xy += member_xy(model, batches[spec].to(device, non_blocking=True), tta).cpu()
         xy = (xy / len(models)).numpy()
         xy[~has_views.numpy()] = prior_xy
         issues.replaced += replaced

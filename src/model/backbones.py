@@ -20,6 +20,7 @@ import torchvision
 from torch import nn
 
 from src.core.errors import UserError
+from src.model.config import IMAGENET_MEAN, IMAGENET_STD
 
 
 class Backbone(nn.Module):
@@ -55,8 +56,6 @@ class Backbone(nn.Module):
         return digest.hexdigest()
 
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # EfficientNet-Lite was trained on (pixel - 127) / 128 with pixels in 0..255 (TF's efficientnet_lite_builder)
 EFFICIENTNET_LITE_MEAN = (127.0 / 255,) * 3
 EFFICIENTNET_LITE_STD = (128.0 / 255,) * 3

@@ -13,19 +13,17 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import BaseFinetuning
 from torch import nn
 from torch.nn import functional as F
 
-from src.model.backbones import IMAGENET_MEAN, IMAGENET_STD, Backbone, create_backbone
+from src.model.backbones import Backbone, create_backbone
 from src.core.geo import haversine_km_torch, snap_to_land, unproject
-from src.data.cells import CENTROID_KINDS
-from src.model.heads import PREDICT_RULES, HybridHead, create_fusion, haversine_smoothing_loss, hybrid_loss, hybrid_points, predict_xy
+from src.data.config import CENTROID_KINDS
+from src.model.config import APPROACHES, ClassTable, ModelConfig, OptimConfig, model_hparams
+from src.model.heads import HybridHead, create_fusion, haversine_smoothing_loss, hybrid_loss, hybrid_points, point_by_rule
+from src.model.config import PREDICT_RULES
 from src.data.images import N_VIEWS
 
-APPROACHES = ("classification", "regression", "hybrid")
-OPTIMIZERS = ("adam", "adamw")
-SCHEDULERS = ("plateau", "onecycle", "cosine", "none")
 
 
 def scale_xy(xy: torch.Tensor, scaler: dict[str, float]) -> torch.Tensor:
@@ -54,109 +52,62 @@ def xy_to_km(xy: torch.Tensor, lat: torch.Tensor, lng: torch.Tensor) -> torch.Te
 
 
 class GeoModel(pl.LightningModule):
-    """Quadruplet geolocation model; `hparams` hold everything predict needs (see src/train.py)."""
+    """Quadruplet geolocation model over its three configs; `hparams` are their flat union
+    (`src.model.config.model_hparams`), everything predict needs."""
 
-    def __init__(
-        self,
-        approach: str,
-        backbone: str,
-        image_size: int,
-        classes: dict[str, list],
-        scaler: dict[str, float],
-        centroids: str = "weighted",
-        topk: int = 0,
-        hidden: int = 512,
-        dropout: float = 0.2,
-        lr: float = 1e-3,
-        lr_finetune: float = 1e-4,
-        unfreeze_at_epoch: int | None = None,
-        unfreeze_blocks: int = 0,
-        optimizer: str = "adamw",
-        weight_decay: float = 1e-4,
-        scheduler: str = "plateau",
-        warmup_epochs: int = 1,
-        seed: int = 0,
-        spacing: float = 0.5,
-        dataset_dirs: list[str] | None = None,
-        split_fractions: list[float] | None = None,
-        holdout_dirs: list[str] | None = None,
-        full_decode: bool = False,
-        max_outside_km: float = 10.0,
-        mainland_only: bool = False,
-        cells: str = "grid",
-        n_classes: int = 0,
-        split_by: str = "location",
-        fold: list[int] | None = None,
-        prior_lat: float = 0.0,
-        prior_lng: float = 0.0,
-        test_locations: list[list[str]] | None = None,
-        backbone_weights: str = "imagenet",
-        fusion: str = "concat",
-        predict_rule: str = "mean",
-        label_smoothing_km: float = 0.0,
-        offset_weight: float = 1.0,
-        image_mean: tuple[float, float, float] | list[float] = IMAGENET_MEAN,
-        image_std: tuple[float, float, float] | list[float] = IMAGENET_STD,
-        pretrained: bool = False,
-    ):
-        """`pretrained` loads ImageNet weights into the backbone now; it is not saved, so
-        `load_from_checkpoint` rebuilds the backbone without downloads and loads the state dict.
+    def __init__(self, model: ModelConfig, optim: OptimConfig, classes: ClassTable, pretrained: bool = False):
+        """`pretrained` loads ImageNet weights into the backbone now; it is not saved, so a checkpoint is
+        rebuilt without downloads (`src.inference.checkpoints.load_model`) and its state dict loaded.
 
-        The data hparams (seed, spacing, dataset_dirs, split_fractions, holdout_dirs, full_decode,
-        max_outside_km, mainland_only, cells, n_classes, split_by, fold; paths absolute; see
-        `src.enrich.data_hparams`) are not used here: with them `src.enrich.enrich` rebuilds the run's
-        locations, split and cells exactly. None means enrich's default.
-
-        `image_mean`/`image_std`: the input normalisation (the backbone's, `src.backbones`; checkpoints
-        written before it was saved were trained on ImageNet's). `classes["radius"]` (hybrid): each
-        class's cell radius in metres, the unit of its offsets from the `centroids` it was trained with.
+        `model.image_mean`/`image_std`: the input normalisation (the backbone's, `src.model.backbones`).
+        `classes.radius` (hybrid): each class's cell radius in metres, the unit of its offsets from the
+        `model.centroids` it was trained with.
         """
         super().__init__()
-        if approach not in APPROACHES:
+        if model.approach not in APPROACHES:
             raise ValueError(f"approach must be one of {APPROACHES}")
-        if centroids not in CENTROID_KINDS:
+        if model.centroids not in CENTROID_KINDS:
             raise ValueError(f"centroids must be one of {CENTROID_KINDS}")
-        if predict_rule not in PREDICT_RULES:
+        if model.predict_rule not in PREDICT_RULES:
             raise ValueError(f"predict_rule must be one of {PREDICT_RULES}")
-        if approach == "hybrid" and "radius" not in classes:
-            raise ValueError("a hybrid model needs classes['radius'] (src.heads.class_radius_m)")
-        self.save_hyperparameters(ignore=["pretrained"], logger=False)
-        self.backbone: Backbone = create_backbone(backbone, pretrained)
-        self.fusion = create_fusion(fusion, N_VIEWS, self.backbone.out_features)
-        self.n_classes = len(classes["cell"])
+        if model.approach == "hybrid" and classes.radius is None:
+            raise ValueError("a hybrid model needs classes.radius (src.model.heads.class_radius_m)")
+        self.config, self.optim, self.classes = model, optim, classes
+        self.save_hyperparameters(model_hparams(model, optim, classes), logger=False)
+        self.backbone: Backbone = create_backbone(model.backbone, pretrained)
+        if model.channels_last:  # every registered backbone is convolutional
+            self.backbone.to(memory_format=torch.channels_last)
+        self.fusion = create_fusion(model.fusion, N_VIEWS, self.backbone.out_features)
+        self.n_classes = len(classes)
+        hidden, dropout = model.hidden, model.dropout
         width = hidden if hidden > 0 else self.fusion.out_dim
         trunk = [nn.Dropout(dropout), nn.Linear(self.fusion.out_dim, hidden), nn.ReLU(inplace=True)] if hidden > 0 else []
-        if approach == "hybrid":
+        if model.approach == "hybrid":
             last = HybridHead(width, self.n_classes)
             prior_bias = last.logits.bias
         else:
-            last = nn.Linear(width, self.n_classes if approach == "classification" else 2)
+            last = nn.Linear(width, self.n_classes if model.approach == "classification" else 2)
             prior_bias = last.bias
         self.head = nn.Sequential(*trunk, nn.Dropout(dropout), last)
         with torch.no_grad():  # start from the prior: class frequencies / the middle of the train extent
-            if approach == "regression":
+            if model.approach == "regression":
                 prior_bias.fill_(0.5)
             else:
-                prior_bias.copy_(torch.log(torch.tensor(classes["n_train"], dtype=torch.float32).clamp(min=1)))
-        class_xy = torch.tensor(classes[centroids], dtype=torch.float64)
+                prior_bias.copy_(torch.log(torch.tensor(classes.n_train, dtype=torch.float32).clamp(min=1)))
+        class_xy = torch.tensor(classes.centroids[model.centroids], dtype=torch.float64)
         self.register_buffer("class_xy", class_xy, persistent=False)
         class_lat, class_lng = unproject(class_xy[:, 0].numpy(), class_xy[:, 1].numpy())
         self.register_buffer("class_lat", torch.as_tensor(np.atleast_1d(class_lat), dtype=torch.float64), persistent=False)
         self.register_buffer("class_lng", torch.as_tensor(np.atleast_1d(class_lng), dtype=torch.float64), persistent=False)
-        radius = classes.get("radius", [1.0] * self.n_classes)
+        radius = classes.radius if classes.radius is not None else [1.0] * self.n_classes
         self.register_buffer("class_radius", torch.tensor(radius, dtype=torch.float64), persistent=False)
-        self._test_rows: list[torch.Tensor] = []
-        self.test_km = np.empty(0)
-        self.test_xy = np.empty((0, 2))
-        self.channels_last = False  # set by train for convolutional backbones on a GPU (not a hparam)
-        self.val_baseline_km: float | None = None  # set by train: the constant prediction's val mean km
 
     # ---- forward ------------------------------------------------------------------------------
     def view_features(self, views: torch.Tensor) -> torch.Tensor:
         """[B, 4, 3, H, W] -> [B, 4, D]: the backbone on all B x 4 images in one batched forward."""
         batch, n_views = views.shape[:2]
         images = views.flatten(0, 1)
-        if self.channels_last:
+        if self.config.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return self.backbone(images).reshape(batch, n_views, -1)
 
@@ -183,16 +134,16 @@ class GeoModel(pl.LightningModule):
 
     def outputs_to_xy(self, outputs: torch.Tensor) -> torch.Tensor:
         """Head outputs -> EPSG:3766 metres [B, 2], by the checkpoint's prediction rule and topk."""
-        hp = self.hparams
-        if hp.approach == "regression":
-            return unscale_xy(outputs.double(), hp.scaler)
+        config = self.config
+        if config.approach == "regression":
+            return unscale_xy(outputs.double(), self.classes.scaler)
         points = self.class_xy
-        if hp.approach == "hybrid":
+        if config.approach == "hybrid":
             points = hybrid_points(self.split_hybrid(outputs)[1], self.class_xy, self.class_radius)
         probabilities = self.class_logits(outputs).float().softmax(dim=1)
-        return predict_xy(hp.predict_rule, probabilities, points, hp.topk)
+        return point_by_rule(config.predict_rule, probabilities, points, config.topk)
 
-    def predict_xy(self, views: torch.Tensor) -> torch.Tensor:
+    def locate(self, views: torch.Tensor) -> torch.Tensor:
         """[B, 4, 3, H, W] -> predicted EPSG:3766 x/y [B, 2] in metres (eval mode, no grad)."""
         was_training = self.training
         self.eval()
@@ -210,24 +161,24 @@ class GeoModel(pl.LightningModule):
 
     def loss(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The training loss of `outputs` (float32 whatever the precision; targets stay float64)."""
-        hp = self.hparams
+        config = self.config
         outputs = outputs.float()
-        if hp.approach == "regression":  # targets are metres scaled to [0, 1]
-            return F.mse_loss(outputs, scale_xy(batch["xy"], hp.scaler).float())
+        if config.approach == "regression":  # targets are metres scaled to [0, 1]
+            return F.mse_loss(outputs, scale_xy(batch["xy"], self.classes.scaler).float())
         logits = self.class_logits(outputs)
-        tau = hp.label_smoothing_km
+        tau = config.label_smoothing_km
         classification = (haversine_smoothing_loss(logits, batch["lat"], batch["lng"], self.class_lat,
                                                    self.class_lng, tau) if tau > 0
                           else F.cross_entropy(logits, batch["label"]))
-        if hp.approach == "classification":
+        if config.approach == "classification":
             return classification
         _, offsets = self.split_hybrid(outputs)
         return hybrid_loss(logits, offsets, batch["label"], batch["xy"], self.class_xy, self.class_radius,
-                           hp.offset_weight, classification_loss=classification)
+                           config.offset_weight, classification_loss=classification)
 
     def _step(self, batch: dict[str, torch.Tensor], stage: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Loss, km and predicted x/y of a batch; train and val log epoch means (test results are gathered
-        in on_test_epoch_end and reported by train as a table, not as single-point charts)."""
+        """Loss, km and predicted x/y of a batch; train and val log epoch means (test results are returned
+        by test_step, for `src.training.callbacks.TestCollector`, not logged as single-point charts)."""
         outputs = self._outputs(batch)
         loss = self.loss(outputs, batch)
         xy = self.outputs_to_xy(outputs.detach())
@@ -236,7 +187,7 @@ class GeoModel(pl.LightningModule):
             return loss, km, xy
         # epoch metrics averaged over all processes: every rank picks the same best checkpoint
         log = {"batch_size": len(outputs), "on_step": False, "on_epoch": True, "sync_dist": True}
-        if self.hparams.approach != "regression":
+        if self.config.approach != "regression":
             accuracy = (self.class_logits(outputs).argmax(dim=1) == batch["label"]).float().mean()
             self.log(f"{stage}/acc", accuracy, **log)
         self.log(f"{stage}/loss", loss, prog_bar=True, **log)
@@ -249,28 +200,10 @@ class GeoModel(pl.LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._step(batch, "val")
 
-    def on_validation_epoch_end(self) -> None:
-        if self.val_baseline_km is not None and not self.trainer.sanity_checking:  # a flat reference line
-            self.log("val/km_baseline", self.val_baseline_km, sync_dist=False)
-
-    def on_test_epoch_start(self) -> None:
-        self._test_rows = []
-
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """[4, B] rows of (split index, km, predicted x, predicted y), float64 on the CPU."""
         _, km, xy = self._step(batch, "test")
-        self._test_rows.append(torch.stack([batch["index"].double().cpu(), km, *xy.double().cpu().T]))
-
-    def on_test_epoch_end(self) -> None:
-        """`test_km` and `test_xy`: km and predicted EPSG:3766 x/y per test location in the split's order,
-        gathered from every process; the locations DistributedSampler repeats to even out the processes'
-        shares are counted once."""
-        local = torch.cat(self._test_rows, dim=1) if self._test_rows else torch.empty(4, 0, dtype=torch.float64)
-        if self.trainer.world_size > 1:
-            local = self.all_gather(local.to(self.device)).cpu()  # [world, 4, n]: equal shares
-            local = local.permute(1, 0, 2).flatten(1)
-        _, first = np.unique(local[0].numpy().astype(np.int64), return_index=True)
-        self.test_km = local[1].numpy()[first]
-        self.test_xy = local[2:].numpy().T[first]
+        return torch.stack([batch["index"].double().cpu(), km, *xy.double().cpu().T])
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self.outputs_to_xy(self._outputs(batch))
@@ -283,7 +216,7 @@ class GeoModel(pl.LightningModule):
         is frozen its parameters have no gradients, so the optimizer leaves them alone (and schedulers see
         a fixed set of groups). A backbone that stays frozen has no group.
         """
-        hp = self.hparams
+        hp = self.optim
         groups = [{"params": [*self.fusion.parameters(), *self.head.parameters()], "lr": hp.lr, "name": "head"}]
         if hp.unfreeze_at_epoch is not None:  # a backbone that never trains gets no group (and no logged lr)
             groups.append({"params": list(self.backbone.parameters()), "lr": hp.lr_finetune, "name": "backbone"})
@@ -308,52 +241,3 @@ class GeoModel(pl.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
-
-
-def backbone_frozen(model: GeoModel) -> bool:
-    """True when no backbone parameter is trainable."""
-    return not any(p.requires_grad for p in model.backbone.parameters())
-
-
-class FreezeThenUnfreeze(BaseFinetuning):
-    """The backbone starts frozen (eval mode: fixed BatchNorm statistics, so features match the
-    feature cache); at `unfreeze_at_epoch` its last `blocks` stages (0: all) become trainable.
-    Their learning rate is the backbone parameter group's (`lr_finetune`, see configure_optimizers).
-    Unfrozen stages train with BatchNorm in train mode (batch statistics), unless `freeze_bn`
-    keeps every BatchNorm on its running statistics (for small batches)."""
-
-    def __init__(self, unfreeze_at_epoch: int | None, blocks: int = 0, freeze_bn: bool = False):
-        super().__init__()
-        self.unfreeze_at_epoch = unfreeze_at_epoch
-        self.blocks = blocks
-        self.freeze_bn = freeze_bn
-
-    def freeze_before_training(self, pl_module: GeoModel) -> None:
-        self.freeze(pl_module.backbone, train_bn=False)
-        if self.unfreeze_at_epoch == 0:  # trainable before DDP wraps the model, so DDP synchronises them
-            self.make_trainable(pl_module.backbone.last_stages(self.blocks))
-
-    def finetune_function(self, pl_module: GeoModel, epoch: int, optimizer: torch.optim.Optimizer) -> None:
-        # `>=` so that a run resumed after the unfreeze epoch unfreezes again
-        if self.unfreeze_at_epoch is not None and epoch >= self.unfreeze_at_epoch and backbone_frozen(pl_module):
-            self.make_trainable(pl_module.backbone.last_stages(self.blocks))
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: GeoModel) -> None:
-        super().on_train_epoch_start(trainer, pl_module)
-        set_backbone_modes(pl_module, self.freeze_bn)
-
-
-def set_backbone_modes(model: GeoModel, freeze_bn: bool = False) -> None:
-    """Frozen backbone parts in eval mode (BatchNorm on its running statistics, dropout off), trainable
-    ones in train mode; with `freeze_bn` every BatchNorm stays in eval mode. Lightning restores the
-    modules' own modes at each epoch, so this runs at every epoch start (resumed runs included)."""
-    for module in model.backbone.modules():  # parents before children: mixed parents are left to their children
-        trainable = [p.requires_grad for p in module.parameters()]
-        if trainable and all(trainable):
-            module.train()
-        elif trainable and not any(trainable):
-            module.eval()
-    if freeze_bn:
-        for module in model.backbone.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.eval()

@@ -18,18 +18,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from src.core.geo import haversine_km_torch
-from src.data.cells import CENTROID_PREFIX
+from src.data.config import CENTROID_PREFIX
+from src.model.config import FUSIONS, PREDICT_RULES
 
-PREDICT_RULES = ("mean", "median", "mode")
-FUSIONS = ("concat", "mean", "attention")
-# Default tau, measured: 5-fold cross-validation on the 100 real shared LUMEN locations (0.5-degree grid,
-# 55.6 x 39.7 km cells, frozen efficientnet_lite0; `benchmarks.accuracy_levers`) gave out-of-fold mean km
-# 110.2 (one-hot), 108.1 (tau 12 km) and 100.3 (tau 40 km) against 111.8 for the constant. At 12 km the
-# runner-up centroid gets e^-1 of the nearest's weight (the median gap between them is 11.7 km on the
-# 32,922 real coordinates) and the true class keeps 53% of the target mass; at 40 km the targets spread
-# over the neighbouring cells, which suits thin data (a median of 2 train locations per class).
-# PIGEON's 65-75 km suits world-scale cells. Scale tau with the cell size for other spacings or class counts.
-DEFAULT_LABEL_SMOOTHING_KM = 40.0
 
 
 # ---- prediction rules -----------------------------------------------------------------------------
@@ -99,7 +90,7 @@ def mode_xy(probabilities: torch.Tensor, class_xy: torch.Tensor, topk: int = 0) 
     return class_xy[torch.arange(best.shape[0], device=best.device), best]
 
 
-def predict_xy(rule: str, probabilities: torch.Tensor, class_xy: torch.Tensor, topk: int = 0) -> torch.Tensor:
+def point_by_rule(rule: str, probabilities: torch.Tensor, class_xy: torch.Tensor, topk: int = 0) -> torch.Tensor:
     """Points [B, 2] (EPSG:3766 metres) from class probabilities [B, C] and class points ([C, 2] or
     [B, C, 2]) by `rule` (see PREDICT_RULES)."""
     if rule == "mean":

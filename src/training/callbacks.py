@@ -1,0 +1,172 @@
+"""The callbacks, logger and checkpoint IO of a training run: atomic checkpoints, TensorBoard without noise,
+the per-epoch history, the constant baseline line, the test results collector and graceful interruption."""
+
+import contextlib
+import shlex
+import signal
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from pytorch_lightning.core.saving import save_hparams_to_yaml
+from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
+from src.core.files import atomic_path
+from src.inference.checkpoints import read_checkpoint
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temporary file in the same folder, then renamed into place."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        with atomic_path(path) as tmp:
+            torch.save(checkpoint, tmp)
+
+
+class EpochHistory(pl.Callback):
+    """Per-epoch train/val loss and val mean km (rank 0), for the training-curves figure."""
+
+    def __init__(self):
+        self.rows: list[dict[str, float]] = []
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))}
+        self.rows.append({"epoch": trainer.current_epoch, **metrics})
+
+
+class QuietTensorBoardLogger(TensorBoardLogger):
+    """TensorBoardLogger without the `epoch` scalar Lightning adds to every log call (a line that only
+    counts up), and whose hparams.yaml is written to a temporary file and renamed into place."""
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        super().log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step)
+
+    @rank_zero_only
+    def save(self) -> None:
+        super(TensorBoardLogger, self).save()  # flush the event file
+        path = Path(self.log_dir) / self.NAME_HPARAMS_FILE
+        if path.parent.is_dir() and not path.is_file():
+            with atomic_path(path) as tmp:
+                save_hparams_to_yaml(tmp, self.hparams)
+
+
+class Interrupt(pl.Callback):
+    """SIGINT and SIGTERM during a run: the first one raises KeyboardInterrupt (Lightning's graceful
+    shutdown: callbacks' on_exception, loggers finalized, no half-written checkpoint thanks to
+    AtomicCheckpointIO), later ones are ignored while shutting down. Records which signal came.
+
+    While Lightning's training loop runs (this object is also its callback), the KeyboardInterrupt is raised
+    at the next batch boundary instead of wherever the signal lands: raised inside a lock (TensorBoard's
+    event queue, a progress bar) it could leave a background thread blocked and the shutdown hanging."""
+
+    def __init__(self):
+        self.signal: str | None = None
+        self.last_checkpoint: Path | None = None  # this run's last.ckpt, once its folder is known
+        self.deferred = False  # True inside the training loop: raise at the next batch boundary
+
+    def handler(self, signum: int, frame) -> None:
+        if self.signal is None:
+            self.signal = signal.Signals(signum).name
+            if not self.deferred:
+                raise KeyboardInterrupt(self.signal)
+
+    def _raise_if_signalled(self, *_) -> None:
+        if self.signal is not None and self.deferred:
+            self.deferred = False
+            raise KeyboardInterrupt(self.signal)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.deferred = True
+        self._raise_if_signalled()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._raise_if_signalled()
+        self.deferred = False
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self.deferred = False
+
+    on_train_batch_end = on_validation_batch_end = on_train_epoch_end = on_validation_epoch_end = _raise_if_signalled
+
+    @contextlib.contextmanager
+    def installed(self):
+        previous = {sig: signal.signal(sig, self.handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+class ConstantBaseline(pl.Callback):
+    """Logs `val/km_baseline`, the constant (train mean) prediction's val mean km, at every validation: a
+    flat reference line beside val/km_mean."""
+
+    def __init__(self, km: float):
+        self.km = km
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            pl_module.log("val/km_baseline", self.km, sync_dist=False)
+
+
+class TestCollector(pl.Callback):
+    """The test step's rows (split index, km, predicted x, y) of every batch, gathered from every process:
+    `km` and `xy` per test location in the split's order, the locations DistributedSampler repeats to even
+    out the processes' shares counted once."""
+
+    def __init__(self):
+        self.rows: list[torch.Tensor] = []
+        self.km = np.empty(0)
+        self.xy = np.empty((0, 2))
+
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.rows = []
+
+    def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                          batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.rows.append(outputs)
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        local = torch.cat(self.rows, dim=1) if self.rows else torch.empty(4, 0, dtype=torch.float64)
+        if trainer.world_size > 1:
+            local = pl_module.all_gather(local.to(pl_module.device)).cpu()  # [world, 4, n]: equal shares
+            local = local.permute(1, 0, 2).flatten(1)
+        _, first = np.unique(local[0].numpy().astype(np.int64), return_index=True)
+        self.km = local[1].numpy()[first]
+        self.xy = local[2:].numpy().T[first]
+
+
+def resume_command(argv: list[str], checkpoint: Path) -> str:
+    """The command line that continues this run from `checkpoint` (any earlier --resume replaced)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--resume":
+            skip = True
+        elif not arg.startswith("--resume="):
+            kept.append(arg)
+    return shlex.join(["python", "-m", "src.train", *kept, "--resume", str(checkpoint)])
+
+
+def interrupted_message(interrupt: Interrupt, argv: list[str], resume: Path | None, epochs: int | None) -> str:
+    """The one line printed when a run is interrupted (`resume`: the checkpoint it was resumed from)."""
+    name = interrupt.signal or "SIGINT"
+    candidates = [interrupt.last_checkpoint, resume]
+    checkpoint = next((Path(p) for p in candidates if p is not None and Path(p).is_file()), None)
+    if checkpoint is None:
+        return f"interrupted by {name} before the first epoch ended: no checkpoint to resume from; run the same command again"
+    try:
+        epoch = int(read_checkpoint(checkpoint, "--resume")["epoch"]) + 1
+        done = f"{epoch} of {epochs} epochs" if epochs else f"{epoch} epochs"
+    except Exception:
+        done = "the last completed epoch"
+    return f"interrupted by {name}; {checkpoint} holds {done}; continue with: {resume_command(argv, checkpoint)}"
