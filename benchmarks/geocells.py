@@ -23,35 +23,28 @@ from tabulate import tabulate
 
 from src.core import geo
 from src.data.enrich import locate_locations, split_locations
-from src.core.errors import UserError, run_cli
+from src.core.errors import run_cli
 from src.data.cells import CellSpec, build_grid
-from src.data.config import CENTROID_KINDS, CENTROID_PREFIX
+from src.data.config import CENTROID_KINDS
+from src.data.locations import read_coordinates
+from src.evaluation.analysis import oracle_errors
 
 SPACING_RANGE = (0.05, 3.0)  # degrees searched for a grid with the target class count
 BISECTION_STEPS = 12
 
 
-def read_coordinates(path) -> pd.DataFrame:
-    """uuid, latitude, longitude of a coordinates CSV; a one-line UserError when columns are missing."""
-    try:
-        table = pd.read_csv(path, usecols=lambda c: c in ("uuid", "latitude", "longitude"))
-    except (OSError, ValueError) as error:
-        raise UserError(f"--coordinates {path}: cannot read it as CSV ({error})") from None
-    missing = {"uuid", "latitude", "longitude"} - set(table.columns)
-    if missing:
-        raise UserError(f"--coordinates {path}: missing column(s) {', '.join(sorted(missing))}")
-    table = table.dropna().drop_duplicates("uuid")
-    return table.assign(uuid=table["uuid"].astype(str), dataset_dir="coordinates", image_dir="")
+def read_coordinates_table(path) -> pd.DataFrame:
+    """uuid, latitude, longitude of a coordinates CSV (src.data.locations' reader; bad rows skipped and listed)."""
+    rows = read_coordinates(path, "--coordinates", "give a CSV with the columns uuid,latitude,longitude")
+    table = rows.skip_bad("coordinates").drop(columns="line")
+    return table.assign(dataset_dir="coordinates", image_dir="")
 
 
 def oracle_km(locations: pd.DataFrame, split: np.ndarray, cells) -> tuple[int, dict[str, float]]:
     """(classes, mean km per centroid kind) of the test locations predicted at their class's centroid."""
     located, classes, _ = locate_locations(locations, split, cells)
-    test = located[located["split"] == "test"]
-    return len(classes), {kind: float(geo.haversine_km(test["latitude"], test["longitude"],
-                                                       test[f"{CENTROID_PREFIX[kind]}_lat"],
-                                                       test[f"{CENTROID_PREFIX[kind]}_lng"]).mean())
-                          for kind in CENTROID_KINDS}
+    errors = oracle_errors(located[located["split"] == "test"])
+    return len(classes), {kind: float(errors[kind].mean()) for kind in CENTROID_KINDS}
 
 
 def quadtree_leaves(xy: np.ndarray, cap: int) -> list[tuple[float, float, float, np.ndarray]]:
@@ -124,7 +117,7 @@ def main(argv=None) -> None:
                         help="class counts compared (default: 30 55 115 205)")
     args = parser.parse_args(argv)
 
-    locations = read_coordinates(args.coordinates)
+    locations = read_coordinates_table(args.coordinates)
     split = split_locations(locations, args.seed)
     train = locations[split == "train"]
     lat, lng = train["latitude"].to_numpy(), train["longitude"].to_numpy()

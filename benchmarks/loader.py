@@ -14,7 +14,9 @@ import time
 from pathlib import Path
 
 from benchmarks import DEFAULT_DATASET
+from src.data.config import LoaderConfig
 from src.data.datamodule import GeoDataModule
+from src.model.config import IMAGENET_MEAN, IMAGENET_STD
 from src.data.enrich import enrich
 from src.data.resizing import resize_datasets
 
@@ -43,8 +45,9 @@ def main() -> None:
         modules = {}
         for name, folder in (("originals", args.dataset_dir), ("resized", resized)):
             locations = enrich([folder], progress=False).locations
-            modules[name] = GeoDataModule(locations, args.image_size, args.batch_size, args.num_workers,
-                                          augment="always")
+            loader = LoaderConfig(args.image_size, IMAGENET_MEAN, IMAGENET_STD, batch_size=args.batch_size,
+                                  num_workers=args.num_workers, augment="always")
+            modules[name] = GeoDataModule(locations, loader)
         totals = {name: [0, 0.0] for name in modules}
         for _ in range(args.passes):
             for name, datamodule in modules.items():

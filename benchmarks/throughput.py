@@ -21,12 +21,13 @@ from torch.nn import functional as F
 from benchmarks import DEFAULT_DATASET
 from src.data.quadruplets import eval_transform, load_quadruplet
 from src.data.ingest import find_image_root, list_location_dirs
+from src.model.config import ClassTable, ModelConfig, OptimConfig
 from src.model.geomodel import GeoModel
 
 BACKBONES = ("efficientnet_lite0", "resnext50_32x4d")
-CLASSES = {"cell": [0, 1], "n_train": [1, 1], "weighted": [[0.0, 0.0], [1.0, 1.0]],
-           "clipped": [[0.0, 0.0], [1.0, 1.0]], "plain": [[0.0, 0.0], [1.0, 1.0]]}
-SCALER = {"x_min": 0.0, "x_max": 1.0, "y_min": 0.0, "y_max": 1.0}
+POINTS = [[0.0, 0.0], [1.0, 1.0]]
+CLASSES = ClassTable(cell=[0, 1], n_train=[1, 1], centroids={"weighted": POINTS, "clipped": POINTS, "plain": POINTS},
+                     scaler={"x_min": 0.0, "x_max": 1.0, "y_min": 0.0, "y_max": 1.0}, prior_lat=45.0, prior_lng=16.0)
 
 
 class Runner:
@@ -34,8 +35,7 @@ class Runner:
 
     def __init__(self, backbone: str, views: torch.Tensor):
         torch.manual_seed(0)
-        self.model = GeoModel(approach="classification", backbone=backbone, image_size=views.shape[-1],
-                              classes=CLASSES, scaler=SCALER)
+        self.model = GeoModel(ModelConfig("classification", backbone, views.shape[-1]), OptimConfig(), CLASSES)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
         self.views = views
         self.labels = torch.zeros(len(views), dtype=torch.long)

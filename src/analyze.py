@@ -20,8 +20,8 @@ from tabulate import tabulate
 from src.inference.checkpoints import REPORTS_DIR, checkpoints_listing
 from src.core.files import write_csv
 from src.core.flags import check_ranges
-from src.data.config import SPLITS, DataConfig, add_data_arguments, add_locations_argument, spacing_rule
-from src.data.enrich import enrich_data
+from src.data.config import SPLITS, add_data_arguments, add_locations_argument, spacing_rule
+from src.data.enrich import data_config_from_args, enrich_data
 from src.core.errors import UserError, run_cli
 from src.data.config import CENTROID_KINDS
 from src.core.geo import km_table, summarize_km
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"locations of the run of {checkpoint}: {where} --spacing {data.spacing} --seed {data.seed}",
               file=sys.stderr)
     else:
-        data = DataConfig.from_args(args)
+        data = data_config_from_args(args)
     enriched = enrich_data(data, progress=False)
     out: dict = {}
 

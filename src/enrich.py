@@ -10,8 +10,8 @@ from pathlib import Path
 
 
 from src.core.errors import run_cli
-from src.data.config import DataConfig, add_data_arguments
-from src.data.enrich import enrich_data, output_tag, skip_listing, summary, thin_data_warning, write_skip_report
+from src.data.config import add_data_arguments
+from src.data.enrich import data_config_from_args, enrich_data, output_tag, skip_listing, summary, thin_data_warning, write_skip_report
 from src.data.locations import write_locations_csv
 
 REPORTS_DIR = Path("reports")
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
 
-    enriched = enrich_data(DataConfig.from_args(args), report=False)
+    enriched = enrich_data(data_config_from_args(args), report=False)
     tag = output_tag(args.dataset_dirs, enriched.grid, args.split_by)
     out = args.out or REPORTS_DIR / f"enriched_{tag}.csv"
     report_path = out.with_name(f"{out.stem}_skipped.csv")

@@ -42,11 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_inputs(model, images: Path | None, limit: int = 8) -> tuple[torch.Tensor, str]:
+def check_inputs(checkpoint: Path, model, images: Path | None, limit: int = 8) -> tuple[torch.Tensor, str]:
     """Real quadruplets [B, 4, 3, S, S] to compare the engines on, and where they came from."""
-    from src.data.quadruplets import input_spec
+    from src.data.quadruplets import QuadrupletFolders, collate_quadruplets, input_spec, spec_transforms
+    from src.inference.checkpoints import read_test_locations
     from src.inference.predictor import locations_from_images
-    from src.data.quadruplets import QuadrupletFolders, collate_quadruplets
 
     if images is not None and not images.is_dir():
         raise UserError(f"--check-images {images}: not a directory; give a location folder (0.jpg ... 270.jpg) "
@@ -59,12 +59,12 @@ def check_inputs(model, images: Path | None, limit: int = 8) -> tuple[torch.Tens
         except UserError as error:  # src.predict's message names its own flag
             raise UserError(str(error).replace("--images", "--check-images", 1)) from None
     else:
-        locations = [(u, Path(f)) for u, f in (model.hparams.get("test_locations") or []) if Path(f).is_dir()][:limit]
+        locations = [(u, f) for u, f in read_test_locations(checkpoint) if f.is_dir()][:limit]
     spec = input_spec(model.hparams)
     if not locations:
         return example_views(model), "random input (no test split images here; pass --check-images)"
-    _, batches, has_views, _ = collate_quadruplets([QuadrupletFolders(locations, [spec])[i]
-                                                    for i in range(len(locations))])
+    folders = QuadrupletFolders([folder for _, folder in locations], spec_transforms([spec]))
+    _, batches, has_views, _ = collate_quadruplets([folders[i] for i in range(len(locations))])
     if not has_views.any():
         raise UserError(f"--check-images {images or 'the test split'}: none of the first {len(locations)} location "
                         "folders holds a readable view (0.jpg ... 270.jpg)")
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if args.out.is_dir():
         raise UserError(f"--out {args.out}: is a directory; give a file name such as model.onnx")
     model = load_model(args.checkpoint, "cpu")
-    views, source = check_inputs(model, args.check_images)
+    views, source = check_inputs(args.checkpoint, model, args.check_images)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=args.out.parent):  # an unwritable --out fails here, in one line
         pass

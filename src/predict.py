@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             locations = locations_from_images(args.images)
             source = f"--images {args.images}"
         else:
-            locations = locations_from_checkpoint(models[0], checkpoints[0])
+            locations = locations_from_checkpoint(checkpoints[0])
             source = f"the test split of {checkpoints[0]}"
         print(f"predicting {len(locations)} location(s) from {source}"
               f"{' with TTA' if args.tta else ''}{f', ensemble of {len(models)}' if len(models) > 1 else ''}",

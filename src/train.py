@@ -23,8 +23,7 @@ from pathlib import Path
 from src.core.errors import UserError, run_cli
 from src.core.flags import Rule, at_least, check_ranges, non_negative_finite, positive_finite
 from src.core.paths import FEATURE_CACHE_DIR
-from src.data.config import (AUGMENT_CHOICES, CENTROID_KINDS, DataConfig, LoaderConfig, add_data_arguments,
-                             add_locations_argument)
+from src.data.config import (AUGMENT_CHOICES, CENTROID_KINDS, LoaderConfig, add_data_arguments, add_locations_argument)
 from src.inference.engine import ENGINES
 from src.model.backbones import list_backbones
 from src.model.config import (APPROACHES, DEFAULT_FUSION, DEFAULT_LABEL_SMOOTHING_KM, DEFAULT_PREDICT_RULE, FUSIONS,
@@ -160,6 +159,7 @@ def run_config(args: argparse.Namespace) -> RunConfig:
     """The typed configs of a run from the flags, with the situation-dependent defaults filled in."""
     import torch  # noqa: PLC0415 (not for --help)
 
+    from src.data.enrich import data_config_from_args  # noqa: PLC0415
     from src.model.backbones import backbone_spec  # noqa: PLC0415
     from src.training.run import default_precision, ensure_demo_dataset, resolve_choices, say  # noqa: PLC0415
 
@@ -169,7 +169,7 @@ def run_config(args: argparse.Namespace) -> RunConfig:
     demo = not args.dataset_dirs and args.locations is None
     if demo:
         args.dataset_dirs = [ensure_demo_dataset()]
-    data = DataConfig.from_args(args)  # a wrong --dataset-dirs or --locations fails here, before the slow start-up
+    data = data_config_from_args(args)  # a wrong --dataset-dirs or --locations fails here, before the slow start-up
     choices = resolve_choices(args.backbone, args.image_size, args.epochs, args.unfreeze_at_epoch, demo, args.quick)
     gpu = args.accelerator != "cpu" and torch.cuda.is_available()
     precision, reason = default_precision(args.accelerator) if args.precision is None else (args.precision, "--precision")
@@ -181,7 +181,6 @@ def run_config(args: argparse.Namespace) -> RunConfig:
     spec = backbone_spec(choices.backbone)
     if args.run_name is None:
         from src.data.enrich import dataset_tag  # noqa: PLC0415
-
         source = "demo" if demo else dataset_tag(data.dataset_dirs) if args.dataset_dirs else "locations"
         args.run_name = f"{source}-{args.approach}-{choices.backbone}"
     model = ModelConfig(

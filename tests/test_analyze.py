@@ -16,7 +16,7 @@ from src.analyze import main as analyze_main
 from src.data.enrich import enrich
 from src.core.errors import UserError
 from src.core.geo import haversine_km
-from src.model.geomodel import GeoModel
+from src.inference.checkpoints import read_test_locations
 from src.predict import main as predict_main
 from src.evaluation.scoring import score_files
 from src.train import main as train_main
@@ -212,8 +212,7 @@ def test_cli_takes_the_locations_of_a_checkpoints_run(demo_dir, tmp_path, capsys
     # the run's own locations.csv is reused: no dataset dir re-read, the exact split of the run
     saved = Path(checkpoint).parent.parent / "locations.csv"
     assert f"--locations {saved} --spacing 1.0 --seed 3" in err
-    hparams = GeoModel.load_from_checkpoint(checkpoint, map_location="cpu").hparams
-    test_uuids = sorted(u for u, _ in hparams.test_locations)
+    test_uuids = [u for u, _ in read_test_locations(checkpoint)]
     assert out["errors"]["uuid"].tolist() == test_uuids
     assert out["oracle"]["locations"].tolist() == [len(test_uuids)]
     truth = pd.read_csv(demo_dir / "data.csv")

@@ -211,8 +211,8 @@ CASES = {
         ("directory as submission", "{bad}/empty {demo}/data.csv", ["empty: is a directory"]),
         ("binary submission", "{bad}/garbage.csv {demo}/data.csv", ["garbage.csv: not a readable CSV"]),
         ("empty submission", "{bad}/zero.csv {demo}/data.csv", ["zero.csv: not a readable CSV"]),
-        ("bad header", "{bad}/semicolons.csv {demo}/data.csv", ["semicolons.csv: submission lacks column(s)"]),
-        ("wrong columns", "{bad}/columns.csv {demo}/data.csv", ["columns.csv: submission lacks column(s) uuid"]),
+        ("bad header", "{bad}/semicolons.csv {demo}/data.csv", ["semicolons.csv: missing column(s)"]),
+        ("wrong columns", "{bad}/columns.csv {demo}/data.csv", ["columns.csv: missing column(s) uuid"]),
         ("header only", "{bad}/header_only.csv {demo}/data.csv", ["header but no rows"]),
         ("ragged row", "{bad}/ragged.csv {demo}/data.csv", ["ragged.csv: line 2 has more fields"]),
         ("non-numeric row", "{bad}/bad_rows.csv {demo}/data.csv", ["line 3: latitude 'north' is not a number"]),
@@ -237,7 +237,7 @@ CASES = {
         ("binary submission", "--dataset-dirs {demo} --spacings 0.5 --submission {bad}/garbage.csv",
          ["garbage.csv: not a readable CSV"]),
         ("submission bad header", "--dataset-dirs {demo} --spacings 0.5 --submission {bad}/semicolons.csv",
-         ["submission lacks column(s)"]),
+         ["missing column(s)"]),
         ("zero spacings", "--dataset-dirs {demo} --spacings 0", ["--spacings 0"]),
         ("tiny spacings", "--dataset-dirs {demo} --spacings 1e-6", ["--spacings 1e-06"]),
         ("zero worst", "--dataset-dirs {demo} --worst 0", ["--worst 0"]),
@@ -317,9 +317,9 @@ def test_train_on_the_corpus_lists_every_skip(corpus, corpus_train):
     for uuid in expected["bad view"]:
         assert uuid in run.stderr
     # the odd-but-usable images trained (PNG, grayscale, CMYK, 50x30): they are in the run's locations
-    hparams = torch.load(checkpoint, map_location="cpu", weights_only=False)["hyper_parameters"]
-    n_classes_train = sum(hparams["classes"]["n_train"])
-    test = {uuid for uuid, _ in hparams["test_locations"]}
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    n_classes_train = sum(saved["hyper_parameters"]["classes"]["n_train"])
+    test = {uuid for uuid, _ in saved["datamodule_hyper_parameters"]["test_locations"]}
     assert n_classes_train + len(test) < len(expected["clean"]) and test < set(expected["clean"])
 
 

@@ -2,6 +2,7 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,8 @@ import pandas as pd
 import pytest
 
 from src.core import geo
-from src.data.enrich import OUTPUT_COLUMNS, apply_data_hparams, data_hparams, dataset_tag, enrich, enrich_from_locations, split_locations, thin_data_warning, unit_hash
+from src.data.config import DataConfig
+from src.data.enrich import OUTPUT_COLUMNS, data_config_from_args, dataset_tag, enrich, enrich_from_locations, split_locations, thin_data_warning, unit_hash
 from src.data.locations import read_locations_csv, write_locations_csv
 from src.enrich import build_parser
 from src.enrich import main as enrich_main
@@ -243,10 +245,10 @@ def test_an_enriched_csv_is_reused_without_reading_the_dataset(demo_dir, tmp_pat
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda t: t.drop(columns=["split", "image_dir"]), "lacks column(s) image_dir, split"),
-    (lambda t: t.assign(latitude=t["latitude"].astype(object).where(t.index != 3, "north")), "line 5: latitude/longitude"),
+    (lambda t: t.drop(columns=["split", "image_dir"]), "missing column(s) image_dir, split"),
+    (lambda t: t.assign(latitude=t["latitude"].astype(object).where(t.index != 3, "north")), "line 5: latitude 'north' is not a number"),
     (lambda t: t.assign(split=t["split"].where(t.index != 0, "dev")), "line 2: split not one of train, val, test"),
-    (lambda t: pd.concat([t, t.head(1)]), "empty or repeated uuid"),
+    (lambda t: pd.concat([t, t.head(1)]), "line 122: uuid"),
     (lambda t: t.assign(split="test"), "no train row"),
     (lambda t: t.assign(image_dir=t["image_dir"].where(t.index != 1, "/nowhere/x")), "1 of 120 image folders do not"),
     (lambda t: t.head(0), "header but no rows"),
@@ -262,7 +264,7 @@ def test_a_bad_locations_csv_is_a_one_line_error(demo_dir, tmp_path, edit, messa
 
 @pytest.mark.parametrize("argv, message", [
     ("--classes 12", "--classes 12: only for --cells adaptive"),
-    ("--cells adaptive --classes -3", "--classes -3: give a number of adaptive cells"),
+    ("--cells adaptive --classes -3", "--classes -3: must be a number of adaptive cells"),
     ("--cells hexagons", "--cells: invalid choice"),
     ("--split-by road", "--split-by: invalid choice"),
 ])
@@ -273,24 +275,25 @@ def test_cell_flag_mistakes_are_one_line_errors(demo_dir, argv, message, capsys)
     assert exit_.value.code == 2 and message in error and error.count("\n") == 1
 
 
-def test_data_hparams_round_trip_and_old_checkpoints_fall_back_to_defaults(tmp_path):
+def test_data_config_round_trips_and_old_checkpoints_fall_back_to_defaults(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "data.csv").write_text("uuid,latitude,longitude\n")
     argv = ["--dataset-dirs", str(tmp_path / "a"), "--cells", "adaptive", "--classes", "9", "--split-by", "cell",
             "--spacing", "0.7", "--seed", "5", "--split", "0.7", "0.2", "0.1", "--mainland-only"]
-    args = build_parser().parse_args(argv)
-    hparams = data_hparams(args)
+    config = data_config_from_args(build_parser().parse_args(argv))
+    hparams = config.hparams()
     assert (hparams["cells"], hparams["n_classes"], hparams["split_by"]) == ("adaptive", 9, "cell")
-    restored = build_parser().parse_args(["--dataset-dirs", "elsewhere"])
-    apply_data_hparams(restored, hparams)
-    assert data_hparams(restored) == hparams
-    # a checkpoint from before the split and cell flags were saved (the model stores None for some)
+    assert hparams["dataset_dirs"] == [str((tmp_path / "a").resolve())]
+    restored = DataConfig.from_hparams(hparams)
+    assert restored.hparams() == hparams and restored == replace(config, locations_csv=None)
+    # a checkpoint from before the split and cell flags were saved (the model stored None for some)
     old = {"dataset_dirs": ["/d"], "spacing": 1.0, "seed": 2, "split_fractions": None, "holdout_dirs": None}
-    apply_data_hparams(restored, old)
-    assert data_hparams(restored) == {
+    assert DataConfig.from_hparams(old).hparams() == {
         "seed": 2, "spacing": 1.0, "dataset_dirs": ["/d"], "split_fractions": [0.8, 0.1, 0.1], "holdout_dirs": [],
         "full_decode": False, "max_outside_km": 10.0, "mainland_only": False, "cells": "grid", "n_classes": 0,
         "split_by": "location", "fold": None}
     with pytest.raises(KeyError):
-        apply_data_hparams(restored, {"spacing": 1.0})
+        DataConfig.from_hparams({"spacing": 1.0})
 
 
 def test_a_runs_cells_and_split_flags_flow_through_its_checkpoint_into_analyze(demo_dir, tmp_path):
@@ -298,9 +301,8 @@ def test_a_runs_cells_and_split_flags_flow_through_its_checkpoint_into_analyze(d
     import contextlib
     import io
 
-    from src.analyze import build_parser as analyze_parser
-    from src.evaluation.analysis import enrich_args_from_checkpoint
-    from src.model.geomodel import GeoModel
+    from src.evaluation.analysis import data_of_checkpoint
+    from src.inference.checkpoints import load_model, read_test_locations
     from src.train import main as train_main
 
     printed = io.StringIO()
@@ -309,15 +311,15 @@ def test_a_runs_cells_and_split_flags_flow_through_its_checkpoint_into_analyze(d
                     "--no-pretrained", "--epochs", "1", "--image-size", "32", "--cells", "adaptive", "--classes", "7",
                     "--split-by", "cell", "--spacing", "1.0", "--seed", "4", "--num-workers", "0",
                     "--out-dir", str(tmp_path / "reports"), "--cache-dir", str(tmp_path / "cache")])
-    checkpoint = printed.getvalue().splitlines()[-1].removeprefix("checkpoint: ")
-    hparams = GeoModel.load_from_checkpoint(checkpoint, map_location="cpu").hparams
-    assert (hparams.cells, hparams.n_classes, hparams.split_by) == ("adaptive", 7, "cell")
-    args = analyze_parser().parse_args(["--checkpoint", checkpoint])
-    enrich_args_from_checkpoint(args)
-    assert (args.cells, args.n_classes, args.split_by, args.spacing, args.seed) == ("adaptive", 7, "cell", 1.0, 4)
-    rebuilt = enrich(args.dataset_dirs, args.spacing, args.seed, args.split, args.holdout_dirs, progress=False,
-                     cells=args.cells, n_classes=args.n_classes, split_by=args.split_by)
+    checkpoint = Path(printed.getvalue().splitlines()[-1].removeprefix("checkpoint: "))
+    hparams = load_model(checkpoint, reports_dir=None).hparams
+    assert (hparams.cells, hparams.spacing) == ("adaptive", 1.0)
+    _, data = data_of_checkpoint(checkpoint, tmp_path / "reports")
+    assert (data.cells, data.n_classes, data.split_by, data.spacing, data.seed) == ("adaptive", 7, "cell", 1.0, 4)
+    assert data.locations_csv == str(checkpoint.parent.parent / "locations.csv")  # the run's own table
+    rebuilt = enrich(data.dataset_dirs, data.spacing, data.seed, data.split, data.holdout_dirs, progress=False,
+                     cells=data.cells, n_classes=data.n_classes, split_by=data.split_by)
     assert rebuilt.grid.kind == "adaptive" and rebuilt.classes["n_train"].tolist() == hparams.classes["n_train"]
     np.testing.assert_allclose(rebuilt.classes[["weighted_x", "weighted_y"]].to_numpy(), hparams.classes["weighted"])
     test = rebuilt.locations[rebuilt.locations["split"] == "test"]
-    assert sorted(test["uuid"]) == sorted(u for u, _ in hparams.test_locations)
+    assert sorted(test["uuid"]) == [u for u, _ in read_test_locations(checkpoint)]

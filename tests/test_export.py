@@ -26,7 +26,7 @@ from src.export import main as export_main
 from src.data.features import FeatureCache
 from src.inference.checkpoints import load_model
 from src.model.config import IMAGENET_MEAN, IMAGENET_STD
-from src.data.quadruplets import QuadrupletFolders, collate_quadruplets
+from src.data.quadruplets import QuadrupletFolders, collate_quadruplets, spec_transforms
 from src.predict import main as predict_main
 from src.train import main as train_main
 
@@ -37,7 +37,7 @@ def demo_views(demo_dir, n: int, size: int) -> torch.Tensor:
     """Real quadruplets [n, 4, 3, S, S] of the first n demo locations, as src.predict loads them."""
     folders = sorted((demo_dir / "data").iterdir())[:n]
     spec = (size, IMAGENET_MEAN, IMAGENET_STD)  # the tiny backbone's normalisation
-    dataset = QuadrupletFolders([(f.name, f) for f in folders], [spec])
+    dataset = QuadrupletFolders(folders, spec_transforms([spec]))
     return collate_quadruplets([dataset[i] for i in range(n)])[1][spec]
 
 
@@ -61,7 +61,7 @@ def test_export_matches_torch_on_real_images_with_any_batch_size(approach, tiny_
         views = demo_views(demo_dir, batch, 32)
         outputs, xy = session.run(None, {"views": views.numpy()})
         assert xy.shape == (batch, 2) and xy.dtype == np.float64
-        reference = model.predict_xy(views).double().numpy()
+        reference = model.locate(views).double().numpy()
         got_lat, got_lng = geo.unproject(xy[:, 0], xy[:, 1])
         ref_lat, ref_lng = geo.unproject(reference[:, 0], reference[:, 1])
         assert geo.haversine_km(got_lat, got_lng, ref_lat, ref_lng).max() * 1000 < 1.0
@@ -165,14 +165,16 @@ def test_feature_cache_entries_from_either_engine_are_interchangeable(demo_dir, 
     backbone = create_backbone("tiny", pretrained=False)
     folders = [str(f) for f in sorted((demo_dir / "data").iterdir())[:10]]
 
+    transform = eval_transform(48)
+
     def load(image_dir):
-        return load_quadruplet(image_dir, 48, eval_transform(48))
+        return load_quadruplet(image_dir, 48, transform)
 
     caches = {}
     for engine in ("torch", "onnx"):
         cache = FeatureCache(tmp_path / engine, "tiny", backbone, 48)
         extract = OnnxFeatureExtractor(backbone, 48, cache.directory / "backbone.onnx") if engine == "onnx" else None
-        assert cache.compute_missing(folders, backbone, load, batch_size=4, extract=extract) == 10
+        assert cache.compute_missing(folders, backbone, transform, batch_size=4, extract=extract) == 10
         caches[engine] = cache
     assert (caches["onnx"].directory / "backbone.onnx").is_file()
     assert caches["onnx"].directory.name == caches["torch"].directory.name  # same key: entries interchangeable
@@ -227,7 +229,7 @@ def test_hybrid_median_export_matches_torch(demo_dir, tmp_path):
     probabilities, xy = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(
         None, {"views": views.numpy()})
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
-    assert np.hypot(*(xy - model.predict_xy(views).double().numpy()).T).max() < 1.0  # metres
+    assert np.hypot(*(xy - model.locate(views).double().numpy()).T).max() < 1.0  # metres
     # the mode rule, chosen at predict time: the ONNX engine's export has a symbolic batch axis too
     images = tmp_path / "seven"
     for folder in sorted((demo_dir / "data").iterdir())[:7]:

@@ -91,7 +91,7 @@ def test_missing_column_is_a_one_line_user_error(tmp_path, demo_dir):
     shutil.copytree(demo_dir, tmp_path / "d")
     table = pd.read_csv(tmp_path / "d" / "data.csv").drop(columns=["longitude"])
     table.to_csv(tmp_path / "d" / "data.csv", index=False)
-    with pytest.raises(UserError, match=r"data.csv: data.csv lacks column\(s\) longitude") as error:
+    with pytest.raises(UserError, match=r"data.csv: missing column\(s\) longitude") as error:
         read_datasets([tmp_path / "d"], progress=False)
     assert "\n" not in str(error.value)
 

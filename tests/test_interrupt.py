@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from src.model.geomodel import GeoModel
+from src.inference.checkpoints import load_model, read_data_config
 from src.training.callbacks import Interrupt, interrupted_message, resume_command
-from src.train import build_parser, main
+from src.train import main
 
 ROOT = Path(__file__).resolve().parent.parent
 EPOCHS = 3
@@ -60,8 +60,8 @@ def test_signal_leaves_a_usable_checkpoint_and_resume_finishes_the_run(demo_dir,
     saved = torch.load(last, map_location="cpu", weights_only=False)
     assert saved["epoch"] < EPOCHS - 1
     assert f"holds {saved['epoch'] + 1} of {EPOCHS} epochs" in line
-    model = GeoModel.load_from_checkpoint(last, map_location="cpu")
-    assert model.hparams.backbone == "tiny" and model.hparams.dataset_dirs == [str(Path(demo_dir).resolve())]
+    model = load_model(last, reports_dir=None)
+    assert model.hparams.backbone == "tiny" and read_data_config(last).dataset_dirs == (str(Path(demo_dir).resolve()),)
     assert not list(last.parent.glob(".*tmp*"))  # no temporary file left behind
     # the printed command, run as given (from another working directory), finishes the run in its folder
     command = shlex.split(line.split("continue with: ", 1)[1])
@@ -76,10 +76,9 @@ def test_signal_leaves_a_usable_checkpoint_and_resume_finishes_the_run(demo_dir,
 
 
 def test_message_without_a_checkpoint_says_to_start_again(tmp_path):
-    args = build_parser().parse_args(["--approach", "regression"])
     interrupt = Interrupt()
     interrupt.signal, interrupt.last_checkpoint = "SIGTERM", tmp_path / "last.ckpt"
-    message = interrupted_message(interrupt, [], args, 5)
+    message = interrupted_message(interrupt, [], None, 5)
     assert message.startswith("interrupted by SIGTERM before the first epoch ended: no checkpoint")
 
 

@@ -17,9 +17,8 @@ from src.core import geo
 from src.data.quadruplets import eval_transform, mirror_views
 from src.core.errors import UserError
 from src.data.images import VIEWS, load_image
-from src.model.geomodel import GeoModel
+from src.inference.checkpoints import load_model, read_test_locations
 from src.inference.predictor import predict_locations
-from src.data.quadruplets import collate_quadruplets
 from src.predict import main as predict_main
 from src.train import main as train_main
 
@@ -55,30 +54,6 @@ def test_mirror_on_a_hand_made_quadruplet():
     views = torch.tensor([[[[10.0 * v + 1, 10.0 * v + 2]]] for v in range(4)])  # [4, 1, 1, 2]
     expected = torch.tensor([[[[2.0, 1.0]]], [[[32.0, 31.0]]], [[[22.0, 21.0]]], [[[12.0, 11.0]]]])
     assert torch.equal(mirror_views(views), expected)
-
-
-def test_collate_substitutes_unreadable_views_and_flags_empty_locations():
-    size = 2
-    spec = (size, (0.5,) * 3, (0.25,) * 3)  # (image size, mean, std), as src.data.input_spec gives
-    view = [torch.full((3, size, size), float(v)) for v in range(4)]
-    items = [
-        ("a", {spec: [view[0], None, view[2], view[3]]}, [None, "missing", None, None]),
-        ("b", {spec: [None, None, None, view[3]]}, ["missing", "truncated JPEG", "empty file", None]),
-        ("c", {spec: [None] * 4}, ["missing"] * 4),
-        ("d", {spec: list(view)}, [None] * 4),
-    ]
-    uuids, batches, has_views, replaced = collate_quadruplets(items)
-    assert uuids == ["a", "b", "c", "d"]
-    got = batches[spec][:, :, 0, 0, 0]  # [B, 4]: which original view fills each slot
-    # a's 90 view takes its neighbour 180; b has only 270 left; c has nothing (zeros + flagged); d untouched
-    assert got.tolist() == [[0, 2, 2, 3], [3, 3, 3, 3], [0, 0, 0, 0], [0, 1, 2, 3]]
-    assert has_views.tolist() == [True, True, False, True]
-    assert replaced == [
-        "a 90.jpg: missing -> used 180.jpg",
-        "b 0.jpg: missing -> used 270.jpg",
-        "b 90.jpg: truncated JPEG -> used 270.jpg",
-        "b 180.jpg: empty file -> used 270.jpg",
-    ]
 
 
 # ---- with real (tiny) checkpoints trained through the train CLI ---------------------------------------------
@@ -151,7 +126,7 @@ def test_row_for_every_folder_with_corrupt_and_missing_views(checkpoints, damage
     assert submission["uuid"].tolist() == sorted(names)
     assert np.isfinite(submission[["latitude", "longitude"]].to_numpy()).all()
     got = submission.set_index("uuid")
-    model = GeoModel.load_from_checkpoint(classification, map_location="cpu").eval()
+    model = load_model(classification, reports_dir=None).eval()
     # the location without views sits at the training prior (train-mean location), moved onto land when the
     # mean of Croatia's crescent falls outside it
     prior = geo.unproject(*geo.snap_to_land(*geo.project(model.hparams.prior_lat, model.hparams.prior_lng)))
@@ -176,9 +151,8 @@ def test_default_checkpoint_and_test_split_to_out_file(checkpoints, tmp_path, ca
     captured = capsys.readouterr()
     assert captured.out == ""
     assert f"checkpoint {classification}" in captured.err
-    model = GeoModel.load_from_checkpoint(classification, map_location="cpu")
     written = pd.read_csv(out)
-    assert written["uuid"].tolist() == sorted(u for u, _ in model.hparams.test_locations)
+    assert written["uuid"].tolist() == [u for u, _ in read_test_locations(classification)]
     assert written[["latitude", "longitude"]].to_numpy() == pytest.approx(frame[["latitude", "longitude"]].to_numpy(),
                                                                            abs=1e-6)
     assert [p.name for p in out.parent.iterdir()] == ["submission.csv"]
@@ -186,7 +160,7 @@ def test_default_checkpoint_and_test_split_to_out_file(checkpoints, tmp_path, ca
 
 def test_tta_averages_the_quadruplet_and_its_mirror(checkpoints, demo_dir):
     _, classification, _ = checkpoints
-    model = GeoModel.load_from_checkpoint(classification, map_location="cpu").eval()
+    model = load_model(classification, reports_dir=None).eval()
     folders = sorted((demo_dir / "data").iterdir())[:5]
     frame, issues = predict_locations([model], [(f.name, f) for f in folders], tta=True, batch_size=2,
                                       progress=False)
@@ -208,7 +182,7 @@ def test_ensemble_averages_x_y_across_checkpoints(checkpoints, demo_dir, capsys)
     assert len(ensemble) == 120 and ensemble["uuid"].is_monotonic_increasing
     assert not np.allclose(single[0][["latitude"]], single[1][["latitude"]])
     # by hand: each model's TTA mean in EPSG:3766, averaged over the two models, then moved onto land
-    models = [GeoModel.load_from_checkpoint(p, map_location="cpu").eval() for p in (classification, regression)]
+    models = [load_model(p, reports_dir=None).eval() for p in (classification, regression)]
     folders = sorted((demo_dir / "data").iterdir())
     xy = np.mean([[(reference_xy(m, f) + reference_xy(m, f, mirror=True)) / 2 for f in folders] for m in models], axis=0)
     lat, lng = geo.unproject(*geo.snap_to_land(xy[:, 0], xy[:, 1]))
@@ -227,7 +201,7 @@ def test_centroids_and_topk_flags(checkpoints, demo_dir, tmp_path, capsys):
     frame = predict_main(["--checkpoint", str(classification), "--images", str(images), "--centroids", "plain",
                           "--topk", "1", "--num-workers", "0"])
     assert "plain centroids, top-1" in capsys.readouterr().err
-    model = GeoModel.load_from_checkpoint(classification, map_location="cpu").eval()
+    model = load_model(classification, reports_dir=None).eval()
     size = model.hparams.image_size
     plain = np.array(model.hparams.classes["plain"])
     for folder, row in zip(folders, frame.itertuples()):

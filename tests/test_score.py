@@ -98,7 +98,7 @@ def test_uuid_mismatch_is_an_error_unless_allowed(tmp_path, files, capsys):
 
 
 @pytest.mark.parametrize("rows, columns, message", [
-    ([("a", 45.0, 16.0)], ("uuid", "lat", "lng"), "lacks column"),
+    ([("a", 45.0, 16.0)], ("uuid", "lat", "lng"), "missing column"),
     ([("a", "north", 16.0)], ("uuid", "latitude", "longitude"), "line 2: latitude 'north' is not a number"),
     ([("a", 45.0, 16.0), ("a", 45.1, 16.0)], ("uuid", "latitude", "longitude"),
      "line 3: uuid a repeats an earlier row"),
@@ -161,7 +161,7 @@ def test_locations_csv_as_truth(tmp_path, capsys):
     # the enriched CSV's own checks apply; truth must come from exactly one place
     broken = write(tmp_path / "broken.csv", [("b", 45.0, 16.0, "dev")],
                    ("uuid", "latitude", "longitude", "split"))
-    with pytest.raises(UserError, match="lacks column"):
+    with pytest.raises(UserError, match="missing column"):
         main([str(sub), "--locations", str(broken)])
     with pytest.raises(UserError, match="the truth is required"):
         main([str(sub), str(truth), "--locations", str(truth)])

@@ -99,31 +99,6 @@ class DataConfig:
                    n_classes=int(get("n_classes", 0)), split_by=str(get("split_by", "location")),
                    fold=None if fold is None else tuple(fold))
 
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "DataConfig":
-        """From the flags of `add_data_arguments` (and `add_locations_argument`); cheap checks only: the
-        dataset dirs exist and hold a data.csv, or the --locations CSV is valid (its dataset dirs are used)."""
-        from src.data.ingest import check_dataset_dirs  # noqa: PLC0415 (pandas: not for --help)
-        from src.data.locations import read_locations_csv
-
-        locations = getattr(args, "locations", None)
-        if locations is not None:
-            if args.dataset_dirs:
-                raise UserError("--locations and --dataset-dirs: give one of them (the CSV already names its "
-                                "dataset dirs)")
-            dirs = list(dict.fromkeys(read_locations_csv(locations)["dataset_dir"]))
-        else:
-            check_dataset_dirs(args.dataset_dirs or [])
-            dirs = [str(Path(d).resolve()) for d in args.dataset_dirs or []]
-        config = cls(dataset_dirs=tuple(map(str, dirs)), locations_csv=None if locations is None else str(locations),
-                     cells=args.cells, spacing=args.spacing, n_classes=args.n_classes, seed=args.seed,
-                     split=tuple(args.split), split_by=args.split_by,
-                     holdout_dirs=tuple(str(Path(d).resolve()) for d in args.holdout_dirs),
-                     full_decode=args.full_decode, max_outside_km=args.max_outside_km,
-                     mainland_only=args.mainland_only,
-                     check_cache=None if args.check_cache is None else str(args.check_cache))
-        return config.validate()
-
 
 def add_data_arguments(parser: argparse.ArgumentParser, require_dataset: bool = False) -> None:
     """The data flags shared by every command that reads dataset dirs (enrich, train, analyze)."""

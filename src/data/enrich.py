@@ -4,6 +4,7 @@
                          [--split-by {location,cell}] [--seed 0] [--out CSV]
 """
 
+import argparse
 import hashlib
 import re
 import sys
@@ -20,7 +21,7 @@ from src.core.files import write_csv
 from src.data.cells import Cells, CellSpec, Grid, class_table, nearest_class
 from src.data.config import CENTROID_PREFIX
 from src.data.config import DEFAULT_SPLIT, SPLITS, DataConfig
-from src.data.ingest import SKIP_COLUMNS, Ingested, read_datasets
+from src.data.ingest import SKIP_COLUMNS, Ingested, check_dataset_dirs, read_datasets
 from src.data.locations import LOCATIONS_COLUMNS, read_locations_csv
 
 CENTROID_COLUMNS = [f"{prefix}_{axis}" for prefix in CENTROID_PREFIX.values() for axis in ("lat", "lng")]
@@ -276,3 +277,26 @@ def write_skip_report(ingested: Ingested, path: Path) -> None:
     orphans = pd.DataFrame({"dataset_dir": ingested.orphans["dataset_dir"], "uuid": ingested.orphans["folder"].map(lambda f: Path(f).name),
                             "reason": "folder without CSV row", "detail": ingested.orphans["folder"]})
     write_csv(pd.concat([ingested.skipped, orphans], ignore_index=True), path)
+
+
+def data_config_from_args(args: argparse.Namespace) -> DataConfig:
+    """The DataConfig of the flags of `add_data_arguments` (and `add_locations_argument`); cheap checks only,
+    before any slow start-up: the dataset dirs exist and hold a data.csv, or the --locations CSV is valid (its
+    dataset dirs are used)."""
+    locations = getattr(args, "locations", None)
+    if locations is not None:
+        if args.dataset_dirs:
+            raise UserError("--locations and --dataset-dirs: give one of them (the CSV already names its "
+                            "dataset dirs)")
+        dirs = list(dict.fromkeys(read_locations_csv(locations)["dataset_dir"]))
+    else:
+        check_dataset_dirs(args.dataset_dirs or [])
+        dirs = args.dataset_dirs or []
+    config = DataConfig(dataset_dirs=tuple(str(Path(d).resolve()) for d in dirs),
+                        locations_csv=None if locations is None else str(locations), cells=args.cells,
+                        spacing=args.spacing, n_classes=args.n_classes, seed=args.seed, split=tuple(args.split),
+                        split_by=args.split_by, holdout_dirs=tuple(str(Path(d).resolve()) for d in args.holdout_dirs),
+                        full_decode=args.full_decode, max_outside_km=args.max_outside_km,
+                        mainland_only=args.mainland_only,
+                        check_cache=None if args.check_cache is None else str(args.check_cache))
+    return config.validate()

@@ -97,8 +97,8 @@ def read_coordinates(path: str | Path, what: str, fix: str, key: str = "uuid", c
     wanted = [key, "latitude", "longitude", *columns]
     missing = [c for c in wanted if c not in frame.columns]
     if missing:
-        raise UserError(f"{path}: {what} lacks column(s) {', '.join(missing)} (has "
-                        f"{', '.join(map(str, frame.columns))}); {fix}")
+        raise UserError(f"{path}: missing column(s) {', '.join(missing)} (has {', '.join(map(str, frame.columns))}); "
+                        f"{fix}")
     if frame.empty:
         raise UserError(f"{path}: {what} has a header but no rows; {fix}")
     table = frame[wanted + [c for c in frame.columns if c not in wanted and keep_other_columns]].copy()

@@ -21,17 +21,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from src.data.quadruplets import eval_transform, input_spec, mirror_views
+from src.data.quadruplets import QuadrupletFolders, collate_quadruplets, input_spec, mirror_views, spec_transforms
+from src.inference.checkpoints import read_test_locations
 from src.core.errors import UserError
 from src.core.geo import project, snap_to_land, unproject
-from src.data.images import N_VIEWS, VIEWS, check_image, load_image, view_paths
 from src.data.ingest import find_image_root, list_location_dirs
 
-# a missing view is replaced by the first readable one in this order: its neighbours, then the opposite view
-SUBSTITUTE_ORDER = {i: [(i + 1) % N_VIEWS, (i + 3) % N_VIEWS, (i + 2) % N_VIEWS] for i in range(N_VIEWS)}
 
 
 def check_device(device: str) -> None:
@@ -58,12 +56,11 @@ def locations_from_images(images: str | Path) -> list[tuple[str, Path]]:
     return sorted((str(uuid), Path(folder)) for uuid, folder in found.items())
 
 
-def locations_from_checkpoint(model, checkpoint: Path) -> list[tuple[str, Path]]:
-    """The (uuid, folder) pairs of the test split recorded in a checkpoint's hparams."""
-    test_locations = model.hparams.get("test_locations")
-    if not test_locations:
+def locations_from_checkpoint(checkpoint: Path) -> list[tuple[str, Path]]:
+    """The (uuid, folder) pairs of the test split of a checkpoint's run, sorted by uuid."""
+    locations = read_test_locations(checkpoint)
+    if not locations:
         raise UserError(f"--checkpoint {checkpoint}: records no test split (test_locations); pass --images DIR")
-    locations = sorted((str(uuid), Path(folder)) for uuid, folder in test_locations)
     if not any(folder.is_dir() for _, folder in locations):
         raise UserError(f"--checkpoint {checkpoint}: none of the {len(locations)} image folders of its test split "
                         f"exists here (e.g. {locations[0][1]}); pass --images DIR")
@@ -88,70 +85,6 @@ class ViewIssues:
                          f"prior ({prior[0]:.5f}, {prior[1]:.5f}):")
             lines += [f"  {uuid}" for uuid in self.no_views]
         return lines
-
-
-class QuadrupletFolders(Dataset):
-    """Location folders -> per input spec (image size, mean, std; `src.data.input_spec`) a [4, 3, S, S]
-    tensor whose unreadable views are None.
-
-    Item: (uuid, {spec: [tensor or None] * 4}, [reason or None] * 4). The collate fills the gaps.
-    """
-
-    def __init__(self, locations: list[tuple[str, Path]], specs: list[tuple]):
-        self.locations = locations
-        self.specs = sorted(set(specs))
-        self.transforms = {spec: eval_transform(*spec) for spec in self.specs}
-
-    def __len__(self) -> int:
-        return len(self.locations)
-
-    def __getitem__(self, index: int):
-        uuid, folder = self.locations[index]
-        views = {spec: [None] * N_VIEWS for spec in self.specs}
-        reasons: list[str | None] = [None] * N_VIEWS
-        for i, path in enumerate(view_paths(folder)):
-            reasons[i] = check_image(path)
-            if reasons[i] is not None:
-                continue
-            try:
-                for spec in self.specs:
-                    views[spec][i] = self.transforms[spec](load_image(path, spec[0]))
-            except Exception as error:  # a file that passes the header check can still fail to decode
-                reasons[i] = f"decode failed ({type(error).__name__})"
-                for spec in self.specs:
-                    views[spec][i] = None
-        return uuid, views, reasons
-
-
-def substitute_sources(reasons: list[str | None]) -> list[int | None]:
-    """The view index that fills each of the four slots given per-view problems (None: readable):
-    itself when readable, else the first readable of SUBSTITUTE_ORDER; None when no view is readable."""
-    readable = [i for i in range(4) if reasons[i] is None]
-    return [i if reasons[i] is None else next((j for j in SUBSTITUTE_ORDER[i] if j in readable), None)
-            for i in range(4)]
-
-
-def collate_quadruplets(items):
-    """Batch items of QuadrupletFolders, replacing each unreadable view by a readable view of its location.
-
-    Returns (uuids, {spec: Tensor[B, 4, 3, S, S]}, has_views: bool Tensor[B], replaced: list[str]).
-    A location with no readable view gets zeros and has_views False (its prediction is replaced by the prior).
-    """
-    uuids, has_views, replaced = [], [], []
-    specs = list(items[0][1].keys())
-    per_spec = {spec: [] for spec in specs}
-    for uuid, views, reasons in items:
-        uuids.append(uuid)
-        source = substitute_sources(reasons)
-        has_views.append(source[0] is not None)
-        replaced += [f"{uuid} {VIEWS[i]}.jpg: {reasons[i]} -> used {VIEWS[j]}.jpg"
-                     for i, j in enumerate(source) if j is not None and j != i]
-        for spec in specs:
-            size = spec[0]
-            per_spec[spec].append(torch.stack([views[spec][j] if j is not None else torch.zeros(3, size, size)
-                                               for j in source]))
-    batches = {spec: torch.stack(per_spec[spec]) for spec in specs}
-    return uuids, batches, torch.tensor(has_views), replaced
 
 
 @torch.no_grad()
@@ -179,23 +112,26 @@ def predict_locations(models, locations: list[tuple[str, Path]], tta: bool = Fal
     average lies outside Croatia (`src.geo.snap_to_land`), then converted to degrees.
     """
     specs = [input_spec(m.hparams) for m in models]
-    loader = DataLoader(QuadrupletFolders(locations, specs), batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers, collate_fn=collate_quadruplets,
-                        pin_memory=device.startswith("cuda"))
+    uuids = [uuid for uuid, _ in locations]
+    folders = QuadrupletFolders([folder for _, folder in locations], spec_transforms(specs))
+    loader = DataLoader(folders, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=collate_quadruplets, pin_memory=device.startswith("cuda"))
     prior = ensemble_prior(models)
     prior_xy = np.array(project(prior[0], prior[1]), float)
     issues = ViewIssues()
     all_uuids, all_xy = [], []
-    for uuids, batches, has_views, replaced in tqdm(loader, desc="predict", unit="batch", file=sys.stderr,
-                                                    disable=not progress):
-        xy = torch.zeros(len(uuids), 2, dtype=torch.float64)
+    for indices, batches, usable, substitutions in tqdm(loader, desc="predict", unit="batch", file=sys.stderr,
+                                                        disable=not progress):
+        batch_uuids = [uuids[i] for i in indices.tolist()]
+        xy = torch.zeros(len(batch_uuids), 2, dtype=torch.float64)
         for model, spec in zip(models, specs):
             xy += member_xy(model, batches[spec].to(device, non_blocking=True), tta).cpu()
         xy = (xy / len(models)).numpy()
-        xy[~has_views.numpy()] = prior_xy
-        issues.replaced += replaced
-        issues.no_views += [u for u, ok in zip(uuids, has_views.tolist()) if not ok]
-        all_uuids += uuids
+        xy[~usable.numpy()] = prior_xy
+        issues.replaced += [f"{uuids[i]} {view}.jpg: {reason} -> used {used}.jpg"
+                            for i, view, reason, used in substitutions]
+        issues.no_views += [u for u, ok in zip(batch_uuids, usable.tolist()) if not ok]
+        all_uuids += batch_uuids
         all_xy.append(xy)
     xy = np.concatenate(all_xy)
     lat, lng = unproject(*snap_to_land(xy[:, 0], xy[:, 1]))
