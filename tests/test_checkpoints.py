@@ -113,3 +113,65 @@ def test_a_missing_file_lists_the_checkpoints_that_exist(trained, tmp_path):
     assert str(best) in str(error.value)
     with pytest.raises(UserError, match="no best checkpoint"):
         find_checkpoint(tmp_path / "empty")
+
+
+# A checkpoint written by src.train before the redesign (typed configs, the DataModule's saved data config):
+# `python -m src.train --approach classification --dataset-dirs /tmp/legacy/demo --backbone tiny --no-pretrained
+#  --epochs 2 --image-size 32 --num-workers 0 --batch-size 16 --engine torch --run-name legacy` on
+# `write_demo_dataset('/tmp/legacy/demo', n_locations=120, image_size=64, seed=0)`, its last.ckpt (epoch 2 of 2,
+# the same weights as its best checkpoint). That run's test split: 9 locations, mean 134.67172395898783 km.
+LEGACY = Path(__file__).resolve().parent / "fixtures" / "legacy_classification_last.ckpt"
+LEGACY_TEST_MEAN_KM = 134.67172395898783
+
+
+def legacy_checkpoint(tmp_path: Path) -> tuple[Path, Path]:
+    """(the legacy checkpoint in a run folder under tmp_path, the regenerated demo set it was trained on), its
+    data paths moved to where the demo set is now (as after moving the data)."""
+    from src.data.synthetic import write_demo_dataset
+
+    demo = write_demo_dataset(tmp_path / "legacy_demo", n_locations=120, image_size=64, seed=0)
+    saved = torch.load(LEGACY, map_location="cpu", weights_only=False)
+    hparams = saved["hyper_parameters"]
+    assert "datamodule_hyper_parameters" not in saved and hparams["dataset_dirs"] == ["/tmp/legacy/demo"]
+    hparams["dataset_dirs"] = [str(demo.resolve())]
+    hparams["test_locations"] = [[u, folder.replace("/tmp/legacy/demo", str(demo.resolve()))]
+                                 for u, folder in hparams["test_locations"]]
+    path = tmp_path / "reports" / "legacy" / "version_0" / "checkpoints" / "last.ckpt"
+    path.parent.mkdir(parents=True)
+    torch.save(saved, path)
+    return path, demo
+
+
+def test_a_checkpoint_written_before_the_redesign_predicts_analyzes_and_resumes(tmp_path, capsys):
+    import pandas as pd
+
+    from src.analyze import main as analyze_main
+    from src.core import geo
+    from src.inference.checkpoints import read_data_config, read_test_locations
+    from src.predict import main as predict_main
+
+    path, demo = legacy_checkpoint(tmp_path)
+    model = load_model(path, reports_dir=None)
+    assert (model.config.approach, model.config.backbone, model.config.fusion) == ("classification", "tiny", "mean")
+    data = read_data_config(path)
+    assert (data.dataset_dirs, data.spacing, data.seed, data.split) == ((str(demo.resolve()),), 0.5, 0, (0.8, 0.1, 0.1))
+    assert len(read_test_locations(path)) == 9
+    # predict: the test split of its run, scored by hand, gives the run's own test mean
+    submission = predict_main(["--checkpoint", str(path), "--engine", "torch", "--num-workers", "0"])
+    truth = pd.read_csv(demo / "data.csv", dtype={"uuid": str}).set_index("uuid").loc[submission["uuid"]]
+    km = geo.haversine_km(submission["latitude"], submission["longitude"], truth["latitude"], truth["longitude"])
+    assert len(km) == 9 and km.mean() == pytest.approx(LEGACY_TEST_MEAN_KM, rel=1e-6)
+    # analyze rebuilds the run's locations from the old hparams
+    tables = analyze_main(["--checkpoint", str(path), "--spacings", "1.0", "--figures-dir", str(tmp_path / "figures"),
+                           "--tables-dir", str(tmp_path / "tables")])
+    assert len(tables["oracle"]) == 2 and f"locations of the run of {path}" in capsys.readouterr().err
+    # --resume continues the old run to a third epoch, in its folder
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        train_main(["--approach", "classification", "--dataset-dirs", str(demo), "--backbone", "tiny", "--no-pretrained",
+                    "--epochs", "3", "--image-size", "32", "--num-workers", "0", "--batch-size", "16", "--engine", "torch",
+                    "--out-dir", str(tmp_path / "reports"), "--run-name", "legacy", "--cache-dir", str(tmp_path / "cache"),
+                    "--resume", str(path)])
+    assert printed.getvalue().splitlines()[-1].startswith(f"checkpoint: {path.parent}/")
+    resumed = torch.load(path, map_location="cpu", weights_only=False)
+    assert resumed["epoch"] == 2 and resumed["datamodule_hyper_parameters"]["data"]["dataset_dirs"] == [str(demo.resolve())]

@@ -1,20 +1,10 @@
-"""A local inference server with a web page: upload the four views of a location, get its coordinates.
+"""The inference server: an aiohttp application over loaded checkpoints, with the web page (src/app/web).
 
-    python -m src.serve --checkpoint CKPT [--checkpoint CKPT2 ...] [--host 127.0.0.1] [--port 8080]
-
-Endpoints (aiohttp.web):
-  GET  /                 the web page (offline: no CDN): four photos in, a map of Croatia out
-  POST /api/predict      multipart fields 0, 90, 180, 270 (?model=NAME picks a checkpoint) -> JSON
-  GET  /api/models       the loaded checkpoints (name, approach, backbone, classes, image size, engine)
-  GET  /api/health       status and counters (requests, batches, locations)
-  GET  /api/border       Croatia's border (GeoJSON) for the map
-  GET  /api/examples     generated demo locations (src.demo) for the page's "try an example" button
-
-A missing view is replaced by a view of the same location as `src.predict` does (neighbours first, then
-the opposite view) and the answer lists it. Concurrent requests are micro-batched: the first waits up to
---batch-wait-ms for others, then up to --max-batch locations run as one batch in a worker thread, so the
-event loop stays responsive. Every bad request gets a 4xx JSON {"error": ...}. SIGINT/SIGTERM stop the
-server gracefully (in-flight requests finish, within --shutdown-timeout seconds).
+Its endpoints (GET /, POST /api/predict, GET /api/models, /api/health, /api/border, /api/examples) are
+described in docs/serve.md; `python -m src.serve` starts it. Uploaded views are read by the one quadruplet
+reader (`src.data.quadruplets`: missing views replaced as predict replaces them); concurrent requests are
+micro-batched (`MicroBatcher`) in a worker thread so the event loop stays responsive; every bad request gets
+a 4xx JSON {"error": ...}.
 """
 
 import asyncio

@@ -1,14 +1,10 @@
-"""Download Street View quadruplets for sampled points into a LUMEN-format dataset dir.
-
-    python -m src.download --points points.csv --out DIR [--key KEY] [--secret SECRET] [--api-url URL]
-                           [--radius 500] [--concurrency 16] [--qps 25] [--max-images N] [--timeout 30]
-                           [--retries 5] [--metadata-only] [--exclude-dataset-dirs DIR ...]
+"""The Street View Static API client: panorama metadata, the four views of each panorama, a LUMEN dataset dir.
 
 Step 1 looks up the panorama near each point (metadata requests, free of quota), step 2 drops repeated
-panoramas, step 3 fetches the four views of each kept panorama. One aiohttp session, at most --concurrency
-requests in flight (a pool of workers: a sliding window), a token bucket capping requests per second,
-retries with exponential backoff and jitter. Interrupted runs resume: metadata answers are journaled in
-DIR/metadata.jsonl, images already on disk are kept, data.csv only lists complete locations.
+panoramas, step 3 fetches the four views of each kept panorama. One aiohttp session, a bounded pool of
+workers, a token bucket capping requests per second, retries with exponential backoff and jitter.
+Interrupted runs resume: metadata answers are journaled in DIR/metadata.jsonl, images already on disk are
+kept, data.csv lists only complete locations. `python -m src.download` drives it (docs/download.md).
 """
 
 import argparse

@@ -1,7 +1,8 @@
 """The enrich stage: dataset dirs -> kept locations with EPSG:3766 coordinates, split, cell class, centroids.
 
-    python -m src.enrich --dataset-dirs DIR [DIR ...] [--cells {grid,adaptive}] [--spacing 0.5] [--classes K]
-                         [--split-by {location,cell}] [--seed 0] [--out CSV]
+`enrich_data` runs it for a DataConfig (`enrich` over dataset dirs, `enrich_from_locations` over an enriched
+CSV); the split is a seeded hash of each uuid (or of its grid square), the cells are built from the train
+locations only.
 """
 
 import argparse

@@ -1,13 +1,10 @@
-"""Write a LUMEN-format copy of dataset dirs at training resolution, once, so that loading is cheap.
+"""A copy of dataset dirs at training resolution, so that loading is cheap.
 
-    python -m src.resize --dataset-dirs DIR [DIR ...] --size 256 --out DIR [--workers N] [--quality 95]
-
-Each dataset dir becomes OUT/<dir name>/ with its data.csv copied as is and every view of every uuid folder
-(under data/ or images/) decoded at reduced scale (src.images.load_image, as training decodes it) and saved
-as a SIZE x SIZE JPEG (4:4:4 colour, --quality) under OUT/<dir name>/data/<uuid>/. A view that cannot be decoded is copied byte for
-byte, so the copy shows the same defects to src.enrich as the original (and they are listed here).
-Every file is written to a temporary name and renamed; a file already in the copy and not older than its
-source is kept, so an interrupted run continues where it stopped. Work is spread over processes.
+Each dataset dir becomes OUT/<dir name>/ with its data.csv copied as is and every view decoded at reduced
+scale (`src.data.images.load_image`, as training decodes it) and saved as a SIZE x SIZE JPEG (4:4:4 colour).
+A view that cannot be decoded is copied byte for byte, so the copy shows src.enrich the same defects. Files
+are written to temporary names and renamed; files already copied and not older than their source are kept,
+so an interrupted run continues where it stopped. Work is spread over processes.
 """
 
 import shutil

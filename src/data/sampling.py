@@ -1,11 +1,7 @@
-"""Sample points on Croatia's land to look up Street View panoramas at.
+"""Points sampled on Croatia's land, uniform by area, to look up Street View panoramas at.
 
-    python -m src.sample --n N --out points.csv [--seed 0] [--mainland-only] [--exclude-dataset-dirs DIR ...]
-                         [--min-distance-m 0] [--figure PNG]
-
-Points are uniform by area: rejection sampling in EPSG:3766 (metres), vectorised over batches. With
---min-distance-m every kept point is at least that far from every other kept point and from every
-location of the excluded dataset dirs (so new data neither repeats nor leaks into an existing set).
+Rejection sampling in EPSG:3766 (metres), vectorised over batches; `thin` keeps every point at least a
+distance from every other kept point and from the locations of excluded dataset dirs.
 """
 
 from pathlib import Path

@@ -1,12 +1,7 @@
-"""Analysis of a grid and a submission: oracle ceiling, error map, worst-N gallery, per-class accuracy.
+"""Analysis of cells and predictions: oracle ceiling, error map, worst-N gallery, per-class accuracy, confusion.
 
-    python -m src.analyze [--submission CSV] [--checkpoint PATH | --locations CSV | --dataset-dirs DIR ...]
-
-The locations (truth, image folders, split, classes) come from the enrich stage: of --dataset-dirs with
-the enrich flags, of an enriched --locations CSV, or else of the run of --checkpoint (default: the best
-checkpoint of the newest run under reports/): its saved version_N/locations.csv, or (older runs) its
-dataset dirs, spacing, seed and split flags.
-Figures go to figures/, tables to reports/analysis/ (both written atomically); tables also print on stdout.
+The tables and figures `python -m src.analyze` writes (docs/analyze.md); the locations come from the enrich
+stage, of the flags or of a checkpoint's run (`data_of_checkpoint`).
 """
 
 from dataclasses import replace

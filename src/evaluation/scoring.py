@@ -1,8 +1,6 @@
-"""Score a submission CSV against ground truth: km error statistics and a GeoGuessr-style score.
+"""Scoring predictions against ground truth: matching uuids, km errors and their statistics.
 
-    python -m src.score SUBMISSION (TRUTH | --locations CSV) [--allow-missing] [--split test]
-
-The statistics (src.geo.summarize_km) are the ones training reports, GeoGuessr-style score included.
+The statistics (`src.core.geo.summarize_km`) are the ones training reports, GeoGuessr-style score included.
 """
 
 from dataclasses import dataclass

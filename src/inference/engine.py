@@ -1,18 +1,11 @@
-"""ONNX export of a trained model and the ONNX Runtime engine for CPU inference.
+"""The inference engines: torch or ONNX Runtime (the CPU engine), and the ONNX export of a model or backbone.
 
-    python -m src.export --checkpoint CKPT --out model.onnx [--backbone-only]
-
-The whole model maps `views` [B, 4, 3, S, S] (ImageNet-normalised, view order 0, 90, 180, 270) to
-`probabilities` [B, C] (classification; `scaled_xy` [B, 2] for regression) and `xy` [B, 2], the predicted
-EPSG:3766 position in metres (float64); `src.geo.unproject` turns it into latitude/longitude, so the
-projection has one implementation. `--backbone-only` exports the feature extractor, `images` [N, 3, S, S]
--> `features` [N, D]. The batch axis is dynamic; the opset is `OPSET`. Every export is checked against
-torch on real inputs before it is written.
-
-`--engine {auto,torch,onnx}` of src.predict, src.train (feature cache) and src.serve picks torch or
-ONNX Runtime; auto means ONNX Runtime on the CPU and torch on a GPU. The engines export once and keep the
-file: next to the checkpoint (`<checkpoint>.onnx`) for predict and serve, in the feature cache's folder
-for the backbone, each stamped with a key (checkpoint file, centroids, topk, opset) that a stale file fails.
+An exported model maps `views` [B, 4, 3, S, S] (normalised, view order 0, 90, 180, 270) to `probabilities`
+[B, C] (classification; `scaled_xy` [B, 2] for regression) and `xy` [B, 2], the predicted EPSG:3766 position
+in metres (float64); `src.core.geo.unproject` turns it into latitude/longitude. A backbone export maps
+`images` [N, 3, S, S] to `features` [N, D]. The batch axis is dynamic; the opset is `OPSET`. Exports are
+checked against torch, made once and kept, stamped with a key that a stale file fails. `resolve_engine`
+picks the engine for --engine {auto,torch,onnx}: auto means ONNX Runtime on the CPU and torch on a GPU.
 """
 
 import hashlib

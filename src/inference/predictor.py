@@ -1,17 +1,9 @@
-"""Predict a location for every folder of a test set: a `uuid,latitude,longitude` CSV, sorted by uuid.
+"""Predicting the locations of folders of views with one model or an ensemble.
 
-    python -m src.predict [--checkpoint PATH ...] [--images DIR] [--tta] [--batch-size N] > submission.csv
-
-Without --checkpoint the best checkpoint (lowest val km) of the newest run under reports/ is used;
-without --images the test split of that checkpoint's run. --predict-rule / --centroids / --topk change how
-a classification or hybrid checkpoint turns class probabilities into a point (default: as trained); a
-point outside Croatia (regression, means, ensembles) is moved to the nearest point on land. Several checkpoints form an ensemble: their predictions are averaged
-in EPSG:3766 metres. --tta also averages over the mirrored quadruplet (`src.data.mirror_views`: every view
-flipped horizontally and the 90 and 270 views swapped, a geometrically consistent mirror image).
-Every location gets a row: unreadable views are replaced by readable views of the same location, and
-a location without any readable view gets the training prior (train-mean location); both are listed
-on stderr. stdout carries only the CSV. --engine picks torch or ONNX Runtime (`src.export`; auto: ONNX
-Runtime on the CPU, torch on a GPU); the ONNX export is made once and kept beside the checkpoint.
+Coordinates are averaged over models (and the TTA mirror, `src.data.quadruplets.mirror_views`) in EPSG:3766,
+moved onto land when the average lies outside Croatia, then converted to degrees. Every location gets a row:
+unreadable views are replaced by readable views of the same location, a location without any readable view
+gets the training prior; both are reported (`ViewIssues`).
 """
 
 import sys
