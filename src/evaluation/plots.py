@@ -55,11 +55,16 @@ def croatia_axes(title: str = "", figsize=(9, 8)):
     return figure, axes
 
 
+JPEG_QUALITY = 88  # photos stay clean and text sharp enough at a fraction of a PNG's size
+
+
 def save_figure(figure, path: str | Path, dpi: int = 130) -> Path:
-    """Save `figure` atomically (src.files.atomic_path) and close it."""
+    """Save `figure` atomically (src.files.atomic_path) and close it; the format from the suffix (.png, .jpg)."""
+    extra = {"pil_kwargs": {"quality": JPEG_QUALITY, "optimize": True}} if Path(path).suffix.lower() in (
+        ".jpg", ".jpeg") else {}
     try:
         with atomic_path(path) as tmp:
-            figure.savefig(tmp, dpi=dpi, bbox_inches="tight")
+            figure.savefig(tmp, dpi=dpi, bbox_inches="tight", **extra)
     finally:
         plt.close(figure)
     return Path(path)
