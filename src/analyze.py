@@ -22,7 +22,7 @@ from src.core.errors import UserError, run_cli
 from src.data.cells import CENTROID_KINDS
 from src.core.geo import km_table, summarize_km
 from src.evaluation.scoring import match_and_measure, read_locations
-from src.evaluation.analysis import DEFAULT_SPACINGS, confusion_summary, confusion_text, enrich_args_from_checkpoint, error_map, oracle_ceiling, oracle_figure, per_class_accuracy, predicted_classes, rows_of_split, worst_gallery, write_table
+from src.evaluation.analysis import DEFAULT_SPACINGS, confusion_summary, confusion_text, enrich_args_from_checkpoint, error_map, oracle_ceiling, oracle_figure, per_class_accuracy, predicted_classes, rows_of_split, runs_whose_split_is, worst_gallery, write_table
 
 
 
@@ -56,6 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def warn_of_other_runs(args: argparse.Namespace, checkpoint: Path, uuids) -> None:
+    """Warn when the submission's uuids are the --eval-split of other runs than the one analysed."""
+    others = [path for path in runs_whose_split_is(args.reports_dir, args.eval_split, uuids)
+              if path.parent.parent.resolve() != checkpoint.parent.parent.resolve()]
+    if others:
+        print(f"warning: --submission {args.submission}: its {len(set(uuids))} uuids are the {args.eval_split} split "
+              f"of {'the run' if len(others) == 1 else 'the runs'} {', '.join(str(p.parent.parent) for p in others)}, "
+              f"not of the run analysed ({checkpoint.parent.parent}); to analyse it against its own run pass "
+              f"--checkpoint {others[0]}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> dict:
     """CLI: oracle table, and for a submission its scores, figures and per-class tables. Returns the tables."""
     args = build_parser().parse_args(argv)
@@ -69,11 +80,27 @@ def main(argv: list[str] | None = None) -> dict:
         checkpoint = enrich_args_from_checkpoint(args)
         where = f"--locations {args.locations}" if args.locations is not None else \
             f"--dataset-dirs {' '.join(map(str, args.dataset_dirs))}"
-        print(f"locations of the run of {checkpoint}: {where} --spacing {args.spacing} --seed {args.seed}",
-              file=sys.stderr)
+        chosen = "--checkpoint" if args.checkpoint is not None else \
+            f"the newest run under {args.reports_dir}; choose another with --checkpoint"
+        print(f"run {checkpoint.parent.parent}, checkpoint {checkpoint.name} ({chosen}); its locations: {where} "
+              f"--spacing {args.spacing} --seed {args.seed}", file=sys.stderr)
     else:
         check_data_flags(args)
     enriched = enrich_from_args(args, progress=False)
+    scored = truth = None
+    if args.submission is not None:  # checked before the oracle table, so a wrong run is named first
+        truth = rows_of_split(enriched.locations, args.eval_split)
+        submission = read_locations(args.submission, "submission")
+        if checkpoint is not None and set(submission["uuid"]) != set(truth["uuid"]):
+            warn_of_other_runs(args, checkpoint, submission["uuid"])
+        if checkpoint is not None and not set(submission["uuid"]) & set(truth["uuid"]):
+            raise UserError(f"--submission {args.submission}: none of its {len(submission)} uuids is among the "
+                            f"{len(truth)} {args.eval_split} locations of the run of {checkpoint}"
+                            f"{' (the default: the newest run)' if args.checkpoint is None else ''}; pass the "
+                            f"--checkpoint of the run it was predicted from "
+                            f"({checkpoints_listing(args.reports_dir)})")
+        scored = match_and_measure(submission, truth, args.allow_missing,
+                                   where=f"{args.submission} vs the {args.eval_split} locations")
     out: dict = {}
 
     oracle = oracle_ceiling(enriched, [*args.spacings, args.spacing], args.eval_split, args.mainland_only)
@@ -88,16 +115,6 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.submission is not None:
         name = args.submission.stem
-        truth = rows_of_split(enriched.locations, args.eval_split)
-        submission = read_locations(args.submission, "submission")
-        if checkpoint is not None and not set(submission["uuid"]) & set(truth["uuid"]):
-            raise UserError(f"--submission {args.submission}: none of its {len(submission)} uuids is among the "
-                            f"{len(truth)} {args.eval_split} locations of the run of {checkpoint}"
-                            f"{' (the default: the newest run)' if args.checkpoint is None else ''}; pass the "
-                            f"--checkpoint of the run it was predicted from "
-                            f"({checkpoints_listing(args.reports_dir)})")
-        scored = match_and_measure(submission, truth, args.allow_missing,
-                                   where=f"{args.submission} vs the {args.eval_split} locations")
         if scored.missing or scored.extra:
             print(f"warning: analysing {len(scored.errors)} common uuid(s); {len(scored.missing)} {args.eval_split} "
                   f"location(s) without a submission row, {len(scored.extra)} submission row(s) not among them",
@@ -117,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{accuracy['class'].nunique()} classes; the {len(confusion)} least accurate:")
         print(confusion_text(confusion))
         image_dirs = dict(zip(labels.index, labels["image_dir"]))
-        gallery, worst = worst_gallery(errors, image_dirs, args.figures_dir / f"{name}_worst.png", n=args.worst)
+        gallery, worst = worst_gallery(errors, image_dirs, args.figures_dir / f"{name}_worst.jpg", n=args.worst)
         paths += [
             write_table(errors, args.tables_dir / f"{name}_errors.csv"),
             write_table(accuracy, args.tables_dir / f"{name}_per_class.csv"),
