@@ -70,7 +70,7 @@ async function loadModels() {
 // The colour scale runs from 0 to a round probability just above the best cell's, so the top cells spread over it.
 function scaleTop(best) {
   for (let decade = 0.001; ; decade *= 10)
-    for (const step of [1, 2, 2.5, 5]) if (step * decade >= best) return step * decade;
+    for (const step of [1, 1.5, 2, 2.5, 3, 4, 5, 6, 8]) if (step * decade >= best) return step * decade;
 }
 
 function colourOf(t) {  // t in [0, 1] -> a colour of COLOURS, interpolated
