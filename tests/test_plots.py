@@ -68,6 +68,13 @@ def test_grid_figure_has_a_legend_lines_on_the_cell_edges_and_round_ticks(enrich
     plt.close("all")
 
 
+def test_grid_figure_of_adaptive_cells_has_no_empty_cell_entry(demo_dir):
+    adaptive = enrich([demo_dir], cells="adaptive", n_classes=6, seed=0, progress=False)
+    axes = grid_figure(adaptive).axes[0]
+    assert legend_texts(axes) == ["class (its cell's land part)", "Croatia's border and coast"]
+    plt.close("all")
+
+
 def test_centroids_figure_keeps_plain_centroids_visible_under_the_clipped_crosses(enriched):
     axes = centroids_figure(enriched).axes[0]
     assert legend_texts(axes) == ["plain (cell land)", "clipped to land", "weighted (train mean)"]

@@ -111,10 +111,12 @@ def grid_figure(enriched):
     gpd.GeoSeries([geo.load_border()], crs=geo.WGS84).boundary.plot(ax=axes, color=LAND["edgecolor"], linewidth=1.0,
                                                                     zorder=5)
     round_degree_ticks(axes)
-    axes.legend(handles=[Patch(facecolor=CLASS_FILL, edgecolor="black", label="class (has train data)"),
-                         Patch(facecolor="none", edgecolor="black", label="kept cell without train data"),
-                         Line2D([], [], color=LAND["edgecolor"], linewidth=1.0, label="Croatia's border and coast")],
-                loc="lower left")
+    handles = [Patch(facecolor=CLASS_FILL, edgecolor="black", label="class (has train data)"),
+               Patch(facecolor="none", edgecolor="black", label="kept cell without train data"),
+               Line2D([], [], color=LAND["edgecolor"], linewidth=1.0, label="Croatia's border and coast")]
+    if cells.kind != "grid":  # every adaptive cell is a class; the part of it at sea stays white
+        handles[:2] = [Patch(facecolor=CLASS_FILL, edgecolor="black", label="class (its cell's land part)")]
+    axes.legend(handles=handles, loc="lower left")
     return figure
 
 
