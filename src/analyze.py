@@ -5,8 +5,10 @@
 The locations (truth, image folders, split, classes) come from the enrich stage: of --dataset-dirs with
 the enrich flags, of an enriched --locations CSV, or else of the run of --checkpoint (default: the best
 checkpoint of the newest run under reports/): its saved version_N/locations.csv, or (older runs) its
-dataset dirs, spacing, seed and split flags.
-Figures go to figures/, tables to reports/analysis/ (both written atomically); tables also print on stdout.
+dataset dirs, spacing, seed and split flags. The first line (stderr) names the run and checkpoint used; a
+warning names the run whose split the submission's uuids are, when that is another run.
+Figures go to figures/ (oracle_ceiling.png, <submission>_error_map.png, <submission>_worst.jpg), tables to
+reports/analysis/ (both written atomically); tables also print on stdout.
 """
 
 import argparse

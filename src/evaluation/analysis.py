@@ -1,13 +1,5 @@
-"""Analysis of a grid and a submission: oracle ceiling, error map, worst-N gallery, per-class accuracy.
-
-    python -m src.analyze [--submission CSV] [--checkpoint PATH | --locations CSV | --dataset-dirs DIR ...]
-
-The locations (truth, image folders, split, classes) come from the enrich stage: of --dataset-dirs with
-the enrich flags, of an enriched --locations CSV, or else of the run of --checkpoint (default: the best
-checkpoint of the newest run under reports/): its saved version_N/locations.csv, or (older runs) its
-dataset dirs, spacing, seed and split flags.
-Figures go to figures/, tables to reports/analysis/ (both written atomically); tables also print on stdout.
-"""
+"""Analysis of a grid and a submission: oracle ceiling, error map, worst-N gallery, per-class accuracy; the
+runs a submission belongs to. The command is src.analyze."""
 
 import argparse
 from pathlib import Path
