@@ -5,8 +5,10 @@
 The locations (truth, image folders, split, classes) come from the enrich stage: of --dataset-dirs with
 the enrich flags, of an enriched --locations CSV, or else of the run of --checkpoint (default: the best
 checkpoint of the newest run under reports/): its saved version_N/locations.csv, or (older runs) its
-dataset dirs, spacing, seed and split flags.
-Figures go to figures/, tables to reports/analysis/ (both written atomically); tables also print on stdout.
+dataset dirs, spacing, seed and split flags. The first line (stderr) names the run and checkpoint used; a
+warning names the run whose split the submission's uuids are, when that is another run.
+Figures go to figures/ (oracle_ceiling.png, <submission>_error_map.png, <submission>_worst.jpg), tables to
+reports/analysis/ (both written atomically); tables also print on stdout.
 """
 
 import argparse
@@ -26,7 +28,7 @@ from src.core.errors import UserError, run_cli
 from src.data.config import CENTROID_KINDS
 from src.core.geo import km_table, summarize_km
 from src.evaluation.scoring import match_and_measure, read_locations
-from src.evaluation.analysis import DEFAULT_SPACINGS, confusion_summary, confusion_text, data_of_checkpoint, error_map, oracle_ceiling, oracle_figure, per_class_accuracy, predicted_classes, rows_of_split, worst_gallery
+from src.evaluation.analysis import DEFAULT_SPACINGS, confusion_summary, confusion_text, data_of_checkpoint, error_map, oracle_ceiling, oracle_figure, per_class_accuracy, predicted_classes, rows_of_split, runs_whose_split_is, worst_gallery
 
 
 
@@ -60,6 +62,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def warn_of_other_runs(args: argparse.Namespace, checkpoint: Path, uuids) -> None:
+    """Warn when the submission's uuids are the --eval-split of other runs than the one analysed."""
+    others = [path for path in runs_whose_split_is(args.reports_dir, args.eval_split, uuids)
+              if path.parent.parent.resolve() != checkpoint.parent.parent.resolve()]
+    if others:
+        print(f"warning: --submission {args.submission}: its {len(set(uuids))} uuids are the {args.eval_split} split "
+              f"of {'the run' if len(others) == 1 else 'the runs'} {', '.join(str(p.parent.parent) for p in others)}, "
+              f"not of the run analysed ({checkpoint.parent.parent}); to analyse it against its own run pass "
+              f"--checkpoint {others[0]}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> dict:
     """CLI: oracle table, and for a submission its scores, figures and per-class tables. Returns the tables."""
     args = build_parser().parse_args(argv)
@@ -73,11 +86,27 @@ def main(argv: list[str] | None = None) -> dict:
         checkpoint, data = data_of_checkpoint(args.checkpoint, args.reports_dir)
         where = f"--locations {data.locations_csv}" if data.locations_csv is not None else \
             f"--dataset-dirs {' '.join(data.dataset_dirs)}"
-        print(f"locations of the run of {checkpoint}: {where} --spacing {data.spacing} --seed {data.seed}",
-              file=sys.stderr)
+        chosen = "--checkpoint" if args.checkpoint is not None else \
+            f"the newest run under {args.reports_dir}; choose another with --checkpoint"
+        print(f"run {checkpoint.parent.parent}, checkpoint {checkpoint.name} ({chosen}); its locations: {where} "
+              f"--spacing {data.spacing} --seed {data.seed}", file=sys.stderr)
     else:
         data = data_config_from_args(args)
     enriched = enrich_data(data, progress=False)
+    scored = truth = None
+    if args.submission is not None:  # checked before the oracle table, so a wrong run is named first
+        truth = rows_of_split(enriched.locations, args.eval_split)
+        submission = read_locations(args.submission, "submission")
+        if checkpoint is not None and set(submission["uuid"]) != set(truth["uuid"]):
+            warn_of_other_runs(args, checkpoint, submission["uuid"])
+        if checkpoint is not None and not set(submission["uuid"]) & set(truth["uuid"]):
+            raise UserError(f"--submission {args.submission}: none of its {len(submission)} uuids is among the "
+                            f"{len(truth)} {args.eval_split} locations of the run of {checkpoint}"
+                            f"{' (the default: the newest run)' if args.checkpoint is None else ''}; pass the "
+                            f"--checkpoint of the run it was predicted from "
+                            f"({checkpoints_listing(args.reports_dir)})")
+        scored = match_and_measure(submission, truth, args.allow_missing,
+                                   where=f"{args.submission} vs the {args.eval_split} locations")
     out: dict = {}
 
     oracle = oracle_ceiling(enriched, [*args.spacings, data.spacing], args.eval_split, data.mainland_only)
@@ -92,16 +121,6 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.submission is not None:
         name = args.submission.stem
-        truth = rows_of_split(enriched.locations, args.eval_split)
-        submission = read_locations(args.submission, "submission")
-        if checkpoint is not None and not set(submission["uuid"]) & set(truth["uuid"]):
-            raise UserError(f"--submission {args.submission}: none of its {len(submission)} uuids is among the "
-                            f"{len(truth)} {args.eval_split} locations of the run of {checkpoint}"
-                            f"{' (the default: the newest run)' if args.checkpoint is None else ''}; pass the "
-                            f"--checkpoint of the run it was predicted from "
-                            f"({checkpoints_listing(args.reports_dir)})")
-        scored = match_and_measure(submission, truth, args.allow_missing,
-                                   where=f"{args.submission} vs the {args.eval_split} locations")
         if scored.missing or scored.extra:
             print(f"warning: analysing {len(scored.errors)} common uuid(s); {len(scored.missing)} {args.eval_split} "
                   f"location(s) without a submission row, {len(scored.extra)} submission row(s) not among them",
@@ -121,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{accuracy['class'].nunique()} classes; the {len(confusion)} least accurate:")
         print(confusion_text(confusion))
         image_dirs = dict(zip(labels.index, labels["image_dir"]))
-        gallery, worst = worst_gallery(errors, image_dirs, args.figures_dir / f"{name}_worst.png", n=args.worst)
+        gallery, worst = worst_gallery(errors, image_dirs, args.figures_dir / f"{name}_worst.jpg", n=args.worst)
         paths += [
             write_csv(errors, args.tables_dir / f"{name}_errors.csv"),
             write_csv(accuracy, args.tables_dir / f"{name}_per_class.csv"),

@@ -5,13 +5,14 @@ import io
 import math
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
 import shapely
 from PIL import Image
 
-from src.evaluation.analysis import confusion_summary, confusion_text, error_map, error_map_figure, oracle_ceiling, oracle_errors, per_class_accuracy, worst_gallery, worst_gallery_figure
+from src.evaluation.analysis import confusion_summary, confusion_text, error_map, error_map_figure, oracle_ceiling, oracle_ceiling_figure, oracle_errors, per_class_accuracy, worst_gallery, worst_gallery_figure
 from src.analyze import main as analyze_main
 from src.data.enrich import enrich
 from src.core.errors import UserError
@@ -91,6 +92,16 @@ def test_worst_gallery_shows_the_largest_errors_first(tmp_path, errors):
     assert shown["uuid"].tolist() == ["c", "d", "b"]
     with Image.open(path) as image:
         assert image.format == "PNG" and image.height > image.width / 2  # three rows of thumbnails
+    # as src.analyze writes it: a JPEG, the same size in pixels and much smaller (the photos do not compress
+    # well as PNG: 1.9 MB against 0.37 MB for the demo set's 8 worst)
+    noisy = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    for view in (0, 90, 180, 270):
+        Image.fromarray(noisy).save(folder / f"{view}.jpg")
+    png, _ = worst_gallery(errors, {"c": folder}, tmp_path / "noisy.png", n=3)
+    jpg, _ = worst_gallery(errors, {"c": folder}, tmp_path / "noisy.jpg", n=3)
+    with Image.open(png) as as_png, Image.open(jpg) as as_jpg:
+        assert as_jpg.format == "JPEG" and as_jpg.size == as_png.size
+    assert jpg.stat().st_size < png.stat().st_size / 2
 
 
 def test_worst_gallery_maps_have_readable_degree_ticks(errors):
@@ -99,10 +110,11 @@ def test_worst_gallery_maps_have_readable_degree_ticks(errors):
     maps = [row[4] for row in np.reshape(figure.axes, (2, 5))]
     for axes in maps:
         labels = [t for t in axes.get_xticklabels() + axes.get_yticklabels() if t.get_text() and t.get_visible()]
-        assert labels and all(t.get_fontsize() >= 9 for t in labels)
+        assert labels and all(t.get_fontsize() >= 11 for t in labels)
         assert {t.get_text() for t in axes.get_xticklabels() if t.get_text()} >= {"14°E", "16°E", "18°E"}
         assert {t.get_text() for t in axes.get_yticklabels() if t.get_text()} >= {"43°N", "44°N", "45°N"}
-    assert [t.get_text() for t in maps[0].get_legend().get_texts()] == ["true", "predicted"]
+    for axes in maps:  # every map explains its two dots
+        assert [t.get_text() for t in axes.get_legend().get_texts()] == ["true", "predicted"]
     assert shown["uuid"].tolist() == ["c", "d"]
 
 
@@ -115,6 +127,31 @@ def test_oracle_errors_on_hand_made_centroids():
     np.testing.assert_allclose(errors["plain"], [0.1 * KM_PER_DEG_LAT, 0.2 * KM_PER_DEG_LAT], atol=1e-6)
     np.testing.assert_allclose(errors["clipped"], [0.2 * KM_PER_DEG_LAT, 0.4 * KM_PER_DEG_LAT], atol=1e-6)
     np.testing.assert_allclose(errors["weighted"], [0.0, 0.0], atol=1e-6)
+
+
+def oracle_table(plain, clipped, weighted) -> pd.DataFrame:
+    return pd.DataFrame({"spacing": [0.25, 0.5, 1.0], "plain_km": plain, "clipped_km": clipped,
+                         "weighted_km": weighted})
+
+
+def test_oracle_figure_keeps_coinciding_lines_visible_and_merges_identical_ones():
+    # nearly equal plain and clipped: both drawn, told apart by marker and line style
+    figure = oracle_ceiling_figure(oracle_table([10.0, 17.0, 28.0], [10.0, 16.9, 27.9], [11.0, 18.0, 29.0]), "test")
+    axes = figure.axes[0]
+    lines = {line.get_label(): line for line in axes.get_lines()}
+    assert sorted(lines) == ["clipped", "plain", "weighted"]
+    assert [t.get_text() for t in axes.get_legend().get_texts()] == [line.get_label() for line in axes.get_lines()]
+    plain, clipped = lines["plain"], lines["clipped"]
+    assert plain.get_marker() != clipped.get_marker() and plain.get_linestyle() != clipped.get_linestyle()
+    assert plain.get_markersize() > clipped.get_markersize() and plain.get_markerfacecolor() == "none"
+    assert clipped.get_zorder() > plain.get_zorder()  # the thin dashed line on top of the wide pale one
+    plt.close(figure)
+    # identical values: one line, one legend entry naming both
+    figure = oracle_ceiling_figure(oracle_table([10.0, 17.0, 28.0], [10.0, 17.0, 28.0], [11.0, 18.0, 29.0]), "test")
+    axes = figure.axes[0]
+    assert [t.get_text() for t in axes.get_legend().get_texts()] == ["weighted", "clipped = plain (same values)"]
+    assert len(axes.get_lines()) == 2
+    plt.close(figure)
 
 
 def write_dataset(folder, points):
@@ -184,7 +221,7 @@ def test_cli_on_an_oracle_submission(demo_dir, tmp_path, capsys):
     confusion_rows = [line for line in printed.splitlines() if line.startswith("|") and "predicted as" not in line]
     assert any("| 100.0%" in line for line in confusion_rows)
     assert sorted(p.name for p in figures.iterdir()) == ["oracle_ceiling.png", "oracle_error_map.png",
-                                                         "oracle_worst.png"]
+                                                         "oracle_worst.jpg"]
     assert sorted(p.name for p in tables.iterdir()) == ["oracle_ceiling.csv", "oracle_confusion.csv",
                                                         "oracle_errors.csv", "oracle_per_class.csv"]
     # a submission that misses test locations is an error, unless --allow-missing
@@ -206,18 +243,39 @@ def test_cli_takes_the_locations_of_a_checkpoints_run(demo_dir, tmp_path, capsys
     checkpoint = printed.getvalue().splitlines()[-1].removeprefix("checkpoint: ")
     submission = tmp_path / "sub.csv"
     predict_main(["--checkpoint", checkpoint, "--out", str(submission), "--num-workers", "0"])
+    capsys.readouterr()
     out = analyze_main(["--checkpoint", checkpoint, "--submission", str(submission), "--spacings", "1.0",
                         "--worst", "2", "--figures-dir", str(tmp_path / "f"), "--tables-dir", str(tmp_path / "t")])
     err = capsys.readouterr().err
-    # the run's own locations.csv is reused: no dataset dir re-read, the exact split of the run
-    saved = Path(checkpoint).parent.parent / "locations.csv"
-    assert f"--locations {saved} --spacing 1.0 --seed 3" in err
+    # the first line names the run and checkpoint used; the run's own locations.csv is reused (no dataset dir
+    # re-read, the exact split of the run)
+    run = Path(checkpoint).parent.parent
+    saved = run / "locations.csv"
+    assert err.splitlines()[0].startswith(f"run {run}, checkpoint {Path(checkpoint).name} (--checkpoint); ")
+    assert f"--locations {saved} --spacing 1.0 --seed 3" in err and "warning" not in err
     test_uuids = [u for u, _ in read_test_locations(checkpoint)]
     assert out["errors"]["uuid"].tolist() == test_uuids
     assert out["oracle"]["locations"].tolist() == [len(test_uuids)]
     truth = pd.read_csv(demo_dir / "data.csv")
     _, stats = score_files(submission, write_truth(truth[truth["uuid"].isin(test_uuids)], tmp_path / "truth.csv"))
     assert out["stats"]["mean_km"] == pytest.approx(stats["mean_km"], abs=1e-9)
+    # a second run (another seed: another test split) is now the newest: analysing the first run's submission
+    # by default names the run used on the first line and warns that the submission is the other run's test split
+    with contextlib.redirect_stdout(io.StringIO()) as second:
+        train_main(["--approach", "regression", "--dataset-dirs", str(demo_dir), "--backbone", "tiny",
+                    "--no-pretrained", "--epochs", "1", "--image-size", "32", "--spacing", "1.0", "--seed", "4",
+                    "--num-workers", "0", "--out-dir", str(tmp_path / "reports"), "--cache-dir", str(tmp_path / "cache")])
+    newest = Path(second.getvalue().splitlines()[-1].removeprefix("checkpoint: ")).parent.parent
+    capsys.readouterr()
+    with pytest.raises(UserError, match="uuid sets differ"):
+        analyze_main(["--reports-dir", str(tmp_path / "reports"), "--submission", str(submission), "--spacings", "1.0",
+                      "--figures-dir", str(tmp_path / "f"), "--tables-dir", str(tmp_path / "t")])
+    lines = capsys.readouterr().err.splitlines()
+    assert newest != run and lines[0].startswith(f"run {newest}, checkpoint ")
+    assert f"(the newest run under {tmp_path / 'reports'}; choose another with --checkpoint)" in lines[0]
+    assert lines[1] == (f"warning: --submission {submission}: its {len(test_uuids)} uuids are the test split of the "
+                        f"run {run}, not of the run analysed ({newest}); to analyse it against its own run pass "
+                        f"--checkpoint {checkpoint}")
     # a submission of other locations analysed against the default (newest) run: say so, suggest --checkpoint
     foreign = write_truth(truth.assign(uuid="x" + truth["uuid"]).head(5), tmp_path / "foreign.csv")
     with pytest.raises(UserError) as error:

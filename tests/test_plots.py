@@ -11,7 +11,7 @@ from matplotlib.colors import to_rgba  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from src.data.enrich import enrich  # noqa: E402
-from src.evaluation.plots import class_sizes_figure, distribution_figure, enrich_figures, grid_figure, label_axes
+from src.evaluation.plots import centroids_figure, class_sizes_figure, distribution_figure, enrich_figures, grid_figure, label_axes
 
 
 @pytest.fixture(scope="module")
@@ -45,18 +45,51 @@ def test_map_axes_are_labelled_at_the_normal_size(enriched):
     plt.close(figure)
 
 
-def test_grid_figure_has_a_legend_and_lines_on_the_cell_edges(enriched):
+def test_grid_figure_has_a_legend_lines_on_the_cell_edges_and_round_ticks(enriched):
     grid = enriched.grid
-    axes = grid_figure(enriched).axes[0]
-    assert legend_texts(axes) == ["class (has train data)", "kept cell without train data", "land (Croatia)"]
-    vertical, horizontal = axes.collections[1:3]  # after the land
+    figure = grid_figure(enriched)
+    figure.canvas.draw()
+    axes = figure.axes[0]
+    assert legend_texts(axes) == ["class (has train data)", "kept cell without train data", "Croatia's border and coast"]
+    vertical, horizontal = axes.collections[:2]
     xs = np.array([segment[0, 0] for segment in vertical.get_segments()])
     ys = np.array([segment[0, 1] for segment in horizontal.get_segments()])
     np.testing.assert_allclose(xs, grid.min_lng + np.arange(grid.n_cols + 1) * grid.spacing)
     np.testing.assert_allclose(ys, grid.min_lat + np.arange(grid.n_rows + 1) * grid.spacing)
-    for ticks, start in ((axes.get_xticks(), grid.min_lng), (axes.get_yticks(), grid.min_lat)):
-        steps = (ticks - start) / grid.spacing
-        np.testing.assert_allclose(steps, np.round(steps), atol=1e-9)  # ticks on cell edges
+    # the grid starts at 42.42 N: ticks sit at round degrees instead, labelled 43, 44, ... (not 42.42, 43.42)
+    for ticks, labels in ((axes.get_xticks(), axes.get_xticklabels()), (axes.get_yticks(), axes.get_yticklabels())):
+        np.testing.assert_allclose(ticks * 2, np.round(ticks * 2), atol=1e-9)
+        assert all(len(t.get_text()) <= 4 for t in labels), [t.get_text() for t in labels]
+    # every filled cell has exactly the legend's class colour: nothing translucent over a land fill
+    legend_colour = axes.get_legend().get_patches()[0].get_facecolor()
+    filled = [c for c in axes.collections if len(c.get_facecolors()) and c.get_facecolors()[0][3] > 0]
+    assert len(filled) == 1 and len(filled[0].get_paths()) == len(enriched.classes)
+    assert np.allclose(filled[0].get_facecolors(), legend_colour)
+    plt.close("all")
+
+
+def test_grid_figure_of_adaptive_cells_has_no_empty_cell_entry(demo_dir):
+    adaptive = enrich([demo_dir], cells="adaptive", n_classes=6, seed=0, progress=False)
+    axes = grid_figure(adaptive).axes[0]
+    assert legend_texts(axes) == ["class (its cell's land part)", "Croatia's border and coast"]
+    plt.close("all")
+
+
+def test_centroids_figure_keeps_plain_centroids_visible_under_the_clipped_crosses(enriched):
+    axes = centroids_figure(enriched).axes[0]
+    assert legend_texts(axes) == ["plain (cell land)", "clipped to land", "weighted (train mean)"]
+    plain, clipped, weighted = (c for c in axes.collections if c.get_label() in legend_texts(axes))
+    assert len(plain.get_offsets()) == len(enriched.classes)
+    # plain: an open ring wider than the cross drawn over it, so a centroid where both agree shows both
+    assert plain.get_facecolors().size == 0 or np.allclose(plain.get_facecolors()[:, 3], 0)
+    assert plain.get_sizes()[0] >= 2 * clipped.get_sizes()[0]
+    plt.close("all")
+
+
+def test_histogram_bars_have_edges(enriched):
+    bars = distribution_figure(enriched).axes[1].patches
+    assert bars and all(bar.get_linewidth() > 0 and bar.get_edgecolor()[3] > 0 and bar.get_edgecolor() != bar.get_facecolor()
+                        for bar in bars)
     plt.close("all")
 
 

@@ -19,7 +19,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MultipleLocator  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
-from src.inference.checkpoints import find_checkpoint, read_data_config
+from src.inference.checkpoints import find_checkpoint, list_checkpoints, read_data_config, val_km
 from src.data.config import DataConfig
 from src.data.enrich import Enriched, locate_locations
 from src.data.config import LOCATIONS_FILE
@@ -73,7 +73,7 @@ def _degree_ticks(ax: plt.Axes) -> None:
     ax.yaxis.set_major_locator(MultipleLocator(1))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}°E"))
     ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}°N"))
-    ax.tick_params(labelsize=9)
+    ax.tick_params(labelsize=11)
 
 
 def worst_gallery_figure(errors: pd.DataFrame, image_dirs: dict[str, str | Path], n: int = 8,
@@ -83,7 +83,7 @@ def worst_gallery_figure(errors: pd.DataFrame, image_dirs: dict[str, str | Path]
     Returns the figure and the rows shown (largest error first). Views that cannot be read show a note.
     """
     worst = errors.sort_values("error_km", ascending=False, kind="stable").head(n).reset_index(drop=True)
-    fig, axes = plt.subplots(len(worst), 5, figsize=(13, 2.6 * len(worst)), squeeze=False,
+    fig, axes = plt.subplots(len(worst), 5, figsize=(12, 2.5 * len(worst)), squeeze=False,
                              gridspec_kw={"width_ratios": [1, 1, 1, 1, 1.3]})
     for row, record in worst.iterrows():
         folder = image_dirs.get(record["uuid"])
@@ -98,8 +98,8 @@ def worst_gallery_figure(errors: pd.DataFrame, image_dirs: dict[str, str | Path]
             else:
                 ax.text(0.5, 0.5, reason, ha="center", va="center", wrap=True, fontsize=8, transform=ax.transAxes)
             if row == 0:
-                ax.set_title(f"{view} deg")
-        axes[row, 0].set_ylabel(f"#{row + 1} {record['uuid'][:8]}\n{record['error_km']:.0f} km", fontsize=10)
+                ax.set_title(f"{view} deg", fontsize=12)
+        axes[row, 0].set_ylabel(f"#{row + 1} {record['uuid'][:8]}\n{record['error_km']:.0f} km", fontsize=12)
         ax = axes[row, 4]
         draw_land(ax)
         ax.set_xlabel("")  # geopandas names the axes; the tick labels say degrees
@@ -110,16 +110,16 @@ def worst_gallery_figure(errors: pd.DataFrame, image_dirs: dict[str, str | Path]
                 linewidth=0.9)
         ax.scatter([record["true_lng"]], [record["true_lat"]], color="tab:green", s=30, zorder=3, label="true")
         ax.scatter([record["pred_lng"]], [record["pred_lat"]], color="tab:red", s=30, zorder=3, label="predicted")
-        if row == 0:
-            ax.legend(fontsize=8, loc="lower left")  # the sea
-    fig.suptitle(f"{len(worst)} largest errors", y=1.0)
+        ax.legend(fontsize=9, loc="lower left", handletextpad=0.2, borderpad=0.3)  # the sea, on every map
+    fig.suptitle(f"{len(worst)} largest errors", y=1.0, fontsize=13)
     fig.tight_layout()
     return fig, worst
 
 
 def worst_gallery(errors: pd.DataFrame, image_dirs: dict[str, str | Path], path: str | Path, n: int = 8,
                   thumb_size: int = 128) -> tuple[Path, pd.DataFrame]:
-    """The worst-N gallery (worst_gallery_figure) written to `path`; the path and the rows shown."""
+    """The worst-N gallery (worst_gallery_figure) written to `path`; the path and the rows shown.
+    A .jpg path keeps the photos at a tenth of a PNG's size (save_figure)."""
     fig, worst = worst_gallery_figure(errors, image_dirs, n, thumb_size)
     return save_figure(fig, path, dpi=100), worst
 
@@ -229,17 +229,39 @@ def oracle_ceiling(enriched: Enriched, spacings, split: str = "test", mainland_o
     return pd.DataFrame(rows)
 
 
-def oracle_figure(table: pd.DataFrame, path: str | Path, split: str) -> Path:
-    """Oracle mean km against grid spacing, one line per centroid kind."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+ORACLE_STYLE = {"weighted": {"marker": "^", "linestyle": "-", "markersize": 7},
+                "plain": {"marker": "o", "linestyle": "-", "markersize": 11, "markerfacecolor": "none",
+                          "markeredgewidth": 1.5, "linewidth": 3.5, "alpha": 0.6, "zorder": 1.5},
+                "clipped": {"marker": "x", "linestyle": "--", "markersize": 8, "markeredgewidth": 1.8, "zorder": 3}}
+
+
+def oracle_ceiling_figure(table: pd.DataFrame, split: str) -> plt.Figure:
+    """Oracle mean km against grid spacing, one line per centroid kind. The plain and clipped centroids
+    often coincide: a wide pale line with open rings under a dashed line with crosses keeps both visible,
+    and kinds whose values are all equal (to the 0.1 km printed) share one line and one legend entry."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    drawn: list[list[str]] = []
     for kind in CENTROID_KINDS:
-        ax.plot(table["spacing"], table[f"{kind}_km"], marker="o", label=kind)
+        same = next((group for group in drawn if np.allclose(table[f"{group[0]}_km"], table[f"{kind}_km"], rtol=0,
+                                                             atol=0.05)), None)
+        if same is None:
+            drawn.append([kind])
+        else:
+            same.append(kind)
+    for group in drawn:
+        label = group[0] if len(group) == 1 else " = ".join(group) + " (same values)"
+        ax.plot(table["spacing"], table[f"{group[0]}_km"], label=label, **ORACLE_STYLE[group[0]])
     ax.set_xlabel("grid spacing (degrees)")
     ax.set_ylabel(f"oracle mean km ({split} locations)")
-    ax.set_title("What the grid alone costs: every location at its true class's centroid")
+    ax.set_title("What the grid alone costs: every location at its true class's centroid", fontsize=11)
     ax.grid(alpha=0.3)
     ax.legend(title="centroid")
-    return save_figure(fig, path)
+    return fig
+
+
+def oracle_figure(table: pd.DataFrame, path: str | Path, split: str) -> Path:
+    """The oracle ceiling figure (oracle_ceiling_figure) written to `path`."""
+    return save_figure(oracle_ceiling_figure(table, split), path)
 
 
 def predicted_classes(enriched: Enriched, lat, lng) -> np.ndarray:
@@ -259,3 +281,23 @@ def data_of_checkpoint(checkpoint: Path | None, reports_dir: Path) -> tuple[Path
     if path.parent.name == "checkpoints" and saved.is_file():
         data = replace(data, locations_csv=str(saved))
     return path, data
+
+
+def runs_whose_split_is(reports_dir: str | Path, split: str, uuids) -> list[Path]:
+    """The best checkpoint of every run under `reports_dir` whose saved `split` rows (version_N/locations.csv)
+    are exactly `uuids`: the runs a submission of those uuids was predicted from. Newest run first."""
+    wanted = set(uuids)
+    best: dict[Path, Path] = {}
+    for path in list_checkpoints(reports_dir, best_only=True) if Path(reports_dir).is_dir() else []:
+        run = path.parent.parent
+        if run not in best or val_km(path) < val_km(best[run]):  # newest first: ties keep the newer
+            best[run] = path
+    found = []
+    for run, path in best.items():
+        saved = run / LOCATIONS_FILE
+        if path.parent.name != "checkpoints" or not saved.is_file():
+            continue
+        rows = pd.read_csv(saved, usecols=["uuid", "split"], dtype=str)
+        if set(rows_of_split(rows, split)["uuid"]) == wanted:
+            found.append(path)
+    return found

@@ -23,6 +23,7 @@ SPLIT_STYLE = {"train": {"color": "tab:blue", "marker": "o", "scale": 1.0},
                "test": {"color": "darkviolet", "marker": "s", "scale": 2.5}}
 LAND = {"color": "#dfe9d8", "edgecolor": "#4a6b3a"}
 CLASS_COLOUR = "tab:blue"
+CLASS_FILL = "#a6cbe8"  # opaque light blue: one colour for a class cell wherever it lies
 
 
 def draw_land(axes) -> None:
@@ -54,16 +55,19 @@ def croatia_axes(title: str = "", figsize=(9, 8)):
     return figure, axes
 
 
+JPEG_QUALITY = 88  # photos stay clean and text sharp enough at a fraction of a PNG's size
+
+
 def save_figure(figure, path: str | Path, dpi: int = 130) -> Path:
-    """Save `figure` atomically (src.files.atomic_path) and close it."""
+    """Save `figure` atomically (src.files.atomic_path) and close it; the format from the suffix (.png, .jpg)."""
+    extra = {"pil_kwargs": {"quality": JPEG_QUALITY, "optimize": True}} if Path(path).suffix.lower() in (
+        ".jpg", ".jpeg") else {}
     try:
         with atomic_path(path) as tmp:
-            figure.savefig(tmp, dpi=dpi, bbox_inches="tight")
+            figure.savefig(tmp, dpi=dpi, bbox_inches="tight", **extra)
     finally:
         plt.close(figure)
     return Path(path)
-
-
 
 
 def _cells_title(cells) -> str:
@@ -73,34 +77,46 @@ def _cells_title(cells) -> str:
 
 
 def _draw_grid_lines(axes, grid) -> None:
-    """The grid's lines over its extent only, with the axis ticks on cell edges (every n-th when dense)."""
+    """The grid's lines over its extent only."""
     xs = grid.min_lng + np.arange(grid.n_cols + 1) * grid.spacing
     ys = grid.min_lat + np.arange(grid.n_rows + 1) * grid.spacing
     axes.vlines(xs, ys[0], ys[-1], color="0.75", linewidth=0.5, zorder=0)
     axes.hlines(ys, xs[0], xs[-1], color="0.75", linewidth=0.5, zorder=0)
-    every = max(1, int(np.ceil(len(xs) / 8)))
-    axes.set_xticks(xs[::every], [f"{x:.2f}" for x in xs[::every]])
-    axes.set_yticks(ys[::every], [f"{y:.2f}" for y in ys[::every]])
+
+
+def round_degree_ticks(axes) -> None:
+    """Ticks at round degrees (1, 0.5, 0.2, ... apart) labelled without trailing zeros: the grid starts at
+    Croatia's corner (42.42 N), so ticks on cell edges would read 42.42, 43.42, ..."""
+    for axis in (axes.xaxis, axes.yaxis):
+        axis.set_major_locator(MaxNLocator(nbins=8, steps=[1, 2, 5, 10]))
+        axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
 
 
 def grid_figure(enriched):
-    """Croatia with the cells: classes (cells with train data) shaded, kept cells without data outlined."""
+    """The cells over Croatia's border: classes (cells with train data) filled, kept cells without data outlined.
+
+    Land is drawn as its outline only, so a class cell has the one colour of its legend entry, on land and sea."""
     cells = enriched.grid
-    figure, axes = croatia_axes(f"Cells: {_cells_title(cells)}, {len(enriched.classes)} classes")
+    figure, axes = plt.subplots(figsize=(9, 8))
+    label_axes(axes, f"Cells: {_cells_title(cells)}, {len(enriched.classes)} classes")
     if cells.kind == "grid":
         _draw_grid_lines(axes, cells)
     is_class = cells.cells.index.isin(enriched.classes["cell"])
-    alpha = 0.25 if cells.kind == "grid" else 0.35
     if cells.kind == "grid":
-        cells.cells[is_class].plot(ax=axes, color=CLASS_COLOUR, alpha=alpha, edgecolor="none")
-    else:  # Voronoi polygons reach far out to sea: shade their land parts
+        cells.cells[is_class].plot(ax=axes, color=CLASS_FILL, edgecolor="none")
+    else:  # Voronoi polygons reach far out to sea: fill their land parts
         land = gpd.GeoSeries(cells.cells["land"].to_numpy(), crs=geo.CROATIA_CRS).to_crs(geo.WGS84)
-        land[is_class].plot(ax=axes, color=CLASS_COLOUR, alpha=alpha, edgecolor="none")
+        land[is_class].plot(ax=axes, color=CLASS_FILL, edgecolor="none")
     cells.cells.boundary.plot(ax=axes, color="black", linewidth=0.6)
-    axes.legend(handles=[Patch(facecolor=CLASS_COLOUR, alpha=alpha, edgecolor="black", label="class (has train data)"),
-                         Patch(facecolor="none", edgecolor="black", label="kept cell without train data"),
-                         Patch(facecolor=LAND["color"], edgecolor=LAND["edgecolor"], label="land (Croatia)")],
-                loc="lower left")
+    gpd.GeoSeries([geo.load_border()], crs=geo.WGS84).boundary.plot(ax=axes, color=LAND["edgecolor"], linewidth=1.0,
+                                                                    zorder=5)
+    round_degree_ticks(axes)
+    handles = [Patch(facecolor=CLASS_FILL, edgecolor="black", label="class (has train data)"),
+               Patch(facecolor="none", edgecolor="black", label="kept cell without train data"),
+               Line2D([], [], color=LAND["edgecolor"], linewidth=1.0, label="Croatia's border and coast")]
+    if cells.kind != "grid":  # every adaptive cell is a class; the part of it at sea stays white
+        handles[:2] = [Patch(facecolor=CLASS_FILL, edgecolor="black", label="class (its cell's land part)")]
+    axes.legend(handles=handles, loc="lower left")
     return figure
 
 
@@ -135,10 +151,13 @@ def centroids_figure(enriched):
     classes = enriched.classes
     figure, axes = croatia_axes(f"Class centroids: {_cells_title(enriched.grid)}")
     enriched.grid.cells.loc[classes["cell"]].boundary.plot(ax=axes, color="0.5", linewidth=0.5)
-    for prefix, label, marker, colour in (("centroid", "plain (cell land)", "o", "tab:gray"),
-                                          ("clipped", "clipped to land", "x", "tab:red"),
-                                          ("weighted", "weighted (train mean)", "^", "tab:blue")):
-        axes.scatter(classes[f"{prefix}_lng"], classes[f"{prefix}_lat"], marker=marker, s=22, color=colour, label=label)
+    # the plain and clipped centroids often coincide: plain is a large open ring, so a cross inside still shows it
+    for prefix, label, style in (("centroid", "plain (cell land)", {"marker": "o", "s": 70, "facecolors": "none",
+                                                                   "edgecolors": "0.3", "linewidths": 1.2}),
+                                 ("clipped", "clipped to land", {"marker": "x", "s": 28, "color": "tab:red",
+                                                                 "linewidths": 1.4}),
+                                 ("weighted", "weighted (train mean)", {"marker": "^", "s": 20, "color": "tab:blue"})):
+        axes.scatter(classes[f"{prefix}_lng"], classes[f"{prefix}_lat"], label=label, zorder=3, **style)
     axes.legend(loc="upper right")
     return figure
 
@@ -156,7 +175,8 @@ def distribution_figure(enriched):
     label_axes(axes_map, f"{len(locations)} locations by split")
     axes_map.legend(loc="upper right", markerscale=2)
     sizes = enriched.classes["n_train"]
-    axes_hist.hist(sizes, bins=np.arange(0, sizes.max() + 2) - 0.5 if sizes.max() < 40 else 30, color=CLASS_COLOUR)
+    axes_hist.hist(sizes, bins=np.arange(0, sizes.max() + 2) - 0.5 if sizes.max() < 40 else 30, color=CLASS_COLOUR,
+                   edgecolor="white", linewidth=1.0)  # edges keep neighbouring bars apart
     axes_hist.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes_hist.yaxis.set_major_locator(MaxNLocator(integer=True))
     axes_hist.set_xlabel("train locations in the class")
