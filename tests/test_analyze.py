@@ -252,7 +252,7 @@ def test_cli_takes_the_locations_of_a_checkpoints_run(demo_dir, tmp_path, capsys
     run = Path(checkpoint).parent.parent
     saved = run / "locations.csv"
     assert err.splitlines()[0].startswith(f"run {run}, checkpoint {Path(checkpoint).name} (--checkpoint); ")
-    assert f"--locations {saved} --spacing 1.0 --seed 3" in err and "warning" not in err
+    assert f"--locations {saved} --spacing 1.0 --seed 3" in err and "warning: --submission" not in err
     test_uuids = [u for u, _ in read_test_locations(checkpoint)]
     assert out["errors"]["uuid"].tolist() == test_uuids
     assert out["oracle"]["locations"].tolist() == [len(test_uuids)]

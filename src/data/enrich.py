@@ -194,16 +194,14 @@ def enrich_data(config: DataConfig, progress: bool = True, report: bool = True) 
     With `report`, the skipped rows and orphan folders are listed on stderr (a few per reason), so a
     command that reads dataset dirs (train, analyze) never loses a location silently.
     """
-    if config.locations_csv is not None:
-        enriched = enrich_from_locations(config.locations_csv, config.spacing, config.mainland_only, config.cells,
-                                         config.n_classes, config.seed)
-    else:
-        enriched = enrich(config.dataset_dirs, config.spacing, config.seed, config.split, config.holdout_dirs,
-                          full_decode=config.full_decode, max_outside_km=config.max_outside_km,
-                          mainland_only=config.mainland_only, progress=progress, cells=config.cells,
-                          n_classes=config.n_classes, split_by=config.split_by,
-                          check_cache=None if config.check_cache is None else Path(config.check_cache),
-                          fold=config.fold)
+    if config.locations_csv is not None:  # checked when it was written: nothing skipped, nothing to warn of
+        return enrich_from_locations(config.locations_csv, config.spacing, config.mainland_only, config.cells,
+                                     config.n_classes, config.seed)
+    enriched = enrich(config.dataset_dirs, config.spacing, config.seed, config.split, config.holdout_dirs,
+                      full_decode=config.full_decode, max_outside_km=config.max_outside_km,
+                      mainland_only=config.mainland_only, progress=progress, cells=config.cells,
+                      n_classes=config.n_classes, split_by=config.split_by,
+                      check_cache=None if config.check_cache is None else Path(config.check_cache), fold=config.fold)
     if report:
         for text in (skip_listing(enriched.ingested), thin_data_warning(enriched)):
             if text:
