@@ -28,8 +28,8 @@ from src.inference.engine import ENGINES
 from src.model.backbones import list_backbones
 from src.model.config import (APPROACHES, DEFAULT_FUSION, DEFAULT_LABEL_SMOOTHING_KM, DEFAULT_PREDICT_RULE, FUSIONS,
                               OPTIMIZERS, PREDICT_RULES, SCHEDULERS, ModelConfig, OptimConfig)
-from src.training.config import MAX_IMAGE_SIZE, PRECISIONS, RunConfig, TrainerConfig
-from src.training.run import default_num_workers
+from src.training.config import (CACHE_SCOPES, MAX_IMAGE_SIZE, PRECISIONS, UNSUPPORTED_PRECISIONS, RunConfig,
+                                 TrainerConfig, default_num_workers, processes_per_node, usable_cores)
 
 RULES = [
     Rule("epochs", at_least(1), "a whole number of epochs >= 1"),
@@ -129,8 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--engine", choices=ENGINES, default="auto",
                       help="fills the feature cache: torch, or ONNX Runtime (backbone exported once into the cache "
                            "folder); auto: onnx on the CPU, torch on a GPU (default: auto)")
-    data.add_argument("--num-workers", type=int, default=default_num_workers(),
-                      help=f"data loader worker processes, kept alive across epochs (default: usable CPU cores - 1, here {default_num_workers()})")
+    data.add_argument("--num-workers", type=int, default=None,
+                      help="data loader worker processes of each training process, kept alive across epochs (default: "
+                           f"its share of the usable CPU cores - 1; here {usable_cores()} cores, one process: "
+                           f"{default_num_workers()})")
+    data.add_argument("--cache-scope", choices=CACHE_SCOPES, default="node",
+                      help="multi-node runs: node, each node fills its own --cache-dir on a local disk; shared, one "
+                           "process fills a --cache-dir all nodes see (default: node)")
     run = parser.add_argument_group("run")
     run.add_argument("--out-dir", type=Path, default=Path("reports"), help="TensorBoard logs and checkpoints go to OUT_DIR/RUN_NAME/version_N (default: reports)")
     run.add_argument("--run-name", default=None, help="(default: <data>-<approach>-<backbone>, data = demo or the dataset dirs' names)")
@@ -143,7 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu, ... (default: auto)")
     run.add_argument("--devices", default="auto", help="Lightning devices: auto, N or a list (default: auto)")
     run.add_argument("--precision", choices=PRECISIONS, default=None,
-                     help="Lightning precision (default: bf16-mixed on a GPU that supports it, else 32-true)")
+                     help="Lightning precision; 16-true and bf16-true are refused (they convert the float64 "
+                          "centroids and targets) (default: bf16-mixed on a GPU with native bfloat16, 16-mixed on an "
+                          "older GPU, else 32-true)")
     run.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                      help="channels_last memory format for the convolutional backbone (default: on with a GPU)")
     run.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp (default: auto)")
@@ -161,7 +168,7 @@ def run_config(args: argparse.Namespace) -> RunConfig:
 
     from src.data.enrich import data_config_from_args  # noqa: PLC0415
     from src.model.backbones import backbone_spec  # noqa: PLC0415
-    from src.training.run import default_precision, ensure_demo_dataset, resolve_choices, say  # noqa: PLC0415
+    from src.training.run import default_precision, ensure_demo_dataset, gpu_status, resolve_choices, say  # noqa: PLC0415
 
     if args.folds is not None and (args.resume is not None or args.locations is not None):
         raise UserError(f"--folds {args.folds}: cross-validation splits the dataset dirs itself; "
@@ -170,9 +177,23 @@ def run_config(args: argparse.Namespace) -> RunConfig:
     if demo:
         args.dataset_dirs = [ensure_demo_dataset()]
     data = data_config_from_args(args)  # a wrong --dataset-dirs or --locations fails here, before the slow start-up
+    if args.precision in UNSUPPORTED_PRECISIONS:
+        raise UserError(f"--precision {args.precision}: not supported: {UNSUPPORTED_PRECISIONS[args.precision]}; use "
+                        f"{args.precision.split('-')[0]}-mixed (the same speed-up, float32 master weights)")
+    gpu, warning = gpu_status(args.accelerator)
+    if warning:
+        say(warning)
     choices = resolve_choices(args.backbone, args.image_size, args.epochs, args.unfreeze_at_epoch, demo, args.quick)
-    gpu = args.accelerator != "cpu" and torch.cuda.is_available()
+    unfreeze = choices.unfreeze_at_epoch
+    if args.scheduler == "onecycle" and unfreeze is not None and 0 < unfreeze < choices.epochs:
+        raise UserError(f"--scheduler onecycle: its per-step schedule would have moved the backbone's rate before "
+                        f"--unfreeze-at-epoch {unfreeze}; use --scheduler cosine (the backbone's schedule starts when it "
+                        "unfreezes) or --unfreeze-at-epoch 0")
     precision, reason = default_precision(args.accelerator) if args.precision is None else (args.precision, "--precision")
+    num_workers = args.num_workers
+    if num_workers is None:
+        processes = processes_per_node(args.devices, args.accelerator, torch.cuda.device_count() if gpu else 0)
+        num_workers = default_num_workers(processes)
     channels_last = gpu if args.channels_last is None else args.channels_last
     say(f"precision: {precision} ({reason}); channels_last: {'on' if channels_last else 'off'}")
     deterministic = not gpu if args.deterministic is None else args.deterministic
@@ -193,7 +214,7 @@ def run_config(args: argparse.Namespace) -> RunConfig:
                         unfreeze_blocks=args.unfreeze_blocks, freeze_bn=args.freeze_bn, optimizer=args.optimizer,
                         weight_decay=args.weight_decay, scheduler=args.scheduler, warmup_epochs=args.warmup_epochs)
     loader = LoaderConfig(image_size=choices.image_size, mean=tuple(spec.mean), std=tuple(spec.std),
-                          batch_size=args.batch_size, num_workers=args.num_workers, augment=args.augment,
+                          batch_size=args.batch_size, num_workers=num_workers, augment=args.augment,
                           mirror_p=args.mirror_p, unfreeze_at_epoch=choices.unfreeze_at_epoch,
                           cache_dir=str(args.cache_dir) if args.cache_features else None,
                           backbone=choices.backbone, engine=args.engine)
@@ -203,7 +224,7 @@ def run_config(args: argparse.Namespace) -> RunConfig:
         deterministic=deterministic, accumulate_grad_batches=args.accumulate_grad_batches,
         gradient_clip_val=args.gradient_clip_val, early_stopping_patience=args.early_stopping_patience,
         val_check_interval=args.val_check_interval, ema=args.ema, quick=args.quick, resume=args.resume,
-        folds=args.folds)
+        folds=args.folds, cache_scope=args.cache_scope)
     return RunConfig(data, model, optim, loader, trainer)
 
 

@@ -7,7 +7,7 @@ import torch
 from src.core import geo
 from src.model.heads import weighted_centroid_xy
 from src.inference.checkpoints import load_model
-from src.model.geomodel import GeoModel, scale_xy, unscale_xy, xy_to_km
+from src.model.geomodel import GeoModel, scale_xy, snapped_km, unscale_xy, xy_to_km
 from tests.builders import class_table, geo_model
 
 SCALER = {"x_min": 300_000.0, "x_max": 800_000.0, "y_min": 4_700_000.0, "y_max": 5_100_000.0}
@@ -98,15 +98,50 @@ def test_xy_to_km_matches_haversine_on_degrees():
     assert 205 < km[0] < 220  # Zagreb - Osijek is about 212 km
 
 
-def test_xy_to_km_scores_a_prediction_at_sea_from_the_nearest_land():
+def test_evaluation_scores_a_prediction_at_sea_from_the_nearest_land():
     # a point in the Adriatic, ~25 km off the coast, is scored as src.predict writes it: moved onto land
     sea_x, sea_y = (float(v) for v in geo.project(43.3, 15.9))
     land_x, land_y = (float(v) for v in geo.snap_to_land(sea_x, sea_y))
     assert np.hypot(land_x - sea_x, land_y - sea_y) > 5_000
-    zagreb = (torch.tensor([45.815], dtype=torch.float64), torch.tensor([15.982], dtype=torch.float64))
-    km = xy_to_km(torch.tensor([[sea_x, sea_y]], dtype=torch.float64), *zagreb)
+    snapped, km = snapped_km(np.array([[sea_x, sea_y]]), np.array([45.815]), np.array([15.982]))
+    np.testing.assert_allclose(snapped, [[land_x, land_y]])
     land_lat, land_lng = geo.unproject(land_x, land_y)
-    np.testing.assert_allclose(km.numpy(), geo.haversine_km(land_lat, land_lng, 45.815, 15.982), rtol=1e-9)
+    np.testing.assert_allclose(km, geo.haversine_km(land_lat, land_lng, 45.815, 15.982), rtol=1e-9)
+    # the steps' metric is the same distance from the point itself, computed on the device
+    step_km = xy_to_km(torch.tensor([[sea_x, sea_y]], dtype=torch.float64), torch.tensor([45.815], dtype=torch.float64),
+                       torch.tensor([15.982], dtype=torch.float64))
+    np.testing.assert_allclose(step_km.numpy(), geo.haversine_km(43.3, 15.9, 45.815, 15.982), rtol=1e-9)
+
+
+def test_training_and_validation_steps_make_no_host_transfer(monkeypatch):
+    """On a GPU a CPU tensor logged with sync_dist breaks NCCL's all_reduce, and a host copy stalls the queue:
+    the steps must neither copy to the host nor read a value back, for every approach and prediction rule."""
+    cases = [("classification", "mean"), ("classification", "median"), ("classification", "mode"),
+             ("hybrid", "median"), ("regression", "mean")]
+    batch = {"features": torch.randn(3, 4, 64), "label": torch.tensor([0, 2, 1]),
+             "xy": torch.tensor([[450_000.0, 4_990_000.0], [520_000.0, 4_910_000.0], [600_000.0, 4_800_000.0]],
+                                dtype=torch.float64),
+             "lat": torch.tensor([45.0, 44.3, 43.3], dtype=torch.float64),
+             "lng": torch.tensor([16.0, 16.9, 17.9], dtype=torch.float64), "index": torch.arange(3)}
+    for approach, rule in cases:
+        classes = class_table({**CLASSES, "radius": [30_000.0] * 3}, SCALER)
+        model = geo_model(approach, classes, hidden=16, predict_rule=rule, label_smoothing_km=40.0)
+        logged = {}
+        monkeypatch.setattr(model, "log", lambda name, value, **kwargs: logged.update({name: (value, kwargs)}))
+
+        def forbidden(*args, **kwargs):
+            raise AssertionError("host transfer inside a step")
+
+        with monkeypatch.context() as guard:
+            for name in ("cpu", "numpy", "item", "tolist", "__bool__", "__float__", "__int__"):
+                guard.setattr(torch.Tensor, name, forbidden)
+            loss = model.training_step(batch, 0)
+            model.validation_step(batch, 0)
+        assert torch.isfinite(loss)
+        assert {"train/km_mean", "val/km_mean", "train/loss", "val/loss"} <= set(logged), (approach, rule)
+        for name, (value, kwargs) in logged.items():
+            assert isinstance(value, torch.Tensor) and value.device == model.device, name
+            assert kwargs["sync_dist"] and value.dtype == torch.float32, name
 
 
 def test_pretrained_is_not_saved_so_a_checkpoint_rebuilds_offline():

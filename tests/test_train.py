@@ -209,8 +209,41 @@ def fit_with_scheduler(demo_dir, tmp_path, **hparams):
 
 def test_cosine_schedule_with_linear_warmup(demo_dir, tmp_path):
     record = fit_with_scheduler(demo_dir, tmp_path, scheduler="cosine", warmup_epochs=1)
-    # hand-computed factors for 3 epochs, 1 warmup epoch: 1/2, then cos from 1: 1, (1 + cos(pi/2)) / 2
-    np.testing.assert_allclose(record.epochs, [[0.005, 0.0005], [0.01, 0.001], [0.005, 0.0005]])
+    # hand-computed factors for 3 epochs, 1 warmup epoch: 1/2, then cos from 1: 1, (1 + cos(pi/2)) / 2; the
+    # backbone (unfreezing at epoch 10, after the run: no room for a warm-up) holds its schedule's start, 1
+    np.testing.assert_allclose(record.epochs, [[0.005, 0.001], [0.01, 0.001], [0.005, 0.001]])
+
+
+def test_the_backbones_cosine_schedule_starts_when_it_unfreezes(demo_dir, tmp_path):
+    enriched = enrich([demo_dir], spacing=1.0, seed=0, progress=False)
+    model = geo_model("classification", enriched=enriched, hidden=16, lr=0.01, lr_finetune=0.001, unfreeze_at_epoch=2,
+                      scheduler="cosine", warmup_epochs=1)
+    data = GeoDataModule(enriched.locations, loader_config(32, batch_size=64, unfreeze_at_epoch=2, augment="none",
+                                                           cache_dir=tmp_path, backbone="tiny"))
+    record = RecordLearningRates()
+    trainer = pl.Trainer(max_epochs=4, callbacks=[FreezeThenUnfreeze(2, blocks=1), record], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         reload_dataloaders_every_n_epochs=2, limit_val_batches=1, limit_train_batches=1)
+    trainer.fit(model, datamodule=data)
+    # head: 4 epochs, 1 warm-up: 1/2, 1, (1 + cos(pi/3)) / 2, (1 + cos(2 pi/3)) / 2; backbone: 2 epochs from
+    # epoch 2, 1 warm-up: its warm-up start (1/2) until and at the unfreeze epoch, then 1
+    np.testing.assert_allclose(record.epochs, [[0.005, 0.0005], [0.01, 0.0005], [0.0075, 0.0005], [0.0025, 0.001]])
+
+
+def test_a_plateau_reduction_before_the_unfreeze_epoch_is_undone_then(demo_dir):
+    enriched = enrich([demo_dir], spacing=1.0, seed=0, progress=False)
+    model = geo_model("classification", enriched=enriched, hidden=16, lr=0.01, lr_finetune=0.001, unfreeze_at_epoch=3)
+    optimizer = torch.optim.AdamW([{"params": list(model.head.parameters()), "lr": 0.0025, "name": "head"},
+                                   {"params": list(model.backbone.parameters()), "lr": 0.00025, "name": "backbone"}])
+    callback = FreezeThenUnfreeze(3, restart_lr=0.001)
+    callback.freeze_before_training(model)
+    callback.finetune_function(model, 2, optimizer)
+    assert optimizer.param_groups[1]["lr"] == 0.00025  # still frozen: untouched
+    callback.finetune_function(model, 3, optimizer)
+    assert [g["lr"] for g in optimizer.param_groups] == [0.0025, 0.001]
+    optimizer.param_groups[1]["lr"] = 0.0005  # reduced after the unfreeze: a resumed run keeps it
+    callback.finetune_function(model, 4, optimizer)
+    assert optimizer.param_groups[1]["lr"] == 0.0005
 
 
 def test_one_cycle_schedule_per_step(demo_dir, tmp_path):

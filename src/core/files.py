@@ -1,6 +1,8 @@
 """Atomic file output: write to a temporary file beside the target, then rename over it."""
 
 import os
+import secrets
+import socket
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -11,11 +13,13 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path to write; on success it replaces `path`, on error it is removed.
 
     An interrupted run never leaves a half-written file under the final name. The temporary name
-    keeps the suffix, so writers that pick a format from it (matplotlib, torch) still work.
+    keeps the suffix, so writers that pick a format from it (matplotlib, torch) still work. It names the host,
+    the process and a random part: processes of different machines (whose PIDs can be equal, e.g. in
+    containers) writing to one shared folder never share a temporary file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    tmp = path.with_name(f".{path.stem}.{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}.tmp{path.suffix}")
     try:
         yield tmp
         os.replace(tmp, path)

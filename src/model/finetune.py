@@ -19,13 +19,17 @@ class FreezeThenUnfreeze(BaseFinetuning):
     feature cache); at `unfreeze_at_epoch` its last `blocks` stages (0: all) become trainable.
     Their learning rate is the backbone parameter group's (`lr_finetune`, see configure_optimizers).
     Unfrozen stages train with BatchNorm in train mode (batch statistics), unless `freeze_bn`
-    keeps every BatchNorm on its running statistics (for small batches)."""
+    keeps every BatchNorm on its running statistics (for small batches). `restart_lr`: the backbone group's
+    learning rate at the unfreeze epoch (for a scheduler, like ReduceLROnPlateau, that may have reduced it
+    while the backbone was frozen)."""
 
-    def __init__(self, unfreeze_at_epoch: int | None, blocks: int = 0, freeze_bn: bool = False):
+    def __init__(self, unfreeze_at_epoch: int | None, blocks: int = 0, freeze_bn: bool = False,
+                 restart_lr: float | None = None):
         super().__init__()
         self.unfreeze_at_epoch = unfreeze_at_epoch
         self.blocks = blocks
         self.freeze_bn = freeze_bn
+        self.restart_lr = restart_lr
 
     def freeze_before_training(self, pl_module: GeoModel) -> None:
         self.freeze(pl_module.backbone, train_bn=False)
@@ -36,6 +40,10 @@ class FreezeThenUnfreeze(BaseFinetuning):
         # `>=` so that a run resumed after the unfreeze epoch unfreezes again
         if self.unfreeze_at_epoch is not None and epoch >= self.unfreeze_at_epoch and backbone_frozen(pl_module):
             self.make_trainable(pl_module.backbone.last_stages(self.blocks))
+        if epoch == self.unfreeze_at_epoch and self.restart_lr is not None:
+            for group in optimizer.param_groups:
+                if group.get("name") == "backbone":
+                    group["lr"] = self.restart_lr
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: GeoModel) -> None:
         super().on_train_epoch_start(trainer, pl_module)

@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from src.model.backbones import Backbone, create_backbone
-from src.core.geo import haversine_km_torch, snap_to_land, unproject
+from src.core.geo import haversine_km, haversine_km_torch, snap_to_land, unproject, unproject_torch
 from src.data.config import CENTROID_KINDS
 from src.model.config import APPROACHES, ClassTable, ModelConfig, OptimConfig, model_hparams
 from src.model.heads import HybridHead, create_fusion, haversine_smoothing_loss, hybrid_loss, hybrid_points, point_by_rule
@@ -41,14 +41,18 @@ def unscale_xy(scaled: torch.Tensor, scaler: dict[str, float]) -> torch.Tensor:
 
 
 def xy_to_km(xy: torch.Tensor, lat: torch.Tensor, lng: torch.Tensor) -> torch.Tensor:
-    """Great-circle km between predicted EPSG:3766 points [B, 2], moved onto land as src.predict moves
-    them (`src.geo.snap_to_land`), and true lat/lng [B]."""
-    xy = xy.detach().double().cpu().numpy()
-    pred_lat, pred_lng = unproject(*snap_to_land(xy[:, 0], xy[:, 1]))
-    return haversine_km_torch(
-        torch.as_tensor(np.atleast_1d(pred_lat)), torch.as_tensor(np.atleast_1d(pred_lng)),
-        lat.detach().double().cpu(), lng.detach().double().cpu(),
-    )
+    """Great-circle km between predicted EPSG:3766 points [B, 2] and true lat/lng [B], computed in float64 on
+    the tensors' device with no host transfer (the metric of the training and validation steps; evaluation
+    moves points onto land first, `src.core.geo.snap_to_land`)."""
+    pred_lat, pred_lng = unproject_torch(xy[:, 0], xy[:, 1])
+    return haversine_km_torch(pred_lat, pred_lng, lat.double(), lng.double())
+
+
+def snapped_km(xy: np.ndarray, lat: np.ndarray, lng: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(points moved onto land as predict moves them, their great-circle km to the truth), on the host."""
+    snapped = np.column_stack(snap_to_land(xy[:, 0], xy[:, 1]))
+    pred_lat, pred_lng = unproject(snapped[:, 0], snapped[:, 1])
+    return snapped, haversine_km(pred_lat, pred_lng, lat, lng)
 
 
 class GeoModel(pl.LightningModule):
@@ -132,8 +136,9 @@ class GeoModel(pl.LightningModule):
         """The class logits [B, C] of classification or hybrid outputs."""
         return outputs[:, :self.n_classes]
 
-    def outputs_to_xy(self, outputs: torch.Tensor) -> torch.Tensor:
-        """Head outputs -> EPSG:3766 metres [B, 2], by the checkpoint's prediction rule and topk."""
+    def outputs_to_xy(self, outputs: torch.Tensor, fixed_steps: bool = False) -> torch.Tensor:
+        """Head outputs -> EPSG:3766 metres [B, 2], by the checkpoint's prediction rule and topk; `fixed_steps`
+        runs the median rule's iterations without a convergence test (no host synchronisation)."""
         config = self.config
         if config.approach == "regression":
             return unscale_xy(outputs.double(), self.classes.scaler)
@@ -141,7 +146,7 @@ class GeoModel(pl.LightningModule):
         if config.approach == "hybrid":
             points = hybrid_points(self.split_hybrid(outputs)[1], self.class_xy, self.class_radius)
         probabilities = self.class_logits(outputs).float().softmax(dim=1)
-        return point_by_rule(config.predict_rule, probabilities, points, config.topk)
+        return point_by_rule(config.predict_rule, probabilities, points, config.topk, fixed_steps)
 
     def locate(self, views: torch.Tensor) -> torch.Tensor:
         """[B, 4, 3, H, W] -> predicted EPSG:3766 x/y [B, 2] in metres (eval mode, no grad)."""
@@ -176,15 +181,16 @@ class GeoModel(pl.LightningModule):
         return hybrid_loss(logits, offsets, batch["label"], batch["xy"], self.class_xy, self.class_radius,
                            config.offset_weight, classification_loss=classification)
 
-    def _step(self, batch: dict[str, torch.Tensor], stage: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Loss, km and predicted x/y of a batch; train and val log epoch means (test results are returned
-        by test_step, for `src.training.callbacks.TestCollector`, not logged as single-point charts)."""
+    def _step(self, batch: dict[str, torch.Tensor], stage: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss and predicted x/y of a batch; train and val log epoch means of the loss, accuracy and km,
+        computed on the module's device without any host transfer (test results are returned by test_step,
+        for `src.training.callbacks.TestCollector`, not logged as single-point charts)."""
         outputs = self._outputs(batch)
         loss = self.loss(outputs, batch)
-        xy = self.outputs_to_xy(outputs.detach())
-        km = xy_to_km(xy, batch["lat"], batch["lng"])
+        xy = self.outputs_to_xy(outputs.detach(), fixed_steps=True)
         if stage == "test":
-            return loss, km, xy
+            return loss, xy
+        km = xy_to_km(xy, batch["lat"], batch["lng"])
         # epoch metrics averaged over all processes: every rank picks the same best checkpoint
         log = {"batch_size": len(outputs), "on_step": False, "on_epoch": True, "sync_dist": True}
         if self.config.approach != "regression":
@@ -192,7 +198,7 @@ class GeoModel(pl.LightningModule):
             self.log(f"{stage}/acc", accuracy, **log)
         self.log(f"{stage}/loss", loss, prog_bar=True, **log)
         self.log(f"{stage}/km_mean", km.mean().float(), prog_bar=stage == "val", **log)
-        return loss, km, xy
+        return loss, xy
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")[0]
@@ -201,12 +207,13 @@ class GeoModel(pl.LightningModule):
         self._step(batch, "val")
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        """[4, B] rows of (split index, km, predicted x, predicted y), float64 on the CPU."""
-        _, km, xy = self._step(batch, "test")
-        return torch.stack([batch["index"].double().cpu(), km, *xy.double().cpu().T])
+        """[5, B] rows of (split index, predicted x, predicted y, true latitude, true longitude), float64 on the
+        module's device (`src.training.callbacks.TestCollector` moves the points onto land and scores them)."""
+        _, xy = self._step(batch, "test")
+        return torch.stack([batch["index"].double(), *xy.double().T, batch["lat"].double(), batch["lng"].double()])
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self.outputs_to_xy(self._outputs(batch))
+        return self.outputs_to_xy(self._outputs(batch), fixed_steps=True)
 
     # ---- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
@@ -214,7 +221,9 @@ class GeoModel(pl.LightningModule):
 
         The backbone group is present from the start when the backbone unfreezes at some epoch; while it
         is frozen its parameters have no gradients, so the optimizer leaves them alone (and schedulers see
-        a fixed set of groups). A backbone that stays frozen has no group.
+        a fixed set of groups). A backbone that stays frozen has no group. The backbone's schedule starts
+        when it unfreezes: cosine runs its warm-up and decay over the epochs from the unfreeze epoch on, and
+        the plateau scheduler's reductions before it are undone then (`FreezeThenUnfreeze`).
         """
         hp = self.optim
         groups = [{"params": [*self.fusion.parameters(), *self.head.parameters()], "lr": hp.lr, "name": "head"}]
@@ -232,12 +241,24 @@ class GeoModel(pl.LightningModule):
                 optimizer, max_lr=[group["lr"] for group in groups], total_steps=max(1, int(self.trainer.estimated_stepping_batches)))
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
         max_epochs = max(1, self.trainer.max_epochs or 1)
-        warmup = max(0, min(hp.warmup_epochs, max_epochs - 1))
-
-        def cosine_with_warmup(epoch: int) -> float:
-            if epoch < warmup:
-                return (epoch + 1) / (warmup + 1)
-            return 0.5 * (1 + math.cos(math.pi * (epoch - warmup) / max(1, max_epochs - warmup)))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup)
+        factors = [cosine_with_warmup(0, max_epochs, hp.warmup_epochs)]
+        if hp.unfreeze_at_epoch is not None:
+            start = hp.unfreeze_at_epoch
+            factors.append(cosine_with_warmup(start, max_epochs, hp.warmup_epochs))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+
+def cosine_with_warmup(start: int, max_epochs: int, warmup_epochs: int):
+    """The learning-rate factor per epoch of a schedule that starts at epoch `start` (its value before then is
+    its first one): `warmup_epochs` of linear warm-up, then a cosine decay over the epochs left."""
+    epochs = max(1, max_epochs - start)
+    warmup = max(0, min(warmup_epochs, epochs - 1))
+
+    def factor(epoch: int) -> float:
+        epoch = max(0, epoch - start)
+        if epoch < warmup:
+            return (epoch + 1) / (warmup + 1)
+        return 0.5 * (1 + math.cos(math.pi * (epoch - warmup) / max(1, epochs - warmup)))
+
+    return factor

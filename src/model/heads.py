@@ -47,14 +47,15 @@ def weighted_centroid_xy(probabilities: torch.Tensor, class_xy: torch.Tensor, to
 
 
 def geometric_median_xy(probabilities: torch.Tensor, class_xy: torch.Tensor, topk: int = 0,
-                        max_iter: int = 100, tol_m: float = 1e-3) -> torch.Tensor:
+                        max_iter: int = 100, tol_m: float = 1e-3, fixed_steps: bool = False) -> torch.Tensor:
     """Probability-weighted geometric median [B, 2] of the class points ([C, 2] or [B, C, 2]): the point
     minimising sum_i p_i * |y - c_i| (expected distance), by Weiszfeld's iteration, batched.
 
     Uses Vardi and Zhang's (2000) step, so an iterate landing exactly on a centroid neither divides by
     zero nor sticks there unless that centroid is the optimum (its weight >= the pull of the others).
     Starts at the weighted mean; stops when no point moves more than `tol_m` metres, or after `max_iter`
-    steps (always all of them while torch.export traces it, so the ONNX graph computes the same point).
+    steps (always all of them with `fixed_steps`, which needs no host synchronisation, and while torch.export
+    traces it, so the ONNX graph computes the same point).
     """
     weights = top_probabilities(probabilities.to(torch.float64), topk)
     points = _per_location(class_xy.to(torch.float64), weights.shape[0])
@@ -62,7 +63,7 @@ def geometric_median_xy(probabilities: torch.Tensor, class_xy: torch.Tensor, top
     tiny = torch.finfo(torch.float64).tiny
     span = (points.amax(dim=1) - points.amin(dim=1)).amax(dim=1, keepdim=True)  # [B, 1]
     coincide_m = 1e-9 * span.clamp_min(1.0)
-    exporting = torch.compiler.is_exporting()
+    check = not (fixed_steps or torch.compiler.is_exporting())
     for _ in range(max_iter):
         offsets = points - current.unsqueeze(1)  # [B, C, 2]
         distance = offsets.norm(dim=2)  # [B, C]
@@ -75,9 +76,9 @@ def geometric_median_xy(probabilities: torch.Tensor, class_xy: torch.Tensor, top
         keep = (held / pull.clamp_min(tiny)).clamp(max=1.0)
         stay = (pull <= held) | (inverse.sum(1, keepdim=True) == 0)
         following = torch.where(stay, current, (1 - keep) * update + keep * current)
-        step = (following - current).norm(dim=1).max()
+        step = (following - current).norm(dim=1).max() if check else None
         current = following
-        if not exporting and step <= tol_m:
+        if check and step <= tol_m:
             break
     return current
 
@@ -90,13 +91,14 @@ def mode_xy(probabilities: torch.Tensor, class_xy: torch.Tensor, topk: int = 0) 
     return class_xy[torch.arange(best.shape[0], device=best.device), best]
 
 
-def point_by_rule(rule: str, probabilities: torch.Tensor, class_xy: torch.Tensor, topk: int = 0) -> torch.Tensor:
+def point_by_rule(rule: str, probabilities: torch.Tensor, class_xy: torch.Tensor, topk: int = 0,
+                  fixed_steps: bool = False) -> torch.Tensor:
     """Points [B, 2] (EPSG:3766 metres) from class probabilities [B, C] and class points ([C, 2] or
-    [B, C, 2]) by `rule` (see PREDICT_RULES)."""
+    [B, C, 2]) by `rule` (see PREDICT_RULES); `fixed_steps`: the median without a convergence test."""
     if rule == "mean":
         return weighted_centroid_xy(probabilities, class_xy, topk)
     if rule == "median":
-        return geometric_median_xy(probabilities, class_xy, topk).to(class_xy.dtype)
+        return geometric_median_xy(probabilities, class_xy, topk, fixed_steps=fixed_steps).to(class_xy.dtype)
     if rule == "mode":
         return mode_xy(probabilities, class_xy, topk)
     raise ValueError(f"prediction rule must be one of {PREDICT_RULES}, not {rule!r}")

@@ -17,6 +17,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from src.core.files import atomic_path
 from src.inference.checkpoints import read_checkpoint
+from src.model.geomodel import snapped_km
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -118,9 +119,10 @@ class ConstantBaseline(pl.Callback):
 
 
 class TestCollector(pl.Callback):
-    """The test step's rows (split index, km, predicted x, y) of every batch, gathered from every process:
-    `km` and `xy` per test location in the split's order, the locations DistributedSampler repeats to even
-    out the processes' shares counted once."""
+    """The test step's rows (split index, predicted x, y, true lat, lng) of every batch, gathered from every
+    process once the epoch ends (not in the steps): `xy` (moved onto land, as predict moves them) and their
+    `km` per test location in the split's order, the locations DistributedSampler repeats to even out the
+    processes' shares counted once."""
 
     def __init__(self):
         self.rows: list[torch.Tensor] = []
@@ -132,16 +134,17 @@ class TestCollector(pl.Callback):
 
     def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                           batch_idx: int, dataloader_idx: int = 0) -> None:
-        self.rows.append(outputs)
+        self.rows.append(outputs.detach())
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        local = torch.cat(self.rows, dim=1) if self.rows else torch.empty(4, 0, dtype=torch.float64)
+        local = (torch.cat(self.rows, dim=1) if self.rows
+                 else torch.empty(5, 0, dtype=torch.float64, device=pl_module.device))
         if trainer.world_size > 1:
-            local = pl_module.all_gather(local.to(pl_module.device)).cpu()  # [world, 4, n]: equal shares
+            local = pl_module.all_gather(local)  # [world, 5, n]: equal shares
             local = local.permute(1, 0, 2).flatten(1)
-        _, first = np.unique(local[0].numpy().astype(np.int64), return_index=True)
-        self.km = local[1].numpy()[first]
-        self.xy = local[2:].numpy().T[first]
+        local = local.cpu().numpy()
+        _, first = np.unique(local[0].astype(np.int64), return_index=True)
+        self.xy, self.km = snapped_km(local[1:3].T[first], local[3][first], local[4][first])
 
 
 def resume_command(argv: list[str], checkpoint: Path) -> str:

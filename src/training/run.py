@@ -9,7 +9,6 @@ split, classes, metrics and weights, whether the feature cache is cold or warm.
 
 import contextlib
 import json
-import os
 import sys
 import warnings
 from dataclasses import dataclass, replace
@@ -41,7 +40,7 @@ from src.model.geomodel import GeoModel
 from src.model.heads import class_radius_m
 from src.training.callbacks import (AtomicCheckpointIO, ConstantBaseline, EpochHistory, Interrupt,
                                     QuietTensorBoardLogger, TestCollector)
-from src.training.config import CPU_DEFAULTS, DEMO_DEFAULTS, GPU_DEFAULTS, QUICK_DEFAULTS, RunConfig
+from src.training.config import CPU_DEFAULTS, DDP_TIMEOUT_MIN, DEMO_DEFAULTS, GPU_DEFAULTS, QUICK_DEFAULTS, RunConfig
 from src.training.output import quiet_callbacks, quiet_lightning
 
 
@@ -52,17 +51,34 @@ def say(message: str) -> None:
 
 
 # ---- defaults that depend on the situation ------------------------------------------------------
-def default_num_workers() -> int:
-    """Data loader workers: one per CPU core this process may use, less one for the main process."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(0, cores - 1)
-
-
 def default_precision(accelerator: str) -> tuple[str, str]:
-    """(precision, reason): bf16-mixed on a GPU that supports bfloat16, else 32-true."""
-    if accelerator != "cpu" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16-mixed", "default on a GPU with bfloat16 support"
-    return "32-true", "default without a bfloat16-capable GPU"
+    """(precision, reason): bf16-mixed on a GPU whose hardware supports bfloat16 (Ampere and later), else
+    16-mixed on an older GPU (emulated bfloat16 is slow), else 32-true."""
+    if accelerator == "cpu" or not torch.cuda.is_available():
+        return "32-true", "default without a GPU"
+    if torch.cuda.is_bf16_supported(including_emulation=False):
+        return "bf16-mixed", "default on a GPU with native bfloat16"
+    return "16-mixed", "default on a GPU without native bfloat16"
+
+
+def gpu_status(accelerator: str) -> tuple[bool, str | None]:
+    """(whether CUDA is usable, a one-line warning when an NVIDIA GPU is present but unusable, e.g. a driver
+    too old for this torch build)."""
+    if accelerator == "cpu":
+        return False, None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        usable = torch.cuda.is_available()
+    if usable:
+        return True, None
+    present = Path("/proc/driver/nvidia/version").exists() or Path("/dev/nvidia0").exists()
+    reasons = [str(w.message).strip().splitlines()[0] for w in caught if "CUDA" in str(w.message)]
+    if not present and not reasons:
+        return False, None
+    why = reasons[0] if reasons else "torch.cuda.is_available() is False"
+    return False, (f"warning: an NVIDIA GPU is present but this torch build (CUDA {torch.version.cuda}) cannot use "
+                   f"it ({why}); training on the CPU with the CPU defaults. Update the NVIDIA driver or install "
+                   "a torch build for your CUDA version")
 
 
 def ensure_demo_dataset() -> Path:
@@ -211,7 +227,8 @@ def build_trainer(config: RunConfig, interrupt: Interrupt, has_val: bool, val_ba
         limits["limit_val_batches"] = 0
     history, tests = EpochHistory(), TestCollector()
     callbacks = [*([checkpoint, last] if has_val else [last]), history, tests, interrupt,
-                 FreezeThenUnfreeze(optim.unfreeze_at_epoch, optim.unfreeze_blocks, optim.freeze_bn)]
+                 FreezeThenUnfreeze(optim.unfreeze_at_epoch, optim.unfreeze_blocks, optim.freeze_bn,
+                                    restart_lr=optim.lr_finetune if optim.scheduler == "plateau" else None)]
     if val_baseline_km is not None:
         callbacks.append(ConstantBaseline(val_baseline_km))
     if optim.unfreeze_at_epoch is not None:  # a backbone that never trains has no learning rate to show
@@ -223,23 +240,47 @@ def build_trainer(config: RunConfig, interrupt: Interrupt, has_val: bool, val_ba
         callbacks.append(EMAWeightAveraging(decay=trainer_config.ema))
     interval = trainer_config.val_check_interval
     interval = int(interval) if interval > 1 else interval
-    trainer = pl.Trainer(
-        max_epochs=trainer_config.epochs, accelerator=trainer_config.accelerator, devices=trainer_config.devices,
-        precision=trainer_config.precision, strategy=trainer_config.strategy, num_nodes=trainer_config.num_nodes,
-        logger=logger, callbacks=[*callbacks, *quiet_callbacks()], plugins=[AtomicCheckpointIO()],
-        reload_dataloaders_every_n_epochs=1, accumulate_grad_batches=trainer_config.accumulate_grad_batches,
-        gradient_clip_val=trainer_config.gradient_clip_val, val_check_interval=interval, log_every_n_steps=1,
-        deterministic=trainer_config.deterministic, **limits,
-        # BatchNorm statistics over all processes' batches, so the ranks' running statistics stay equal
-        # (GPU only: SyncBatchNorm has no CPU implementation)
-        sync_batchnorm=(config.gpu and optim.unfreeze_at_epoch == 0 and not optim.freeze_bn
-                        and trainer_config.strategy.startswith("ddp")),
-    )
+
+    def trainer_with(sync_batchnorm: bool) -> pl.Trainer:
+        return pl.Trainer(
+            max_epochs=trainer_config.epochs, accelerator=trainer_config.accelerator, devices=trainer_config.devices,
+            precision=trainer_config.precision, strategy=ddp_strategy(trainer_config.strategy),
+            num_nodes=trainer_config.num_nodes, logger=logger, callbacks=[*callbacks, *quiet_callbacks()],
+            plugins=[AtomicCheckpointIO()], reload_dataloaders_every_n_epochs=loader_reload_epochs(config),
+            accumulate_grad_batches=trainer_config.accumulate_grad_batches,
+            gradient_clip_val=trainer_config.gradient_clip_val, val_check_interval=interval, log_every_n_steps=1,
+            deterministic=trainer_config.deterministic, sync_batchnorm=sync_batchnorm, **limits)
+
+    trainer = trainer_with(sync_batchnorm=False)
     if trainer.world_size > 1 and optim.unfreeze_at_epoch not in (None, 0):
         # DDP synchronises only the parameters trainable when it wraps the model (Lightning issue #20340)
         raise UserError(f"--unfreeze-at-epoch {optim.unfreeze_at_epoch}: with several processes the backbone "
                         "must train from the start (--unfreeze-at-epoch 0) or stay frozen (-1)")
+    if trainer.world_size > 1 and config.gpu and optim.unfreeze_at_epoch == 0 and not optim.freeze_bn:
+        # BatchNorm statistics over all processes' batches, so the ranks' running statistics stay equal
+        # (any multi-process strategy; GPU only: SyncBatchNorm has no CPU implementation)
+        trainer = trainer_with(sync_batchnorm=True)
     return RunParts(trainer, logger, checkpoint, last, history, tests)
+
+
+def loader_reload_epochs(config: RunConfig) -> int:
+    """Lightning's reload_dataloaders_every_n_epochs: the loaders are rebuilt only where they switch from
+    cached features to images (the unfreeze epoch, within the run), so persistent workers persist."""
+    unfreeze = config.optim.unfreeze_at_epoch
+    switches = config.loader.cache_dir is not None or config.loader.augment == "finetune"
+    return unfreeze if switches and unfreeze is not None and 0 < unfreeze < config.trainer.epochs else 0
+
+
+def ddp_strategy(strategy: str):
+    """`--strategy ddp` as a DDPStrategy whose process group waits DDP_TIMEOUT_MIN (a long rank-0 cache fill
+    must not time the other ranks out); any other strategy as given."""
+    if strategy != "ddp":
+        return strategy
+    from datetime import timedelta  # noqa: PLC0415
+
+    from pytorch_lightning.strategies import DDPStrategy  # noqa: PLC0415
+
+    return DDPStrategy(timeout=timedelta(minutes=DDP_TIMEOUT_MIN))
 
 
 def log_run_hparams(parts: RunParts, model: GeoModel, config: RunConfig, n_classes: int) -> None:
@@ -277,6 +318,8 @@ def fit(config: RunConfig, interrupt: Interrupt, version: str | None = None, rep
     classes = build_class_table(enriched, config.data, config.model)
     model = GeoModel(config.model, config.optim, classes, pretrained=config.model.backbone_weights == "imagenet")
     datamodule = GeoDataModule(locations, config.loader, config.data)
+    # the cache is filled by rank 0 of each node (local disks) or by global rank 0 only (a shared file system)
+    datamodule.prepare_data_per_node = config.trainer.cache_scope == "node"
     val, test = datamodule.split("val"), datamodule.split("test")
     val_baseline = geo.haversine_km(classes.prior_lat, classes.prior_lng, val["latitude"].to_numpy(),
                                     val["longitude"].to_numpy())
@@ -305,7 +348,6 @@ def report_run(config: RunConfig, parts: RunParts, datamodule: GeoDataModule, cl
     test = datamodule.split("test")
     has_test = len(test) > 0
     test_km, test_xy = (parts.tests.km, parts.tests.xy) if has_test else (np.empty(0), np.empty((0, 2)))
-    test_xy = np.column_stack(geo.snap_to_land(test_xy[:, 0], test_xy[:, 1]))  # as test_km scores them
     baseline_km = geo.haversine_km(classes.prior_lat, classes.prior_lng, test["latitude"].to_numpy(),
                                    test["longitude"].to_numpy())
     score = parts.checkpoint.best_model_score
