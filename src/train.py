@@ -162,8 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_config(args: argparse.Namespace) -> RunConfig:
-    """The typed configs of a run from the flags, with the situation-dependent defaults filled in."""
+def run_config(args: argparse.Namespace, first_epoch: int = 0) -> RunConfig:
+    """The typed configs of a run from the flags, with the situation-dependent defaults filled in
+    (`first_epoch`: the epoch a resumed run starts at)."""
     import torch  # noqa: PLC0415 (not for --help)
 
     from src.data.enrich import data_config_from_args  # noqa: PLC0415
@@ -177,6 +178,9 @@ def run_config(args: argparse.Namespace) -> RunConfig:
     if demo:
         args.dataset_dirs = [ensure_demo_dataset()]
     data = data_config_from_args(args)  # a wrong --dataset-dirs or --locations fails here, before the slow start-up
+    if args.strategy.startswith(("ddp_spawn", "ddp_notebook", "ddp_fork")):
+        raise UserError(f"--strategy {args.strategy}: not supported: the test results are gathered in the processes "
+                        "that train, which these strategies discard; use --strategy ddp")
     if args.precision in UNSUPPORTED_PRECISIONS:
         raise UserError(f"--precision {args.precision}: not supported: {UNSUPPORTED_PRECISIONS[args.precision]}; use "
                         f"{args.precision.split('-')[0]}-mixed (the same speed-up, float32 master weights)")
@@ -217,7 +221,7 @@ def run_config(args: argparse.Namespace) -> RunConfig:
                           batch_size=args.batch_size, num_workers=num_workers, augment=args.augment,
                           mirror_p=args.mirror_p, unfreeze_at_epoch=choices.unfreeze_at_epoch,
                           cache_dir=str(args.cache_dir) if args.cache_features else None,
-                          backbone=choices.backbone, engine=args.engine)
+                          backbone=choices.backbone, engine=args.engine, first_epoch=first_epoch)
     trainer = TrainerConfig(
         epochs=choices.epochs, out_dir=args.out_dir, run_name=args.run_name, accelerator=args.accelerator,
         devices=args.devices, num_nodes=args.num_nodes, strategy=args.strategy, precision=precision,
@@ -248,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             # the --resume file is read before anything else is printed
             saved = read_checkpoint(args.resume, "--resume", training_state=True) if args.resume else None
-            config = run_config(args)
+            config = run_config(args, first_epoch=int(saved["epoch"]) + 1 if saved is not None else 0)
             epochs = config.trainer.epochs
             say_fine_tuning(config)
             if saved is not None:

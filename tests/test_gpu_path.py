@@ -132,3 +132,24 @@ def test_the_gpu_check_says_there_is_no_cuda_and_exits_0():
                             timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1].startswith("no CUDA GPU here: nothing checked")
+
+
+def test_a_run_resumed_past_the_unfreeze_epoch_does_not_fill_the_cache(demo_dir, tmp_path):
+    common = ["--approach", "classification", "--dataset-dirs", str(demo_dir), "--backbone", "tiny", "--no-pretrained",
+              "--image-size", "32", "--num-workers", "0", "--unfreeze-at-epoch", "1", "--augment", "none",
+              "--out-dir", str(tmp_path / "reports"), "--run-name", "run"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        train_main([*common, "--epochs", "2", "--cache-dir", str(tmp_path / "first")])
+    assert list((tmp_path / "first").rglob("*.pt"))  # epoch 0 trained on cached features
+    last = tmp_path / "reports" / "run" / "version_0" / "checkpoints" / "last.ckpt"
+    with contextlib.redirect_stdout(io.StringIO()):
+        train_main([*common, "--epochs", "3", "--cache-dir", str(tmp_path / "second"), "--resume", str(last)])
+    assert torch.load(last, map_location="cpu", weights_only=False)["epoch"] == 2
+    assert not list((tmp_path / "second").rglob("*.pt"))  # epochs 2 on train images: nothing cached
+
+
+def test_spawning_strategies_are_refused_in_one_line(demo_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run_cli(train_main, ["--approach", "classification", "--dataset-dirs", str(demo_dir), "--strategy", "ddp_spawn",
+                             "--out-dir", str(tmp_path)])
+    assert capsys.readouterr().err.strip().startswith("error: --strategy ddp_spawn: not supported")

@@ -93,7 +93,8 @@ class GeoDataModule(pl.LightningDataModule):
         return self.locations[self.locations["split"] == name].reset_index(drop=True)
 
     def _epoch(self) -> int:
-        return self.trainer.current_epoch if self.trainer is not None else 0
+        # prepare_data runs before a resumed run's loop state is restored: its first epoch is known from the config
+        return max(self.trainer.current_epoch if self.trainer is not None else 0, self.loader.first_epoch)
 
     def frozen_epoch(self) -> bool:
         """Whether the backbone is frozen in the current epoch."""
