@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 
 from src import download
+from src.collect import streetview
 from src.data.images import check_image
 from src.data.ingest import read_datasets
 from src.data.sampling import sample_points
@@ -86,11 +87,11 @@ def test_full_run_accounts_for_every_point(full_run):
                      20: "duplicate_panorama", 21: "duplicate_panorama", 22: "duplicate_panorama"})
     assert dict(enumerate(report["outcome"])) == expected
     data = pd.read_csv(out / "data.csv")
-    assert list(data.columns) == download.DATA_COLUMNS
+    assert list(data.columns) == streetview.DATA_COLUMNS
     downloaded = [i for i, outcome in expected.items() if outcome == "downloaded"]
     positions = {pano: (lat, lng) for pano, lat, lng in panoramas}
     assert data["pano_id"].tolist() == [f"pano{i}" if i < 18 else "pano19" for i in downloaded]
-    assert data["uuid"].tolist() == [str(__import__("uuid").uuid5(download.UUID_NAMESPACE, p)) for p in data["pano_id"]]
+    assert data["uuid"].tolist() == [str(__import__("uuid").uuid5(streetview.UUID_NAMESPACE, p)) for p in data["pano_id"]]
     pano_lat, pano_lng = zip(*(positions[p] for p in data["pano_id"]))
     assert np.allclose(data["latitude"], pano_lat) and np.allclose(data["longitude"], pano_lng)
     assert np.allclose(data["sample_latitude"], points["latitude"][downloaded])
@@ -135,8 +136,8 @@ def test_key_and_secret_never_leave_the_process(full_run):
 
 
 def test_signature_matches_googles_recipe():
-    settings = download.Settings(api_url="https://maps.googleapis.com/maps/api/streetview", key=KEY, secret=SECRET)
-    client = download.StreetViewClient(None, settings, download.Counters())
+    settings = streetview.Settings(api_url="https://maps.googleapis.com/maps/api/streetview", key=KEY, secret=SECRET)
+    client = streetview.StreetViewClient(None, settings, streetview.Counters())
     url = str(client.url("/metadata", {"location": "45.1,15.2", "radius": "50"}))
     signed, signature = url.split("&signature=")
     path_and_query = signed.removeprefix("https://maps.googleapis.com")
@@ -182,7 +183,7 @@ def test_sigint_then_rerun_resumes_without_refetching(tmp_path):
     out = tmp_path / "out"
     with running(emulator) as url:
         args = ["--points", points_csv, "--out", out, "--api-url", url, "--qps", 0, "--concurrency", 2]
-        env = {**os.environ, download.KEY_ENV: KEY}
+        env = {**os.environ, streetview.KEY_ENV: KEY}
         process = subprocess.Popen([sys.executable, "-m", "src.download", *map(str, args)], cwd=ROOT, env=env,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 60
@@ -199,16 +200,16 @@ def test_sigint_then_rerun_resumes_without_refetching(tmp_path):
         partial = pd.read_csv(out / "data.csv") if (out / "data.csv").exists() else pd.DataFrame(columns=["uuid"])
         assert 0 < len(on_disk) < 76 and set(partial["uuid"]) <= {uuid for uuid, _ in on_disk}
         emulator.latency = lambda request: 0.005
-        os.environ[download.KEY_ENV] = KEY
+        os.environ[streetview.KEY_ENV] = KEY
         try:
             run_download(*args)
         finally:
-            del os.environ[download.KEY_ENV]
+            del os.environ[streetview.KEY_ENV]
     data = pd.read_csv(out / "data.csv")
     assert sorted(data["pano_id"]) == sorted(f"pano{i}" for i in [*range(18), 19])
     assert data["uuid"].is_unique
     assert emulator.stats.requests["metadata", "ok"] == 24  # no point looked up twice
-    by_uuid = {download.location_uuid(pano): pano for pano in data["pano_id"]}
+    by_uuid = {streetview.location_uuid(pano): pano for pano in data["pano_id"]}
     assert all(emulator.stats.served[by_uuid[uuid], view] == 1 for uuid, view in on_disk)
     assert set(emulator.stats.served.values()) == {1}  # the requests in flight at the signal were finished
 
@@ -340,7 +341,7 @@ def test_sigterm_cancels_the_requests_that_outlast_the_grace(tmp_path):
     with running(emulator) as url:
         args = ["--points", points_csv, "--out", out, "--api-url", url, "--qps", 0, "--concurrency", 4, "--no-progress"]
         process = subprocess.Popen([sys.executable, "-m", "src.download", *map(str, args)], cwd=ROOT,
-                                   env={**os.environ, download.KEY_ENV: KEY}, stdout=subprocess.PIPE,
+                                   env={**os.environ, streetview.KEY_ENV: KEY}, stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 60
         while not (emulator.stats.requests["metadata", "ok"] == 24 and emulator.stats.in_flight == 4) \
@@ -349,7 +350,7 @@ def test_sigterm_cancels_the_requests_that_outlast_the_grace(tmp_path):
         process.send_signal(signal.SIGTERM)
         sent = time.monotonic()
         _, stderr = process.communicate(timeout=30)
-        assert download.STOP_GRACE_S <= time.monotonic() - sent < download.STOP_GRACE_S + 3
+        assert streetview.STOP_GRACE_S <= time.monotonic() - sent < streetview.STOP_GRACE_S + 3
     assert process.returncode == 143 and "interrupted (SIGTERM): rerun the same command" in stderr, stderr
     assert "Traceback" not in stderr and not list(out.rglob("*.tmp*")) and not list(out.rglob("*.jpg"))
     report = pd.read_csv(out / "points_report.csv")

@@ -71,11 +71,11 @@ class CoordinateRows:
             raise UserError(f"{self.path}: {len(listing)} bad {what} row(s), first {listing[0]}; {fix}")
         return self.table
 
-    def skip_bad(self, what: str) -> pd.DataFrame:
-        """The usable rows; the others are counted and listed in a warning on stderr."""
+    def skip_bad(self, what: str, use: str = "used") -> pd.DataFrame:
+        """The usable rows; the others are counted and listed in a warning on stderr (rows that cannot be `use`d)."""
         if self.bad.any():
             listing = self.listing()
-            print(f"warning: {self.path}: skipped {len(listing)} {what} row(s) that cannot be used:", file=sys.stderr)
+            print(f"warning: {self.path}: skipped {len(listing)} {what} row(s) that cannot be {use}:", file=sys.stderr)
             print("\n".join(f"  {line}" for line in listing), file=sys.stderr)
         return self.table[~self.bad].reset_index(drop=True)
 

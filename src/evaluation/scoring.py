@@ -64,7 +64,7 @@ def read_locations(path: str | Path, what: str, strict: bool = True) -> pd.DataF
     """
     fix = "every row needs a unique uuid and latitude/longitude in degrees (header uuid,latitude,longitude)"
     rows = read_coordinates(path, what, fix, keep_other_columns=True)
-    frame = rows.require_valid(what, fix) if strict else rows.skip_bad(what)
+    frame = rows.require_valid(what, fix) if strict else rows.skip_bad(what, "scored")
     if frame.empty:
         raise UserError(f"{path}: no usable {what} row left")
     return frame.drop(columns="line")
