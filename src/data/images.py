@@ -56,8 +56,9 @@ def _check(handle: BinaryIO, size: int, full_decode: bool, max_pixels: int | Non
         return "empty file"
     try:
         kind, width, height = image_header(handle)
-    except Image.DecompressionBombError:
-        return f"{TOO_MANY_PIXELS} (over PIL's limit of {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels)"
+    except Image.DecompressionBombError:  # PIL's own limit, far over any sensible cap
+        cap = min(2 * Image.MAX_IMAGE_PIXELS, max_pixels or 2 * Image.MAX_IMAGE_PIXELS)
+        return f"{TOO_MANY_PIXELS} (over {cap / 1e6:g} megapixels)"
     except Exception:  # PIL raises many types for unknown formats and corrupt headers
         return NOT_AN_IMAGE
     if max_pixels is not None and width * height > max_pixels:
