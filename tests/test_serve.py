@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -44,13 +45,17 @@ class Server:
             self.process.kill()
             raise AssertionError(f"server did not start: {line!r} {self.process.stderr.read()[-3000:]}")
         self.url = line.split()[2]
+        self.stderr: list[str] = []  # drained as it comes, so a chatty server never blocks on a full pipe
+        self.drain = threading.Thread(target=lambda: self.stderr.extend(self.process.stderr), daemon=True)
+        self.drain.start()
 
     def stop(self, sig=signal.SIGTERM, timeout: float = 10) -> tuple[int, float, str]:
         """Send `sig`; (exit code, seconds to exit, stderr)."""
         start = time.monotonic()
         self.process.send_signal(sig)
         code = self.process.wait(timeout)
-        return code, time.monotonic() - start, self.process.stderr.read()
+        self.drain.join(timeout)
+        return code, time.monotonic() - start, "".join(self.stderr)
 
 
 def run(coroutine):
@@ -506,6 +511,65 @@ def test_micro_batched_load(server, demo_dir):
           f"largest {after['largest_batch']})")
 
 
+def test_normal_requests_stay_fast_beside_bombs_large_views_and_slow_clients(server, demo_dir):
+    """2 clients send normal four-view requests one after another: 3 s alone, then 8 s beside a client sending
+    10 bombs a second (413), a client sending 16-megapixel views one after another (decoded in the large-view
+    lane) and 10 clients trickling headers. The normal requests' p99 stays under 200 ms."""
+    folders = sorted((demo_dir / "data").iterdir())[:2]
+    files = [{str(v): (f / f"{v}.jpg").read_bytes() for v in VIEWS} for f in folders]
+    bomb, large = png(12000, 12000), png(4000, 4000, "RGB")
+    host, port = server.url.split("//")[1].rstrip("/").split(":")
+
+    async def load(duration: float, hostile_too: bool):
+        latencies, others = [], {"bomb": [], "large": []}
+        deadline = time.monotonic() + duration
+
+        async def normal(session, i):
+            while time.monotonic() < deadline:
+                start = time.perf_counter()
+                async with session.post(server.url + "/api/predict", data=views_form(files=files[i])) as response:
+                    assert response.status == 200, await response.text()
+                    await response.read()
+                latencies.append(time.perf_counter() - start)
+
+        async def hostile(session, kind, data, pause_s):  # the last large request may still decode at the end
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(deadline - time.monotonic() + 2):
+                    while time.monotonic() < deadline:
+                        async with session.post(server.url + "/api/predict",
+                                                data=views_form(files={"0": data})) as response:
+                            others[kind].append(response.status)
+                            await response.read()
+                        await asyncio.sleep(pause_s)
+
+        async def slow():
+            reader, writer = await asyncio.open_connection(host, int(port))
+            for byte in b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 100:
+                if time.monotonic() > deadline:
+                    break
+                writer.write(bytes([byte]))
+                await asyncio.sleep(0.5)
+            writer.close()
+
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+            clients = [normal(session, 0), normal(session, 1)]
+            if hostile_too:
+                clients += [hostile(session, "bomb", bomb, 0.1), hostile(session, "large", large, 0),
+                            *(slow() for _ in range(10))]
+            await asyncio.gather(*clients)
+        return np.array(latencies) * 1000, others
+
+    alone, _ = run(load(3.0, False))
+    mixed, others = run(load(8.0, True))
+    for name, latencies in (("alone", alone), ("mixed", mixed)):
+        p50, p99 = np.percentile(latencies, [50, 99])
+        print(f"\n{name}: {len(latencies)} normal requests, p50 {p50:.1f} ms, p99 {p99:.1f} ms, max {latencies.max():.1f} ms",
+              end="")
+    print(f"; beside {len(others['bomb'])} bombs, {len(others['large'])} requests of 16 megapixels, 10 slow clients")
+    assert set(others["bomb"]) == {413} and set(others["large"]) <= {200, 503}
+    assert len(mixed) > 50 and np.percentile(mixed, 99) < 200
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signals_stop_the_server_gracefully(tiny_checkpoints, demo_dir, sig):
     """An in-flight request (held in the batcher for 1.5 s) is answered; then the process exits 0 within seconds."""
@@ -527,7 +591,8 @@ def test_signals_stop_the_server_gracefully(tiny_checkpoints, demo_dir, sig):
     assert status == 200 and "latitude" in answer
     code = server.process.wait(10)
     assert code == 0 and time.monotonic() - start < 8
-    assert "shutting down" in server.process.stderr.read()
+    server.drain.join(10)
+    assert "shutting down" in "".join(server.stderr)
     with pytest.raises(aiohttp.ClientConnectionError):
         run(call(server.url))
 
@@ -538,12 +603,35 @@ def test_serve_cli_errors_are_one_line(tmp_path, capsys):
                            (["--max-upload-mb", "0"], "--max-upload-mb 0"), (["--top", "-1"], "--top -1"),
                            (["--device", "cuda"], "--device cuda"), (["--engine", "tensorrt"], "--engine"),
                            (["--reports-dir", tmp_path, "--port", "0"], "no best checkpoint"),
-                           (["--host", "no-such-host.invalid"], "--host no-such-host.invalid")]:
+                           (["--host", "no-such-host.invalid"], "--host no-such-host.invalid"),
+                           (["--host", "0.0.0.0"], "--host 0.0.0.0 makes the server reachable from other machines"),
+                           (["--token", "abc", "--no-auth"], "--token"), (["--token", " "], "--token"),
+                           (["--max-megapixels", "0"], "--max-megapixels 0"),
+                           (["--header-timeout", "0"], "--header-timeout 0"),
+                           (["--body-timeout", "-1"], "--body-timeout -1")]:
         with pytest.raises(SystemExit) as exit_:
             run_cli(serve_main, [str(a) for a in args])
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and "Traceback" not in err, err
         assert len(err.strip().splitlines()) == 1 and err.startswith("error: ") and fragment in err, err
+
+
+def test_beyond_loopback_without_auth_is_refused_and_with_no_auth_warned(capsys):
+    with pytest.raises(SystemExit):  # stops at the --device check, before listening anywhere
+        run_cli(serve_main, ["--host", "0.0.0.0", "--no-auth", "--device", "cuda"])
+    err = capsys.readouterr().err
+    assert "warning: --host 0.0.0.0: other machines can reach this server, WITHOUT authentication" in err
+    with pytest.raises(SystemExit):
+        run_cli(serve_main, ["--host", "0.0.0.0", "--token", TOKEN, "--device", "cuda"])
+    err = capsys.readouterr().err
+    assert "with the token on /api/*" in err and TOKEN not in err
+
+
+def test_serve_help_imports_no_heavy_library():
+    code = ("import sys; from src.serve import build_parser; build_parser().format_help(); "
+            "print([m for m in ('torch', 'pytorch_lightning', 'geopandas', 'onnxruntime') if m in sys.modules])")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr
 
 
 def test_serve_help_lists_every_flag_with_its_default():

@@ -33,12 +33,16 @@ import hmac
 import io
 import ipaddress
 import logging
+import multiprocessing
+import os
 import signal
 import socket
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+import warnings
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -49,12 +53,13 @@ import pandas as pd
 import torch
 from aiohttp import http_exceptions, web
 from aiohttp.web_protocol import RequestHandler
+from PIL import Image
 
 from src.core import geo
 from src.data.datamodule import eval_transform, input_spec
 from src.core.errors import UserError, brief
 from src.inference.engine import engine_model, infer
-from src.data.images import TOO_MANY_PIXELS, VIEWS, check_image, image_header, load_image
+from src.data.images import TOO_MANY_PIXELS, VIEWS, check_image, decode_checked, image_header
 from src.inference.checkpoints import load_model
 from src.inference.predictor import substitute_sources
 
@@ -66,6 +71,8 @@ SERVER_NAME = "src.serve"  # the Server header: no library or Python version
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 LARGE_REQUEST_PIXELS = 4_000_000  # four 640x640 Street View views are 1.6 M: larger requests decode in their own lane
 LARGE_QUEUE = 4  # large requests waiting or decoding at once; more get 503
+LARGE_NICENESS = 10  # the large-view worker's priority (0 normal, 19 lowest): about a tenth of a normal one's CPU
+LARGE_TASKS_PER_WORKER = 32  # views a large-view worker decodes before a fresh one replaces it
 LINGERING_S = 2.0  # how long an unread request body is drained after the answer before the connection closes
 CONTENT_SECURITY_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
                            "img-src 'self' data: blob:; connect-src 'self' data:; base-uri 'none'; "
@@ -477,21 +484,14 @@ def check_views(views: dict[int, bytes], max_pixels: int) -> int:
     return pixels
 
 
-def decode_view(name: str, data: bytes, spec: tuple, max_pixels: int) -> torch.Tensor:
-    """One uploaded view -> normalised [3, S, S], after a strict full check; ValueError naming the field."""
-    reason = check_image(data, full_decode=True, max_pixels=max_pixels)
-    if reason is not None:
-        raise ValueError(f"field {name}: {reason}")
-    try:
-        return eval_transform(*spec)(load_image(io.BytesIO(data), spec[0]))
-    except Exception:  # corrupt data past what the check reads
-        raise ValueError(f"field {name}: corrupt image (it does not decode)") from None
-
-
-def decode_views(views: dict[int, bytes], spec: tuple, max_pixels: int = 16_000_000
-                 ) -> tuple[torch.Tensor, list[dict]]:
-    """The quadruplet [4, 3, S, S] with missing views substituted as src.predict does, and what was substituted."""
-    tensors = {i: decode_view(str(VIEWS[i]), data, spec, max_pixels) for i, data in views.items()}
+def views_tensor(images: dict, spec: tuple) -> tuple[torch.Tensor, list[dict]]:
+    """The quadruplet [4, 3, S, S] from decoded views {slot: image, or the reason it is unusable} (missing views
+    substituted as src.predict does) and what was substituted; ValueError naming the field of an unusable view."""
+    for i, image in images.items():
+        if isinstance(image, str):
+            raise ValueError(f"field {VIEWS[i]}: {image}")
+    transform = eval_transform(*spec)
+    tensors = {i: transform(image) for i, image in images.items()}
     reasons = [None if i in tensors else "missing" for i in range(4)]
     source = substitute_sources(reasons)
     substituted = [{"view": VIEWS[i], "reason": reasons[i], "used": VIEWS[j]}
@@ -499,22 +499,56 @@ def decode_views(views: dict[int, bytes], spec: tuple, max_pixels: int = 16_000_
     return torch.stack([tensors[j] for j in source]), substituted
 
 
+def decode_views(views: dict[int, bytes], spec: tuple, max_pixels: int = 16_000_000
+                 ) -> tuple[torch.Tensor, list[dict]]:
+    """decode_checked for each view, then views_tensor (the normal lane runs this in a thread)."""
+    return views_tensor({i: decode_checked(data, spec[0], max_pixels) for i, data in views.items()}, spec)
+
+
+def large_lane_pool() -> ProcessPoolExecutor:
+    """One low-priority worker process: its decodes take mostly the CPU that normal requests leave, hold no lock
+    the server needs (a thread would share the GIL, and a low-priority thread holding it stalls everyone), and
+    their memory goes back to the system with the worker, replaced every LARGE_TASKS_PER_WORKER views."""
+    return ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=os.nice,
+                               initargs=(LARGE_NICENESS,), max_tasks_per_child=LARGE_TASKS_PER_WORKER)
+
+
+@dataclass
+class LargeLane:
+    """The large-view lane: its worker pool and how many requests it has admitted."""
+
+    pool: ProcessPoolExecutor = field(default_factory=large_lane_pool)
+    admitted: int = 0
+
+
 async def decode_in_pool(app: web.Application, views: dict[int, bytes], spec: tuple, pixels: int):
-    """decode_views in a bounded thread pool: requests over LARGE_REQUEST_PIXELS in a one-thread lane of their
-    own with at most LARGE_QUEUE admitted (more get 503), the rest in the normal lane."""
-    large = pixels > LARGE_REQUEST_PIXELS
-    if large and app["large_requests"] >= LARGE_QUEUE:
-        raise RequestError(503, "busy decoding other large uploads: retry in a few seconds, or send smaller views "
-                                "(Street View's are 640x640)", {"Retry-After": "2"})
-    app["large_requests"] += large
+    """Decode the views off the event loop: requests over LARGE_REQUEST_PIXELS in the large-view lane (at most
+    LARGE_QUEUE requests admitted: more get 503), the rest in the normal lane's threads."""
+    max_pixels = app["limits"].max_pixels
     try:
-        pool = app["large_decoders"] if large else app["decoders"]
-        return await asyncio.get_running_loop().run_in_executor(pool, decode_views, views, spec,
-                                                                app["limits"].max_pixels)
+        if pixels <= LARGE_REQUEST_PIXELS:
+            return await asyncio.get_running_loop().run_in_executor(app["normal_lane"], decode_views, views, spec,
+                                                                    max_pixels)
+        return await decode_large(app["large_lane"], views, spec, max_pixels)
     except ValueError as error:
         raise RequestError(400, str(error)) from None
+
+
+async def decode_large(lane: LargeLane, views: dict[int, bytes], spec: tuple, max_pixels: int):
+    if lane.admitted >= LARGE_QUEUE:
+        raise RequestError(503, "busy decoding other large uploads: retry in a few seconds, or send smaller views "
+                                "(Street View's are 640x640)", {"Retry-After": "2"})
+    loop = asyncio.get_running_loop()
+    lane.admitted += 1
+    try:
+        images = await asyncio.gather(*(loop.run_in_executor(lane.pool, decode_checked, data, spec[0], max_pixels)
+                                        for data in views.values()))
+    except BrokenProcessPool:  # the worker died (killed for memory): a fresh one for the next request
+        lane.pool = large_lane_pool()
+        raise RequestError(503, "could not decode the large upload: retry, or send smaller views") from None
     finally:
-        app["large_requests"] -= large
+        lane.admitted -= 1
+    return views_tensor(dict(zip(views, images)), spec)
 
 
 def pick_model(request: web.Request) -> ServedModel:
@@ -620,9 +654,8 @@ def build_app(served: dict[str, ServedModel], max_batch: int = 32, batch_wait_ms
     app["started"] = time.monotonic()
     app["static_files"] = frozenset(path.name for path in WEB_DIR.iterdir() if path.is_file())
     inference = ThreadPoolExecutor(1, thread_name_prefix="inference")  # one batch at a time; ORT/torch use the cores
-    app["decoders"] = ThreadPoolExecutor(2, thread_name_prefix="decode")
-    app["large_decoders"] = ThreadPoolExecutor(1, thread_name_prefix="decode-large")
-    app["large_requests"] = 0
+    app["normal_lane"] = ThreadPoolExecutor(2, thread_name_prefix="decode")
+    app["large_lane"] = LargeLane()
 
     async def start_batchers(app: web.Application) -> None:
         for model in served.values():
@@ -632,7 +665,7 @@ def build_app(served: dict[str, ServedModel], max_batch: int = 32, batch_wait_ms
     async def stop_batchers(app: web.Application) -> None:
         for model in served.values():
             await model.batcher.stop()
-        for pool in (inference, app["decoders"], app["large_decoders"]):
+        for pool in (inference, app["normal_lane"], app["large_lane"].pool):
             pool.shutdown(wait=True)
 
     app.on_startup.append(start_batchers)
@@ -665,6 +698,8 @@ async def serve(app: web.Application, host: str, port: int, shutdown_timeout: fl
     """Listen until SIGINT/SIGTERM, then finish in-flight requests and clean up. A connection whose request
     headers are not all in within `header_timeout` seconds (aiohttp's keep-alive timer, which also runs
     before the first request) is closed; so is an idle keep-alive connection after that long."""
+    # the views' pixel cap is stricter than PIL's bomb limit, whose warning would be printed for every bomb
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     runner = Runner(app, handle_signals=False, shutdown_timeout=shutdown_timeout, access_log=None,
                     keepalive_timeout=header_timeout, lingering_time=LINGERING_S)
     await runner.setup()

@@ -111,3 +111,15 @@ def load_image(path: str | Path, image_size: int) -> Image.Image:
         if image.size != (image_size, image_size):
             image = image.resize((image_size, image_size), Image.Resampling.BILINEAR, reducing_gap=None)
         return image
+
+
+def decode_checked(data: bytes, image_size: int, max_pixels: int | None = None) -> Image.Image | str:
+    """An uploaded file decoded as load_image does, after the strict check (check_image with full_decode); the
+    reason instead when it is unusable. Imports nothing heavy, so a worker process can run it."""
+    reason = check_image(data, full_decode=True, max_pixels=max_pixels)
+    if reason is not None:
+        return reason
+    try:
+        return load_image(io.BytesIO(data), image_size)
+    except Exception:  # corrupt data past what the check reads
+        return "corrupt image (it does not decode)"
