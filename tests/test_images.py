@@ -105,3 +105,18 @@ def test_missing_and_unreadable_files(tmp_path):
     assert check_image(tmp_path / "nope.jpg") == "missing"
     (tmp_path / "dir.jpg").mkdir()
     assert check_image(tmp_path / "dir.jpg") == "not a readable image (IsADirectoryError)"
+
+
+def test_decode_checked_gives_load_images_pixels_or_the_reason(tmp_path):
+    from src.data.images import decode_checked, load_image
+
+    for kind in ("JPEG", "PNG", "WEBP"):
+        data = encode(photo(), kind)
+        (tmp_path / "0.jpg").write_bytes(data)
+        image = decode_checked(data, 32, max_pixels=16_000_000)
+        assert image.size == (32, 32) and image.mode == "RGB"
+        assert np.array_equal(np.asarray(image), np.asarray(load_image(tmp_path / "0.jpg", 32)))
+    assert decode_checked(encode(photo(), "PNG")[:-3000], 32).startswith("corrupt PNG")
+    assert decode_checked(zeroed_middle(encode(photo())), 32).startswith("corrupt JPEG")
+    assert decode_checked(encode(photo(), "GIF"), 32) == NOT_AN_IMAGE
+    assert decode_checked(with_size(encode(photo(96)), 12000, 12000), 32, 16_000_000).startswith(TOO_MANY_PIXELS)

@@ -189,6 +189,8 @@ BAD_REQUESTS = {
         encode(photo(96)), 12000, 12000)})}, 413, "field 0: too many pixels (12000x12000, over 16 megapixels)"),
     "decompression bomb": (lambda j: {"data": views_form(files={"0": png(15000, 15000)})}, 413,
                            "field 0: too many pixels"),
+    "truncated PNG": (lambda j: {"data": views_form(files={"270": encode(photo(), "PNG")[:-3000]})}, 400,
+                      "field 270: corrupt PNG"),
     "empty file": (lambda j: {"data": views_form(files={"180": b""})}, 400, "field 180: empty file"),
     "no views": (lambda j: {"data": aiohttp.FormData({"x": "1"}, default_to_multipart=True)}, 400, "unknown field 'x'"),
     "empty body": (lambda j: {"data": b"", "headers": {"Content-Type": "multipart/form-data; boundary=zz"}}, 400,

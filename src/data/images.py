@@ -114,12 +114,16 @@ def load_image(path: str | Path, image_size: int) -> Image.Image:
 
 
 def decode_checked(data: bytes, image_size: int, max_pixels: int | None = None) -> Image.Image | str:
-    """An uploaded file decoded as load_image does, after the strict check (check_image with full_decode); the
-    reason instead when it is unusable. Imports nothing heavy, so a worker process can run it."""
-    reason = check_image(data, full_decode=True, max_pixels=max_pixels)
+    """An uploaded file decoded as load_image does, after the header check and, for a JPEG, the strict decode
+    (check_image's full_decode); the reason instead when it is unusable. A PNG or WebP is decoded once: PIL's own
+    decoder refuses truncated or damaged data. Imports nothing heavy, so a worker process can run it."""
+    reason = check_image(data, max_pixels=max_pixels)
     if reason is not None:
+        return reason
+    kind = image_header(io.BytesIO(data))[0]
+    if kind == "JPEG" and (reason := decode_problem(data, kind)) is not None:
         return reason
     try:
         return load_image(io.BytesIO(data), image_size)
-    except Exception:  # corrupt data past what the check reads
-        return "corrupt image (it does not decode)"
+    except Exception:  # truncated data, bad checksums
+        return f"corrupt {kind} (its compressed data is damaged or cut short)"
