@@ -107,6 +107,7 @@ def test_missing_and_unreadable_files(tmp_path):
     assert check_image(tmp_path / "dir.jpg") == "not a readable image (IsADirectoryError)"
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_decode_checked_gives_load_images_pixels_or_the_reason(tmp_path):
     from src.data.images import decode_checked, load_image
 
