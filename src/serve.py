@@ -20,15 +20,12 @@ server gracefully (in-flight requests finish, within --shutdown-timeout seconds)
 import argparse
 import asyncio
 import logging
+import sys
 from pathlib import Path
 
-import torch
-
 from src.core.errors import UserError, run_cli
-from src.inference.engine import ENGINES, resolve_engine
-from src.inference.predictor import check_device
-from src.app.server import build_app, check_address, demo_examples, load_models, serve
 
+# the library (torch, ONNX Runtime, geopandas) is imported in main(), after parsing: --help and flag errors are fast
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,16 +34,38 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", type=Path, nargs="+", action="extend",
                         help="checkpoint(s) to serve; the first is the default model, ?model=NAME picks another "
                              "(default: the newest *best*.ckpt under reports/)")
-    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: 127.0.0.1)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="interface to listen on; any other than loopback needs --token or --no-auth "
+                             "(default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8080, help="TCP port, 0 for any free one (default: 8080)")
+    parser.add_argument("--token", default=None,
+                        help="require this token on every /api/* request (header Authorization: Bearer TOKEN; "
+                             "the page: open /?token=TOKEN once); never printed or logged")
+    parser.add_argument("--no-auth", action="store_true",
+                        help="listen beyond loopback without a token (a trusted network only)")
+    parser.add_argument("--allowed-hosts", nargs="+", action="extend", metavar="NAME",
+                        help="Host names to answer besides the loopback ones and --host, e.g. the name a reverse "
+                             "proxy or the LAN uses (others get 400: DNS rebinding)")
+    parser.add_argument("--cors-origin", nargs="+", action="extend", metavar="ORIGIN",
+                        help="web page origins (https://example.org) allowed to POST to the API from a browser; "
+                             "other cross-origin POSTs get 403")
     parser.add_argument("--max-batch", type=int, default=32,
                         help="most locations run as one batch (default: 32)")
     parser.add_argument("--batch-wait-ms", type=float, default=5.0,
                         help="how long the first request of a batch waits for others (default: 5.0)")
     parser.add_argument("--max-upload-mb", type=float, default=20.0,
                         help="largest request body in MB; larger uploads get 413 (default: 20.0)")
+    parser.add_argument("--max-megapixels", type=float, default=16.0,
+                        help="largest view in megapixels, read from the image header before decoding; larger "
+                             "views get 413 (default: 16.0)")
+    parser.add_argument("--header-timeout", type=float, default=10.0,
+                        help="seconds a client has to send a request's headers (and an idle connection is kept) "
+                             "(default: 10.0)")
+    parser.add_argument("--body-timeout", type=float, default=60.0,
+                        help="seconds a client has to send an upload's body; slower uploads get 408 and are "
+                             "disconnected (default: 60.0)")
     parser.add_argument("--top", type=int, default=5, help="most likely cells in each answer (default: 5)")
-    parser.add_argument("--engine", choices=ENGINES, default="auto",
+    parser.add_argument("--engine", default="auto", metavar="{auto,torch,onnx}",
                         help="torch or ONNX Runtime; auto: onnx on the CPU, torch on a GPU (default: auto)")
     parser.add_argument("--threads", type=int, default=0,
                         help="ONNX Runtime intra-op threads, 0 for all CPU cores (default: 0)")
@@ -60,18 +79,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from src.inference.checkpoints import REPORTS_DIR, find_checkpoint
-
     args = build_parser().parse_args(argv)
     checks = [("port", 0 <= args.port <= 65535, "a TCP port from 0 to 65535"),
               ("max_batch", args.max_batch >= 1, "1 or more locations"),
               ("batch_wait_ms", 0 <= args.batch_wait_ms <= 1000, "0 to 1000 milliseconds"),
               ("max_upload_mb", 0 < args.max_upload_mb <= 1024, "a size in MB above 0, at most 1024"),
+              ("max_megapixels", 0 < args.max_megapixels <= 1000, "above 0, at most 1000 megapixels"),
+              ("header_timeout", args.header_timeout > 0, "more than 0 seconds"),
+              ("body_timeout", args.body_timeout > 0, "more than 0 seconds"),
               ("top", args.top >= 0, "0 or more cells"), ("threads", args.threads >= 0, "0 (all cores) or more"),
               ("shutdown_timeout", args.shutdown_timeout >= 0, "0 or more seconds")]
     for key, ok, expected in checks:
         if not ok:
             raise UserError(f"--{key.replace('_', '-')} {getattr(args, key)}: must be {expected}")
+    if args.token is not None and (not args.token.strip() or args.no_auth):
+        raise UserError("--token: must be a non-empty token, and not given with --no-auth")
+
+    import torch
+
+    from src.app.server import (Access, Limits, build_app, check_address, demo_examples, host_names, is_loopback,
+                                load_models, serve)
+    from src.inference.checkpoints import REPORTS_DIR, find_checkpoint
+    from src.inference.engine import resolve_engine
+    from src.inference.predictor import check_device
+
+    if is_loopback(args.host) is False:
+        if args.token is None and not args.no_auth:
+            raise UserError(f"--host {args.host} makes the server reachable from other machines: add --token TOKEN "
+                            "(clients send Authorization: Bearer TOKEN) or, on a trusted network, --no-auth")
+        print(f"warning: --host {args.host}: other machines can reach this server, "
+              f"{'with the token on /api/*' if args.token else 'WITHOUT authentication (--no-auth)'}; "
+              "put a reverse proxy with TLS in front of it beyond a trusted network", file=sys.stderr, flush=True)
     check_device(args.device)
     engine = resolve_engine(args.engine, args.device)
     if engine == "onnx":  # torch only normalises uploads here: its thread pool would fight ONNX Runtime's
@@ -80,8 +118,10 @@ def main(argv: list[str] | None = None) -> None:
     check_address(args.host, args.port)
     checkpoints = args.checkpoint or [find_checkpoint(args.reports_dir or REPORTS_DIR)]
     served = load_models(checkpoints, engine, args.device, args.threads or None, args.reports_dir or REPORTS_DIR)
-    app = build_app(served, args.max_batch, args.batch_wait_ms, args.max_upload_mb, args.top, demo_examples())
-    asyncio.run(serve(app, args.host, args.port, args.shutdown_timeout))
+    limits = Limits(args.max_upload_mb, int(args.max_megapixels * 1e6), args.body_timeout)
+    access = Access(args.token, host_names(args.host, args.allowed_hosts), frozenset(args.cors_origin or []))
+    app = build_app(served, args.max_batch, args.batch_wait_ms, args.top, demo_examples(), limits, access)
+    asyncio.run(serve(app, args.host, args.port, args.shutdown_timeout, args.header_timeout))
 
 
 if __name__ == "__main__":

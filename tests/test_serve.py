@@ -1,14 +1,18 @@
-"""The server: a real `python -m src.serve` process on 127.0.0.1 driven by an aiohttp client (every endpoint,
-every bad request, a bounded load test), graceful SIGINT/SIGTERM, and the web page in a real browser."""
+"""The server: a real `python -m src.serve` process on 127.0.0.1 driven by an aiohttp client and raw sockets
+(every endpoint, every bad or hostile request, slow clients, bounded load tests), graceful SIGINT/SIGTERM, and
+the web page in a real browser."""
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -16,6 +20,7 @@ import aiohttp
 import numpy as np
 import pytest
 import shapely
+from PIL import Image
 
 from src.core import geo
 from src.data.images import VIEWS
@@ -23,6 +28,7 @@ from src.core.errors import run_cli
 from src.predict import main as predict_main
 from src.serve import build_parser
 from src.serve import main as serve_main
+from tests.test_images import encode, photo, with_size, zeroed_middle
 
 REPO = Path(__file__).resolve().parent.parent
 FIGURES = REPO / "figures"
@@ -39,13 +45,17 @@ class Server:
             self.process.kill()
             raise AssertionError(f"server did not start: {line!r} {self.process.stderr.read()[-3000:]}")
         self.url = line.split()[2]
+        self.stderr: list[str] = []  # drained as it comes, so a chatty server never blocks on a full pipe
+        self.drain = threading.Thread(target=lambda: self.stderr.extend(self.process.stderr), daemon=True)
+        self.drain.start()
 
     def stop(self, sig=signal.SIGTERM, timeout: float = 10) -> tuple[int, float, str]:
         """Send `sig`; (exit code, seconds to exit, stderr)."""
         start = time.monotonic()
         self.process.send_signal(sig)
         code = self.process.wait(timeout)
-        return code, time.monotonic() - start, self.process.stderr.read()
+        self.drain.join(timeout)
+        return code, time.monotonic() - start, "".join(self.stderr)
 
 
 def run(coroutine):
@@ -69,11 +79,15 @@ async def call(url: str, method: str = "GET", path: str = "/api/health", **kwarg
             return response.status, kind, json.loads(body) if kind.endswith("json") else body
 
 
+ALLOWED_ORIGIN = "http://allowed.example"
+TOKEN = "t0ken-for-the-tests-only"
+
+
 @pytest.fixture(scope="module")
 def server(tiny_checkpoints):
     """One server with both tiny checkpoints (classification first: the default model), micro-batches of up to 8."""
     server = Server("--checkpoint", tiny_checkpoints["classification"], tiny_checkpoints["regression"],
-                    "--max-batch", 8, "--batch-wait-ms", 10, "--max-upload-mb", 1)
+                    "--max-batch", 8, "--batch-wait-ms", 10, "--max-upload-mb", 1, "--cors-origin", ALLOWED_ORIGIN)
     yield server
     if server.process.poll() is None:
         server.process.kill()
@@ -93,7 +107,9 @@ def test_page_health_models_border_examples(server, tiny_checkpoints):
     [cls, reg] = models["models"]
     assert cls["approach"] == "classification" and reg["approach"] == "regression"
     assert cls["backbone"] == "tiny" and cls["image_size"] == 32 and cls["engine"] == "onnx"
-    assert cls["classes"] > 10 and reg["classes"] == 0 and cls["checkpoint"] == str(tiny_checkpoints["classification"])
+    assert cls["classes"] > 10 and reg["classes"] == 0
+    # no absolute paths: checkpoints outside the reports folder are named by their file name
+    assert cls["checkpoint"] == tiny_checkpoints["classification"].name
     status, _, border = run(call(server.url, path="/api/border"))
     assert status == 200 and border["type"] == "FeatureCollection"
     status, _, examples = run(call(server.url, path="/api/examples"))
@@ -103,7 +119,8 @@ def test_page_health_models_border_examples(server, tiny_checkpoints):
     assert geo.load_border().contains(shapely.Point(example["longitude"], example["latitude"]))
 
 
-def test_predict_gives_src_predicts_coordinates_and_reports_substituted_views(server, demo_dir, tmp_path, capsys):
+def test_predict_gives_src_predicts_coordinates_and_reports_substituted_views(server, tiny_checkpoints, demo_dir,
+                                                                                tmp_path, capsys):
     folders = sorted((demo_dir / "data").iterdir())[:3]
     sent = {folders[0].name: VIEWS, folders[1].name: (0, 180, 270), folders[2].name: (180,)}
     # the same images as a test set for src.predict (missing views deleted there too)
@@ -113,7 +130,8 @@ def test_predict_gives_src_predicts_coordinates_and_reports_substituted_views(se
             (tmp_path / "images" / folder.name / f"{view}.jpg").unlink()
     _, _, models = run(call(server.url, path="/api/models"))
     [cls, _] = models["models"]
-    expected = predict_main(["--checkpoint", cls["checkpoint"], "--images", str(tmp_path), "--engine", "onnx"])
+    expected = predict_main(["--checkpoint", str(tiny_checkpoints["classification"]), "--images", str(tmp_path),
+                             "--engine", "onnx"])
     assert "replaced 4 missing" in capsys.readouterr().err
     for folder, row in zip(folders, expected.itertuples()):
         status, _, answer = run(call(server.url, "POST", "/api/predict", data=views_form(folder, sent[folder.name])))
@@ -150,31 +168,53 @@ def jpeg(demo_dir) -> bytes:
 
 
 BAD_REQUESTS = {
-    "not an image": (lambda j: {"data": views_form(files={"0": b"GIF? no, plain text"})}, 400, "field 0: not an image"),
+    "not an image": (lambda j: {"data": views_form(files={"0": b"GIF? no, plain text"})}, 400,
+                     "field 0: not a readable image (JPEG, PNG or WebP expected)"),
+    "EPS named .jpg": (lambda j: {"data": views_form(files={"0": EPS})}, 400, "field 0: not a readable image"),
+    "GIF named .jpg": (lambda j: {"data": views_form(files={"0": encode(photo(64), "GIF")})}, 400,
+                       "field 0: not a readable image"),
+    "TIFF named .jpg": (lambda j: {"data": views_form(files={"90": encode(photo(64), "TIFF")})}, 400,
+                        "field 90: not a readable image"),
+    "BMP named .jpg": (lambda j: {"data": views_form(files={"0": encode(photo(64), "BMP")})}, 400,
+                       "field 0: not a readable image"),
     "truncated JPEG": (lambda j: {"data": views_form(files={"90": j[:len(j) // 2]})}, 400, "field 90: truncated JPEG"),
-    "corrupt JPEG": (lambda j: {"data": views_form(files={"0": j[:200] + bytes(len(j) - 200)})}, 400, "field 0:"),
-    "decompression bomb": (lambda j: {"data": views_form(files={"0": png(15000, 15000)})}, 400,
-                           "field 0: image too large"),
+    "zeroed JPEG end": (lambda j: {"data": views_form(files={"0": j[:200] + bytes(len(j) - 200)})}, 400, "field 0:"),
+    "JPEG with a zeroed middle": (lambda j: {"data": views_form(files={"0": zeroed_middle(encode(photo()))})}, 400,
+                                  "field 0: corrupt JPEG"),
+    "JPEG cut short, end marker put back": (lambda j: {"data": views_form(files={"0": j[:len(j) // 2] + b"\xff\xd9"})},
+                                            400, "field 0: corrupt JPEG"),
+    "2000x2000 header over 96 px of data": (lambda j: {"data": views_form(files={"0": with_size(
+        encode(photo(96)), 2000, 2000)})}, 400, "field 0: corrupt JPEG"),
+    "12000x12000 header over 96 px of data": (lambda j: {"data": views_form(files={"0": with_size(
+        encode(photo(96)), 12000, 12000)})}, 413, "field 0: too many pixels (12000x12000, over 16 megapixels)"),
+    "decompression bomb": (lambda j: {"data": views_form(files={"0": png(15000, 15000)})}, 413,
+                           "field 0: too many pixels"),
+    "truncated PNG": (lambda j: {"data": views_form(files={"270": encode(photo(), "PNG")[:-3000]})}, 400,
+                      "field 270: corrupt PNG"),
     "empty file": (lambda j: {"data": views_form(files={"180": b""})}, 400, "field 180: empty file"),
     "no views": (lambda j: {"data": aiohttp.FormData({"x": "1"}, default_to_multipart=True)}, 400, "unknown field 'x'"),
     "empty body": (lambda j: {"data": b"", "headers": {"Content-Type": "multipart/form-data; boundary=zz"}}, 400,
                    "malformed multipart body"),
     "no fields": (lambda j: {"data": b"--zz--\r\n", "headers": {"Content-Type": "multipart/form-data; boundary=zz"}},
                   400, "no views"),
+    "nested multipart": (lambda j: {"data": NESTED, "headers": {"Content-Type": "multipart/form-data; boundary=zz"}},
+                         400, "nested multipart part"),
     "unknown field": (lambda j: {"data": views_form(files={"0": j, "45": j})}, 400, "unknown field '45'"),
     "field twice": (lambda j: {"data": twice(j)}, 400, "field 0 sent twice"),
     "not multipart": (lambda j: {"json": {"0": "abc"}}, 415, "send multipart/form-data"),
     "over --max-upload-mb": (lambda j: {"data": views_form(files={"0": j + bytes(1_200_000)})}, 413,
                              "over the limit of 1 MB"),
 }
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 640 640\nshowpage\n" + bytes(2000)
+NESTED = (b"--zz\r\nContent-Disposition: form-data; name=\"0\"\r\nContent-Type: multipart/mixed; boundary=yy\r\n\r\n"
+          b"--yy\r\nContent-Type: text/plain\r\n\r\nhello\r\n--yy--\r\n--zz--\r\n")
+LEAKS = ("Error", "aiohttp", "Python/", "Traceback", "/tmp/", "/work/", "Ghostscript", "PIL")
 
 
-def png(width: int, height: int) -> bytes:
-    """A black PNG: 15000x15000 is 650 kB on the wire, 225 M pixels decoded (over PIL's bomb limit)."""
-    from PIL import Image
-
+def png(width: int, height: int, mode: str = "1") -> bytes:
+    """A black PNG, tiny on the wire: 15000x15000 is 225 M pixels decoded (over PIL's own bomb limit)."""
     buffer = io.BytesIO()
-    Image.new("RGB", (width, height)).save(buffer, format="PNG")
+    Image.new(mode, (width, height)).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
@@ -191,6 +231,17 @@ def test_bad_uploads_get_a_4xx_json_error(server, demo_dir, case):
     status, kind, answer = run(call(server.url, "POST", "/api/predict", **make(jpeg(demo_dir))))
     assert status == expected_status and kind == "application/json", (status, answer)
     assert fragment in answer["error"], answer
+    assert not any(leak in answer["error"] for leak in LEAKS), answer
+
+
+@pytest.mark.parametrize("kind", ["PNG", "WEBP"])
+def test_png_and_webp_views_are_accepted(server, demo_dir, kind):
+    folder = sorted((demo_dir / "data").iterdir())[0]
+    from PIL import Image
+
+    files = {str(v): encode(Image.open(folder / f"{v}.jpg"), kind) for v in VIEWS}
+    status, _, answer = run(call(server.url, "POST", "/api/predict", data=views_form(files=files)))
+    assert status == 200 and "latitude" in answer, answer
 
 
 @pytest.mark.parametrize("method, path, status, fragment", [
@@ -201,10 +252,228 @@ def test_bad_uploads_get_a_4xx_json_error(server, demo_dir, case):
     ("GET", "/static/../src/serve.py", 404, ""),
     ("GET", "/static/nope.js", 404, "no such file: /static/nope.js"),
     ("GET", "/static/", 404, ""),
+    ("GET", "/static/app.js%00.png", 404, "no such file"),
+    ("GET", "/static/" + "a" * 5000, 404, "no such file"),
+    ("GET", "/static/%2e%2e/server.py", 404, ""),
+    ("GET", "/static/..%2fserver.py", 404, ""),
+    ("GET", "/api/models?model=%00", 200, None),
+    ("POST", "/api/predict?model=%00", 404, "unknown model"),
 ])
 def test_wrong_methods_and_paths_get_a_4xx_json_error(server, method, path, status, fragment):
     got, kind, answer = run(call(server.url, method, path))
-    assert got == status and kind == "application/json" and fragment in answer["error"], answer
+    assert got == status and kind == "application/json", (got, answer)
+    assert fragment is None or fragment in answer["error"], answer
+
+
+def raw(url: str, request: bytes, timeout: float = 10) -> tuple[int, dict, bytes]:
+    """Send `request` as is on a new connection; (status, headers, body) of the answer, read until the server
+    closes the connection."""
+    host, port = url.split("//")[1].rstrip("/").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(request)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {key.strip().lower(): value.strip() for key, value in (line.split(":", 1) for line in lines[1:])}
+    return int(lines[0].split()[1]), headers, body
+
+
+PARSER_PROBES = {
+    "request line over 8190 bytes": b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+    "header over 8190 bytes": b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Long: " + b"a" * 9000 + b"\r\n\r\n",
+    "invalid method": b"G(T / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+    "TLS hello on the HTTP port": b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(64),
+    "space in a header name": b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nBad Header: 1\r\n\r\n",
+    "Content-Length with Transfer-Encoding": b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5\r\n"
+                                             b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    "missing Host": b"GET /api/health HTTP/1.1\r\nConnection: close\r\n\r\n",
+    "foreign Host": b"GET /api/health HTTP/1.1\r\nHost: attacker.example\r\nConnection: close\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("case", list(PARSER_PROBES))
+def test_malformed_http_gets_a_json_error_without_versions(server, case):
+    status, headers, body = raw(server.url, PARSER_PROBES[case])
+    assert status == 400 and headers["content-type"].startswith("application/json"), (status, headers, body)
+    error = json.loads(body)["error"]
+    assert error and not any(leak in error for leak in LEAKS) and "aaaa" not in error, error
+    assert headers["server"] == "src.serve" and headers["x-content-type-options"] == "nosniff"
+
+
+def test_security_headers_and_no_versions(server):
+    async def heads():
+        async with aiohttp.ClientSession() as session:
+            answers = {}
+            for path in ("/", "/static/app.js", "/api/models", "/api/nothing"):
+                async with session.get(server.url + path) as response:
+                    answers[path] = response.headers
+            return answers
+
+    for path, headers in run(heads()).items():
+        assert headers["Server"] == "src.serve" and headers["X-Content-Type-Options"] == "nosniff", path
+        policy = headers["Content-Security-Policy"]
+        assert "script-src 'self';" in policy and "default-src 'none'" in policy and "unsafe-eval" not in policy
+        assert headers["Cache-Control"] == ("no-store" if path.startswith("/api/") else "no-cache"), path
+
+
+def test_host_names_and_cross_origin_posts(server, demo_dir):
+    folder = sorted((demo_dir / "data").iterdir())[0]
+    port = server.url.rsplit(":", 1)[1].rstrip("/")
+    status, _, answer = run(call(server.url, headers={"Host": "rebound.attacker.example"}))
+    assert status == 400 and "does not answer to the host name 'rebound.attacker.example'" in answer["error"]
+    assert run(call(server.url, headers={"Host": f"localhost:{port}"}))[0] == 200
+    status, _, answer = run(call(server.url, "POST", "/api/predict", data=views_form(folder),
+                                 headers={"Origin": "https://attacker.example"}))
+    assert status == 403 and "--cors-origin" in answer["error"], answer
+    same = server.url.rstrip("/")  # the page's own origin
+    assert run(call(server.url, "POST", "/api/predict", data=views_form(folder), headers={"Origin": same}))[0] == 200
+
+    async def allowed():
+        async with aiohttp.ClientSession() as session:
+            async with session.post(server.url + "/api/predict", data=views_form(folder),
+                                    headers={"Origin": ALLOWED_ORIGIN}) as response:
+                posted = response.status, response.headers.get("Access-Control-Allow-Origin")
+            async with session.options(server.url + "/api/predict", headers={
+                    "Origin": ALLOWED_ORIGIN, "Access-Control-Request-Method": "POST",
+                    "Access-Control-Request-Headers": "authorization"}) as response:
+                preflight = response.status, response.headers.get("Access-Control-Allow-Headers")
+            async with session.get(server.url + "/api/models", headers={"Origin": "https://attacker.example"}) as r:
+                foreign_get = r.status, r.headers.get("Access-Control-Allow-Origin")
+            return posted, preflight, foreign_get
+
+    posted, preflight, foreign_get = run(allowed())
+    assert posted == (200, ALLOWED_ORIGIN) and preflight == (204, "Authorization")
+    assert foreign_get == (200, None)  # a cross-origin GET is answered, but the browser may not read it
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_bombs_are_refused_from_the_header_and_large_views_do_not_keep_memory(server):
+    """Views over the pixel cap get 413 without being decoded; views under it but large (16 megapixels) decode
+    in the large-view lane and the memory they took is given back."""
+    pid = server.process.pid
+    start_mb = rss_mb(pid)
+    bombs = {"12000x12000 PNG": png(12000, 12000), "9000x9000 PNG": png(9000, 9000),
+             "12000x12000 progressive JPEG": with_size(encode(photo(96), progressive=True), 12000, 12000)}
+    timings = []
+    for name, data in bombs.items():
+        begin = time.perf_counter()
+        status, kind, answer = run(call(server.url, "POST", "/api/predict", data=views_form(files={"0": data})))
+        timings.append(time.perf_counter() - begin)
+        assert status == 413 and "too many pixels" in answer["error"] and "--max-megapixels" in answer["error"]
+    after_bombs_mb = rss_mb(pid)
+    large = png(4000, 4000, "RGB")  # 16 megapixels, at the cap: decoded (48 MB of pixels per view)
+    statuses = []
+
+    async def large_requests():
+        async with aiohttp.ClientSession() as session:
+            async def one():
+                async with session.post(server.url + "/api/predict", data=views_form(
+                        files={"0": large, "90": large})) as response:
+                    statuses.append(response.status)
+            await asyncio.gather(*(one() for _ in range(3)))
+
+    run(large_requests())
+    assert statuses == [200] * 3
+    time.sleep(0.5)
+    after_large_mb = rss_mb(pid)
+    print(f"\nbombs: 413 in {', '.join(f'{1000 * t:.0f}' for t in timings)} ms; RSS {start_mb:.0f} MB at start, "
+          f"{after_bombs_mb:.0f} MB after the bombs, {after_large_mb:.0f} MB after 3 requests of 2x16 megapixels")
+    assert after_bombs_mb - start_mb < 30  # nothing decoded
+    assert after_large_mb - start_mb < 100  # given back (a decoded 16 MP view alone takes 48 MB)
+
+
+@pytest.fixture(scope="module")
+def guarded(tiny_checkpoints):
+    """A server with --token and short read timeouts (1 s for headers, 2 s for a body). At the end: the token
+    appears nowhere in what it printed."""
+    server = Server("--checkpoint", tiny_checkpoints["classification"], "--token", TOKEN, "--header-timeout", 1,
+                    "--body-timeout", 2)
+    yield server
+    _, _, stderr = server.stop()
+    assert TOKEN not in stderr + server.process.stdout.read()
+
+
+def test_token_guards_the_api_not_the_page(guarded, demo_dir):
+    folder = sorted((demo_dir / "data").iterdir())[0]
+    status, _, answer = run(call(guarded.url))
+    assert status == 401 and "Authorization: Bearer TOKEN" in answer["error"] and TOKEN not in answer["error"]
+    for wrong in ("Bearer nope", f"Bearer {TOKEN}x", f"Basic {TOKEN}", "Bearer \u00e9t\u00e9", TOKEN):
+        assert run(call(guarded.url, headers={"Authorization": wrong}))[0] == 401, wrong
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    assert run(call(guarded.url, headers=bearer))[0] == 200
+    status, _, answer = run(call(guarded.url, "POST", "/api/predict", data=views_form(folder), headers=bearer))
+    assert status == 200 and "latitude" in answer
+    assert run(call(guarded.url, path="/"))[0] == 200  # the page itself is public
+    assert run(call(guarded.url, path="/?token=nope"))[0] == 401
+
+    async def page_login():  # as a browser does, the session keeps cookies of IP-address hosts
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as session:
+            async with session.get(guarded.url + f"?token={TOKEN}", allow_redirects=False) as response:
+                cookie = response.headers["Set-Cookie"]
+                login = response.status, response.headers["Location"]
+            async with session.get(guarded.url + "/api/models") as response:  # the session sends the cookie
+                return login, cookie, response.status
+
+    login, cookie, models_status = run(page_login())
+    assert login == (303, "/") and "HttpOnly" in cookie and "SameSite=Strict" in cookie and TOKEN not in cookie
+    assert models_status == 200
+    # the token in a malformed request is not echoed back
+    status, _, body = raw(guarded.url, b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer "
+                          + TOKEN.encode() + b"\x01\r\n\r\n")
+    assert status == 400 and TOKEN.encode() not in body
+
+
+async def trickle(url: str, head: bytes, body: bytes, every_s: float, limit_s: float) -> tuple[float, bytes]:
+    """Send `head` at once (or byte by byte when `body` is empty), then `body` one byte every `every_s` seconds;
+    (seconds until the server closed the connection, what it answered). Gives up after `limit_s`."""
+    host, port = url.split("//")[1].rstrip("/").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    start = time.monotonic()
+    slow = body or head
+
+    async def send():
+        if body:
+            writer.write(head)
+        for i in range(len(slow)):
+            writer.write(slow[i:i + 1])
+            await writer.drain()
+            await asyncio.sleep(every_s)
+
+    sender = asyncio.create_task(send())
+    answer = b""
+    try:
+        async with asyncio.timeout(limit_s):
+            while chunk := await reader.read(65536):
+                answer += chunk
+    finally:
+        sender.cancel()
+        with contextlib.suppress(BaseException):
+            await sender
+        writer.close()
+    return time.monotonic() - start, answer
+
+
+def test_slow_clients_are_disconnected(guarded):
+    """Headers sent a byte every 0.2 s: closed after the 1 s header timeout; a body sent a byte every 0.2 s: 408
+    JSON after the 2 s body timeout, then closed (after at most 2 s of draining)."""
+    head = b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Padding: " + b"a" * 200 + b"\r\n\r\n"
+    seconds, answer = run(trickle(guarded.url, head, b"", 0.2, 20))
+    assert 0.9 < seconds < 3 and answer == b"", (seconds, answer)
+    body = b"--zz\r\nContent-Disposition: form-data; name=\"0\"; filename=\"0.jpg\"\r\n\r\n" + b"x" * 500
+    head = (b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " + TOKEN.encode() +
+            b"\r\nContent-Type: multipart/form-data; boundary=zz\r\nContent-Length: 600\r\n\r\n")
+    seconds, answer = run(trickle(guarded.url, head, body, 0.2, 20))
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line.startswith(b"HTTP/1.1 408") and b"--body-timeout" in rest, answer
+    assert 1.9 < seconds < 6, seconds
 
 
 def test_micro_batched_load(server, demo_dir):
@@ -244,6 +513,65 @@ def test_micro_batched_load(server, demo_dir):
           f"largest {after['largest_batch']})")
 
 
+def test_normal_requests_stay_fast_beside_bombs_large_views_and_slow_clients(server, demo_dir):
+    """2 clients send normal four-view requests one after another: 3 s alone, then 8 s beside a client sending
+    10 bombs a second (413), a client sending 16-megapixel views one after another (decoded in the large-view
+    lane) and 10 clients trickling headers. The normal requests' p99 stays under 200 ms."""
+    folders = sorted((demo_dir / "data").iterdir())[:2]
+    files = [{str(v): (f / f"{v}.jpg").read_bytes() for v in VIEWS} for f in folders]
+    bomb, large = png(12000, 12000), png(4000, 4000, "RGB")
+    host, port = server.url.split("//")[1].rstrip("/").split(":")
+
+    async def load(duration: float, hostile_too: bool):
+        latencies, others = [], {"bomb": [], "large": []}
+        deadline = time.monotonic() + duration
+
+        async def normal(session, i):
+            while time.monotonic() < deadline:
+                start = time.perf_counter()
+                async with session.post(server.url + "/api/predict", data=views_form(files=files[i])) as response:
+                    assert response.status == 200, await response.text()
+                    await response.read()
+                latencies.append(time.perf_counter() - start)
+
+        async def hostile(session, kind, data, pause_s):  # the last large request may still decode at the end
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(deadline - time.monotonic() + 2):
+                    while time.monotonic() < deadline:
+                        async with session.post(server.url + "/api/predict",
+                                                data=views_form(files={"0": data})) as response:
+                            others[kind].append(response.status)
+                            await response.read()
+                        await asyncio.sleep(pause_s)
+
+        async def slow():
+            reader, writer = await asyncio.open_connection(host, int(port))
+            for byte in b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 100:
+                if time.monotonic() > deadline:
+                    break
+                writer.write(bytes([byte]))
+                await asyncio.sleep(0.5)
+            writer.close()
+
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+            clients = [normal(session, 0), normal(session, 1)]
+            if hostile_too:
+                clients += [hostile(session, "bomb", bomb, 0.1), hostile(session, "large", large, 0),
+                            *(slow() for _ in range(10))]
+            await asyncio.gather(*clients)
+        return np.array(latencies) * 1000, others
+
+    alone, _ = run(load(3.0, False))
+    mixed, others = run(load(8.0, True))
+    for name, latencies in (("alone", alone), ("mixed", mixed)):
+        p50, p99 = np.percentile(latencies, [50, 99])
+        print(f"\n{name}: {len(latencies)} normal requests, p50 {p50:.1f} ms, p99 {p99:.1f} ms, max {latencies.max():.1f} ms",
+              end="")
+    print(f"; beside {len(others['bomb'])} bombs, {len(others['large'])} requests of 16 megapixels, 10 slow clients")
+    assert set(others["bomb"]) == {413} and set(others["large"]) <= {200, 503}
+    assert len(mixed) > 50 and np.percentile(mixed, 99) < 200
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signals_stop_the_server_gracefully(tiny_checkpoints, demo_dir, sig):
     """An in-flight request (held in the batcher for 1.5 s) is answered; then the process exits 0 within seconds."""
@@ -265,7 +593,8 @@ def test_signals_stop_the_server_gracefully(tiny_checkpoints, demo_dir, sig):
     assert status == 200 and "latitude" in answer
     code = server.process.wait(10)
     assert code == 0 and time.monotonic() - start < 8
-    assert "shutting down" in server.process.stderr.read()
+    server.drain.join(10)
+    assert "shutting down" in "".join(server.stderr)
     with pytest.raises(aiohttp.ClientConnectionError):
         run(call(server.url))
 
@@ -276,12 +605,35 @@ def test_serve_cli_errors_are_one_line(tmp_path, capsys):
                            (["--max-upload-mb", "0"], "--max-upload-mb 0"), (["--top", "-1"], "--top -1"),
                            (["--device", "cuda"], "--device cuda"), (["--engine", "tensorrt"], "--engine"),
                            (["--reports-dir", tmp_path, "--port", "0"], "no best checkpoint"),
-                           (["--host", "no-such-host.invalid"], "--host no-such-host.invalid")]:
+                           (["--host", "no-such-host.invalid"], "--host no-such-host.invalid"),
+                           (["--host", "0.0.0.0"], "--host 0.0.0.0 makes the server reachable from other machines"),
+                           (["--token", "abc", "--no-auth"], "--token"), (["--token", " "], "--token"),
+                           (["--max-megapixels", "0"], "--max-megapixels 0"),
+                           (["--header-timeout", "0"], "--header-timeout 0"),
+                           (["--body-timeout", "-1"], "--body-timeout -1")]:
         with pytest.raises(SystemExit) as exit_:
             run_cli(serve_main, [str(a) for a in args])
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and "Traceback" not in err, err
         assert len(err.strip().splitlines()) == 1 and err.startswith("error: ") and fragment in err, err
+
+
+def test_beyond_loopback_without_auth_is_refused_and_with_no_auth_warned(capsys):
+    with pytest.raises(SystemExit):  # stops at the --device check, before listening anywhere
+        run_cli(serve_main, ["--host", "0.0.0.0", "--no-auth", "--device", "cuda"])
+    err = capsys.readouterr().err
+    assert "warning: --host 0.0.0.0: other machines can reach this server, WITHOUT authentication" in err
+    with pytest.raises(SystemExit):
+        run_cli(serve_main, ["--host", "0.0.0.0", "--token", TOKEN, "--device", "cuda"])
+    err = capsys.readouterr().err
+    assert "with the token on /api/*" in err and TOKEN not in err
+
+
+def test_serve_help_imports_no_heavy_library():
+    code = ("import sys; from src.serve import build_parser; build_parser().format_help(); "
+            "print([m for m in ('torch', 'pytorch_lightning', 'geopandas', 'onnxruntime') if m in sys.modules])")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr
 
 
 def test_serve_help_lists_every_flag_with_its_default():

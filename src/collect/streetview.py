@@ -36,7 +36,7 @@ from yarl import URL
 from src.core import geo
 from src.core.errors import UserError
 from src.core.files import atomic_path
-from src.data.images import JPEG_EOI, JPEG_SOI, VIEWS, check_image
+from src.data.images import VIEWS, check_image
 from src.data.locations import read_csv_strict
 from src.data.sampling import thin
 
@@ -105,10 +105,6 @@ def mask(text: str, *secrets: str | None) -> str:
 def location_uuid(pano_id: str) -> str:
     """The location's uuid: uuid5 of the panorama id, so every run names the same folder."""
     return str(uuid.uuid5(UUID_NAMESPACE, pano_id))
-
-
-def is_complete_jpeg(body: bytes) -> bool:
-    return body.startswith(JPEG_SOI) and JPEG_EOI in body[-64:]
 
 
 class TokenBucket:
@@ -193,8 +189,8 @@ class StreetViewClient:
             if status == 429 or status >= 500:
                 reason = f"HTTP {status}"
                 continue
-            if kind == "image" and status == 200 and not is_complete_jpeg(body):
-                reason = "incomplete JPEG"
+            if kind == "image" and status == 200 and (problem := check_image(body)):
+                reason = f"unusable image ({problem})"
                 continue
             return status, body
         raise RequestFailed(f"{reason} ({self.settings.retries + 1} attempts)")

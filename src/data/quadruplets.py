@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable, Hashable, Mapping, Sequence
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
@@ -20,7 +21,7 @@ from src.model.config import IMAGENET_MEAN, IMAGENET_STD
 # a missing view is replaced by the first readable one in this order: its neighbours, then the opposite view
 SUBSTITUTE_ORDER = {i: [(i + 1) % N_VIEWS, (i + 3) % N_VIEWS, (i + 2) % N_VIEWS] for i in range(N_VIEWS)}
 InputSpec = tuple[int, tuple[float, ...], tuple[float, ...]]  # image size, mean, std
-View = Path | str | bytes | None  # a file, the bytes of an upload, or nothing (missing)
+View = Path | str | bytes | Image.Image | None  # a file, an upload's bytes, an image decoded already, or nothing
 
 
 def eval_transform(image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> Callable:
@@ -82,8 +83,10 @@ class Quadruplet:
         return [(VIEWS[i], self.reasons[i], VIEWS[j]) for i, j in enumerate(self.sources) if j is not None and j != i]
 
 
-def _decode(view: View, size: int):
-    """A PIL image of `size` x `size` from a file or bytes."""
+def _decode(view: View, size: int) -> Image.Image:
+    """A PIL image of `size` x `size` from a file, bytes or an image decoded already (e.g. checked strictly)."""
+    if isinstance(view, Image.Image):
+        return view if view.size == (size, size) else view.resize((size, size), Image.Resampling.BILINEAR)
     return load_image(io.BytesIO(view) if isinstance(view, bytes) else view, size)
 
 
@@ -100,7 +103,7 @@ def read_quadruplet(views: Sequence[View], transforms: Mapping[Hashable, tuple[i
         if view is None:
             reasons[i] = "missing"
             continue
-        if validate and not isinstance(view, bytes):
+        if validate and isinstance(view, (str, Path)):
             reasons[i] = check_image(view)
             if reasons[i] is not None:
                 continue
