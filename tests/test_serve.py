@@ -3,7 +3,6 @@
 the web page in a real browser."""
 
 import asyncio
-import base64
 import contextlib
 import io
 import json
@@ -653,55 +652,6 @@ def test_a_port_in_use_is_a_one_line_error(server, tiny_checkpoints):
 
 
 # ---- the page in a real browser ------------------------------------------------------------------------------
-
-def test_page_in_a_real_browser(server, demo_dir):
-    """Headless Chromium: upload four demo photos, predict, compare with the API; then the example button."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
-    assert chromium and chromedriver, "install Debian's chromium and chromium-driver (.ci/run does)"
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,900"):
-        options.add_argument(argument)
-    driver = webdriver.Chrome(service=Service(chromedriver), options=options)
-    try:
-        wait = WebDriverWait(driver, 30)
-        driver.get(server.url + "/")
-        wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "yes")
-        assert driver.find_element(By.CSS_SELECTOR, "#land path").get_attribute("d").startswith("M")
-        assert len(driver.find_elements(By.CSS_SELECTOR, "#model option")) == 2
-
-        folder = sorted((demo_dir / "data").iterdir())[5]
-        for view in VIEWS:
-            driver.find_element(By.ID, f"file-{view}").send_keys(str(folder / f"{view}.jpg"))
-        driver.find_element(By.ID, "predict").click()
-        coords = driver.find_element(By.ID, "coords")
-        wait.until(lambda d: coords.get_attribute("data-lat"))
-        page = float(coords.get_attribute("data-lat")), float(coords.get_attribute("data-lng"))
-        _, _, answer = run(call(server.url, "POST", "/api/predict", data=views_form(folder)))
-        assert page == pytest.approx((answer["latitude"], answer["longitude"]), abs=1e-9)
-        assert len(driver.find_elements(By.CSS_SELECTOR, "#cells rect")) == 5
-        assert driver.find_element(By.ID, "predicted-point") and "° N" in coords.text
-
-        driver.find_element(By.ID, "example").click()
-        wait.until(lambda d: "km off" in d.page_source)
-        _, _, examples = run(call(server.url, path="/api/examples"))
-        example = examples["examples"][0]
-        files = {v: base64.b64decode(example["views"][v].split(",", 1)[1]) for v in example["views"]}
-        _, _, answer = run(call(server.url, "POST", "/api/predict", data=views_form(files=files)))
-        assert float(coords.get_attribute("data-lat")) == pytest.approx(answer["latitude"], abs=1e-9)
-        assert float(coords.get_attribute("data-lng")) == pytest.approx(answer["longitude"], abs=1e-9)
-        assert driver.find_elements(By.CSS_SELECTOR, "#points circle.truth")
-        assert driver.find_element(By.ID, "error").text == ""
-        FIGURES.mkdir(exist_ok=True)
-        assert driver.save_screenshot(str(FIGURES / "serve_page.png"))
-    finally:
-        driver.quit()
-
 
 def test_class_cells_are_the_runs_grid_squares_and_none_for_other_cells(tiny_checkpoints):
     from src.inference.checkpoints import load_model
