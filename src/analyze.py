@@ -13,17 +13,10 @@ import argparse
 import sys
 from pathlib import Path
 
-
-from tabulate import tabulate
-
-from src.inference.checkpoints import REPORTS_DIR, checkpoints_listing
-from src.data.enrich import SPLITS, add_enrich_arguments, add_locations_argument, check_data_flags, check_spacing, enrich_from_args
+from src.core.choices import SPLITS
 from src.core.errors import UserError, run_cli
-from src.data.cells import CENTROID_KINDS
-from src.core.geo import km_table, summarize_km
-from src.evaluation.scoring import match_and_measure, read_locations
-from src.evaluation.analysis import DEFAULT_SPACINGS, confusion_summary, confusion_text, enrich_args_from_checkpoint, error_map, oracle_ceiling, oracle_figure, per_class_accuracy, predicted_classes, rows_of_split, worst_gallery, write_table
-
+from src.core.paths import REPORTS_DIR
+from src.data.flags import DEFAULT_SPACINGS, add_enrich_arguments, add_locations_argument
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +52,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     """CLI: oracle table, and for a submission its scores, figures and per-class tables. Returns the tables."""
     args = build_parser().parse_args(argv)
+    from tabulate import tabulate  # the library after parsing: --help and flag errors stay instant
+
+    from src.core.choices import CENTROID_KINDS
+    from src.core.geo import km_table, summarize_km
+    from src.data.enrich import check_data_flags, check_spacing, enrich_from_args
+    from src.evaluation.analysis import (confusion_summary, confusion_text, enrich_args_from_checkpoint, error_map,
+                                         oracle_ceiling, oracle_figure, per_class_accuracy, predicted_classes,
+                                         rows_of_split, worst_gallery, write_table)
+    from src.evaluation.scoring import match_and_measure, read_locations
+    from src.inference.checkpoints import checkpoints_listing
+
     for flag, value in (("--worst", args.worst), ("--least-accurate", args.least_accurate)):
         if value < 1:
             raise UserError(f"{flag} {value}: give a number of rows >= 1")

@@ -8,9 +8,8 @@ import argparse
 import sys
 from pathlib import Path
 
-
 from src.core.errors import run_cli
-from src.data.enrich import REPORTS_DIR, add_enrich_arguments, enrich_from_args, output_tag, skip_listing, summary, thin_data_warning, write_locations_csv, write_skip_report
+from src.data.flags import add_enrich_arguments
 
 
 
@@ -20,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_enrich_arguments(parser, require_dataset=True)
     parser.add_argument("--out", type=Path,
                         help=f"enriched CSV, written atomically; the skip report goes beside it as <stem>_skipped.csv "
-                             f"(default: {REPORTS_DIR}/enriched_<dataset>_<cells>.csv, e.g. enriched_demo_grid0.5.csv)")
+                             f"(default: reports/enriched_<dataset>_<cells>.csv, e.g. enriched_demo_grid0.5.csv)")
     parser.add_argument("--figures-dir", type=Path, default=Path("figures"),
                         help="where figures go, named <figure>_<dataset>_<cells>.png (default: figures)")
     parser.add_argument("--no-figures", action="store_true", help="skip the figures")
@@ -30,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    # the library after parsing: --help and flag errors stay instant
+    from src.data.enrich import (REPORTS_DIR, enrich_from_args, output_tag, skip_listing, summary,
+                                 thin_data_warning, write_locations_csv, write_skip_report)
 
     enriched = enrich_from_args(args, report=False)
     tag = output_tag(args.dataset_dirs, enriched.grid, args.split_by)

@@ -14,9 +14,8 @@ import pandas as pd
 import shapely
 
 from src.core import geo
+from src.core.choices import CELL_KINDS, CENTROID_KINDS  # noqa: F401  (CENTROID_KINDS: its users import it from here)
 
-CELL_KINDS = ("grid", "adaptive")
-CENTROID_KINDS = ("weighted", "clipped", "plain")
 # column prefix of each centroid kind in the class table and the enriched CSV
 CENTROID_PREFIX = {"plain": "centroid", "clipped": "clipped", "weighted": "weighted"}
 # clipped centroids are moved this far inside the land polygon, so they are inside, not on, the border

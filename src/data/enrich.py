@@ -17,14 +17,14 @@ import pandas as pd
 from tabulate import tabulate
 
 from src.core import geo
+from src.core.choices import CELL_KINDS, SPLIT_BY, SPLITS
 from src.core.errors import UserError
 from src.core.files import atomic_path
-from src.data.cells import CELL_KINDS, CENTROID_PREFIX, Cells, CellSpec, Grid, class_table, nearest_class
-from src.data.ingest import CHECK_CACHE_DIR, SKIP_COLUMNS, Ingested, check_dataset_dirs, read_csv_strict, read_datasets
+from src.data.cells import CENTROID_PREFIX, Cells, CellSpec, Grid, class_table, nearest_class
+# the flags are defined in src.data.flags (light, for --help); commands also import them from here
+from src.data.flags import DEFAULT_SPLIT, add_enrich_arguments, add_locations_argument  # noqa: F401
+from src.data.ingest import SKIP_COLUMNS, Ingested, check_dataset_dirs, read_csv_strict, read_datasets
 
-SPLITS = ("train", "val", "test")
-SPLIT_BY = ("location", "cell")
-DEFAULT_SPLIT = (0.8, 0.1, 0.1)
 REPORTS_DIR = Path("reports")
 CENTROID_COLUMNS = [f"{prefix}_{axis}" for prefix in CENTROID_PREFIX.values() for axis in ("lat", "lng")]
 OUTPUT_COLUMNS = ["uuid", "latitude", "longitude", "dataset_dir", "image_dir", "split", "crs_x", "crs_y",
@@ -304,13 +304,6 @@ def write_locations_csv(locations: pd.DataFrame, path: str | Path) -> Path:
     return Path(path)
 
 
-def add_locations_argument(parser: argparse.ArgumentParser) -> None:
-    """--locations CSV: reuse an enriched CSV instead of reading --dataset-dirs (train, analyze)."""
-    parser.add_argument("--locations", type=Path, default=None, metavar="CSV",
-                        help="reuse this enriched CSV (src.enrich --out, or a run's version_N/locations.csv): its "
-                             "locations and split, no image re-checked; instead of --dataset-dirs (default: none)")
-
-
 def check_data_flags(args: argparse.Namespace) -> None:
     """Cheap checks of the data flags before any slow start-up: the dataset dirs exist and hold a data.csv;
     with --locations the CSV is valid and its dataset dirs become args.dataset_dirs."""
@@ -320,40 +313,6 @@ def check_data_flags(args: argparse.Namespace) -> None:
         args.dataset_dirs = [Path(d) for d in dict.fromkeys(read_locations_csv(args.locations)["dataset_dir"])]
     else:
         check_dataset_dirs(args.dataset_dirs)
-
-
-def add_enrich_arguments(parser: argparse.ArgumentParser, require_dataset: bool = False) -> None:
-    """The data flags shared by every command that reads dataset dirs (enrich, train)."""
-    group = parser.add_argument_group("data")
-    group.add_argument("--dataset-dirs", nargs="+", type=Path, required=require_dataset, metavar="DIR",
-                       help="LUMEN dataset dirs (data.csv + data/ or images/ with one folder per uuid)")
-    group.add_argument("--cells", choices=CELL_KINDS, default="grid",
-                       help="classes: squares of --spacing, or adaptive k-means cells of the train locations "
-                            "(Voronoi polygons clipped to Croatia) (default: grid)")
-    group.add_argument("--spacing", type=float, default=0.5,
-                       help="grid cell size in degrees; also the blocks of --split-by cell (default: 0.5)")
-    group.add_argument("--classes", "--n-classes", type=int, default=0, dest="n_classes", metavar="K",
-                       help="number of adaptive cells; 0: as many as the --spacing grid has classes (default: 0)")
-    group.add_argument("--seed", type=int, default=0, help="seed of the split, the cells and training (default: 0)")
-    group.add_argument("--split", type=float, nargs=3, default=DEFAULT_SPLIT, metavar=("TRAIN", "VAL", "TEST"),
-                       help="split fractions (default: 0.8 0.1 0.1)")
-    group.add_argument("--split-by", choices=SPLIT_BY, default="location",
-                       help="location: a seeded hash of each uuid decides its split; cell: whole --spacing grid "
-                            "squares go to one split, so nearby locations never sit in train and test "
-                            "(default: location)")
-    group.add_argument("--holdout-dirs", nargs="+", type=Path, default=[], metavar="DIR",
-                       help="dataset dirs used whole as the test split (default: none)")
-    group.add_argument("--full-decode", action="store_true",
-                       help="check images by decoding every pixel (default: header and end marker only)")
-    group.add_argument("--max-outside-km", type=float, default=10.0,
-                       help="reject points farther than this outside the border (default: 10)")
-    group.add_argument("--mainland-only", action="store_true",
-                       help="use the mainland polygon only, without islands (default: off)")
-    group.add_argument("--check-cache", type=Path, default=CHECK_CACHE_DIR, metavar="DIR",
-                       help="remember image checks here, keyed by path, size and mtime, so unchanged images are "
-                            "not re-opened (default: data/cache/image_checks)")
-    group.add_argument("--no-check-cache", dest="check_cache", action="store_const", const=None,
-                       help="check every image again and remember nothing")
 
 
 def enrich_from_args(args: argparse.Namespace, progress: bool = True, report: bool = True) -> Enriched:

@@ -33,7 +33,6 @@ from src.data.cells import CENTROID_KINDS, CENTROID_PREFIX, build_grid, nearest_
 from src.data.images import VIEWS, check_image, load_image, view_paths  # noqa: E402
 from src.evaluation.plots import croatia_axes, draw_land, save_figure  # noqa: E402
 
-DEFAULT_SPACINGS = (0.25, 0.5, 1.0, 2.0)
 ERROR_CMAP = "plasma"
 
 

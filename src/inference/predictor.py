@@ -11,7 +11,8 @@ flipped horizontally and the 90 and 270 views swapped, a geometrically consisten
 Every location gets a row: unreadable views are replaced by readable views of the same location, and
 a location without any readable view gets the training prior (train-mean location); both are listed
 on stderr. stdout carries only the CSV. --engine picks torch or ONNX Runtime (`src.export`; auto: ONNX
-Runtime on the CPU, torch on a GPU); the ONNX export is made once and kept beside the checkpoint.
+Runtime on the CPU, torch on a GPU); the ONNX export is made once and kept in the shared export store
+(data/cache/onnx, `src.inference.engine`).
 """
 
 import sys

@@ -17,11 +17,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from src.core.choices import FUSIONS, PREDICT_RULES
 from src.core.geo import haversine_km_torch
 from src.data.cells import CENTROID_PREFIX
 
-PREDICT_RULES = ("mean", "median", "mode")
-FUSIONS = ("concat", "mean", "attention")
 # Default tau, measured: 5-fold cross-validation on the 100 real shared LUMEN locations (0.5-degree grid,
 # 55.6 x 39.7 km cells, frozen efficientnet_lite0; `benchmarks.accuracy_levers`) gave out-of-fold mean km
 # 110.2 (one-hot), 108.1 (tau 12 km) and 100.3 (tau 40 km) against 111.8 for the constant. At 12 km the
@@ -63,7 +62,7 @@ def geometric_median_xy(probabilities: torch.Tensor, class_xy: torch.Tensor, top
     Uses Vardi and Zhang's (2000) step, so an iterate landing exactly on a centroid neither divides by
     zero nor sticks there unless that centroid is the optimum (its weight >= the pull of the others).
     Starts at the weighted mean; stops when no point moves more than `tol_m` metres, or after `max_iter`
-    steps (always all of them while torch.export traces it, so the ONNX graph computes the same point).
+    steps (always all of them while it is exported to ONNX, so the graph computes the same point).
     """
     weights = top_probabilities(probabilities.to(torch.float64), topk)
     points = _per_location(class_xy.to(torch.float64), weights.shape[0])
@@ -71,7 +70,7 @@ def geometric_median_xy(probabilities: torch.Tensor, class_xy: torch.Tensor, top
     tiny = torch.finfo(torch.float64).tiny
     span = (points.amax(dim=1) - points.amin(dim=1)).amax(dim=1, keepdim=True)  # [B, 1]
     coincide_m = 1e-9 * span.clamp_min(1.0)
-    exporting = torch.compiler.is_exporting()
+    exporting = torch.compiler.is_exporting() or torch.jit.is_tracing()
     for _ in range(max_iter):
         offsets = points - current.unsqueeze(1)  # [B, C, 2]
         distance = offsets.norm(dim=2)  # [B, C]
