@@ -43,6 +43,7 @@ import onnx
 import onnxruntime as ort
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from src.core.choices import ENGINES
 from src.core.errors import UserError
@@ -164,7 +165,7 @@ def stored_export(what: str, key: str, module: nn.Module, example: torch.Tensor,
                   outputs: list[str], check: Callable[[Path], None]) -> Path:
     """The store's file for `key`, exported now when missing (`check` raises when it disagrees with torch).
 
-    Says `exporting the <what> to ONNX (once): N.N s` on stderr when it exports. Under the lock, a second
+    Says `exporting the <what> to ONNX (once): N.N s` on stderr when it has exported. Under the lock, a second
     process waits and then finds the file; the temporary name holds host and pid, so even processes on
     different hosts sharing the folder never write the same file, and the rename is atomic."""
     path = store_dir() / f"{what.split()[-1]}-{hashlib.sha256(key.encode()).hexdigest()[:24]}.onnx"
@@ -174,18 +175,15 @@ def stored_export(what: str, key: str, module: nn.Module, example: torch.Tensor,
         if path.is_file():  # another process exported it while this one waited
             return path
         start = time.perf_counter()
-        print(f"exporting the {what} to ONNX (once): ", end="", file=sys.stderr, flush=True)
         tmp = path.with_name(f".{path.stem}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp.onnx")
         try:
             _export(module, example, tmp, input_name, outputs, key)
             check(tmp)
             os.replace(tmp, path)
-        except BaseException:
-            print("failed", file=sys.stderr)
-            raise
         finally:
             tmp.unlink(missing_ok=True)
-        print(f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
+        # through tqdm, so that a progress bar on stderr (the feature cache's) is not cut by the line
+        tqdm.write(f"exporting the {what} to ONNX (once): {time.perf_counter() - start:.1f} s", file=sys.stderr)
         log.info("ONNX export %s: %s", path, key)
     return path
 
