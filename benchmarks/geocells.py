@@ -25,7 +25,7 @@ from src.core import geo
 from src.data.enrich import locate_locations, split_locations
 from src.core.errors import run_cli
 from src.data.cells import CellSpec, build_grid
-from src.data.config import CENTROID_KINDS
+from src.core.choices import CENTROID_KINDS
 from src.data.locations import read_coordinates
 from src.evaluation.analysis import oracle_errors
 

@@ -9,12 +9,19 @@
 (b) predict latency for one location, warm: 4 JPEG files in, latitude/longitude out (efficientnet_lite0
     classifier, median of --repeats). Goal: < 100 ms with ONNX Runtime.
 (c) `src.serve` throughput in locations/s: 16 concurrent clients vs one client at a time. Goal: >= 2x.
-Every pair is measured side by side in this run; the last line is the ratios.
+(d) the one-time ONNX export (TorchScript exporter in the calling process, checked against torch) of each
+    backbone of (a) and of the whole efficientnet_lite0 classifier of (b). Goal: ~2-3 s for efficientnet_lite0.
+(e) a training run with an empty feature cache (and empty export store and image-check cache), the whole
+    `python -m src.train --approach classification --dataset-dirs DIR --epochs 3` command timed, default
+    engine (ONNX Runtime fills the cache) vs `--engine torch`. Goal: >= 2x.
+Every pair is measured side by side in this run, in an empty export store of its own; the last line is the
+ratios.
 """
 
 import argparse
 import asyncio
 import contextlib
+import os
 import statistics
 import subprocess
 import sys
@@ -32,7 +39,7 @@ from src.core import geo
 from src.model.backbones import create_backbone
 from src.data.quadruplets import eval_transform, load_quadruplet
 from src.data.enrich import enrich
-from src.inference.engine import OnnxFeatureExtractor, OnnxGeoModel, export_model, infer
+from src.inference.engine import OnnxFeatureExtractor, engine_model, infer
 from src.data.features import FeatureCache
 from src.data.images import VIEWS, load_image, view_paths
 from src.model.geomodel import GeoModel
@@ -54,7 +61,7 @@ def feature_seconds(backbone_name: str, pretrained: bool, image_dirs: list[str],
             cache = FeatureCache(Path(tmp) / engine, backbone_name, backbone, image_size)
             extract = None
             if engine == "onnx":
-                extract = OnnxFeatureExtractor(backbone, image_size, cache.directory / "backbone.onnx")
+                extract = OnnxFeatureExtractor(backbone, image_size)
                 start = time.perf_counter()
                 extract(torch.zeros(1, 3, image_size, image_size))  # the one-time export, timed apart
                 result["export"] = time.perf_counter() - start
@@ -130,6 +137,18 @@ def save_checkpoint(model: GeoModel, path: Path) -> None:
                 "pytorch-lightning_version": pl.__version__}, path)
 
 
+def train_seconds(dataset_dir: Path, engine: str, epochs: int, work: Path) -> float:
+    """Wall seconds of a whole `python -m src.train` command with an empty feature cache, export store and
+    image-check cache."""
+    env = {**os.environ, "ONNX_CACHE_DIR": str(work / "onnx")}
+    command = [sys.executable, "-m", "src.train", "--approach", "classification", "--dataset-dirs", str(dataset_dir),
+               "--epochs", str(epochs), "--cache-dir", str(work / "features"), "--check-cache", str(work / "checks"),
+               "--out-dir", str(work / "runs"), "--engine", engine]
+    start = time.perf_counter()
+    subprocess.run(command, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dataset-dir", type=Path, default=DEFAULT_DATASET,
@@ -139,8 +158,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="locations per batch (default: 16)")
     parser.add_argument("--workers", type=int, default=1, help="JPEG-decoding DataLoader workers (default: 1)")
     parser.add_argument("--repeats", type=int, default=20, help="latency repeats (default: 20)")
+    parser.add_argument("--train-epochs", type=int, default=3, help="epochs of the training runs of (e) (default: 3)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
+    store = tempfile.TemporaryDirectory()
+    os.environ["ONNX_CACHE_DIR"] = store.name  # every export of this run is cold (and the checkout stays clean)
     from src.inference.predictor import locations_from_images
 
     folders = [folder for _, folder in locations_from_images(args.dataset_dir)]
@@ -150,10 +172,11 @@ def main() -> None:
     print(f"{len(image_dirs)} locations ({n_images} JPEGs) from {args.dataset_dir}, {size} px, "
           f"{torch.get_num_threads()} torch threads")
 
-    ratios = {}
+    ratios, exports = {}, {}
     for name, pretrained in (("efficientnet_lite0", True), ("resnet50", False)):
         seconds = feature_seconds(name, pretrained, image_dirs, size, args.batch_size, args.workers)
         ratios[f"features {name}"] = seconds["torch"] / seconds["onnx"]
+        exports[f"{name} backbone"] = seconds["export"]
         print(f"(a) features {name}: torch {seconds['torch']:.2f} s ({n_images / seconds['torch']:.1f} images/s), "
               f"onnxruntime {seconds['onnx']:.2f} s ({n_images / seconds['onnx']:.1f} images/s); "
               f"one-time export {seconds['export']:.1f} s")
@@ -161,7 +184,9 @@ def main() -> None:
     with contextlib.redirect_stdout(sys.stderr):
         model = classifier(args.dataset_dir, size)
     with tempfile.TemporaryDirectory() as tmp:
-        onnx_model = OnnxGeoModel(export_model(model, Path(tmp) / "model.onnx"), model.hparams)
+        start = time.perf_counter()
+        onnx_model = engine_model(model, "the benchmark's classifier", "onnx")
+        exports["efficientnet_lite0 classification model"] = time.perf_counter() - start
         torch_ms = median_ms(lambda: predict_one(model, folders[0], size), args.repeats)
         onnx_ms = median_ms(lambda: predict_one(onnx_model, folders[0], size), args.repeats)
         decode_ms = median_ms(lambda: decode(folders[0], size), args.repeats)
@@ -185,6 +210,15 @@ def main() -> None:
     ratios["server 16 clients vs 1"] = many / one
     print(f"(c) src.serve (onnxruntime, --max-batch 16): one client at a time {one:.1f} locations/s, "
           f"16 concurrent clients {many:.1f} locations/s")
+    print("(d) ONNX export, once per key (TorchScript exporter in process, checked against torch): "
+          + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in exports.items()))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cold = {engine: train_seconds(args.dataset_dir, engine, args.train_epochs, Path(tmp) / engine)
+                for engine in ("auto", "torch")}
+    ratios["cold-cache training run"] = cold["torch"] / cold["auto"]
+    print(f"(e) src.train, {args.train_epochs} epochs, empty feature cache, whole command: default engine "
+          f"(onnxruntime) {cold['auto']:.1f} s, --engine torch {cold['torch']:.1f} s")
     print("ratios: " + ", ".join(f"{name} {ratio:.2f}x" for name, ratio in ratios.items()))
 
 

@@ -16,20 +16,10 @@ import sys
 from types import SimpleNamespace
 from pathlib import Path
 
-
-from tabulate import tabulate
-
-from src.inference.checkpoints import REPORTS_DIR, checkpoints_listing
-from src.core.files import write_csv
-from src.core.flags import check_ranges
-from src.data.config import SPLITS, add_data_arguments, add_locations_argument, spacing_rule
-from src.data.enrich import data_config_from_args, enrich_data
+from src.core.choices import SPLITS
 from src.core.errors import UserError, run_cli
-from src.data.config import CENTROID_KINDS
-from src.core.geo import km_table, summarize_km
-from src.evaluation.scoring import match_and_measure, read_locations
-from src.evaluation.analysis import DEFAULT_SPACINGS, confusion_summary, confusion_text, data_of_checkpoint, error_map, oracle_ceiling, oracle_figure, per_class_accuracy, predicted_classes, rows_of_split, runs_whose_split_is, worst_gallery
-
+from src.core.paths import REPORTS_DIR
+from src.data.config import DEFAULT_SPACINGS, add_data_arguments, add_locations_argument
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def warn_of_other_runs(args: argparse.Namespace, checkpoint: Path, uuids) -> None:
     """Warn when the submission's uuids are the --eval-split of other runs than the one analysed."""
+    from src.evaluation.analysis import runs_whose_split_is  # noqa: PLC0415 (matplotlib: after parsing)
+
     others = [path for path in runs_whose_split_is(args.reports_dir, args.eval_split, uuids)
               if path.parent.parent.resolve() != checkpoint.parent.parent.resolve()]
     if others:
@@ -76,6 +68,20 @@ def warn_of_other_runs(args: argparse.Namespace, checkpoint: Path, uuids) -> Non
 def main(argv: list[str] | None = None) -> dict:
     """CLI: oracle table, and for a submission its scores, figures and per-class tables. Returns the tables."""
     args = build_parser().parse_args(argv)
+    from tabulate import tabulate  # the library after parsing: --help and flag errors stay instant
+
+    from src.core.choices import CENTROID_KINDS
+    from src.core.geo import km_table, summarize_km
+    from src.core.files import write_csv
+    from src.core.flags import check_ranges
+    from src.data.config import spacing_rule
+    from src.data.enrich import data_config_from_args, enrich_data
+    from src.evaluation.analysis import (confusion_summary, confusion_text, data_of_checkpoint, error_map,
+                                         oracle_ceiling, oracle_figure, per_class_accuracy, predicted_classes,
+                                         rows_of_split, worst_gallery)
+    from src.evaluation.scoring import match_and_measure, read_locations
+    from src.inference.checkpoints import checkpoints_listing
+
     for flag, value in (("--worst", args.worst), ("--least-accurate", args.least_accurate)):
         if value < 1:
             raise UserError(f"{flag} {value}: give a number of rows >= 1")

@@ -10,15 +10,14 @@ import argparse
 import sys
 from pathlib import Path
 
-
 from src.core.errors import UserError, run_cli
-from src.data.synthetic import DEFAULT_OUT, write_demo_dataset
+from src.core.paths import DEMO_DIR
 
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m src.demo", allow_abbrev=False, description="Write the synthetic demo dataset (LUMEN format).")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output dataset dir (default: data/demo)")
+    parser.add_argument("--out", type=Path, default=DEMO_DIR, help="output dataset dir (default: data/demo)")
     parser.add_argument("--locations", type=int, default=600, help="number of locations (default: 600)")
     parser.add_argument("--image-size", type=int, default=96, help="image side in pixels (default: 96)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
@@ -28,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    from src.data.synthetic import write_demo_dataset  # the library after parsing: --help stays instant
+
     if args.locations < 1:
         raise UserError(f"--locations {args.locations}: give a number of locations >= 1 (e.g. 600)")
     if not 8 <= args.image_size <= 4096:

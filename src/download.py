@@ -18,15 +18,13 @@ import signal
 import sys
 from pathlib import Path
 
-
+from src.collect.defaults import DEFAULT_API_URL, DUPLICATE_M, KEY_ENV
 from src.core.errors import UserError, run_cli
-from src.data.sampling import excluded_locations
-from src.collect.streetview import ApiDenied, DEFAULT_API_URL, DUPLICATE_M, Downloader, KEY_ENV, SIGNAL_EXIT, Settings, _run_until_signal, check_args, mask, previous_rows, read_points, save_run_parameters
 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m src.download",
+    parser = argparse.ArgumentParser(prog="python -m src.download", allow_abbrev=False,
                                      description="Download Street View quadruplets for sampled points (LUMEN format).")
     parser.add_argument("--points", type=Path, required=True, help="points CSV from python -m src.sample (required)")
     parser.add_argument("--out", type=Path, required=True, help="output dataset dir; rerun to resume (required)")
@@ -51,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    # the library after parsing: --help and flag errors stay instant
+    from src.collect.streetview import (ApiDenied, ApiUnreachable, Downloader, SIGNAL_EXIT, Settings, _run_until_signal, check_args,
+                                        mask, previous_rows, read_points, save_run_parameters)
+    from src.data.sampling import excluded_locations
+
     args.key = args.key or os.environ.get(KEY_ENV, "")
     if not args.key:
         raise UserError(f"no API key: pass --key KEY or set {KEY_ENV}")
@@ -66,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         signum = asyncio.run(_run_until_signal(downloader))
     except ExceptionGroup as group:  # from the worker pool's TaskGroup
-        denied, unwritable = group.subgroup(ApiDenied), group.subgroup(OSError)
+        denied, unwritable = group.subgroup((ApiDenied, ApiUnreachable)), group.subgroup(OSError)
         if denied is None and unwritable is None:
             raise
         error = denied or unwritable
@@ -80,6 +83,8 @@ def main(argv: list[str] | None = None) -> None:
         if denied is None:  # e.g. a full disk or a file where a folder goes: run_cli's one line
             raise error from None
         message = mask(str(error), args.key, args.secret)
+        if isinstance(error, ApiUnreachable):
+            raise UserError(message) from None
         raise UserError(f"the Street View API refused the request: {message}") from None
     report = downloader.finish()
     print(mask(downloader.summary(report), args.key, args.secret), file=sys.stderr)

@@ -8,11 +8,8 @@ import argparse
 import sys
 from pathlib import Path
 
-
 from src.core.errors import run_cli
 from src.data.config import add_data_arguments
-from src.data.enrich import data_config_from_args, enrich_data, output_tag, skip_listing, summary, thin_data_warning, write_skip_report
-from src.data.locations import write_locations_csv
 
 REPORTS_DIR = Path("reports")
 
@@ -33,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    # the library after parsing: --help and flag errors stay instant
+    from src.data.enrich import (data_config_from_args, enrich_data, output_tag, skip_listing, summary,
+                                 thin_data_warning, write_skip_report)
+    from src.data.locations import write_locations_csv
 
     enriched = enrich_data(data_config_from_args(args), report=False)
     tag = output_tag(args.dataset_dirs, enriched.grid, args.split_by)

@@ -1,36 +1,27 @@
-"""ONNX export of a trained model and the ONNX Runtime engine for CPU inference.
+"""Export a checkpoint (or its backbone) to an ONNX file and check it against torch.
 
-    python -m src.export --checkpoint CKPT --out model.onnx [--backbone-only]
+    python -m src.export --checkpoint CKPT --out model.onnx [--backbone-only] [--check-images DIR]
 
-The whole model maps `views` [B, 4, 3, S, S] (ImageNet-normalised, view order 0, 90, 180, 270) to
-`probabilities` [B, C] (classification; `scaled_xy` [B, 2] for regression) and `xy` [B, 2], the predicted
-EPSG:3766 position in metres (float64); `src.geo.unproject` turns it into latitude/longitude, so the
-projection has one implementation. `--backbone-only` exports the feature extractor, `images` [N, 3, S, S]
--> `features` [N, D]. The batch axis is dynamic; the opset is `OPSET`. Every export is checked against
-torch on real inputs before it is written.
-
-`--engine {auto,torch,onnx}` of src.predict, src.train (feature cache) and src.serve picks torch or
-ONNX Runtime; auto means ONNX Runtime on the CPU and torch on a GPU. The engines export once and keep the
-file: next to the checkpoint (`<checkpoint>.onnx`) for predict and serve, in the feature cache's folder
-for the backbone, each stamped with a key (checkpoint file, centroids, topk, opset) that a stale file fails.
+What the graph computes, the exporter and the engines' shared export store: `src.inference.engine`.
 """
 
 import argparse
 import sys
 import tempfile
+import time
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from src.core.errors import UserError, run_cli
-from src.inference.engine import OPSET, checkpoint_key, compare_with_torch, example_views, export_model
 
+if TYPE_CHECKING:
+    import torch
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m src.export",
-        description=f"Export a checkpoint to ONNX (opset {OPSET}, dynamic batch axis) and check it against torch.")
+        prog="python -m src.export", allow_abbrev=False,
+        description="Export a checkpoint to ONNX (dynamic batch axis) and check it against torch.")
     parser.add_argument("--checkpoint", type=Path, required=True, help="a .ckpt written by src.train (required)")
     parser.add_argument("--out", type=Path, required=True, help="the .onnx file to write (atomically; required)")
     parser.add_argument("--backbone-only", action="store_true",
@@ -42,10 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_inputs(checkpoint: Path, model, images: Path | None, limit: int = 8) -> tuple[torch.Tensor, str]:
+def check_inputs(checkpoint: Path, model, images: Path | None, limit: int = 8) -> tuple["torch.Tensor", str]:
     """Real quadruplets [B, 4, 3, S, S] to compare the engines on, and where they came from."""
     from src.data.quadruplets import QuadrupletFolders, collate_quadruplets, input_spec, spec_transforms
     from src.inference.checkpoints import read_test_locations
+    from src.inference.engine import example_views
     from src.inference.predictor import locations_from_images
 
     if images is not None and not images.is_dir():
@@ -72,9 +64,10 @@ def check_inputs(checkpoint: Path, model, images: Path | None, limit: int = 8) -
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    from src.inference.checkpoints import load_model
-
     args = build_parser().parse_args(argv)
+    from src.inference.checkpoints import load_model  # the library after parsing: --help stays instant
+    from src.inference.engine import OPSET, checkpoint_key, compare_with_torch, export_model
+
     if args.out.is_dir():
         raise UserError(f"--out {args.out}: is a directory; give a file name such as model.onnx")
     model = load_model(args.checkpoint, "cpu")
@@ -83,19 +76,18 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     with tempfile.NamedTemporaryFile(dir=args.out.parent):  # an unwritable --out fails here, in one line
         pass
     key = checkpoint_key(args.checkpoint, model, args.backbone_only)
+    start = time.perf_counter()
     export_model(model, args.out, args.backbone_only, key)
+    seconds = time.perf_counter() - start
     check = compare_with_torch(model, args.out, views, args.backbone_only)
     hp = model.hparams
     what = "backbone" if args.backbone_only else f"{hp.approach} model"
-    print(f"wrote {args.out}: {what} ({hp.backbone}, {hp.image_size} px), ONNX opset {OPSET}, dynamic batch axis",
-          file=sys.stderr)
+    print(f"wrote {args.out}: {what} ({hp.backbone}, {hp.image_size} px), ONNX opset {OPSET}, dynamic batch axis, "
+          f"exported in {seconds:.1f} s", file=sys.stderr)
     summary = ", ".join(f"{k} {v:.3g}" for k, v in check.items())
     print(f"checked against torch on {source}: {summary}", file=sys.stderr)
     return check
 
 
 if __name__ == "__main__":
-    # through the imported module: the export child unpickles QuadrupletGraph from src.export, not __main__
-    from src.export import main as export_main
-
-    run_cli(export_main)
+    run_cli(main)

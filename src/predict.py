@@ -11,7 +11,8 @@ flipped horizontally and the 90 and 270 views swapped, a geometrically consisten
 Every location gets a row: unreadable views are replaced by readable views of the same location, and
 a location without any readable view gets the training prior (train-mean location); both are listed
 on stderr. stdout carries only the CSV. --engine picks torch or ONNX Runtime (`src.export`; auto: ONNX
-Runtime on the CPU, torch on a GPU); the ONNX export is made once and kept beside the checkpoint.
+Runtime on the CPU, torch on a GPU); the ONNX export is made once and kept in the shared export store
+(data/cache/onnx, `src.inference.engine`).
 """
 
 import argparse
@@ -19,20 +20,14 @@ import contextlib
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
-import torch
-
-from src.inference.checkpoints import REPORTS_DIR, find_checkpoint, load_model
+from src.core.choices import CENTROID_KINDS, ENGINES, PREDICT_RULES
 from src.core.errors import UserError, run_cli
-from src.inference.engine import ENGINES, engine_model, resolve_engine
-from src.core.files import atomic_path
-from src.data.config import CENTROID_KINDS
-from src.model.config import PREDICT_RULES
-from src.inference.predictor import check_device, ensemble_prior, locations_from_checkpoint, locations_from_images, predict_locations
+from src.core.paths import REPORTS_DIR
 
-# a missing view is replaced by the first readable one in this order: its neighbours, then the opposite view
-
+if TYPE_CHECKING:
+    import pandas as pd
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -57,10 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=32, help="locations per batch (default: 32)")
     parser.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1) - 1,
                         help="DataLoader worker processes decoding JPEGs (default: min(4, CPUs) - 1)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+    parser.add_argument("--device", default=None,
                         help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--engine", choices=ENGINES, default="auto",
-                        help="torch, or ONNX Runtime (exported once beside the checkpoint); auto: onnx on the CPU, "
+                        help="torch, or ONNX Runtime (exported once into data/cache/onnx); auto: onnx on the CPU, "
                              "torch on a GPU (default: auto)")
     parser.add_argument("--out", type=Path, help="write the CSV here (atomically) instead of stdout")
     parser.add_argument("--reports-dir", type=Path, default=REPORTS_DIR,
@@ -69,9 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> pd.DataFrame:
+def main(argv: list[str] | None = None) -> "pd.DataFrame":
     """CLI: predictions as CSV on stdout (or --out); logs, progress and warnings on stderr."""
     args = build_parser().parse_args(argv)
+    import torch  # the library after parsing: --help and flag errors stay instant
+
+    from src.core.files import atomic_path
+    from src.inference.checkpoints import find_checkpoint, load_model
+    from src.inference.engine import engine_model, resolve_engine
+    from src.inference.predictor import (check_device, ensemble_prior, locations_from_checkpoint,
+                                         locations_from_images, predict_locations)
+
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: give a number of locations >= 1 (e.g. 32)")
     if args.num_workers < 0:

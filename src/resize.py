@@ -15,9 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-
 from src.core.errors import UserError, run_cli
-from src.data.resizing import MAX_SIZE, MIN_SIZE, resize_datasets
 
 
 
@@ -38,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
+    from src.data.resizing import MAX_SIZE, MIN_SIZE, resize_datasets  # after parsing: --help stays instant
+
     if not MIN_SIZE <= args.size <= MAX_SIZE:
         raise UserError(f"--size {args.size}: give a side in pixels from {MIN_SIZE} to {MAX_SIZE} (e.g. 256)")
     if args.workers < 1:

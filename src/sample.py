@@ -12,14 +12,12 @@ import argparse
 import sys
 from pathlib import Path
 
-
 from src.core.errors import UserError, run_cli
-from src.data.sampling import FIGURE_FORMATS, MAX_POINTS, excluded_locations, plot_points, sample_points, write_points
 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m src.sample",
+    parser = argparse.ArgumentParser(prog="python -m src.sample", allow_abbrev=False,
                                      description="Sample uniform random points on Croatia's land (point_id,latitude,longitude).")
     parser.add_argument("--n", type=int, required=True, help="number of points (required)")
     parser.add_argument("--out", type=Path, required=True, help="output CSV (required)")
@@ -37,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    # the library after parsing: --help and flag errors stay instant
+    from src.data.sampling import (FIGURE_FORMATS, MAX_POINTS, excluded_locations, plot_points, sample_points,
+                                   write_points)
+
     if not 1 <= args.n <= MAX_POINTS:
         raise UserError(f"--n {args.n}: give a number of points from 1 to {MAX_POINTS:,}")
     if not 0 <= args.seed < 2**32:

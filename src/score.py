@@ -9,12 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
-
+from src.core.choices import SPLITS
 from src.core.errors import UserError, run_cli
-from src.core.files import write_csv
-from src.core.geo import geoguessr_scale_km, km_table
-from src.data.locations import read_locations_csv
-from src.evaluation.scoring import score_files
 
 
 
@@ -31,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "version_N/locations.csv), checked like train's --locations (default: none)")
     parser.add_argument("--allow-missing", action="store_true",
                         help="score only the uuids present in both files instead of stopping on a mismatch")
-    parser.add_argument("--split", choices=["train", "val", "test"],
+    parser.add_argument("--split", choices=SPLITS,
                         help="only the truth rows of this split (needs a split column)")
     parser.add_argument("--errors-out", type=Path,
                         help="also write the per-location errors (uuid, true/pred lat/lng, error_km) to this CSV")
@@ -42,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """CLI: print the score table; the last stdout line is `mean_km: <value>`."""
     args = build_parser().parse_args(argv)
+    from src.core.files import write_csv  # the library after parsing: --help and flag errors stay instant
+    from src.core.geo import geoguessr_scale_km, km_table
+    from src.data.locations import read_locations_csv
+    from src.evaluation.scoring import score_files
+
     if (args.truth is None) == (args.locations is None):
         raise UserError("the truth is required: give a TRUTH CSV after the submission, or --locations CSV (not both)")
     if args.locations is not None:

@@ -23,11 +23,10 @@ from pathlib import Path
 from src.core.errors import UserError, run_cli
 from src.core.flags import Rule, at_least, check_ranges, non_negative_finite, positive_finite
 from src.core.paths import FEATURE_CACHE_DIR
-from src.data.config import (AUGMENT_CHOICES, CENTROID_KINDS, LoaderConfig, add_data_arguments, add_locations_argument)
-from src.inference.engine import ENGINES
-from src.model.backbones import list_backbones
-from src.model.config import (APPROACHES, DEFAULT_FUSION, DEFAULT_LABEL_SMOOTHING_KM, DEFAULT_PREDICT_RULE, FUSIONS,
-                              OPTIMIZERS, PREDICT_RULES, SCHEDULERS, ModelConfig, OptimConfig)
+from src.data.config import AUGMENT_CHOICES, LoaderConfig, add_data_arguments, add_locations_argument
+from src.core.choices import BACKBONES, CENTROID_KINDS, ENGINES, FUSIONS, PREDICT_RULES
+from src.model.config import (APPROACHES, DEFAULT_FUSION, DEFAULT_LABEL_SMOOTHING_KM, DEFAULT_PREDICT_RULE, OPTIMIZERS,
+                              SCHEDULERS, ModelConfig, OptimConfig)
 from src.training.config import (CACHE_SCOPES, MAX_IMAGE_SIZE, PRECISIONS, UNSUPPORTED_PRECISIONS, RunConfig,
                                  TrainerConfig, default_num_workers, processes_per_node, usable_cores)
 
@@ -67,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_arguments(parser)
     add_locations_argument(parser)
     model = parser.add_argument_group("model")
-    model.add_argument("--backbone", choices=list_backbones(), default=None,
+    model.add_argument("--backbone", choices=BACKBONES, default=None,
                        help="(default: resnext101_32x8d with a GPU, else efficientnet_lite0; efficientnet_lite0 on the demo set)")
     model.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
                        help="start from ImageNet weights (default: on)")

@@ -1,8 +1,24 @@
 """Shared fixtures: datasets the tests generate themselves (no third-party photos)."""
 
+import os
+
 import pytest
 
 from src.data.synthetic import write_demo_dataset
+
+
+@pytest.fixture(scope="session", autouse=True)
+def onnx_export_store(tmp_path_factory):
+    """The engines' ONNX export store (src.inference.engine) in a temporary folder, for this process and the
+    commands it starts, instead of the checkout's data/cache/onnx."""
+    store = tmp_path_factory.mktemp("onnx_store")
+    previous = os.environ.get("ONNX_CACHE_DIR")
+    os.environ["ONNX_CACHE_DIR"] = str(store)
+    yield store
+    if previous is None:
+        os.environ.pop("ONNX_CACHE_DIR", None)
+    else:
+        os.environ["ONNX_CACHE_DIR"] = previous
 
 
 @pytest.fixture(scope="session")

@@ -126,3 +126,10 @@ def test_default_backbone_depends_on_the_gpu():
     name, reason = default_backbone()
     assert name == ("resnext101_32x8d" if torch.cuda.is_available() else "efficientnet_lite0")
     assert reason
+
+
+def test_the_light_list_of_backbone_names_is_the_registry():
+    """`src.core.choices.BACKBONES` (for --help without torch) names exactly the registered backbones."""
+    from src.core.choices import BACKBONES
+
+    assert BACKBONES == tuple(list_backbones())

@@ -15,6 +15,7 @@ import os
 import re
 import runpy
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,7 +28,10 @@ import pandas as pd
 import pytest
 import torch
 
+from src.core.errors import unknown_flags, unknown_flags_message
 from tests.corpus import write_defect_corpus
+
+REPO = Path(__file__).resolve().parent.parent
 
 COMMANDS = ("enrich", "train", "predict", "score", "analyze", "demo", "resize")
 
@@ -169,7 +173,8 @@ CASES = {
         ("nan max-outside-km", "--dataset-dirs {demo} --max-outside-km nan", ["--max-outside-km nan"]),
         ("unknown holdout dir", "--dataset-dirs {demo} --holdout-dirs {bad}/empty", ["--holdout-dirs"]),
         ("output inside a file", "--dataset-dirs {demo} --no-figures --out {bad}/a_file/e.csv", ["a_file"]),
-        ("unknown flag", "--dataset-dirs {demo} --spacnig 0.5", ["unrecognized arguments: --spacnig"]),
+        ("unknown flag", "--dataset-dirs {demo} --spacnig 0.5",
+         ["unrecognized argument --spacnig (did you mean --spacing?)"]),
         ("no dataset dirs", "", ["--dataset-dirs"]),
     ],
     "train": [
@@ -274,17 +279,74 @@ def test_user_mistakes_end_in_one_line_and_exit_2(bad, command, case, args, frag
 
 
 @pytest.mark.parametrize("command, argv, fragment", [
-    ("train", "--approach classification --dataset-dir {demo}", "unrecognized arguments: --dataset-dir"),
-    ("analyze", "--dataset-dir {demo}", "unrecognized arguments: --dataset-dir"),
-    ("enrich", "--dataset-dir {demo}", "required: --dataset-dirs"),
-    ("resize", "--dataset-dir {demo} --size 64 --out x", "required: --dataset-dirs"),
-    ("predict", "--check {ckpt}", "unrecognized arguments: --check"),
-    ("score", "{demo}/data.csv --loc {demo}/data.csv", "unrecognized arguments: --loc")])
+    ("train", "--approach classification --dataset-dir {demo}", "argument --dataset-dir (did you mean --dataset-dirs?)"),
+    ("analyze", "--dataset-dir {demo}", "unrecognized argument --dataset-dir (did you mean --dataset-dirs?)"),
+    ("enrich", "--dataset-dir {demo}", "unrecognized argument --dataset-dir (did you mean --dataset-dirs?)"),
+    ("resize", "--dataset-dir {demo} --size 64 --out x", "unrecognized argument --dataset-dir (did you mean"),
+    ("predict", "--check {ckpt}", "unrecognized argument --check (did you mean --checkpoint?)"),
+    ("score", "{demo}/data.csv --loc {demo}/data.csv", "unrecognized argument --loc")])
 def test_abbreviated_flags_are_rejected(bad, command, argv, fragment):
-    """`--dataset-dir` is not silently taken for `--dataset-dirs` (argparse's allow_abbrev is off)."""
+    """`--dataset-dir` is not silently taken for `--dataset-dirs` (argparse's allow_abbrev is off); it is named,
+    even where a required flag is missing too (enrich, resize)."""
     root, checkpoint, demo = bad
     run = run_command(command, *argv.format(demo=demo, ckpt=checkpoint).split(), cwd=root)
     assert_user_error(run, fragment)
+
+
+@pytest.mark.parametrize("command, argv, expected", [
+    ("train", "--aproach classification --dataset-dirs {demo}", "--aproach (did you mean --approach?)"),
+    ("predict", "--chekpoint {ckpt} --images {demo}", "--chekpoint (did you mean --checkpoint?)"),
+    ("export", "--checkpoint {ckpt} --out {root}/m.onnx --backbone", "--backbone (did you mean --backbone-only?)"),
+    ("download", "--points {root}/p.csv --out {root}/o --retires 3", "--retires (did you mean --retries?)"),
+    ("sample", "--n 5 --out {root}/p.csv --mindistance-m 10", "--mindistance-m (did you mean --min-distance-m?)"),
+    ("score", "{demo}/data.csv --locatoins={demo}/data.csv", "--locatoins (did you mean --locations?)"),
+    ("demo", "--out {root}/d --locatoins 3", "--locatoins (did you mean --locations?)"),
+    ("serve", "--prot 8000", "--prot (did you mean --port?)")])
+def test_an_unknown_flag_is_named_with_the_closest_known_flag(bad, command, argv, expected):
+    """Also where argparse would first complain that a required flag (--approach, --checkpoint, --truth) is
+    missing: the typo is why."""
+    root, checkpoint, demo = bad
+    run = run_command(command, *argv.format(root=root, demo=demo, ckpt=checkpoint).split(), cwd=root)
+    line = assert_user_error(run, f"error: unrecognized argument {expected}; see python -m src.{command} --help")
+    assert line.count("unrecognized") == 1
+
+
+def test_unknown_flags_are_told_from_values_abbreviations_and_positionals():
+    parser = argparse.ArgumentParser(prog="p")  # allow_abbrev on, as argparse's default
+    parser.add_argument("--min-distance-m", type=float)
+    parser.add_argument("--seed", type=int, required=True)
+    parser.add_argument("name", nargs="*")
+    args = ["--seed", "-3", "--min-dist", "5", "--speed=4", "x", "-q", "--", "--after-dashes"]
+    assert unknown_flags(parser, args) == ["--speed", "-q"]
+    assert unknown_flags_message(parser, ["--speed", "-q"]) == \
+        "unrecognized arguments --speed (did you mean --seed?), -q"
+    strict = argparse.ArgumentParser(prog="p", allow_abbrev=False)
+    strict.add_argument("--min-distance-m")
+    assert unknown_flags(strict, ["--min-dist", "5"]) == ["--min-dist"]
+
+
+LIGHT_COMMANDS = ("train", "predict", "serve", "export", "enrich", "score", "analyze", "download", "sample", "demo",
+                  "resize")
+HEAVY_LIBRARIES = ("torch", "pytorch_lightning", "lightning", "geopandas")
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--zzzz"]], ids=["help", "unknown flag"])
+@pytest.mark.parametrize("command", LIGHT_COMMANDS)
+def test_help_and_flag_errors_import_no_heavy_library(command, argv, tmp_path):
+    """`python -X importtime -m src.<command> --help` (a real process): the interpreter lists every module it
+    imports; torch, Lightning and geopandas are not among them (the library is imported after parsing)."""
+    run = subprocess.run([sys.executable, "-X", "importtime", "-m", f"src.{command}", *argv], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    imported = {line.rsplit("|", 1)[1].strip() for line in run.stderr.splitlines() if line.startswith("import time:")}
+    assert f"src.{command}" in imported or "src" in imported, run.stderr[-2000:]
+    assert not {name for name in imported if name.split(".")[0] in HEAVY_LIBRARIES}, \
+        sorted(name for name in imported if name.split(".")[0] in HEAVY_LIBRARIES)[:10]
+    if argv == ["--help"]:
+        assert run.returncode == 0 and run.stdout.startswith(f"usage: python -m src.{command}")
+    else:
+        assert run.returncode == 2
+        assert [line for line in run.stderr.splitlines() if not line.startswith("import time:")] == \
+            [f"error: unrecognized argument --zzzz; see python -m src.{command} --help"]
 
 
 def test_debug_keeps_the_traceback(bad):

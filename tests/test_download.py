@@ -1,11 +1,13 @@
 """src.download against the Street View emulator (a real aiohttp server on 127.0.0.1)."""
 
 import base64
+import email.utils
 import hashlib
 import hmac
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from aiohttp import web
 
 from src import download
 from src.collect import streetview
@@ -21,6 +24,7 @@ from src.data.images import check_image
 from src.data.ingest import read_datasets
 from src.data.sampling import sample_points
 from src.collect.emulator import StreetViewEmulator, running
+from src.collect.streetview import retry_after_seconds
 from tests.test_cli import assert_user_error, run_command
 from tests.test_cli import test_help_lists_every_flag_with_its_default as check_help
 
@@ -367,3 +371,60 @@ def test_an_output_that_cannot_be_written_mid_run_is_one_line(tmp_path):
                           "--qps", 0, "--no-progress", cwd=tmp_path)
     assert_user_error(run, "images/", "Not a directory")
     assert len(pd.read_csv(out / "points_report.csv")) == 24
+
+
+class DatedRetryAfterEmulator(StreetViewEmulator):
+    """Its 429 answers say when to come back as an HTTP date (RFC 9110) `ahead_s` from now, not in seconds;
+    it notes when each request for `watched` arrives."""
+
+    def __init__(self, *args, watched: str, ahead_s: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.watched, self.ahead_s, self.watched_arrivals = watched, ahead_s, []
+
+    async def _image(self, request):
+        if self.watched in request.query_string:
+            self.watched_arrivals.append(time.time())
+        return await super()._image(request)
+
+    async def _answer_fault(self, fault, request):
+        if fault == "429":
+            when = email.utils.formatdate(time.time() + self.ahead_s, usegmt=True)
+            return web.json_response({"error": "rate limited"}, status=429, headers={"Retry-After": when})
+        return await super()._answer_fault(fault, request)
+
+
+def test_a_retry_after_date_is_honoured(tmp_path):
+    points_csv, panoramas = make_world(tmp_path)
+    watched = "pano=pano3&heading=90"
+    emulator = DatedRetryAfterEmulator(panoramas, key=KEY, watched=watched, ahead_s=3.0)
+    emulator.inject("429", "image", match=watched)
+    with running(emulator) as url:
+        run_download("--points", points_csv, "--out", tmp_path / "out", "--api-url", url, "--key", KEY,
+                     "--concurrency", 4, "--qps", 0)
+    first, retry = emulator.watched_arrivals
+    # the date has whole seconds: it lies 2-3 s after the 429; the backoff alone waits at most 0.5 s
+    assert retry - first >= 2.0, retry - first
+    assert emulator.stats.served["pano3", 90] == 1
+
+
+def test_retry_after_seconds_reads_both_forms():
+    assert retry_after_seconds("7") == 7.0 and retry_after_seconds("-3") == 0.0
+    later = email.utils.formatdate(time.time() + 60, usegmt=True)
+    assert 58.0 <= retry_after_seconds(later) <= 60.0
+    assert retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # in the past: no wait
+    assert retry_after_seconds("soon") == 0.0
+
+
+def test_an_unreachable_endpoint_stops_the_run_with_one_line(tmp_path):
+    """Connections refused (a closed port on 127.0.0.1): the run stops after one point's attempts, not every
+    point's, with one error line; the points stay pending for a rerun."""
+    points_csv, _ = make_world(tmp_path)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # closed again when the block ends: nothing listens there
+    run = run_command("download", "--points", points_csv, "--out", tmp_path / "out", "--api-url",
+                      f"http://127.0.0.1:{port}/maps/api/streetview", "--key", KEY, "--retries", 2,
+                      "--concurrency", 2, "--no-progress", cwd=tmp_path)
+    line = assert_user_error(run, f"cannot connect to http://127.0.0.1:{port}", "3 attempts in a row", "--api-url")
+    assert KEY not in run.stderr + run.stdout and "points failed" not in run.stderr, line
+    assert pd.read_csv(tmp_path / "out" / "points_report.csv")["outcome"].eq("pending").all()

@@ -1,9 +1,11 @@
-"""ONNX export and the ONNX Runtime engine: outputs against torch on real images, dynamic batch, the cached
-export, predict --engine and the feature cache filled by either engine."""
+"""ONNX export and the ONNX Runtime engine: outputs against torch on real images, dynamic batch, the shared
+export store (once per key, across checkpoints, cache folders and processes), training in a process forked
+after an export, predict --engine and the feature cache filled by either engine."""
 
 import contextlib
 import io
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,7 +22,8 @@ from src.core import geo
 from src.model.backbones import create_backbone
 from src.data.quadruplets import eval_transform, load_quadruplet
 from src.core.errors import UserError, run_cli
-from src.inference.engine import OPSET, OnnxFeatureExtractor, OnnxGeoModel, cached_export_path, engine_model, resolve_engine, stored_key
+from src.inference.engine import (OPSET, OnnxFeatureExtractor, OnnxGeoModel, engine_model, resolve_engine,
+                                  stored_key)
 from src.export import build_parser
 from src.export import main as export_main
 from src.data.features import FeatureCache
@@ -124,21 +127,99 @@ def test_export_help_lists_every_flag_with_its_default():
             assert f"(default: {default}" in text
 
 
-def test_engine_exports_once_beside_the_checkpoint_and_again_when_it_changes(tiny_checkpoints, tmp_path):
+def store_files(store: Path) -> list[Path]:
+    return sorted(store.glob("*.onnx"))
+
+
+def test_engine_exports_once_into_the_store_shared_by_checkpoints(tiny_checkpoints, tmp_path, monkeypatch, capsys):
+    store = tmp_path / "store"
+    monkeypatch.setenv("ONNX_CACHE_DIR", str(store))
     checkpoint = tmp_path / "run" / "best.ckpt"
     checkpoint.parent.mkdir()
     checkpoint.write_bytes(tiny_checkpoints["classification"].read_bytes())
     model = load_model(checkpoint)
     engine = engine_model(model, checkpoint, "onnx")
-    path = cached_export_path(checkpoint)
-    assert isinstance(engine, OnnxGeoModel) and path == checkpoint.with_name("best.ckpt.onnx") and path.is_file()
+    [path] = store_files(store)
+    assert isinstance(engine, OnnxGeoModel) and engine.path == path and not list(checkpoint.parent.glob("*.onnx"))
+    assert "weights=" in stored_key(path) and "exporter=torchscript" in stored_key(path)
+    said = capsys.readouterr().err
+    assert len(re.findall(r"^exporting the model to ONNX \(once\): \d+\.\d s$", said, re.M)) == 1, said
     first = path.stat().st_mtime_ns
-    engine_model(model, checkpoint, "onnx")
-    assert path.stat().st_mtime_ns == first  # reused
-    os.utime(checkpoint, ns=(first + 10**9, first + 10**9))  # a rewritten checkpoint makes the export stale
-    engine_model(model, checkpoint, "onnx")
-    assert path.stat().st_mtime_ns != first and str(checkpoint.resolve()) in stored_key(path)
+    # the same weights under another name (a copied checkpoint, another run folder) reuse the file, silently
+    copy = tmp_path / "elsewhere" / "copy.ckpt"
+    copy.parent.mkdir()
+    copy.write_bytes(checkpoint.read_bytes())
+    assert engine_model(load_model(copy), copy, "onnx").path == path and path.stat().st_mtime_ns == first
+    assert "exporting" not in capsys.readouterr().err
+    # another prediction rule changes the graph: a second file; other weights: a third
+    median = engine_model(load_model(checkpoint, predict_rule="median"), checkpoint, "onnx")
+    regression = engine_model(load_model(tiny_checkpoints["regression"]), tiny_checkpoints["regression"], "onnx")
+    assert len({path, median.path, regression.path}) == 3 and len(store_files(store)) == 3
+    assert not [p for p in store.iterdir() if ".tmp" in p.name]
     assert engine_model(model, checkpoint, "torch") is model
+
+
+def test_backbone_export_is_shared_by_cache_folders_and_concurrent_processes(tmp_path):
+    """Two processes ask for the same export at once: one exports (under the lock), the other waits and reads
+    the finished file; a third process later finds it without exporting."""
+    store = tmp_path / "store"
+    script = ("import torch; from src.model.backbones import create_backbone; "
+              "from src.inference.engine import backbone_session; torch.manual_seed(0); "
+              "b = create_backbone('tiny', pretrained=False); "
+              "s = backbone_session(b, 40, 'normalise-imagenet'); "
+              "print(s.run(None, {'images': torch.ones(1, 3, 40, 40).numpy()})[0].sum())")
+    env = {**os.environ, "ONNX_CACHE_DIR": str(store), "PYTHONPATH": str(REPO)}
+    runs = [subprocess.Popen([sys.executable, "-c", script], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [run.communicate(timeout=300) for run in runs]
+    assert all(run.returncode == 0 for run in runs), outputs
+    said = "".join(err for _, err in outputs)
+    assert len(re.findall(r"exporting the backbone to ONNX \(once\): \d+\.\d s", said)) == 1, said
+    assert len(store_files(store)) == 1 and not [p for p in store.iterdir() if ".tmp" in p.name]
+    assert outputs[0][0] == outputs[1][0]  # the same features
+    later = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True,
+                           timeout=300)
+    assert later.returncode == 0 and "exporting" not in later.stderr and later.stdout == outputs[0][0]
+
+
+def test_training_after_an_export_still_trains_in_this_process_and_a_forked_one(tmp_path):
+    """The export runs in the calling process (no child): backward passes after it work, here and in a process
+    forked afterwards (which, like DataLoader workers, uses one torch thread)."""
+    script = """
+import os, sys
+import torch
+from src.model.backbones import create_backbone
+from src.inference.engine import backbone_session
+
+torch.manual_seed(0)
+backbone = create_backbone("tiny", pretrained=False)
+backbone_session(backbone, 32)
+images, targets = torch.randn(8, 3, 32, 32), torch.randn(8, backbone.out_features)
+
+def train(steps=5):
+    backbone.train()
+    optimizer = torch.optim.SGD(backbone.parameters(), lr=0.05)
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = torch.nn.functional.mse_loss(backbone(images), targets)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses[-1] < losses[0]
+
+pid = os.fork()
+if pid == 0:
+    torch.set_num_threads(1)
+    os._exit(0 if train() else 3)
+_, status = os.waitpid(pid, 0)
+print("child", os.waitstatus_to_exitcode(status), "parent", train())
+"""
+    env = {**os.environ, "ONNX_CACHE_DIR": str(tmp_path / "store"), "PYTHONPATH": str(REPO)}
+    run = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["child", "0", "parent", "True"] and "exporting the backbone" in run.stderr
 
 
 def test_resolve_engine():
@@ -160,7 +241,9 @@ def test_predict_engines_agree(tiny_checkpoints, demo_dir, capsys):
     assert metres.max() < 1.0
 
 
-def test_feature_cache_entries_from_either_engine_are_interchangeable(demo_dir, tmp_path):
+def test_feature_cache_entries_from_either_engine_are_interchangeable(demo_dir, tmp_path, monkeypatch):
+    store = tmp_path / "store"
+    monkeypatch.setenv("ONNX_CACHE_DIR", str(store))
     torch.manual_seed(0)
     backbone = create_backbone("tiny", pretrained=False)
     folders = [str(f) for f in sorted((demo_dir / "data").iterdir())[:10]]
@@ -173,29 +256,36 @@ def test_feature_cache_entries_from_either_engine_are_interchangeable(demo_dir, 
     caches = {}
     for engine in ("torch", "onnx"):
         cache = FeatureCache(tmp_path / engine, "tiny", backbone, 48)
-        extract = OnnxFeatureExtractor(backbone, 48, cache.directory / "backbone.onnx") if engine == "onnx" else None
+        extract = OnnxFeatureExtractor(backbone, 48) if engine == "onnx" else None
         assert cache.compute_missing(folders, backbone, transform, batch_size=4, extract=extract) == 10
         caches[engine] = cache
-    assert (caches["onnx"].directory / "backbone.onnx").is_file()
+    [export] = store_files(store)
+    assert not list(caches["onnx"].directory.glob("*.onnx"))  # the export is in the store, not the cache folder
     assert caches["onnx"].directory.name == caches["torch"].directory.name  # same key: entries interchangeable
     torch_features, onnx_features = caches["torch"].load_all(folders), caches["onnx"].load_all(folders)
     assert torch_features.shape == (10, 4, 64)
     torch.testing.assert_close(onnx_features, torch_features, atol=1e-5, rtol=1e-4)
-    # the export is made once: a new extractor over the same file and weights reuses it
-    mtime = (caches["onnx"].directory / "backbone.onnx").stat().st_mtime_ns
-    again = OnnxFeatureExtractor(backbone, 48, caches["onnx"].directory / "backbone.onnx")
+    # the export is made once: a new extractor (any cache folder) with the same weights and size reuses it
+    mtime = export.stat().st_mtime_ns
+    again = OnnxFeatureExtractor(backbone, 48)
     torch.testing.assert_close(again(load(folders[0])), torch_features[0], atol=1e-5, rtol=1e-4)
-    assert (caches["onnx"].directory / "backbone.onnx").stat().st_mtime_ns == mtime
+    assert store_files(store) == [export] and export.stat().st_mtime_ns == mtime
+    # other weights are another export
+    with torch.no_grad():
+        next(backbone.parameters()).add_(1.0)
+    OnnxFeatureExtractor(backbone, 48)(load(folders[0]))
+    assert len(store_files(store)) == 2
 
 
-def test_train_fills_the_cache_with_onnx_runtime(demo_dir, tmp_path):
+def test_train_fills_the_cache_with_onnx_runtime(demo_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("ONNX_CACHE_DIR", str(tmp_path / "store"))
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         train_main(["--approach", "classification", "--dataset-dirs", str(demo_dir), "--backbone", "tiny",
                     "--no-pretrained", "--quick", "--image-size", "32", "--num-workers", "1", "--engine", "onnx",
                     "--out-dir", str(tmp_path / "reports"), "--cache-dir", str(tmp_path / "cache")])
     [folder] = list((tmp_path / "cache").iterdir())
-    assert (folder / "backbone.onnx").is_file() and len(list(folder.glob("*.pt"))) > 50
+    assert len(store_files(tmp_path / "store")) == 1 and len(list(folder.glob("*.pt"))) > 50
     # the entries match torch's features of the same (seeded, frozen) backbone
     checkpoint = Path(stdout.getvalue().strip().splitlines()[-1].removeprefix("checkpoint: "))
     backbone = load_model(checkpoint).backbone

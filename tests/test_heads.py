@@ -14,7 +14,7 @@ from torch.nn import functional as F
 
 from src.core.geo import EARTH_RADIUS_KM
 from src.model.heads import AttentionFusion, ConcatFusion, HybridHead, MeanFusion, class_radius_m, create_fusion, geometric_median_xy, haversine_smoothing_loss, haversine_smoothing_targets, hybrid_loss, hybrid_points, hybrid_targets, point_by_rule, top_probabilities, weighted_centroid_xy
-from src.model.config import FUSIONS
+from src.core.choices import FUSIONS
 
 KM = 1000.0
 LINE = torch.tensor([[0.0, 0.0], [10 * KM, 0.0], [20 * KM, 0.0]], dtype=torch.float64)  # three collinear centroids

@@ -213,3 +213,19 @@ def test_centroids_and_topk_flags(checkpoints, demo_dir, tmp_path, capsys):
     assert not np.allclose(default[["latitude", "longitude"]], frame[["latitude", "longitude"]])
     with pytest.raises(UserError, match="--topk -1"):
         predict_main(["--checkpoint", str(classification), "--images", str(images), "--topk", "-1"])
+
+
+def test_a_reader_that_went_away_ends_predict_quietly(checkpoints, demo_dir):
+    """`python -m src.predict | head` once head has exited: no BrokenPipeError traceback, and the exit status
+    of a process killed by SIGPIPE (141), as other command-line tools end."""
+    _, classification, _ = checkpoints
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the CSV is written
+    try:
+        run = subprocess.run([sys.executable, "-m", "src.predict", "--checkpoint", str(classification), "--images",
+                              str(demo_dir), "--num-workers", "0", "--engine", "torch"], cwd=REPO, stdout=write,
+                             stderr=subprocess.PIPE, text=True, timeout=300)
+    finally:
+        os.close(write)
+    assert run.returncode == 141, run.stderr
+    assert "Traceback" not in run.stderr and "BrokenPipe" not in run.stderr and "error" not in run.stderr.lower()

@@ -11,6 +11,8 @@ import argparse
 import asyncio
 import base64
 import binascii
+import datetime
+import email.utils
 import hashlib
 import hmac
 import json
@@ -33,6 +35,7 @@ from tabulate import tabulate
 from tqdm import tqdm
 from yarl import URL
 
+from src.collect.defaults import DEFAULT_API_URL, DUPLICATE_M, KEY_ENV
 from src.core import geo
 from src.core.errors import UserError
 from src.core.files import atomic_path
@@ -40,10 +43,7 @@ from src.data.images import VIEWS, check_image
 from src.data.locations import read_csv_strict
 from src.data.sampling import thin
 
-DEFAULT_API_URL = "https://maps.googleapis.com/maps/api/streetview"
-KEY_ENV = "STREETVIEW_API_KEY"
 UUID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, DEFAULT_API_URL)
-DUPLICATE_M = 5.0  # panoramas closer than this are the same place
 IMAGE_SIZE = "640x640"
 RETRY_STATUSES = {"OVER_QUERY_LIMIT", "UNKNOWN_ERROR"}
 BUDGET_REASON = "--max-images budget reached (rerun with a larger budget to resume)"
@@ -65,6 +65,11 @@ DENIED_HINT = (f"check --key / ${KEY_ENV} (and --secret), and that the Street Vi
 class ApiDenied(Exception):
     """The API refused the credentials or the request, or --api-url is no Street View API: stop the run.
     The message ends with what to check."""
+
+
+class ApiUnreachable(Exception):
+    """Every attempt of a request failed to connect and no answer arrived meanwhile: stop the run instead of
+    retrying every point. The message names the address and what to check."""
 
 
 class BudgetReached(Exception):
@@ -107,6 +112,22 @@ def location_uuid(pano_id: str) -> str:
     return str(uuid.uuid5(UUID_NAMESPACE, pano_id))
 
 
+def retry_after_seconds(value: str) -> float:
+    """Seconds to wait for a Retry-After header: a number of seconds or an HTTP date (RFC 9110); 0 when it is
+    neither or lies in the past."""
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return 0.0
+    if when.tzinfo is None:  # RFC 9110 dates are GMT; parsedate_to_datetime leaves "-0000" naive
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return max(0.0, (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds())
+
+
 class TokenBucket:
     """Grants at most `rate` requests per second: one token every 1/rate s, holding at most one token."""
 
@@ -140,6 +161,7 @@ class StreetViewClient:
         self.bucket = TokenBucket(settings.qps)
         self.base = settings.api_url.rstrip("/")
         self.secret = base64.urlsafe_b64decode(settings.secret) if settings.secret else None
+        self.answers = 0  # HTTP answers received, of any status
 
     def url(self, suffix: str, params: dict) -> URL:
         """The request URL; with a secret, signed over path + query as Google documents."""
@@ -154,10 +176,7 @@ class StreetViewClient:
     async def _backoff(self, attempt: int, retry_after: str | None) -> None:
         delay = random.uniform(0, min(BACKOFF_MAX_S, self.settings.backoff_base * 2 ** attempt))
         if retry_after is not None:
-            try:
-                delay = max(delay, float(retry_after))
-            except ValueError:
-                pass
+            delay = max(delay, retry_after_seconds(retry_after))
         self.counters.requests["retry"] += 1
         await asyncio.sleep(delay)
 
@@ -166,6 +185,7 @@ class StreetViewClient:
         `kind` finds incomplete; raises RequestFailed when the retries run out."""
         url = self.url(suffix, params)
         reason = "no attempt"
+        answers_before, refused = self.answers, 0
         for attempt in range(self.settings.retries + 1):
             if attempt:
                 await self._backoff(attempt - 1, retry_after)
@@ -180,11 +200,13 @@ class StreetViewClient:
                     body = await response.read()
                     status = response.status
                     retry_after = response.headers.get("Retry-After")
+                self.answers += 1
             except asyncio.TimeoutError:
                 reason = f"timed out after {self.settings.timeout:g} s"
                 continue
             except aiohttp.ClientError as error:  # the message may hold the URL (and key): keep only the type
                 reason = f"connection error ({type(error).__name__})"
+                refused += isinstance(error, aiohttp.ClientConnectorError)  # no connection at all
                 continue
             if status == 429 or status >= 500:
                 reason = f"HTTP {status}"
@@ -193,7 +215,11 @@ class StreetViewClient:
                 reason = f"unusable image ({problem})"
                 continue
             return status, body
-        raise RequestFailed(f"{reason} ({self.settings.retries + 1} attempts)")
+        attempts = self.settings.retries + 1
+        if refused == attempts and self.answers == answers_before:
+            raise ApiUnreachable(f"cannot connect to {URL(self.base).origin()}: {reason} on {attempts} attempts in a "
+                                 "row; check --api-url and the network, then rerun the same command to resume")
+        raise RequestFailed(f"{reason} ({attempts} attempts)")
 
     async def metadata(self, lat: float, lng: float) -> dict:
         """The metadata answer for a point (status OK or ZERO_RESULTS); other statuses raise."""

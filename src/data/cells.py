@@ -14,7 +14,8 @@ import pandas as pd
 import shapely
 
 from src.core import geo
-from src.data.config import CELL_KINDS, CENTROID_PREFIX
+from src.data.config import CENTROID_PREFIX
+from src.core.choices import CELL_KINDS
 
 # clipped centroids are moved this far inside the land polygon, so they are inside, not on, the border
 CLIP_INSET_M = 100.0

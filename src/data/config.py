@@ -11,17 +11,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
+from src.core.choices import CELL_KINDS, SPLIT_BY
 from src.core.errors import UserError
 from src.core.flags import SEED_RULE, Rule, check_ranges
 from src.core.paths import IMAGE_CHECK_CACHE_DIR
 
-SPLITS = ("train", "val", "test")
-SPLIT_BY = ("location", "cell")
-CELL_KINDS = ("grid", "adaptive")
-CENTROID_KINDS = ("weighted", "clipped", "plain")
 # column prefix of each centroid kind in the class table and the enriched CSV
 CENTROID_PREFIX = {"plain": "centroid", "clipped": "clipped", "weighted": "weighted"}
 DEFAULT_SPLIT = (0.8, 0.1, 0.1)
+DEFAULT_SPACINGS = (0.25, 0.5, 1.0, 2.0)  # the grid spacings of src.analyze's oracle table
 SPACING_RANGE = (0.01, 10.0)  # degrees: below ~1 km cells the grid gets huge, above it is one cell
 MAX_CLASSES = 5000  # adaptive cells: k-means cost grows with locations x classes
 LOCATIONS_FILE = "locations.csv"  # a training run's enriched locations, in its version_N folder

@@ -157,7 +157,7 @@ class GeoDataModule(pl.LightningDataModule):
         cache = self.feature_cache
         extract = None  # ONNX Runtime exports the backbone on its first call, so only when entries are missing
         if resolve_engine(self.loader.engine, device) == "onnx":
-            extract = OnnxFeatureExtractor(backbone, self.loader.image_size, cache.directory / "backbone.onnx")
+            extract = OnnxFeatureExtractor(backbone, self.loader.image_size, preprocessing=repr(self.eval_transform()))
         computed = cache.compute_missing(image_dirs, backbone, self.eval_transform(), batch_size=self.loader.batch_size,
                                          num_workers=self.loader.num_workers, device=device, extract=extract)
         log.info("feature cache (%s): %d computed, %d reused", split, computed, len(image_dirs) - computed)

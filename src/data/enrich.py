@@ -17,11 +17,11 @@ import pandas as pd
 from tabulate import tabulate
 
 from src.core import geo
+from src.core.choices import SPLITS
 from src.core.errors import UserError
 from src.core.files import write_csv
 from src.data.cells import Cells, CellSpec, Grid, class_table, nearest_class
-from src.data.config import CENTROID_PREFIX
-from src.data.config import DEFAULT_SPLIT, SPLITS, DataConfig
+from src.data.config import CENTROID_PREFIX, DEFAULT_SPLIT, DataConfig
 from src.data.ingest import SKIP_COLUMNS, Ingested, check_dataset_dirs, read_datasets
 from src.data.locations import LOCATIONS_COLUMNS, read_locations_csv
 

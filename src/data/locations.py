@@ -15,7 +15,7 @@ import pandas as pd
 
 from src.core.errors import UserError
 from src.core.files import write_csv
-from src.data.config import SPLITS
+from src.core.choices import SPLITS
 
 # defect categories of a coordinate row, in the order they are looked for (the first found is reported)
 MISSING_KEY, INVALID_COORDINATES, DUPLICATE_KEY = "missing {key}", "invalid coordinates", "duplicate {key}"

@@ -26,11 +26,11 @@ from src.data.config import LOCATIONS_FILE
 from src.core.errors import UserError  # noqa: E402
 from src.core.geo import haversine_km  # noqa: E402
 from src.data.cells import build_grid, nearest_class  # noqa: E402
-from src.data.config import CENTROID_KINDS, CENTROID_PREFIX  # noqa: E402
+from src.data.config import CENTROID_PREFIX  # noqa: E402
+from src.core.choices import CENTROID_KINDS  # noqa: E402
 from src.data.images import VIEWS, check_image, load_image, view_paths  # noqa: E402
 from src.evaluation.plots import croatia_axes, draw_land, save_figure  # noqa: E402
 
-DEFAULT_SPACINGS = (0.25, 0.5, 1.0, 2.0)
 ERROR_CMAP = "plasma"
 
 

@@ -6,34 +6,57 @@ in metres (float64); `src.core.geo.unproject` turns it into latitude/longitude. 
 `images` [N, 3, S, S] to `features` [N, D]. The batch axis is dynamic; the opset is `OPSET`. Exports are
 checked against torch, made once and kept, stamped with a key that a stale file fails. `resolve_engine`
 picks the engine for --engine {auto,torch,onnx}: auto means ONNX Runtime on the CPU and torch on a GPU.
+
+The exporter is TorchScript's (`torch.onnx.export(dynamo=False)`), in the calling process: ~2 s for
+efficientnet_lite0 where torch.export (dynamo) took ~6 s plus a child process to keep its autograd state
+away from processes forked later. Tracing runs the model once, like any forward pass, so a process forked
+afterwards needs `torch.set_num_threads(1)` before torch computes (as DataLoader workers do);
+tests/test_export.py trains in such a child.
+
+`--engine {auto,torch,onnx}` of src.predict, src.train (feature cache) and src.serve picks torch or
+ONNX Runtime; auto means ONNX Runtime on the CPU and torch on a GPU. The engines keep their exports in one
+store shared by every checkpoint and feature cache folder (data/cache/onnx, or $ONNX_CACHE_DIR), one file per
+key: a hash of what changes the graph (the weights, input size, preprocessing, the whole model's hparams
+such as its head and prediction rule, opset, exporter, torch version and `EXPORT_VERSION`). A missing file
+is exported once, under a lock file, to a temporary name unique to the host and process, checked, then
+renamed into place, so DDP ranks and commands running at once never read a partial file.
 """
 
+import fcntl
 import hashlib
+import io
 import logging
 import os
-import subprocess
+import socket
 import sys
-import tempfile
+import time
+import uuid
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
 from torch import nn
+from tqdm import tqdm
 
-from src.core.paths import ONNX_CACHE_DIR, ROOT
-from src.model.backbones import Backbone
+from src.core.choices import ENGINES
 from src.core.errors import UserError
 from src.core.files import atomic_path
+from src.core.paths import ONNX_CACHE_DIR
+from src.model.backbones import Backbone
 
 log = logging.getLogger(__name__)
 
 OPSET = 18
-ENGINES = ("auto", "torch", "onnx")
+EXPORTER = "torchscript"  # torch.onnx.export(dynamo=False)
+EXPORT_VERSION = 2  # bump when what an export writes changes: stored files of older versions are not reused
 KEY = "src.export.key"  # ONNX metadata entry holding what the file was exported from
-FALLBACK_DIR = ONNX_CACHE_DIR  # used when a checkpoint's folder is read-only
+STORE_ENV = "ONNX_CACHE_DIR"  # overrides the store's folder (tests point it at a temporary folder)
+FEATURES_RTOL, FEATURES_ATOL = 1e-3, 1e-4  # a backbone export agrees with torch's features within these
 
 
 def resolve_engine(engine: str, device: str | torch.device = "cpu") -> str:
@@ -80,57 +103,118 @@ def session(path: str | Path, threads: int | None = None) -> ort.InferenceSessio
 
 def _export(module: nn.Module, example: torch.Tensor, out: Path, input_name: str, outputs: list[str],
             key: str) -> None:
-    """torch.onnx.export (dynamo) with a dynamic batch axis, stamped with `key`, written atomically.
-
-    The export runs in a child Python process: torch.export leaves autograd state behind that breaks
-    backward passes in any process forked later (https://github.com/pytorch/pytorch/wiki/Autograd-and-Fork),
-    and the caller may be a training run, or a harness that forks."""
-    with tempfile.TemporaryDirectory() as tmp:
-        job = Path(tmp) / "job.pt"
-        torch.save({"module": module.cpu().eval(), "example": example, "out": str(out), "input_name": input_name,
-                    "outputs": outputs, "key": key}, job)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-        run = subprocess.run([sys.executable, "-c", f"from src.inference.engine import export_job; export_job({str(job)!r})"],
-                             env=env, capture_output=True, text=True)
-    if run.returncode != 0:
-        raise RuntimeError(f"ONNX export to {out} failed: {run.stderr.strip()[-2000:]}")
-
-
-def export_job(job: str) -> None:
-    """The child process of `_export`: read the job file, export."""
-    _export_here(**torch.load(job, map_location="cpu", weights_only=False))
-
-
-def _export_here(module: nn.Module, example: torch.Tensor, out: str, input_name: str, outputs: list[str],
-                 key: str) -> None:
-    batch = torch.export.Dim("batch", min=1, max=65536)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(module.eval(), (example,), dynamo=True, opset_version=OPSET, verbose=False,
-                                    input_names=[input_name], output_names=outputs,
-                                    dynamic_shapes=({0: batch},), external_data=False)
-    proto = program.model_proto
+    """torch.onnx.export (TorchScript exporter) of `module` traced on `example`, with a dynamic batch axis,
+    stamped with `key`, written to `out` (the caller makes it atomic)."""
+    was_training, fastpath = module.training, torch.backends.mha.get_fastpath_enabled()
+    buffer = io.BytesIO()
+    try:
+        # nn.MultiheadAttention's inference fast path is one fused operator that ONNX has no counterpart for
+        torch.backends.mha.set_fastpath_enabled(False)
+        with warnings.catch_warnings(), torch.no_grad():
+            # the exporter's notes about itself; a TracerWarning (a Python branch on a traced value) still shows
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx")
+            torch.onnx.export(module.cpu().eval(), (example,), buffer, dynamo=False, opset_version=OPSET,
+                              input_names=[input_name], output_names=outputs,
+                              dynamic_axes={name: {0: "batch"} for name in [input_name, *outputs]})
+    finally:
+        module.train(was_training)
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    proto = onnx.load_from_string(buffer.getvalue())
     onnx.helper.set_model_props(proto, {KEY: key})
-    with atomic_path(out) as tmp:
-        onnx.save(proto, tmp)
+    onnx.save(proto, str(out))
+
+
+def store_dir() -> Path:
+    """The export store's folder: $ONNX_CACHE_DIR, else data/cache/onnx."""
+    return Path(os.environ.get(STORE_ENV) or ONNX_CACHE_DIR)
+
+
+def store_key(kind: str, weights: str, **graph) -> str:
+    """The key of an export: what it is, a hash of the weights, whatever else changes its graph, and the
+    opset, exporter, torch version and EXPORT_VERSION."""
+    fields = [kind, f"weights={weights}", *(f"{name}={graph[name]!r}" for name in sorted(graph)),
+              f"opset={OPSET}", f"exporter={EXPORTER}", f"torch={torch.__version__}", f"version={EXPORT_VERSION}"]
+    return "|".join(fields)
+
+
+def weights_hash(module: nn.Module) -> str:
+    """A hash of a module's parameters and buffers, by name."""
+    digest = hashlib.sha1()
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path` (a lock file) across processes of this host."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def stored_export(what: str, key: str, module: nn.Module, example: torch.Tensor, input_name: str,
+                  outputs: list[str], check: Callable[[Path], None]) -> Path:
+    """The store's file for `key`, exported now when missing (`check` raises when it disagrees with torch).
+
+    Says `exporting the <what> to ONNX (once): N.N s` on stderr when it has exported. Under the lock, a second
+    process waits and then finds the file; the temporary name holds host and pid, so even processes on
+    different hosts sharing the folder never write the same file, and the rename is atomic."""
+    path = store_dir() / f"{what.split()[-1]}-{hashlib.sha256(key.encode()).hexdigest()[:24]}.onnx"
+    if path.is_file():
+        return path
+    with _locked(path.with_suffix(".lock")):
+        if path.is_file():  # another process exported it while this one waited
+            return path
+        start = time.perf_counter()
+        tmp = path.with_name(f".{path.stem}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp.onnx")
+        try:
+            _export(module, example, tmp, input_name, outputs, key)
+            check(tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        # through tqdm, so that a progress bar on stderr (the feature cache's) is not cut by the line
+        tqdm.write(f"exporting the {what} to ONNX (once): {time.perf_counter() - start:.1f} s", file=sys.stderr)
+        log.info("ONNX export %s: %s", path, key)
+    return path
 
 
 def checkpoint_key(checkpoint: str | Path, model, backbone_only: bool) -> str:
-    """What an export of `checkpoint` depends on: the file (path, size, mtime), centroids, topk, prediction
-    rule, opset."""
-    path = Path(checkpoint).resolve()
-    stat = path.stat()
+    """What `src.export` stamps in its file: the checkpoint and the store key of the same export."""
+    return f"{Path(checkpoint).resolve()}|{model_key(model, backbone_only)}"
+
+
+def model_key(model, backbone_only: bool = False) -> str:
+    """The store key of a GeoModel's export (its backbone's with `backbone_only`)."""
     hp = model.hparams
-    return (f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{hp.get('centroids')}|{hp.get('topk')}"
-            f"|{hp.get('predict_rule', 'mean')}|opset{OPSET}"
-            f"|{'backbone' if backbone_only else 'model'}")
+    if backbone_only:
+        return backbone_key(model.backbone, int(hp["image_size"]), input_preprocessing(hp))
+    return store_key("model", weights_hash(model), image_size=int(hp["image_size"]),
+                     preprocessing=input_preprocessing(hp), hparams=sorted((k, repr(v)) for k, v in hp.items()))
+
+
+def backbone_key(backbone: nn.Module, image_size: int, preprocessing: str = "") -> str:
+    """The store key of a backbone's export at `image_size` for inputs prepared by `preprocessing`."""
+    return store_key("backbone", weights_hash(backbone), image_size=int(image_size), preprocessing=preprocessing)
+
+
+def input_preprocessing(hparams) -> str:
+    """How a checkpoint's inputs are normalised (mean and std), as text for the store key."""
+    return f"mean={tuple(hparams.get('image_mean', ()))} std={tuple(hparams.get('image_std', ()))}"
 
 
 def stored_key(path: Path) -> str | None:
     """The key stamped in an exported file, or None when it is missing or unreadable."""
     try:
         model = onnx.load(str(path), load_external_data=False)
-    except Exception:  # a truncated or foreign file is simply re-exported
+    except Exception:  # a truncated or foreign file
         return None
     return {p.key: p.value for p in model.metadata_props}.get(KEY)
 
@@ -142,14 +226,15 @@ def example_views(model, batch: int = 2) -> torch.Tensor:
 
 
 def export_model(model, out: str | Path, backbone_only: bool = False, key: str = "") -> Path:
-    """Export a GeoModel (or its backbone) to `out`; returns `out`."""
+    """Export a GeoModel (or its backbone) to `out`, atomically; returns `out`."""
     out = Path(out)
     model = model.cpu().eval()
     views = example_views(model)
-    if backbone_only:
-        _export(model.backbone, views.flatten(0, 1), out, "images", ["features"], key)
-    else:
-        _export(QuadrupletGraph(model), views, out, "views", output_names(model.hparams.approach), key)
+    with atomic_path(out) as tmp:
+        if backbone_only:
+            _export(model.backbone, views.flatten(0, 1), tmp, "images", ["features"], key)
+        else:
+            _export(QuadrupletGraph(model), views, tmp, "views", output_names(model.hparams.approach), key)
     return out
 
 
@@ -205,63 +290,60 @@ def infer(model, views: torch.Tensor) -> tuple[np.ndarray | None, np.ndarray]:
     return model.class_logits(outputs).float().softmax(dim=1).cpu().numpy(), xy
 
 
-def cached_export_path(checkpoint: str | Path) -> Path:
-    """Where the engine keeps the export of `checkpoint`: beside it, or under data/cache/onnx when that
-    folder is read-only."""
-    checkpoint = Path(checkpoint).resolve()
-    beside = checkpoint.with_name(checkpoint.name + ".onnx")
-    if os.access(checkpoint.parent, os.W_OK):
-        return beside
-    digest = hashlib.sha1(str(checkpoint).encode()).hexdigest()[:16]
-    return FALLBACK_DIR / f"{checkpoint.stem}-{digest}.onnx"
-
-
 def engine_model(model, checkpoint: str | Path, engine: str, threads: int | None = None):
-    """`model` itself for the torch engine; for onnx an OnnxGeoModel over the cached export of
-    `checkpoint` (exported and checked now when missing or stale)."""
+    """`model` itself for the torch engine; for onnx an OnnxGeoModel over the store's export of `model`
+    (exported and checked now when missing). `checkpoint` names the model in errors."""
     if engine == "torch":
         return model
-    path = cached_export_path(checkpoint)
-    key = checkpoint_key(checkpoint, model, backbone_only=False)
-    if stored_key(path) != key:
-        log.info("exporting %s to %s (ONNX opset %d)", checkpoint, path, OPSET)
-        export_model(model, path, key=key)
-        check = compare_with_torch(model, path, example_views(model))
-        if not check["max_distance_m"] < 1.0:
-            path.unlink(missing_ok=True)
-            raise RuntimeError(f"ONNX export of {checkpoint} disagrees with torch by {check['max_distance_m']:.3g} m")
+    model = model.cpu().eval()
+
+    def check(path: Path) -> None:
+        distance = compare_with_torch(model, path, example_views(model))["max_distance_m"]
+        if not distance < 1.0:
+            raise RuntimeError(f"ONNX export of {checkpoint} disagrees with torch by {distance:.3g} m")
+
+    path = stored_export("model", model_key(model), QuadrupletGraph(model), example_views(model), "views",
+                         output_names(model.hparams.approach), check)
     return OnnxGeoModel(path, model.hparams, threads)
+
+
+def backbone_session(backbone: Backbone, image_size: int, preprocessing: str = "",
+                     threads: int | None = None) -> ort.InferenceSession:
+    """An ONNX Runtime session computing `backbone`'s features, images [N, 3, S, S] -> features [N, D], over
+    the store's export (exported and checked against torch now when missing). `preprocessing` describes how
+    the images are prepared (e.g. repr of the transform); exports for different preprocessing are kept apart."""
+    example = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+
+    def check(path: Path) -> None:
+        was_training = backbone.training
+        with torch.no_grad():
+            expected = backbone.cpu().eval()(example).numpy()
+        backbone.train(was_training)
+        got = session(path, threads).run(None, {"images": example.numpy()})[0]
+        if not np.allclose(got, expected, rtol=FEATURES_RTOL, atol=FEATURES_ATOL):
+            raise RuntimeError(f"ONNX export of the backbone disagrees with torch by "
+                               f"{np.abs(got - expected).max():.3g}")
+
+    path = stored_export("backbone", backbone_key(backbone, image_size, preprocessing), backbone, example,
+                         "images", ["features"], check)
+    return session(path, threads)
 
 
 class OnnxFeatureExtractor:
     """ONNX Runtime in place of a backbone's forward: images [N, 3, S, S] -> features [N, D] (torch).
 
-    The backbone is exported to `path` on the first call (not when nothing needs computing), once: the file
-    is stamped with the weights' fingerprint, the image size and the opset, and reused while they match.
-    `path` normally lies in the feature cache's folder, which is keyed the same way.
+    The session (`backbone_session`) is opened on the first call, so the backbone is exported only when
+    features are computed, and once for every caller with the same weights, image size and preprocessing.
     """
 
-    def __init__(self, backbone: Backbone, image_size: int, path: str | Path, threads: int | None = None):
+    def __init__(self, backbone: Backbone, image_size: int, threads: int | None = None, preprocessing: str = ""):
         self.backbone = backbone
         self.image_size = image_size
-        self.path = Path(path)
         self.threads = threads
+        self.preprocessing = preprocessing
         self.session: ort.InferenceSession | None = None
-
-    def _open(self) -> ort.InferenceSession:
-        key = f"backbone|{self.backbone.fingerprint()}|{self.image_size}px|opset{OPSET}"
-        if stored_key(self.path) != key:
-            size = self.image_size
-            example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
-            log.info("exporting the backbone to %s (ONNX opset %d)", self.path, OPSET)
-            was_training = self.backbone.training
-            try:
-                _export(self.backbone.cpu().eval(), example, self.path, "images", ["features"], key)
-            finally:
-                self.backbone.train(was_training)
-        return session(self.path, self.threads)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if self.session is None:
-            self.session = self._open()
+            self.session = backbone_session(self.backbone, self.image_size, self.preprocessing, self.threads)
         return torch.from_numpy(self.session.run(None, {"images": images.detach().cpu().float().numpy()})[0])

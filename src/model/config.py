@@ -7,13 +7,11 @@ same keys src.train has always saved, so every checkpoint reads back with `confi
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
-from src.data.config import CENTROID_KINDS
+from src.core.choices import CENTROID_KINDS
 
 APPROACHES = ("classification", "regression", "hybrid")
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULERS = ("plateau", "onecycle", "cosine", "none")
-PREDICT_RULES = ("mean", "median", "mode")
-FUSIONS = ("concat", "mean", "attention")
 # the defaults of src.train, chosen by 5-fold cross-validation on real LUMEN locations (docs/accuracy.md)
 DEFAULT_FUSION = "mean"
 DEFAULT_PREDICT_RULE = "mean"

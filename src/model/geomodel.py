@@ -18,10 +18,10 @@ from torch.nn import functional as F
 
 from src.model.backbones import Backbone, create_backbone
 from src.core.geo import haversine_km, haversine_km_torch, snap_to_land, unproject, unproject_torch
-from src.data.config import CENTROID_KINDS
+from src.core.choices import CENTROID_KINDS
 from src.model.config import APPROACHES, ClassTable, ModelConfig, OptimConfig, model_hparams
 from src.model.heads import HybridHead, create_fusion, haversine_smoothing_loss, hybrid_loss, hybrid_points, point_by_rule
-from src.model.config import PREDICT_RULES
+from src.core.choices import PREDICT_RULES
 from src.data.images import N_VIEWS
 
 

@@ -17,9 +17,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from src.core.choices import FUSIONS, PREDICT_RULES
 from src.core.geo import haversine_km_torch
 from src.data.config import CENTROID_PREFIX
-from src.model.config import FUSIONS, PREDICT_RULES
 
 
 
@@ -54,8 +54,8 @@ def geometric_median_xy(probabilities: torch.Tensor, class_xy: torch.Tensor, top
     Uses Vardi and Zhang's (2000) step, so an iterate landing exactly on a centroid neither divides by
     zero nor sticks there unless that centroid is the optimum (its weight >= the pull of the others).
     Starts at the weighted mean; stops when no point moves more than `tol_m` metres, or after `max_iter`
-    steps (always all of them with `fixed_steps`, which needs no host synchronisation, and while torch.export
-    traces it, so the ONNX graph computes the same point).
+    steps (always all of them with `fixed_steps`, which needs no host synchronisation, and while it is
+    exported to ONNX, so the graph computes the same point).
     """
     weights = top_probabilities(probabilities.to(torch.float64), topk)
     points = _per_location(class_xy.to(torch.float64), weights.shape[0])
@@ -63,7 +63,7 @@ def geometric_median_xy(probabilities: torch.Tensor, class_xy: torch.Tensor, top
     tiny = torch.finfo(torch.float64).tiny
     span = (points.amax(dim=1) - points.amin(dim=1)).amax(dim=1, keepdim=True)  # [B, 1]
     coincide_m = 1e-9 * span.clamp_min(1.0)
-    check = not (fixed_steps or torch.compiler.is_exporting())
+    check = not (fixed_steps or torch.compiler.is_exporting() or torch.jit.is_tracing())
     for _ in range(max_iter):
         offsets = points - current.unsqueeze(1)  # [B, C, 2]
         distance = offsets.norm(dim=2)  # [B, C]
