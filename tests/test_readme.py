@@ -43,6 +43,8 @@ def test_quickstart_verbatim(tmp_path):
     env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(tmp_path)}
     run = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
+    # Lightning's noise is filtered: no availability lines, no advert, no word about the default val interval
+    assert not re.search(r"GPU available|Tip:|val_check_interval|litlogger", run.stderr), run.stderr[-3000:]
     submission = pd.read_csv(tmp_path / "submission.csv")
     assert list(submission.columns) == ["uuid", "latitude", "longitude"]
     enriched = pd.read_csv(tmp_path / "reports" / "enriched_demo_grid0.5.csv")

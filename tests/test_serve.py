@@ -594,6 +594,8 @@ def test_signals_stop_the_server_gracefully(tiny_checkpoints, demo_dir, sig):
     assert code == 0 and time.monotonic() - start < 8
     server.drain.join(10)
     assert "shutting down" in "".join(server.stderr)
+    # the first line says which run and checkpoint are served
+    assert server.stderr[0].startswith("model ") and ": checkpoint " in server.stderr[0] and "(--checkpoint)" in server.stderr[0]
     with pytest.raises(aiohttp.ClientConnectionError):
         run(call(server.url))
 

@@ -491,7 +491,9 @@ def test_tensorboard_opens_on_train_and_val_curves(demo_dir, tmp_path):
             baseline += [e.value for e in accumulator.Scalars("val/km_baseline")]
     assert {"train/loss", "val/loss", "val/km_mean", "val/km_baseline"} <= scalars
     # no single-point charts: no epoch counter, no test scalars but the HParams metric, no frozen backbone lr
-    assert "epoch" not in scalars and not any(t.startswith(("test/", "lr-")) and t != "test/km_mean" for t in scalars)
+    assert "epoch" not in scalars and not any(t.startswith("test/") and t != "test/km_mean" for t in scalars)
+    # the head's learning rate (it trains); no backbone rate (the backbone never trains here)
+    assert [t for t in scalars if t.startswith("lr-")] == ["lr-AdamW/head"]
     assert len(baseline) == 3 and len(set(baseline)) == 1  # a flat line, one point per epoch
     hparams = (folder / "hparams.yaml").read_text()
     assert f"data: {demo_dir.resolve()}" in hparams and "n_cells:" in hparams and "epochs: 3" in hparams

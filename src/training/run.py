@@ -231,15 +231,16 @@ def build_trainer(config: RunConfig, interrupt: Interrupt, has_val: bool, val_ba
                                     restart_lr=optim.lr_finetune if optim.scheduler == "plateau" else None)]
     if val_baseline_km is not None:
         callbacks.append(ConstantBaseline(val_baseline_km))
-    if optim.unfreeze_at_epoch is not None:  # a backbone that never trains has no learning rate to show
-        callbacks.append(LearningRateMonitor(logging_interval="epoch"))
+    # the learning rate of every group that trains (a backbone that never trains has no group)
+    callbacks.append(LearningRateMonitor(logging_interval="epoch"))
     if trainer_config.early_stopping_patience is not None:
         callbacks.append(EarlyStopping(monitor="val/km_mean", mode="min",
                                        patience=trainer_config.early_stopping_patience))
     if trainer_config.ema is not None:
         callbacks.append(EMAWeightAveraging(decay=trainer_config.ema))
     interval = trainer_config.val_check_interval
-    interval = int(interval) if interval > 1 else interval
+    # 1.0 is Lightning's own default: passing it makes Lightning say what it will do anyway
+    interval = int(interval) if interval > 1 else None if interval == 1.0 else interval
 
     def trainer_with(sync_batchnorm: bool) -> pl.Trainer:
         return pl.Trainer(
