@@ -23,6 +23,7 @@ from src.data.images import check_image
 from src.data.ingest import read_datasets
 from src.data.sampling import sample_points
 from src.collect.emulator import StreetViewEmulator, running
+from src.collect import streetview
 from src.collect.streetview import retry_after_seconds
 from tests.test_cli import assert_user_error, run_command
 from tests.test_cli import test_help_lists_every_flag_with_its_default as check_help
@@ -90,11 +91,11 @@ def test_full_run_accounts_for_every_point(full_run):
                      20: "duplicate_panorama", 21: "duplicate_panorama", 22: "duplicate_panorama"})
     assert dict(enumerate(report["outcome"])) == expected
     data = pd.read_csv(out / "data.csv")
-    assert list(data.columns) == download.DATA_COLUMNS
+    assert list(data.columns) == streetview.DATA_COLUMNS
     downloaded = [i for i, outcome in expected.items() if outcome == "downloaded"]
     positions = {pano: (lat, lng) for pano, lat, lng in panoramas}
     assert data["pano_id"].tolist() == [f"pano{i}" if i < 18 else "pano19" for i in downloaded]
-    assert data["uuid"].tolist() == [str(__import__("uuid").uuid5(download.UUID_NAMESPACE, p)) for p in data["pano_id"]]
+    assert data["uuid"].tolist() == [str(__import__("uuid").uuid5(streetview.UUID_NAMESPACE, p)) for p in data["pano_id"]]
     pano_lat, pano_lng = zip(*(positions[p] for p in data["pano_id"]))
     assert np.allclose(data["latitude"], pano_lat) and np.allclose(data["longitude"], pano_lng)
     assert np.allclose(data["sample_latitude"], points["latitude"][downloaded])
@@ -139,8 +140,8 @@ def test_key_and_secret_never_leave_the_process(full_run):
 
 
 def test_signature_matches_googles_recipe():
-    settings = download.Settings(api_url="https://maps.googleapis.com/maps/api/streetview", key=KEY, secret=SECRET)
-    client = download.StreetViewClient(None, settings, download.Counters())
+    settings = streetview.Settings(api_url="https://maps.googleapis.com/maps/api/streetview", key=KEY, secret=SECRET)
+    client = streetview.StreetViewClient(None, settings, streetview.Counters())
     url = str(client.url("/metadata", {"location": "45.1,15.2", "radius": "50"}))
     signed, signature = url.split("&signature=")
     path_and_query = signed.removeprefix("https://maps.googleapis.com")
@@ -212,7 +213,7 @@ def test_sigint_then_rerun_resumes_without_refetching(tmp_path):
     assert sorted(data["pano_id"]) == sorted(f"pano{i}" for i in [*range(18), 19])
     assert data["uuid"].is_unique
     assert emulator.stats.requests["metadata", "ok"] == 24  # no point looked up twice
-    by_uuid = {download.location_uuid(pano): pano for pano in data["pano_id"]}
+    by_uuid = {streetview.location_uuid(pano): pano for pano in data["pano_id"]}
     assert all(emulator.stats.served[by_uuid[uuid], view] == 1 for uuid, view in on_disk)
     assert set(emulator.stats.served.values()) == {1}  # the requests in flight at the signal were finished
 
@@ -353,7 +354,7 @@ def test_sigterm_cancels_the_requests_that_outlast_the_grace(tmp_path):
         process.send_signal(signal.SIGTERM)
         sent = time.monotonic()
         _, stderr = process.communicate(timeout=30)
-        assert download.STOP_GRACE_S <= time.monotonic() - sent < download.STOP_GRACE_S + 3
+        assert streetview.STOP_GRACE_S <= time.monotonic() - sent < streetview.STOP_GRACE_S + 3
     assert process.returncode == 143 and "interrupted (SIGTERM): rerun the same command" in stderr, stderr
     assert "Traceback" not in stderr and not list(out.rglob("*.tmp*")) and not list(out.rglob("*.jpg"))
     report = pd.read_csv(out / "points_report.csv")
