@@ -24,7 +24,6 @@ from src.data.images import check_image
 from src.data.ingest import read_datasets
 from src.data.sampling import sample_points
 from src.collect.emulator import StreetViewEmulator, running
-from src.collect import streetview
 from src.collect.streetview import retry_after_seconds
 from tests.test_cli import assert_user_error, run_command
 from tests.test_cli import test_help_lists_every_flag_with_its_default as check_help
