@@ -164,7 +164,7 @@ def test_a_checkpoint_written_before_the_redesign_predicts_analyzes_and_resumes(
     # analyze rebuilds the run's locations from the old hparams
     tables = analyze_main(["--checkpoint", str(path), "--spacings", "1.0", "--figures-dir", str(tmp_path / "figures"),
                            "--tables-dir", str(tmp_path / "tables")])
-    assert len(tables["oracle"]) == 2 and f"locations of the run of {path}" in capsys.readouterr().err
+    assert len(tables["oracle"]) == 2 and f"run {path.parent.parent}, checkpoint {path.name}" in capsys.readouterr().err
     # --resume continues the old run to a third epoch, in its folder
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
