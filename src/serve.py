@@ -118,10 +118,10 @@ def main(argv: list[str] | None = None) -> None:
     check_address(args.host, args.port)
     reports_dir = args.reports_dir or REPORTS_DIR
     checkpoints = args.checkpoint or [find_checkpoint(reports_dir)]
-    chosen = "--checkpoint" if args.checkpoint else f"the newest run under {reports_dir}; choose another with --checkpoint"
-    for checkpoint in checkpoints:  # which run is served, said before the slow start-up
-        print(f"model {Path(checkpoint).parent.parent}: checkpoint {checkpoint} ({chosen})", file=sys.stderr, flush=True)
-    served = load_models(checkpoints, engine, args.device, args.threads or None, args.reports_dir or REPORTS_DIR)
+    if not args.checkpoint:  # which run is served when none was named: the first line
+        print(f"checkpoint {checkpoints[0]} (the newest run under {reports_dir}; choose another with --checkpoint)",
+              file=sys.stderr, flush=True)
+    served = load_models(checkpoints, engine, args.device, args.threads or None, reports_dir)  # says "model NAME: ..."
     limits = Limits(args.max_upload_mb, int(args.max_megapixels * 1e6), args.body_timeout)
     access = Access(args.token, host_names(args.host, args.allowed_hosts), frozenset(args.cors_origin or []))
     app = build_app(served, args.max_batch, args.batch_wait_ms, args.top, demo_examples(), limits, access)

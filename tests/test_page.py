@@ -9,7 +9,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import aiohttp
@@ -17,22 +16,10 @@ import pytest
 from PIL import Image
 
 from src.data.images import VIEWS
+from tests.servers import Server
 
 REPO = Path(__file__).resolve().parent.parent
 DESKTOP, PHONE = (1200, 900), (390, 844)
-
-
-class Server:
-    """`python -m src.serve ... --port 0` in a subprocess; `url` once it listens."""
-
-    def __init__(self, *args):
-        self.process = subprocess.Popen([sys.executable, "-m", "src.serve", "--port", "0", *map(str, args)], cwd=REPO,
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        line = self.process.stdout.readline()  # blocks until the first stdout line (or exit)
-        if not line.startswith("serving on "):
-            self.process.kill()
-            raise AssertionError(f"server did not start: {line!r} {self.process.stderr.read()[-3000:]}")
-        self.url = line.split()[2]
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -27,34 +26,10 @@ from src.core.errors import run_cli
 from src.predict import main as predict_main
 from src.serve import build_parser
 from src.serve import main as serve_main
+from tests.servers import Server
 from tests.test_images import encode, photo, with_size, zeroed_middle
 
 REPO = Path(__file__).resolve().parent.parent
-FIGURES = REPO / "figures"
-
-
-class Server:
-    """`python -m src.serve ... --port 0` in a subprocess; `url` once it listens."""
-
-    def __init__(self, *args, timeout: float = 120):
-        self.process = subprocess.Popen([sys.executable, "-m", "src.serve", "--port", "0", *map(str, args)], cwd=REPO,
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        line = self.process.stdout.readline()  # blocks until the first stdout line (or exit)
-        if not line.startswith("serving on "):
-            self.process.kill()
-            raise AssertionError(f"server did not start: {line!r} {self.process.stderr.read()[-3000:]}")
-        self.url = line.split()[2]
-        self.stderr: list[str] = []  # drained as it comes, so a chatty server never blocks on a full pipe
-        self.drain = threading.Thread(target=lambda: self.stderr.extend(self.process.stderr), daemon=True)
-        self.drain.start()
-
-    def stop(self, sig=signal.SIGTERM, timeout: float = 10) -> tuple[int, float, str]:
-        """Send `sig`; (exit code, seconds to exit, stderr)."""
-        start = time.monotonic()
-        self.process.send_signal(sig)
-        code = self.process.wait(timeout)
-        self.drain.join(timeout)
-        return code, time.monotonic() - start, "".join(self.stderr)
 
 
 def run(coroutine):
@@ -594,8 +569,8 @@ def test_signals_stop_the_server_gracefully(tiny_checkpoints, demo_dir, sig):
     assert code == 0 and time.monotonic() - start < 8
     server.drain.join(10)
     assert "shutting down" in "".join(server.stderr)
-    # the first line says which run and checkpoint are served
-    assert server.stderr[0].startswith("model ") and ": checkpoint " in server.stderr[0] and "(--checkpoint)" in server.stderr[0]
+    # the server said which run and checkpoint it serves
+    assert any(line.startswith("model demo") and "best-" in line for line in server.stderr)
     with pytest.raises(aiohttp.ClientConnectionError):
         run(call(server.url))
 
@@ -666,3 +641,16 @@ def test_class_cells_are_the_runs_grid_squares_and_none_for_other_cells(tiny_che
         # a weighted centroid is the mean of the cell's train locations: inside its (convex) square
         assert west <= ln <= east and south <= la <= north and east - west == pytest.approx(0.5)
     assert class_cells({**hparams, "cells": "adaptive"})[2] is None
+
+
+def test_the_default_checkpoint_is_named_on_the_first_line(tiny_checkpoints):
+    reports = Path(tiny_checkpoints["classification"]).parents[3]  # <reports>/<run>/version_N/checkpoints/
+    server = Server("--reports-dir", reports)
+    try:
+        deadline = time.monotonic() + 10
+        while not server.stderr and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert server.stderr[0].startswith("checkpoint ") and f"the newest run under {reports}" in server.stderr[0]
+        assert any(line.startswith("model ") for line in server.stderr)
+    finally:
+        server.stop()
