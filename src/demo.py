@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from src.core.errors import UserError, run_cli
+from src.core.flags import SEED_RULE, Rule, at_least, check_ranges
 from src.core.paths import DEMO_DIR
 
 
@@ -29,12 +30,9 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     from src.data.synthetic import write_demo_dataset  # the library after parsing: --help stays instant
 
-    if args.locations < 1:
-        raise UserError(f"--locations {args.locations}: give a number of locations >= 1 (e.g. 600)")
-    if not 8 <= args.image_size <= 4096:
-        raise UserError(f"--image-size {args.image_size}: give a side in pixels from 8 to 4096 (e.g. 96)")
-    if not 0 <= args.seed < 2**32:
-        raise UserError(f"--seed {args.seed}: give a whole number from 0 to {2**32 - 1}")
+    check_ranges(args, [Rule("locations", at_least(1), "a number of locations >= 1 (e.g. 600)"),
+                        Rule("image_size", lambda v: 8 <= v <= 4096, "a side in pixels from 8 to 4096 (e.g. 96)"),
+                        SEED_RULE])
     if args.out.exists() and not args.out.is_dir():
         raise UserError(f"--out {args.out}: is a file; pass a new or existing directory")
     if (args.out / "data.csv").exists():

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from src.core.choices import CENTROID_KINDS, ENGINES, PREDICT_RULES
-from src.core.errors import UserError, run_cli
+from src.core.errors import run_cli
+from src.core.flags import Rule, at_least, check_ranges
 from src.core.paths import REPORTS_DIR
 
 if TYPE_CHECKING:
@@ -76,12 +77,9 @@ def main(argv: list[str] | None = None) -> "pd.DataFrame":
                                          locations_from_images, predict_locations)
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size {args.batch_size}: give a number of locations >= 1 (e.g. 32)")
-    if args.num_workers < 0:
-        raise UserError(f"--num-workers {args.num_workers}: give 0 (decode in the main process) or more")
-    if args.topk is not None and args.topk < 0:
-        raise UserError(f"--topk {args.topk}: give 0 (all classes) or a number of classes >= 1")
+    check_ranges(args, [Rule("batch_size", at_least(1), "a number of locations >= 1 (e.g. 32)"),
+                        Rule("num_workers", at_least(0), "0 (decode in the main process) or more"),
+                        Rule("topk", at_least(0), "0 (all classes) or a number of classes >= 1")])
     check_device(args.device)
     engine = resolve_engine(args.engine, args.device)
     stdout = sys.stdout

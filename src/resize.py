@@ -15,7 +15,8 @@ import os
 import sys
 from pathlib import Path
 
-from src.core.errors import UserError, run_cli
+from src.core.errors import run_cli
+from src.core.flags import Rule, at_least, check_ranges
 
 
 
@@ -38,12 +39,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     from src.data.resizing import MAX_SIZE, MIN_SIZE, resize_datasets  # after parsing: --help stays instant
 
-    if not MIN_SIZE <= args.size <= MAX_SIZE:
-        raise UserError(f"--size {args.size}: give a side in pixels from {MIN_SIZE} to {MAX_SIZE} (e.g. 256)")
-    if args.workers < 1:
-        raise UserError(f"--workers {args.workers}: give 1 or more processes")
-    if not 1 <= args.quality <= 100:
-        raise UserError(f"--quality {args.quality}: give a JPEG quality from 1 to 100 (e.g. 95)")
+    check_ranges(args, [Rule("size", lambda v: MIN_SIZE <= v <= MAX_SIZE, f"a side in pixels from {MIN_SIZE} to {MAX_SIZE} (e.g. 256)"),
+                        Rule("workers", at_least(1), "1 or more processes"),
+                        Rule("quality", lambda v: 1 <= v <= 100, "a JPEG quality from 1 to 100 (e.g. 95)")])
     result = resize_datasets(args.dataset_dirs, args.out, args.size, args.workers, args.quality)
     if result["copied"]:
         print(f"warning: {len(result['copied'])} view(s) could not be decoded and were copied as they are "

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from src.core.errors import UserError, run_cli
+from src.core.flags import SEED_RULE, Rule, check_ranges
 
 
 
@@ -39,12 +40,9 @@ def main(argv: list[str] | None = None) -> None:
     from src.data.sampling import (FIGURE_FORMATS, MAX_POINTS, excluded_locations, plot_points, sample_points,
                                    write_points)
 
-    if not 1 <= args.n <= MAX_POINTS:
-        raise UserError(f"--n {args.n}: give a number of points from 1 to {MAX_POINTS:,}")
-    if not 0 <= args.seed < 2**32:
-        raise UserError(f"--seed {args.seed}: give a whole number from 0 to {2**32 - 1}")
-    if not 0 <= args.min_distance_m <= 100_000:  # also false for nan
-        raise UserError(f"--min-distance-m {args.min_distance_m:g}: give metres from 0 to 100000 (e.g. 200)")
+    check_ranges(args, [Rule("n", lambda v: 1 <= v <= MAX_POINTS, f"a number of points from 1 to {MAX_POINTS:,}"),
+                        SEED_RULE,
+                        Rule("min_distance_m", lambda v: 0 <= v <= 100_000, "metres from 0 to 100000 (e.g. 200)")])
     if args.out.is_dir():
         raise UserError(f"--out {args.out}: is a directory; give a CSV file path")
     figure = args.out.with_suffix(".png") if args.figure is None else args.figure

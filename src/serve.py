@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 from src.core.errors import UserError, run_cli
+from src.core.flags import Rule, at_least, check_ranges, non_negative_finite, positive_finite
 
 # the library (torch, ONNX Runtime, geopandas) is imported in main(), after parsing: --help and flag errors are fast
 
@@ -78,20 +79,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+RULES = [Rule("port", lambda v: 0 <= v <= 65535, "a TCP port from 0 to 65535"),
+         Rule("max_batch", at_least(1), "1 or more locations"),
+         Rule("batch_wait_ms", lambda v: 0 <= v <= 1000, "0 to 1000 milliseconds"),
+         Rule("max_upload_mb", lambda v: 0 < v <= 1024, "a size in MB above 0, at most 1024"),
+         Rule("max_megapixels", lambda v: 0 < v <= 1000, "above 0, at most 1000 megapixels"),
+         Rule("header_timeout", positive_finite, "more than 0 seconds"),
+         Rule("body_timeout", positive_finite, "more than 0 seconds"),
+         Rule("top", at_least(0), "0 or more cells"), Rule("threads", at_least(0), "0 (all cores) or more"),
+         Rule("shutdown_timeout", non_negative_finite, "0 or more seconds")]
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    checks = [("port", 0 <= args.port <= 65535, "a TCP port from 0 to 65535"),
-              ("max_batch", args.max_batch >= 1, "1 or more locations"),
-              ("batch_wait_ms", 0 <= args.batch_wait_ms <= 1000, "0 to 1000 milliseconds"),
-              ("max_upload_mb", 0 < args.max_upload_mb <= 1024, "a size in MB above 0, at most 1024"),
-              ("max_megapixels", 0 < args.max_megapixels <= 1000, "above 0, at most 1000 megapixels"),
-              ("header_timeout", args.header_timeout > 0, "more than 0 seconds"),
-              ("body_timeout", args.body_timeout > 0, "more than 0 seconds"),
-              ("top", args.top >= 0, "0 or more cells"), ("threads", args.threads >= 0, "0 (all cores) or more"),
-              ("shutdown_timeout", args.shutdown_timeout >= 0, "0 or more seconds")]
-    for key, ok, expected in checks:
-        if not ok:
-            raise UserError(f"--{key.replace('_', '-')} {getattr(args, key)}: must be {expected}")
+    check_ranges(args, RULES)
     if args.token is not None and (not args.token.strip() or args.no_auth):
         raise UserError("--token: must be a non-empty token, and not given with --no-auth")
 

@@ -38,9 +38,10 @@ from yarl import URL
 from src.collect.defaults import DEFAULT_API_URL, DUPLICATE_M, KEY_ENV
 from src.core import geo
 from src.core.errors import UserError
-from src.core.files import atomic_path
+from src.core.flags import Rule, at_least, check_ranges, non_negative_finite, positive_finite
+from src.core.files import atomic_path, write_csv
 from src.data.images import VIEWS, check_image
-from src.data.locations import read_csv_strict
+from src.data.locations import read_coordinates, read_csv_strict
 from src.data.sampling import thin
 
 UUID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, DEFAULT_API_URL)
@@ -312,35 +313,14 @@ class Journal:
 
 
 def read_points(path: Path) -> pd.DataFrame:
-    """point_id, latitude, longitude from a points CSV; any bad row is a one-line UserError."""
+    """point_id, latitude, longitude from a points CSV (the one coordinate reader); any bad row is a one-line
+    UserError naming the file and line."""
     fix = "give the CSV written by python -m src.sample (point_id,latitude,longitude)"
-    if not path.exists():
-        raise UserError(f"--points {path}: not found; {fix}")
-    table = read_csv_strict(path, fix)
-    table.columns = [str(column).strip().lower() for column in table.columns]
-    missing = [c for c in ("point_id", "latitude", "longitude") if c not in table.columns]
-    if missing:
-        raise UserError(f"{path}: missing column(s) {', '.join(missing)}; {fix}")
-    if table.empty:
-        raise UserError(f"{path}: no points; {fix}")
-    table = table[["point_id", "latitude", "longitude"]].copy()
-    no_id = table["point_id"].isna()
-    if no_id.any():
-        line = int(np.flatnonzero(no_id)[0]) + 2
-        raise UserError(f"{path}: line {line}: empty point_id ({int(no_id.sum())} rows); {fix}")
-    table["point_id"] = table["point_id"].astype(str).str.strip()
-    for column in ("latitude", "longitude"):
-        table[column] = pd.to_numeric(table[column], errors="coerce")
-    bad = (table["latitude"].isna() | table["longitude"].isna() | ~table["latitude"].between(-90, 90)
-           | ~table["longitude"].between(-180, 180))
-    if bad.any():
-        line = int(np.flatnonzero(bad)[0]) + 2
-        raise UserError(f"{path}: line {line}: latitude/longitude must be numbers in degrees ({int(bad.sum())} bad rows)")
-    duplicated = table["point_id"].duplicated()
-    if duplicated.any():
-        line = int(np.flatnonzero(duplicated)[0]) + 2
-        raise UserError(f"{path}: line {line}: point_id {table['point_id'][duplicated].iloc[0]} repeats an earlier row")
-    return table.reset_index(drop=True)
+    try:
+        rows = read_coordinates(path, "points", fix, key="point_id", lowercase_columns=True)
+        return rows.require_valid("points", fix).drop(columns="line")
+    except UserError as error:  # the message names the flag the file came from
+        raise UserError(f"--points {error}") from None
 
 
 def previous_rows(path: Path) -> pd.DataFrame:
@@ -555,8 +535,7 @@ class Downloader:
         if len(earlier):
             data = pd.concat([earlier, data[DATA_COLUMNS]], ignore_index=True)
         if len(data) or not (self.out / "data.csv").exists():
-            with atomic_path(self.out / "data.csv") as tmp:
-                data[DATA_COLUMNS].to_csv(tmp, index=False)
+            write_csv(data[DATA_COLUMNS], self.out / "data.csv")
         return len(data)
 
     def finish(self) -> pd.DataFrame:
@@ -568,8 +547,7 @@ class Downloader:
         if not self.settings.metadata_only:
             self.write_data_csv()
         report = self.outcomes()
-        with atomic_path(self.out / "points_report.csv") as tmp:
-            report.to_csv(tmp, index=False)
+        write_csv(report, self.out / "points_report.csv")
         self.journal.close()
         return report
 
@@ -630,15 +608,12 @@ async def _run_until_signal(downloader: Downloader) -> int | None:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    checks = [(args.radius > 0 and args.radius <= 50_000, "--radius", args.radius, "metres from 1 to 50000 (e.g. 500)"),
-              (1 <= args.concurrency <= 1000, "--concurrency", args.concurrency, "requests in flight from 1 to 1000"),
-              (args.qps >= 0 and np.isfinite(args.qps), "--qps", args.qps, "requests per second >= 0 (0: no cap)"),
-              (args.timeout > 0 and np.isfinite(args.timeout), "--timeout", args.timeout, "seconds > 0 (e.g. 30)"),
-              (0 <= args.retries <= 20, "--retries", args.retries, "a count from 0 to 20"),
-              (args.max_images is None or args.max_images >= 0, "--max-images", args.max_images, "a count >= 0")]
-    for ok, flag, value, what in checks:
-        if not ok:
-            raise UserError(f"{flag} {value}: give {what}")
+    check_ranges(args, [Rule("radius", lambda v: 0 < v <= 50_000, "metres from 1 to 50000 (e.g. 500)"),
+                        Rule("concurrency", lambda v: 1 <= v <= 1000, "requests in flight from 1 to 1000"),
+                        Rule("qps", non_negative_finite, "requests per second >= 0 (0: no cap)"),
+                        Rule("timeout", positive_finite, "seconds > 0 (e.g. 30)"),
+                        Rule("retries", lambda v: 0 <= v <= 20, "a count from 0 to 20"),
+                        Rule("max_images", at_least(0), "a count >= 0")])
     url = urlsplit(args.api_url)
     if url.scheme not in ("http", "https") or not url.netloc:
         raise UserError(f"--api-url {args.api_url}: give an http(s) URL (default: {DEFAULT_API_URL})")
