@@ -111,9 +111,7 @@ def test_the_cycle_finder_finds_a_planted_cycle():
 
 
 def test_function_level_imports_are_seen(tmp_path):
-    module = SRC / "core" / "errors.py"
     known = set(modules())
-    assert imported_modules(module, known) <= known
     probe = tmp_path / "probe.py"
     probe.write_text("def f():\n    from src.inference.engine import session\n    import src.train\n")
     assert imported_modules(probe, known) == {"src.inference.engine", "src.train"}

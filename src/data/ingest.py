@@ -13,7 +13,6 @@ import pandas as pd
 import shapely
 from tqdm import tqdm
 
-from src.core.paths import IMAGE_CHECK_CACHE_DIR
 from src.core import geo
 from src.core.errors import UserError
 from src.core.files import atomic_path
@@ -23,7 +22,6 @@ from src.data.images import VIEWS, check_image
 REQUIRED_COLUMNS = ("uuid", "latitude", "longitude")
 IMAGE_SUBDIRS = ("data", "images")
 SKIP_COLUMNS = ["dataset_dir", "uuid", "reason", "detail"]
-CHECK_CACHE_DIR = IMAGE_CHECK_CACHE_DIR
 MANIFEST_COLUMNS = ["path", "size", "mtime_ns", "full_decode", "reason"]
 CHECK_CHUNK = 64  # location folders per image-check task
 

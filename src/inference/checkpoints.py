@@ -105,11 +105,16 @@ def read_hparams(path: str | Path, flag: str = "--checkpoint", reports_dir: str 
                  required: tuple[str, ...] = ()) -> dict[str, Any]:
     """The model hparams of a src.train checkpoint; `required` keys missing is a one-line UserError."""
     hparams = read_checkpoint(path, flag, reports_dir)["hyper_parameters"]
+    require_hparams(hparams, required, flag, path)
+    return dict(hparams)
+
+
+def require_hparams(hparams, required: tuple[str, ...], flag: str, path: str | Path) -> None:
+    """A one-line UserError when a checkpoint's hparams lack any of `required`."""
     missing = [key for key in required if key not in hparams]
     if missing:
         raise UserError(f"{flag} {path}: lacks {', '.join(missing)} in its hparams (an older src.train?); "
                         "retrain it with the current src.train")
-    return dict(hparams)
 
 
 def _run_hparams(checkpoint: dict[str, Any]) -> dict[str, Any]:
@@ -152,10 +157,7 @@ def load_model(path: str | Path, device: str = "cpu", flag: str = "--checkpoint"
 
     checkpoint = read_checkpoint(path, flag, reports_dir)
     hparams = checkpoint["hyper_parameters"]
-    missing = [key for key in PREDICT_HPARAMS if key not in hparams]
-    if missing:
-        raise UserError(f"{flag} {path}: lacks {', '.join(missing)} in its hparams (an older src.train?); "
-                        "retrain it with the current src.train")
+    require_hparams(hparams, PREDICT_HPARAMS, flag, path)
     try:
         model_config, optim, classes = configs_from_hparams(hparams)
         model_config = replace(model_config, channels_last=model_config.channels_last and str(device).startswith("cuda"),

@@ -27,10 +27,8 @@ import hashlib
 import io
 import logging
 import os
-import socket
 import sys
 import time
-import uuid
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -173,13 +171,9 @@ def stored_export(what: str, key: str, module: nn.Module, example: torch.Tensor,
         if path.is_file():  # another process exported it while this one waited
             return path
         start = time.perf_counter()
-        tmp = path.with_name(f".{path.stem}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp.onnx")
-        try:
+        with atomic_path(path) as tmp:  # a temporary name unique to host and process, renamed once checked
             _export(module, example, tmp, input_name, outputs, key)
             check(tmp)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
         # through tqdm, so that a progress bar on stderr (the feature cache's) is not cut by the line
         tqdm.write(f"exporting the {what} to ONNX (once): {time.perf_counter() - start:.1f} s", file=sys.stderr)
         log.info("ONNX export %s: %s", path, key)

@@ -47,11 +47,6 @@ class ModelConfig:
     image_std: tuple[float, float, float] = IMAGENET_STD
     channels_last: bool = False  # the backbone's memory format (a GPU speed choice, not a result)
 
-    @property
-    def input_spec(self) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
-        """(image size, mean, std) of the model's input."""
-        return int(self.image_size), tuple(self.image_mean), tuple(self.image_std)
-
 
 @dataclass(frozen=True)
 class OptimConfig:

@@ -242,25 +242,22 @@ def build_trainer(config: RunConfig, interrupt: Interrupt, has_val: bool, val_ba
     # 1.0 is Lightning's own default: passing it makes Lightning say what it will do anyway
     interval = int(interval) if interval > 1 else None if interval == 1.0 else interval
 
-    def trainer_with(sync_batchnorm: bool) -> pl.Trainer:
-        return pl.Trainer(
-            max_epochs=trainer_config.epochs, accelerator=trainer_config.accelerator, devices=trainer_config.devices,
-            precision=trainer_config.precision, strategy=ddp_strategy(trainer_config.strategy),
-            num_nodes=trainer_config.num_nodes, logger=logger, callbacks=[*callbacks, *quiet_callbacks()],
-            plugins=[AtomicCheckpointIO()], reload_dataloaders_every_n_epochs=loader_reload_epochs(config),
-            accumulate_grad_batches=trainer_config.accumulate_grad_batches,
-            gradient_clip_val=trainer_config.gradient_clip_val, val_check_interval=interval, log_every_n_steps=1,
-            deterministic=trainer_config.deterministic, sync_batchnorm=sync_batchnorm, **limits)
-
-    trainer = trainer_with(sync_batchnorm=False)
+    trainer = pl.Trainer(
+        max_epochs=trainer_config.epochs, accelerator=trainer_config.accelerator, devices=trainer_config.devices,
+        precision=trainer_config.precision, strategy=ddp_strategy(trainer_config.strategy),
+        num_nodes=trainer_config.num_nodes, logger=logger, callbacks=[*callbacks, *quiet_callbacks()],
+        plugins=[AtomicCheckpointIO()], reload_dataloaders_every_n_epochs=loader_reload_epochs(config),
+        accumulate_grad_batches=trainer_config.accumulate_grad_batches,
+        gradient_clip_val=trainer_config.gradient_clip_val, val_check_interval=interval, log_every_n_steps=1,
+        deterministic=trainer_config.deterministic, **limits,
+        # BatchNorm statistics over all processes' batches, so the ranks' running statistics stay equal; Lightning
+        # applies it under every multi-process strategy and not to one process (GPU only: no CPU kernel)
+        sync_batchnorm=config.gpu and optim.unfreeze_at_epoch == 0 and not optim.freeze_bn,
+    )
     if trainer.world_size > 1 and optim.unfreeze_at_epoch not in (None, 0):
         # DDP synchronises only the parameters trainable when it wraps the model (Lightning issue #20340)
         raise UserError(f"--unfreeze-at-epoch {optim.unfreeze_at_epoch}: with several processes the backbone "
                         "must train from the start (--unfreeze-at-epoch 0) or stay frozen (-1)")
-    if trainer.world_size > 1 and config.gpu and optim.unfreeze_at_epoch == 0 and not optim.freeze_bn:
-        # BatchNorm statistics over all processes' batches, so the ranks' running statistics stay equal
-        # (any multi-process strategy; GPU only: SyncBatchNorm has no CPU implementation)
-        trainer = trainer_with(sync_batchnorm=True)
     return RunParts(trainer, logger, checkpoint, last, history, tests)
 
 
