@@ -19,25 +19,30 @@ from src.training.callbacks import Interrupt, interrupted_message, resume_comman
 from src.train import main
 
 ROOT = Path(__file__).resolve().parent.parent
-EPOCHS, UNFREEZE = 4, 1
+EPOCHS, UNFREEZE = 3, 1
 
 pytestmark = pytest.mark.filterwarnings(r"ignore:.*isinstance\(treespec, LeafSpec\)")
 
 
 def train_args(demo_dir, out):
-    # images, not cached features, and small batches: an epoch takes about a second, so the signal
-    # (sent within ~50 ms of the fine-tuning phase's first last.ckpt) arrives while later epochs are still to come
+    # images, not cached features, and small batches: an epoch takes a second or more, so the signal (sent
+    # within ~50 ms of the fine-tuning phase's first last.ckpt) arrives while the last epoch is still to come
     return ["--approach", "classification", "--dataset-dirs", str(demo_dir), "--backbone", "tiny", "--no-pretrained",
             "--image-size", "32", "--hidden", "16", "--batch-size", "8", "--num-workers", "0", "--no-cache-features",
             "--epochs", str(EPOCHS), "--unfreeze-at-epoch", str(UNFREEZE), "--out-dir", str(out), "--run-name", "run"]
 
 
 def wait_for_epoch(path, epoch, process, timeout=180):
-    """Until `path` (replaced atomically) holds `epoch` or a later one."""
-    deadline = time.monotonic() + timeout
-    while not path.exists() or torch.load(path, map_location="cpu", weights_only=False)["epoch"] < epoch:
+    """Until `path` (replaced atomically at every epoch's end) holds `epoch` or a later one."""
+    deadline, seen = time.monotonic() + timeout, None
+    while True:
         assert process.poll() is None, f"training ended early: {process.communicate()[1][-3000:]}"
-        assert time.monotonic() < deadline, "no checkpoint appeared"
+        assert time.monotonic() < deadline, f"no checkpoint of epoch {epoch} appeared"
+        stamp = path.stat().st_mtime_ns if path.exists() else None
+        if stamp is not None and stamp != seen:  # read only a new file
+            seen = stamp
+            if torch.load(path, map_location="cpu", weights_only=False)["epoch"] >= epoch:
+                return
         time.sleep(0.05)
 
 
