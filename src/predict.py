@@ -71,10 +71,11 @@ def main(argv: list[str] | None = None) -> "pd.DataFrame":
     import torch  # the library after parsing: --help and flag errors stay instant
 
     from src.core.files import atomic_path
-    from src.inference.checkpoints import find_checkpoint, load_model
+    from src.inference.checkpoints import checkpoint_phase, find_checkpoint, load_model, read_checkpoint
     from src.inference.engine import engine_model, resolve_engine
     from src.inference.predictor import (check_device, ensemble_prior, locations_from_checkpoint,
                                          locations_from_images, predict_locations)
+    from src.model.finetune import FINE_TUNING
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     check_ranges(args, [Rule("batch_size", at_least(1), "a number of locations >= 1 (e.g. 32)"),
@@ -95,8 +96,9 @@ def main(argv: list[str] | None = None) -> "pd.DataFrame":
             how = (f", {hp.get('fusion', 'concat')} fusion, rule {hp.get('predict_rule', 'mean')} over "
                    f"{hp.get('centroids')} centroids, top-{hp.get('topk') or 'all'}"
                    if hp.get("approach") != "regression" else "")
-            print(f"checkpoint {path}: {hp.get('approach')} {hp.get('backbone')} {hp.get('image_size')} px{how}, "
-                  f"engine {engine}", file=sys.stderr)
+            backbone = "fine-tuned" if checkpoint_phase(read_checkpoint(path)) == FINE_TUNING else "frozen"
+            print(f"checkpoint {path}: {hp.get('approach')} {hp.get('backbone')} ({backbone}) {hp.get('image_size')} px"
+                  f"{how}, engine {engine}", file=sys.stderr)
         if args.images is not None:
             locations = locations_from_images(args.images)
             source = f"--images {args.images}"

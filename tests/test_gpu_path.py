@@ -1,5 +1,5 @@
 """The GPU path guarded on the CPU: precision choices, native bfloat16 detection, an unusable GPU said aloud,
-workers per process, loaders rebuilt only when they switch, temporary names unique across hosts, and the
+workers per process, temporary names unique across hosts, a resumed fine-tuning phase without a cache fill, and the
 one-command GPU check (which says so and exits 0 without CUDA)."""
 
 import contextlib
@@ -22,7 +22,7 @@ from src.inference.checkpoints import load_model
 from src.train import main as train_main
 from src.training import config as training_config
 from src.training.callbacks import TestCollector
-from src.training.run import default_precision, gpu_status, loader_reload_epochs
+from src.training.run import default_precision, gpu_status
 from tests.builders import loader_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,22 +99,6 @@ def test_each_process_gets_its_share_of_the_cores(monkeypatch):
     assert training_config.processes_per_node("auto", "auto", 8) == 8
     assert training_config.processes_per_node("0,1", "gpu", 8) == 2
     assert training_config.processes_per_node("auto", "cpu", 8) == 1
-
-
-def test_loaders_are_rebuilt_only_where_they_switch(demo_dir, tmp_path):
-    from dataclasses import replace
-
-    from src.data.config import DataConfig
-    from src.model.config import ModelConfig, OptimConfig
-    from src.training.config import RunConfig, TrainerConfig
-
-    base = RunConfig(DataConfig(), ModelConfig("classification", "tiny", 32), OptimConfig(unfreeze_at_epoch=5),
-                     loader_config(32, cache_dir=str(tmp_path)), TrainerConfig(epochs=20))
-    assert loader_reload_epochs(base) == 5  # cached features until epoch 5, then images
-    assert loader_reload_epochs(replace(base, optim=OptimConfig(unfreeze_at_epoch=None))) == 0  # frozen throughout
-    assert loader_reload_epochs(replace(base, trainer=TrainerConfig(epochs=5))) == 0  # unfreezes after the run
-    no_switch = replace(base, loader=loader_config(32, cache_dir=None, augment="always"))
-    assert loader_reload_epochs(no_switch) == 0  # augmented images throughout
 
 
 def test_temporary_names_differ_across_hosts_with_the_same_pid(tmp_path, monkeypatch):

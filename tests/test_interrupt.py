@@ -1,5 +1,6 @@
-"""Interruption for real: a training subprocess gets SIGINT or SIGTERM after its first epoch, leaves a
-usable last checkpoint and a one-line --resume command, and that command finishes the run."""
+"""Interruption for real: a training subprocess gets SIGINT or SIGTERM in its fine-tuning phase, leaves a
+usable last checkpoint and a one-line --resume command, and that command finishes the run with the weights of
+a run that was not interrupted."""
 
 import contextlib
 import io
@@ -18,35 +19,50 @@ from src.training.callbacks import Interrupt, interrupted_message, resume_comman
 from src.train import main
 
 ROOT = Path(__file__).resolve().parent.parent
-EPOCHS = 3
+EPOCHS, UNFREEZE = 3, 1
 
 pytestmark = pytest.mark.filterwarnings(r"ignore:.*isinstance\(treespec, LeafSpec\)")
 
 
 def train_args(demo_dir, out):
-    # images, not cached features, and small batches: an epoch takes about a second, so the signal
-    # (sent within ~50 ms of the first last.ckpt) arrives while later epochs are still to come
+    # images, not cached features, and small batches: an epoch takes a second or more, so the signal (sent
+    # within ~50 ms of the fine-tuning phase's first last.ckpt) arrives while the last epoch is still to come
     return ["--approach", "classification", "--dataset-dirs", str(demo_dir), "--backbone", "tiny", "--no-pretrained",
             "--image-size", "32", "--hidden", "16", "--batch-size", "8", "--num-workers", "0", "--no-cache-features",
-            "--epochs", str(EPOCHS), "--out-dir", str(out), "--run-name", "run"]
+            "--epochs", str(EPOCHS), "--unfreeze-at-epoch", str(UNFREEZE), "--out-dir", str(out), "--run-name", "run"]
 
 
-def wait_for(path, process, timeout=180):
-    deadline = time.monotonic() + timeout
-    while not path.exists():
+def wait_for_epoch(path, epoch, process, timeout=180):
+    """Until `path` (replaced atomically at every epoch's end) holds `epoch` or a later one."""
+    deadline, seen = time.monotonic() + timeout, None
+    while True:
         assert process.poll() is None, f"training ended early: {process.communicate()[1][-3000:]}"
-        assert time.monotonic() < deadline, "no checkpoint appeared"
+        assert time.monotonic() < deadline, f"no checkpoint of epoch {epoch} appeared"
+        stamp = path.stat().st_mtime_ns if path.exists() else None
+        if stamp is not None and stamp != seen:  # read only a new file
+            seen = stamp
+            if torch.load(path, map_location="cpu", weights_only=False)["epoch"] >= epoch:
+                return
         time.sleep(0.05)
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(demo_dir, tmp_path_factory):
+    """The last checkpoint of the same run without an interruption."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    with contextlib.redirect_stdout(io.StringIO()):
+        main(train_args(demo_dir, out))
+    return torch.load(out / "run" / "version_0" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_signal_leaves_a_usable_checkpoint_and_resume_finishes_the_run(demo_dir, tmp_path, signum):
+def test_signal_leaves_a_usable_checkpoint_and_resume_finishes_the_run(demo_dir, tmp_path, signum, uninterrupted):
     out = tmp_path / "reports"
     process = subprocess.Popen([sys.executable, "-m", "src.train", *train_args(demo_dir, out)], cwd=ROOT,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     last = out / "run" / "version_0" / "checkpoints" / "last.ckpt"
     try:
-        wait_for(last, process)
+        wait_for_epoch(last, UNFREEZE, process)
         process.send_signal(signum)
         stdout, stderr = process.communicate(timeout=120)
     finally:
@@ -56,9 +72,9 @@ def test_signal_leaves_a_usable_checkpoint_and_resume_finishes_the_run(demo_dir,
     assert "Traceback" not in stderr and "checkpoint:" not in stdout
     line = stderr.strip().splitlines()[-1]
     assert line.startswith(f"error: interrupted by {signum.name}; {last} holds ")
-    # the state at the end of a completed epoch, before the last one: it loads as a model
+    # the state at the end of a completed epoch of the fine-tuning phase, before the last one: it loads as a model
     saved = torch.load(last, map_location="cpu", weights_only=False)
-    assert saved["epoch"] < EPOCHS - 1
+    assert UNFREEZE <= saved["epoch"] < EPOCHS - 1 and saved["phase"] == "fine-tuning"
     assert f"holds {saved['epoch'] + 1} of {EPOCHS} epochs" in line
     model = load_model(last, reports_dir=None)
     assert model.hparams.backbone == "tiny" and read_data_config(last).dataset_dirs == (str(Path(demo_dir).resolve()),)
@@ -71,8 +87,12 @@ def test_signal_leaves_a_usable_checkpoint_and_resume_finishes_the_run(demo_dir,
         main(command[3:])
     final = stdout.getvalue().splitlines()[-1]
     assert final.startswith(f"checkpoint: {out / 'run' / 'version_0' / 'checkpoints'}/best-")
-    assert torch.load(last, map_location="cpu", weights_only=False)["epoch"] == EPOCHS - 1
     assert not (out / "run" / "version_1").exists()
+    # the fine-tuning phase went on where it stopped: the weights of the run that was not interrupted
+    resumed = torch.load(last, map_location="cpu", weights_only=False)
+    assert resumed["epoch"] == uninterrupted["epoch"] == EPOCHS - 1
+    for key, value in uninterrupted["state_dict"].items():
+        assert torch.equal(value, resumed["state_dict"][key]), key
 
 
 def test_message_without_a_checkpoint_says_to_start_again(tmp_path):

@@ -4,6 +4,7 @@ import contextlib
 import io
 import shutil
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import pandas as pd
 import pytest
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
 
 from src.core import geo
 from src.data.datamodule import GeoDataModule
@@ -18,14 +20,17 @@ from src.data.quadruplets import eval_transform, load_quadruplet
 from src.data.enrich import enrich
 from src.core.errors import run_cli
 from src.model.config import DEFAULT_LABEL_SMOOTHING_KM
-from src.model.finetune import FreezeThenUnfreeze
+from src.model.finetune import FreezeThenUnfreeze, phase_of, phase_starts
+from src.training.callbacks import RandomStates
 from src.training.run import resolve_choices
 from src.inference.checkpoints import load_model, read_data_config, read_test_locations
 from tests.builders import enriched_classes, geo_model, loader_config
 from src.train import main
 
-# Lightning 2.6 with torch 2.14: a deprecation warning per batch, from Lightning's own code
-pytestmark = pytest.mark.filterwarnings(r"ignore:.*isinstance\(treespec, LeafSpec\)")
+# Lightning 2.6 with torch 2.14: a deprecation warning per batch, from Lightning's own code; a phase's fit
+# continues in the checkpoints folder of the phase before (src.training.run.train filters it too)
+pytestmark = [pytest.mark.filterwarnings(r"ignore:.*isinstance\(treespec, LeafSpec\)"),
+              pytest.mark.filterwarnings(r"ignore:Checkpoint directory .* exists and is not empty")]
 
 
 def run_main(argv):
@@ -105,7 +110,11 @@ def test_checkpoint_holds_what_predict_needs(trained, demo_dir):
 def test_resume_continues_from_the_checkpoint(trained, demo_dir):
     lines, out = trained
     last = out / "e2e" / "version_0" / "checkpoints" / "last.ckpt"
-    assert torch.load(last, map_location="cpu", weights_only=False)["epoch"] == 11
+    saved = torch.load(last, map_location="cpu", weights_only=False)
+    assert saved["epoch"] == 11 and saved["phase"] == "frozen"
+    # the plateau scheduler stepped on epoch 11's val km before the checkpoint was written (12 steps, not 11),
+    # so the resumed run's schedule carries on where the uninterrupted one would
+    assert saved["lr_schedulers"][0]["last_epoch"] == 12
     lines = run_main(["--approach", "classification", "--dataset-dirs", demo_dir, "--backbone", "efficientnet_lite0",
                       "--image-size", 64, "--epochs", 13, "--num-workers", 0, "--out-dir", out,
                       "--cache-dir", out / "cache", "--run-name", "e2e", "--resume", last])
@@ -113,6 +122,32 @@ def test_resume_continues_from_the_checkpoint(trained, demo_dir):
     resumed = torch.load(last, map_location="cpu", weights_only=False)
     assert resumed["epoch"] == 12  # one more epoch, not thirteen
     assert not (out / "e2e" / "version_1").exists()
+
+
+def fit_in_phases(new_model, data: GeoDataModule, epochs: int, tmp_path, callbacks=(), blocks=0, freeze_bn=False,
+                  resume=None, first_epoch=0, **trainer_args):
+    """The phases of a run on a plain Trainer, as src.training.run.fit runs them: a fit per phase
+    (`phase_starts`), the fine-tuning one a new model continuing from the frozen one's last checkpoint.
+    Returns the last phase's trainer and model."""
+    unfreeze = data.loader.unfreeze_at_epoch
+    for start in phase_starts(unfreeze, epochs, first_epoch):
+        last = ModelCheckpoint(dirpath=tmp_path, filename="last", monitor=None, enable_version_counter=False)
+        data.loader = replace(data.loader, first_epoch=start)
+        trainer = pl.Trainer(max_epochs=epochs, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                             callbacks=[FreezeThenUnfreeze(unfreeze, blocks, freeze_bn, first_epoch=start), last,
+                                        RandomStates(), *callbacks], **trainer_args)
+        model = new_model()
+        trainer.fit(model, datamodule=data, ckpt_path=resume)
+        resume = last.best_model_path
+    return trainer, model
+
+
+def test_a_run_fits_once_per_phase():
+    assert phase_starts(None, 5) == [0] and phase_starts(7, 5) == [0] and phase_starts(5, 5) == [0]
+    assert phase_starts(0, 5) == [0] and phase_starts(2, 5) == [0, 2]
+    assert phase_starts(2, 5, first_epoch=1) == [1, 2] and phase_starts(2, 5, first_epoch=3) == [3]
+    assert [phase_of(2, epoch) for epoch in range(4)] == ["frozen", "frozen", "fine-tuning", "fine-tuning"]
+    assert phase_of(None, 9) == "frozen"
 
 
 class RecordBackbone(pl.Callback):
@@ -126,7 +161,8 @@ class RecordBackbone(pl.Callback):
         self.head.append({k: v.clone() for k, v in pl_module.head.state_dict().items()})
 
     def on_train_start(self, trainer, pl_module):
-        self.snapshot(pl_module)
+        if not self.backbone:  # the first fit's start (a later fit starts where the one before ended)
+            self.snapshot(pl_module)
 
     def on_train_epoch_end(self, trainer, pl_module):
         self.snapshot(pl_module)
@@ -140,17 +176,14 @@ def same(a, b):
 def test_backbone_stays_frozen_until_the_unfreeze_epoch(demo_dir, tmp_path, cache):
     enriched = enrich([demo_dir], spacing=1.0, seed=0, progress=False)
     pl.seed_everything(0)
-    model = geo_model("regression", enriched=enriched, hidden=16, lr=1e-2, lr_finetune=1e-2, unfreeze_at_epoch=2)
     data = GeoDataModule(enriched.locations, loader_config(32, batch_size=32, unfreeze_at_epoch=2,
                                                            cache_dir=tmp_path / "cache" if cache else None, backbone="tiny"))
     record = RecordBackbone()
-    trainer = pl.Trainer(max_epochs=3, callbacks=[FreezeThenUnfreeze(2), record], logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         reload_dataloaders_every_n_epochs=1, limit_val_batches=1)
-    trainer.fit(model, datamodule=data)
+    _, model = fit_in_phases(lambda: geo_model("regression", enriched=enriched, hidden=16, lr=1e-2, lr_finetune=1e-2,
+                                               unfreeze_at_epoch=2), data, 3, tmp_path, [record], limit_val_batches=1)
     start, after0, after1, after2 = record.backbone
     assert same(start, after0) and same(start, after1)  # frozen: weights and BatchNorm statistics unchanged
-    assert not same(after1, after2)  # unfrozen at epoch 2: it trains
+    assert not same(after1, after2)  # the fine-tuning phase from epoch 2: it trains
     assert not same(record.head[0], record.head[1])  # the head trains from the first epoch
     assert all(p.requires_grad for p in model.backbone.parameters())
     assert bool(data._features) == cache
@@ -158,14 +191,11 @@ def test_backbone_stays_frozen_until_the_unfreeze_epoch(demo_dir, tmp_path, cach
 
 def test_unfreezing_only_the_last_stages(demo_dir, tmp_path):
     enriched = enrich([demo_dir], spacing=1.0, seed=0, progress=False)
-    model = geo_model("classification", enriched=enriched, hidden=16, unfreeze_at_epoch=1)
     data = GeoDataModule(enriched.locations, loader_config(32, batch_size=64, unfreeze_at_epoch=1,
                                                            cache_dir=tmp_path / "cache", backbone="tiny"))
     record = RecordBackbone()
-    trainer = pl.Trainer(max_epochs=2, callbacks=[FreezeThenUnfreeze(1, blocks=1), record], logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         reload_dataloaders_every_n_epochs=1, limit_val_batches=1)
-    trainer.fit(model, datamodule=data)
+    fit_in_phases(lambda: geo_model("classification", enriched=enriched, hidden=16, unfreeze_at_epoch=1), data, 2,
+                  tmp_path, [record], blocks=1, limit_val_batches=1)
     before, after = record.backbone[1], record.backbone[2]
     changed = {k.split(".")[1] for k in before if not torch.equal(before[k], after[k])}
     assert changed == {"2"}  # body.2 is the last stage of the tiny CNN; the first two stay as they were
@@ -216,15 +246,12 @@ def test_cosine_schedule_with_linear_warmup(demo_dir, tmp_path):
 
 def test_the_backbones_cosine_schedule_starts_when_it_unfreezes(demo_dir, tmp_path):
     enriched = enrich([demo_dir], spacing=1.0, seed=0, progress=False)
-    model = geo_model("classification", enriched=enriched, hidden=16, lr=0.01, lr_finetune=0.001, unfreeze_at_epoch=2,
-                      scheduler="cosine", warmup_epochs=1)
     data = GeoDataModule(enriched.locations, loader_config(32, batch_size=64, unfreeze_at_epoch=2, augment="none",
-                                                           cache_dir=tmp_path, backbone="tiny"))
+                                                           cache_dir=tmp_path / "cache", backbone="tiny"))
     record = RecordLearningRates()
-    trainer = pl.Trainer(max_epochs=4, callbacks=[FreezeThenUnfreeze(2, blocks=1), record], logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         reload_dataloaders_every_n_epochs=2, limit_val_batches=1, limit_train_batches=1)
-    trainer.fit(model, datamodule=data)
+    fit_in_phases(lambda: geo_model("classification", enriched=enriched, hidden=16, lr=0.01, lr_finetune=0.001,
+                                    unfreeze_at_epoch=2, scheduler="cosine", warmup_epochs=1),
+                  data, 4, tmp_path, [record], blocks=1, limit_val_batches=1, limit_train_batches=1)
     # head: 4 epochs, 1 warm-up: 1/2, 1, (1 + cos(pi/3)) / 2, (1 + cos(2 pi/3)) / 2; backbone: 2 epochs from
     # epoch 2, 1 warm-up: its warm-up start (1/2) until and at the unfreeze epoch, then 1
     np.testing.assert_allclose(record.epochs, [[0.005, 0.0005], [0.01, 0.0005], [0.0075, 0.0005], [0.0025, 0.001]])
@@ -235,14 +262,16 @@ def test_a_plateau_reduction_before_the_unfreeze_epoch_is_undone_then(demo_dir):
     model = geo_model("classification", enriched=enriched, hidden=16, lr=0.01, lr_finetune=0.001, unfreeze_at_epoch=3)
     optimizer = torch.optim.AdamW([{"params": list(model.head.parameters()), "lr": 0.0025, "name": "head"},
                                    {"params": list(model.backbone.parameters()), "lr": 0.00025, "name": "backbone"}])
-    callback = FreezeThenUnfreeze(3, restart_lr=0.001)
-    callback.freeze_before_training(model)
-    callback.finetune_function(model, 2, optimizer)
+    frozen_phase = FreezeThenUnfreeze(3, restart_lr=0.001)
+    frozen_phase.freeze_before_training(model)
+    frozen_phase.finetune_function(model, 2, optimizer)
     assert optimizer.param_groups[1]["lr"] == 0.00025  # still frozen: untouched
-    callback.finetune_function(model, 3, optimizer)
+    fine_tuning = FreezeThenUnfreeze(3, restart_lr=0.001, first_epoch=3)
+    fine_tuning.freeze_before_training(model)
+    fine_tuning.finetune_function(model, 3, optimizer)
     assert [g["lr"] for g in optimizer.param_groups] == [0.0025, 0.001]
     optimizer.param_groups[1]["lr"] = 0.0005  # reduced after the unfreeze: a resumed run keeps it
-    callback.finetune_function(model, 4, optimizer)
+    fine_tuning.finetune_function(model, 4, optimizer)
     assert optimizer.param_groups[1]["lr"] == 0.0005
 
 
@@ -356,13 +385,12 @@ def test_bf16_mixed_precision_end_to_end_keeps_float32_cache_and_targets(demo_di
     assert checkpoint_path(lines).endswith(".ckpt")
 
 
-def test_multi_process_run_refuses_a_later_unfreeze(demo_dir, tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(main, ["--approach", "classification", "--dataset-dirs", str(demo_dir), "--backbone", "tiny",
-                       "--no-pretrained", "--image-size", "32", "--epochs", "3", "--unfreeze-at-epoch", "1",
-                       "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "--out-dir", str(tmp_path)])
-    assert exit_info.value.code == 2
-    assert "error: --unfreeze-at-epoch 1: with several processes" in capsys.readouterr().err
+def test_resume_with_another_unfreeze_epoch_is_refused(trained, demo_dir, tmp_path, capsys):
+    last = trained[1] / "e2e" / "version_0" / "checkpoints" / "last.ckpt"
+    error = one_line_error(["--approach", "classification", "--dataset-dirs", demo_dir, "--backbone", "efficientnet_lite0",
+                            "--image-size", 64, "--out-dir", tmp_path, "--unfreeze-at-epoch", 5, "--resume", last], capsys)
+    assert error.startswith(f"error: --resume {last}: it was trained with --unfreeze-at-epoch -1 (its epoch ")
+    assert error.endswith(" in the frozen phase), not 5; pass --unfreeze-at-epoch -1")
 
 
 class RecordBatchNormModes(pl.Callback):
@@ -380,31 +408,30 @@ class RecordBatchNormModes(pl.Callback):
 def test_unfrozen_batchnorm_trains_and_a_resumed_run_matches(demo_dir, tmp_path, freeze_bn):
     enriched = enrich([demo_dir], spacing=1.0, seed=0, progress=False)
 
-    def fit(epochs, resume=None):
+    def fit(epochs, folder, resume=None):
         pl.seed_everything(0, workers=True, verbose=False)
-        model = geo_model("classification", enriched=enriched, hidden=16, unfreeze_at_epoch=1, scheduler="none")
         data = GeoDataModule(enriched.locations, loader_config(32, batch_size=64, unfreeze_at_epoch=1, augment="none",
                                                                cache_dir=tmp_path / "cache", backbone="tiny"))
         record = RecordBatchNormModes()
-        trainer = pl.Trainer(max_epochs=epochs, callbacks=[FreezeThenUnfreeze(1, blocks=1, freeze_bn=freeze_bn), record],
-                             logger=False, enable_progress_bar=False, enable_model_summary=False, deterministic=True,
-                             reload_dataloaders_every_n_epochs=1, limit_val_batches=1, default_root_dir=tmp_path)
-        trainer.fit(model, datamodule=data, ckpt_path=resume)
+        trainer, model = fit_in_phases(
+            lambda: geo_model("classification", enriched=enriched, hidden=16, unfreeze_at_epoch=1, scheduler="none"),
+            data, epochs, tmp_path / folder, [record], blocks=1, freeze_bn=freeze_bn,
+            resume=resume, first_epoch=0 if resume is None else 1, deterministic=True, limit_val_batches=1)
         return trainer, model, record
 
-    _, whole, whole_record = fit(2)
+    _, whole, whole_record = fit(2, "whole")
     assert not any(whole_record.modes[0])  # frozen epoch: every BatchNorm on running statistics
     last_stage = whole_record.modes[1][-1:]  # the tiny CNN's last stage holds its last BatchNorm
     assert last_stage == [not freeze_bn] and not any(whole_record.modes[1][:-1])
-    first, first_model, _ = fit(1)
+    first, first_model, _ = fit(1, "interrupted")
     path = tmp_path / "after-epoch-1.ckpt"
     first.save_checkpoint(path)
     before = {k: v.clone() for k, v in first_model.backbone.state_dict().items()}
-    resumed_trainer, resumed, resumed_record = fit(2, resume=path)
+    resumed_trainer, resumed, resumed_record = fit(2, "interrupted", resume=path)
     # same epoch count and the same BatchNorm modes in the epoch after the resume as without the interruption
     assert resumed_trainer.current_epoch == whole.trainer.current_epoch == 2
     assert resumed_record.modes == {1: whole_record.modes[1]}
-    # after the resume the last stage unfroze again and trained; the others stayed as they were
+    # the resumed run's fine-tuning phase trained the last stage; the others stayed as they were
     after = resumed.backbone.state_dict()
     changed = {k.split(".")[1] for k in before if before[k].is_floating_point() and not torch.equal(before[k], after[k])}
     assert changed == {"2"}

@@ -157,4 +157,4 @@ class LoaderConfig:
     cache_dir: str | None = None  # the feature cache's folder; None: no cache
     backbone: str = ""  # the backbone's name, part of the cache's key
     engine: str = "torch"  # fills the feature cache: torch, onnx or auto (src.inference.engine)
-    first_epoch: int = 0  # the epoch a resumed run starts at (known before Lightning restores the loop state)
+    first_epoch: int = 0  # the fit's first epoch (a resumed run's, the fine-tuning phase's), before Lightning restores it

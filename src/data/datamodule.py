@@ -68,7 +68,8 @@ class GeoDataModule(pl.LightningDataModule):
     While the backbone is frozen (epochs before `loader.unfreeze_at_epoch`) and `loader.cache_dir` is set,
     the train and val loaders serve cached backbone features instead of images (the cache is filled on
     first use with the model's own backbone); with augmentation `always` training uses images
-    throughout. Set the Trainer's `reload_dataloaders_every_n_epochs=1` so the loaders switch.
+    throughout. A run fits each phase on its own (`src.model.finetune`), `loader.first_epoch` set to the
+    phase's first epoch; a single fit across the unfreeze epoch needs `reload_dataloaders_every_n_epochs=1`.
 
     `data` (the DataConfig the locations came from) and the test split's (uuid, folder) pairs are saved
     in every checkpoint (Lightning's `datamodule_hyper_parameters`): analyze and predict read them there.
@@ -93,7 +94,8 @@ class GeoDataModule(pl.LightningDataModule):
         return self.locations[self.locations["split"] == name].reset_index(drop=True)
 
     def _epoch(self) -> int:
-        # prepare_data runs before a resumed run's loop state is restored: its first epoch is known from the config
+        # prepare_data and the loaders run before a resumed fit's loop state is restored: its first epoch comes from
+        # the config
         return max(self.trainer.current_epoch if self.trainer is not None else 0, self.loader.first_epoch)
 
     def frozen_epoch(self) -> bool:

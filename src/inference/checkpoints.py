@@ -144,6 +144,16 @@ def read_test_locations(path: str | Path, flag: str = "--checkpoint") -> list[tu
     return sorted((str(uuid), Path(folder)) for uuid, folder in saved)
 
 
+def checkpoint_phase(checkpoint: dict[str, Any]) -> str:
+    """The training phase a checkpoint dict was written in: 'fine-tuning' (its backbone had trained) or 'frozen'
+    (`src.model.finetune`); for checkpoints from before src.train saved it, the phase of their epoch."""
+    from src.model.finetune import PHASE_KEY, phase_of  # noqa: PLC0415 (Lightning: only when asked)
+
+    if PHASE_KEY in checkpoint:
+        return str(checkpoint[PHASE_KEY])
+    return phase_of(checkpoint["hyper_parameters"].get("unfreeze_at_epoch"), int(checkpoint.get("epoch", 0)))
+
+
 def load_model(path: str | Path, device: str = "cpu", flag: str = "--checkpoint",
                reports_dir: str | Path | None = REPORTS_DIR, **overrides):
     """A GeoModel from a src.train checkpoint, in eval mode on `device`; a missing file's message lists the

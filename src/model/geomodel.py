@@ -248,6 +248,19 @@ class GeoModel(pl.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
+    def on_train_epoch_end(self) -> None:
+        """The plateau scheduler steps here, before the epoch's checkpoints are written. Lightning steps it after
+        them, so a checkpoint held its state of the epoch before, and a run resumed from it (or the fine-tuning
+        phase, which continues from the frozen phase's last checkpoint) reduced the learning rate an epoch late."""
+        metrics = self.trainer.callback_metrics
+        for config in self.trainer.lr_scheduler_configs:
+            if config.reduce_on_plateau and config.interval == "epoch" and config.monitor in metrics:
+                config.scheduler.step(metrics[config.monitor])
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        if metric is None:  # plateau schedulers (stepped with a metric) stepped in on_train_epoch_end
+            scheduler.step()
+
 
 def cosine_with_warmup(start: int, max_epochs: int, warmup_epochs: int):
     """The learning-rate factor per epoch of a schedule that starts at epoch `start` (its value before then is

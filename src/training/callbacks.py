@@ -1,7 +1,9 @@
 """The callbacks, logger and checkpoint IO of a training run: atomic checkpoints, TensorBoard without noise,
-the per-epoch history, the constant baseline line, the test results collector and graceful interruption."""
+the per-epoch history, the constant baseline line, the test results collector, the random states a resumed run
+continues with, and graceful interruption."""
 
 import contextlib
+import random
 import shlex
 import signal
 from pathlib import Path
@@ -56,6 +58,54 @@ class QuietTensorBoardLogger(TensorBoardLogger):
         if path.parent.is_dir() and not path.is_file():
             with atomic_path(path) as tmp:
                 save_hparams_to_yaml(tmp, self.hparams)
+
+
+def random_states() -> dict[str, Any]:
+    """This process's random number generators' states (torch's CPU one and, once CUDA is in use, the current
+    device's; numpy's; Python's), as tensors and plain values (checkpoints load with torch's weights_only)."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return {"torch": torch.get_rng_state(), "cuda": cuda, "numpy": [kind, keys.tolist(), position, has_gauss, gauss],
+            "python": random.getstate()}
+
+
+def set_random_states(states: dict[str, Any]) -> None:
+    """Set this process's random number generators to `random_states()`'s `states`."""
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+    kind, keys, position, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), position, has_gauss, gauss))
+    random.setstate(states["python"])
+
+
+class RandomStates(pl.Callback):
+    """Every process's random states in each checkpoint (`random_states`), set again when a fit starts from
+    it: a resumed run, or the fine-tuning phase continuing from the frozen phase's last checkpoint, draws the
+    same shuffles, dropout masks and augmentations as a run that went on without stopping (on the CPU, without
+    DataLoader worker processes, which keep random states of their own across epochs). Lightning saves none."""
+
+    def __init__(self):
+        self.saved: list[dict[str, Any]] | None = None
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        states = [random_states()]
+        if trainer.world_size > 1:  # every process writes a checkpoint dict (rank 0 saves it): gather theirs
+            states = [None] * trainer.world_size
+            torch.distributed.all_gather_object(states, random_states())
+        checkpoint["random_states"] = states
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        self.saved = checkpoint.get("random_states")
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # before the fit's first draw (Lightning's sanity check runs with isolated random states); with another
+        # number of processes than the checkpoint's, the states stay as seeded
+        if self.saved is not None and len(self.saved) == trainer.world_size:
+            set_random_states(self.saved[trainer.global_rank])
+        self.saved = None
 
 
 class Interrupt(pl.Callback):

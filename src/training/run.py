@@ -20,6 +20,7 @@ import pandas as pd
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import EarlyStopping, EMAWeightAveraging, LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.callbacks.early_stopping import EarlyStoppingReason
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
@@ -32,14 +33,14 @@ from src.data.datamodule import GeoDataModule
 from src.data.enrich import Enriched, enrich_data
 from src.data.locations import write_locations_csv
 from src.evaluation.plots import training_curves
-from src.inference.checkpoints import read_data_config
+from src.inference.checkpoints import checkpoint_phase, read_data_config
 from src.model.backbones import backbone_spec, default_backbone
 from src.model.config import ClassTable, ModelConfig
-from src.model.finetune import FreezeThenUnfreeze
+from src.model.finetune import FINE_TUNING, FreezeThenUnfreeze, phase_starts
 from src.model.geomodel import GeoModel
 from src.model.heads import class_radius_m
 from src.training.callbacks import (AtomicCheckpointIO, ConstantBaseline, EpochHistory, Interrupt,
-                                    QuietTensorBoardLogger, TestCollector)
+                                    QuietTensorBoardLogger, RandomStates, TestCollector)
 from src.training.config import CPU_DEFAULTS, DDP_TIMEOUT_MIN, DEMO_DEFAULTS, GPU_DEFAULTS, QUICK_DEFAULTS, RunConfig
 from src.training.output import quiet_callbacks, quiet_lightning
 
@@ -126,14 +127,22 @@ def resolve_choices(backbone: str | None, image_size: int | None, epochs: int | 
     return Choices(backbone, image_size, epochs, unfreeze_at_epoch)
 
 
+def trainable_stages(config: RunConfig) -> str:
+    """The part of the backbone the fine-tuning phase trains, in words."""
+    blocks = config.optim.unfreeze_blocks
+    return f"the last {blocks} stages" if blocks > 0 else "all stages"
+
+
 def say_fine_tuning(config: RunConfig) -> None:
     optim = config.optim
     if optim.unfreeze_at_epoch is None or optim.unfreeze_at_epoch >= config.trainer.epochs:
         say("fine-tuning: the backbone stays frozen (--unfreeze-at-epoch N to train it from epoch N)")
+    elif optim.unfreeze_at_epoch == 0:
+        say(f"fine-tuning: {trainable_stages(config)} of the backbone train from the start (lr {optim.lr_finetune:g})")
     else:
-        stages = f"its last {optim.unfreeze_blocks} stages" if optim.unfreeze_blocks > 0 else "all of it"
-        say(f"fine-tuning: the backbone unfreezes at epoch {optim.unfreeze_at_epoch} ({stages}, "
-            f"lr {optim.lr_finetune:g})")
+        say(f"fine-tuning: the backbone unfreezes at epoch {optim.unfreeze_at_epoch} ({trainable_stages(config)}, "
+            f"lr {optim.lr_finetune:g}): epochs 0-{optim.unfreeze_at_epoch - 1} train the head on the frozen "
+            "backbone, then a second fit in the same processes trains the backbone too")
 
 
 # ---- resume ---------------------------------------------------------------------------------------
@@ -145,6 +154,13 @@ def check_resume(config: RunConfig, saved: dict[str, Any]) -> None:
         if hparams.get(key) != getattr(config.model, key):
             raise UserError(f"--resume {path}: it was trained with {key} {hparams.get(key)}, not "
                             f"{getattr(config.model, key)}; pass the same --{key.replace('_', '-')}")
+    # the phases (and the optimizer's parameter groups) follow from the unfreeze epoch
+    trained_unfreeze = hparams.get("unfreeze_at_epoch", config.optim.unfreeze_at_epoch)
+    if trained_unfreeze != config.optim.unfreeze_at_epoch:
+        given, trained_flag = (-1 if e is None else e for e in (config.optim.unfreeze_at_epoch, trained_unfreeze))
+        raise UserError(f"--resume {path}: it was trained with --unfreeze-at-epoch {trained_flag} (its epoch "
+                        f"{saved['epoch']} in the {checkpoint_phase(saved)} phase), not {given}; "
+                        f"pass --unfreeze-at-epoch {trained_flag}")
     trained = read_data_config(path, "--resume").hparams()
     flags = {"split_fractions": "split", "dataset_dirs": "dataset-dirs", "holdout_dirs": "holdout-dirs"}
     for key, value in config.data.hparams().items():
@@ -199,22 +215,29 @@ def adapt_to_splits(config: RunConfig, has_val: bool) -> RunConfig:
 
 @dataclass
 class RunParts:
-    """The objects one training run is made of."""
+    """The objects one fit of a run is made of (the logger, history and test collector serve every phase)."""
 
     trainer: pl.Trainer
     logger: QuietTensorBoardLogger
     checkpoint: ModelCheckpoint  # the best checkpoint by val km (the last one without a val split)
-    last: ModelCheckpoint  # every epoch's state, for --resume
+    last: ModelCheckpoint  # every epoch's state, for --resume and the next phase
     history: EpochHistory
     tests: TestCollector
 
 
-def build_trainer(config: RunConfig, interrupt: Interrupt, has_val: bool, val_baseline_km: float | None,
-                  version: str | None) -> RunParts:
-    """The logger, callbacks and Trainer of a run."""
+def run_logger(config: RunConfig, version: str | None) -> QuietTensorBoardLogger:
+    """The run's TensorBoard logger: one version folder for all its fits (the loop counters they restore from
+    each other's checkpoints keep its epochs and steps continuous)."""
+    trainer_config = config.trainer
+    return QuietTensorBoardLogger(trainer_config.out_dir, name=trainer_config.run_name,
+                                  version=version or resumed_version(config), default_hp_metric=False)
+
+
+def build_trainer(config: RunConfig, first_epoch: int, interrupt: Interrupt, has_val: bool,
+                  val_baseline_km: float | None, logger: QuietTensorBoardLogger, history: EpochHistory,
+                  tests: TestCollector) -> RunParts:
+    """The callbacks and Trainer of the fit of a run that starts at `first_epoch` (its phase: `phase_of`)."""
     trainer_config, optim = config.trainer, config.optim
-    logger = QuietTensorBoardLogger(trainer_config.out_dir, name=trainer_config.run_name,
-                                    version=version or resumed_version(config), default_hp_metric=False)
     interrupt.last_checkpoint = Path(logger.log_dir) / "checkpoints" / "last.ckpt"
     # every epoch's state as last.ckpt, for --resume (save_last=True only follows improvements); an
     # interrupted run keeps the one of its last completed epoch (a mid-epoch state would not resume exactly).
@@ -225,10 +248,10 @@ def build_trainer(config: RunConfig, interrupt: Interrupt, has_val: bool, val_ba
     limits = {"limit_train_batches": 2, "limit_val_batches": 2, "limit_test_batches": 2} if trainer_config.quick else {}
     if not has_val:
         limits["limit_val_batches"] = 0
-    history, tests = EpochHistory(), TestCollector()
-    callbacks = [*([checkpoint, last] if has_val else [last]), history, tests, interrupt,
-                 FreezeThenUnfreeze(optim.unfreeze_at_epoch, optim.unfreeze_blocks, optim.freeze_bn,
-                                    restart_lr=optim.lr_finetune if optim.scheduler == "plateau" else None)]
+    backbone = FreezeThenUnfreeze(optim.unfreeze_at_epoch, optim.unfreeze_blocks, optim.freeze_bn,
+                                  restart_lr=optim.lr_finetune if optim.scheduler == "plateau" else None,
+                                  first_epoch=first_epoch)
+    callbacks = [*([checkpoint, last] if has_val else [last]), history, tests, interrupt, backbone, RandomStates()]
     if val_baseline_km is not None:
         callbacks.append(ConstantBaseline(val_baseline_km))
     # the learning rate of every group that trains (a backbone that never trains has no group)
@@ -246,27 +269,21 @@ def build_trainer(config: RunConfig, interrupt: Interrupt, has_val: bool, val_ba
         max_epochs=trainer_config.epochs, accelerator=trainer_config.accelerator, devices=trainer_config.devices,
         precision=trainer_config.precision, strategy=ddp_strategy(trainer_config.strategy),
         num_nodes=trainer_config.num_nodes, logger=logger, callbacks=[*callbacks, *quiet_callbacks()],
-        plugins=[AtomicCheckpointIO()], reload_dataloaders_every_n_epochs=loader_reload_epochs(config),
-        accumulate_grad_batches=trainer_config.accumulate_grad_batches,
+        plugins=[AtomicCheckpointIO()], accumulate_grad_batches=trainer_config.accumulate_grad_batches,
         gradient_clip_val=trainer_config.gradient_clip_val, val_check_interval=interval, log_every_n_steps=1,
         deterministic=trainer_config.deterministic, **limits,
         # BatchNorm statistics over all processes' batches, so the ranks' running statistics stay equal; Lightning
         # applies it under every multi-process strategy and not to one process (GPU only: no CPU kernel)
-        sync_batchnorm=config.gpu and optim.unfreeze_at_epoch == 0 and not optim.freeze_bn,
+        sync_batchnorm=config.gpu and backbone.phase == FINE_TUNING and not optim.freeze_bn,
     )
-    if trainer.world_size > 1 and optim.unfreeze_at_epoch not in (None, 0):
-        # DDP synchronises only the parameters trainable when it wraps the model (Lightning issue #20340)
-        raise UserError(f"--unfreeze-at-epoch {optim.unfreeze_at_epoch}: with several processes the backbone "
-                        "must train from the start (--unfreeze-at-epoch 0) or stay frozen (-1)")
     return RunParts(trainer, logger, checkpoint, last, history, tests)
 
 
-def loader_reload_epochs(config: RunConfig) -> int:
-    """Lightning's reload_dataloaders_every_n_epochs: the loaders are rebuilt only where they switch from
-    cached features to images (the unfreeze epoch, within the run), so persistent workers persist."""
-    unfreeze = config.optim.unfreeze_at_epoch
-    switches = config.loader.cache_dir is not None or config.loader.augment == "finetune"
-    return unfreeze if switches and unfreeze is not None and 0 < unfreeze < config.trainer.epochs else 0
+def phase_completed(trainer: pl.Trainer, end_epoch: int) -> bool:
+    """Whether a fit trained up to `end_epoch` (not stopped early by EarlyStopping)."""
+    early = trainer.early_stopping_callback
+    stopped_early = early is not None and early.stopping_reason != EarlyStoppingReason.NOT_STOPPED
+    return trainer.current_epoch >= end_epoch and not stopped_early
 
 
 def ddp_strategy(strategy: str):
@@ -303,8 +320,9 @@ class FitResult:
 
 
 def fit(config: RunConfig, interrupt: Interrupt, version: str | None = None, report: bool = True) -> FitResult | None:
-    """One training run: enrich, fit, test the best checkpoint (the last one without a val split), write
-    metrics.json and the training curves; with `report` print the test table and the checkpoint line."""
+    """One training run: enrich, fit (in phases, `src.model.finetune`), test the best checkpoint (the last one
+    without a val split), write metrics.json and the training curves; with `report` print the test table and the
+    checkpoint line."""
     enriched = enrich_data(config.data)
     locations = enriched.locations
     counts = locations["split"].value_counts()
@@ -321,19 +339,37 @@ def fit(config: RunConfig, interrupt: Interrupt, version: str | None = None, rep
     val, test = datamodule.split("val"), datamodule.split("test")
     val_baseline = geo.haversine_km(classes.prior_lat, classes.prior_lng, val["latitude"].to_numpy(),
                                     val["longitude"].to_numpy())
-    parts = build_trainer(config, interrupt, has_val, float(val_baseline.mean()) if has_val else None, version)
+    logger, history, tests = run_logger(config, version), EpochHistory(), TestCollector()
+    starts = phase_starts(config.optim.unfreeze_at_epoch, config.trainer.epochs, config.loader.first_epoch)
+    resume = config.trainer.resume
+    for index, start in enumerate(starts):
+        parts = build_trainer(config, start, interrupt, has_val, float(val_baseline.mean()) if has_val else None,
+                              logger, history, tests)
+        if index == 0:
+            if parts.trainer.is_global_zero:  # reusable with --locations by train, analyze and score
+                write_locations_csv(locations, Path(logger.log_dir) / LOCATIONS_FILE)
+            say(f"{counts.get('train', 0)} train / {counts.get('val', 0)} val / {len(test)} test locations, "
+                f"{len(classes)} classes; "
+                + (f"constant baseline (train mean location): val mean {val_baseline.mean():.1f} km; " if has_val else
+                   f"no val split: {config.trainer.epochs} epochs, the last checkpoint is kept; ")
+                + f"logs in {logger.log_dir}")
+            log_run_hparams(parts, model, config, len(classes))
+        else:  # the fine-tuning phase: a second fit in the same processes, from the frozen phase's last checkpoint
+            say(f"epoch {start}: the fine-tuning phase starts ({trainable_stages(config)} of the backbone trainable, "
+                f"lr {config.optim.lr_finetune:g}), continuing from {resume}")
+            model = GeoModel(config.model, config.optim, classes)  # its weights come from the checkpoint
+            # its loaders are made before Lightning restores the loop's epoch: they serve the phase's images
+            datamodule.loader = replace(datamodule.loader, first_epoch=start)
+        with contextlib.redirect_stdout(sys.stderr):  # Lightning's progress bars and tables -> stderr
+            parts.trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
+        if index + 1 < len(starts) and not phase_completed(parts.trainer, starts[index + 1]):
+            say(f"early stopping after epoch {parts.trainer.current_epoch - 1}: no fine-tuning phase")
+            break
+        resume = parts.last.best_model_path
     trainer = parts.trainer
-    if trainer.is_global_zero:  # reusable with --locations by train, analyze and score
-        write_locations_csv(locations, Path(parts.logger.log_dir) / LOCATIONS_FILE)
-    say(f"{counts.get('train', 0)} train / {counts.get('val', 0)} val / {len(test)} test locations, {len(classes)} classes; "
-        + (f"constant baseline (train mean location): val mean {val_baseline.mean():.1f} km; " if has_val else
-           f"no val split: {config.trainer.epochs} epochs, the last checkpoint is kept; ")
-        + f"logs in {parts.logger.log_dir}")
-    log_run_hparams(parts, model, config, len(classes))
-    with contextlib.redirect_stdout(sys.stderr):  # Lightning's progress bars and tables -> stderr
-        trainer.fit(model, datamodule=datamodule, ckpt_path=config.trainer.resume)
-        best = Path(parts.checkpoint.best_model_path or parts.last.best_model_path)
-        if has_test:
+    best = Path(parts.checkpoint.best_model_path or parts.last.best_model_path)
+    if has_test:
+        with contextlib.redirect_stdout(sys.stderr):
             trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)
     if not trainer.is_global_zero:  # the other DDP processes have the same results: rank 0 reports
         return None
@@ -422,6 +458,8 @@ def train(config: RunConfig, interrupt: Interrupt) -> None:
     quiet_lightning()  # no GPU/TPU availability lines, no litlogger advert
     # the test step gathers every process's locations and drops DistributedSampler's repeats itself
     warnings.filterwarnings("ignore", message=r".*`DistributedSampler` with the dataloaders. During `trainer.test")
+    # a resumed run and the fine-tuning phase continue in the run's own checkpoints folder
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     if config.trainer.folds is None:
         fit(config, interrupt)
     else:
