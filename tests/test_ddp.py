@@ -48,8 +48,8 @@ def test_two_processes_match_one_process(small_demo, tmp_path):
     assert [p.name for p in (tmp_path / "two" / "ddp").iterdir()] == ["version_0"]
     checkpoint = Path(two.stdout.strip().splitlines()[-1].removeprefix("checkpoint: "))
     assert checkpoint.is_file() and checkpoint.parent == tmp_path / "two" / "ddp" / "version_0" / "checkpoints"
-    # train + val entries, once each
-    assert len(list((tmp_path / "two" / "cache").glob("*/*.pt"))) == len(locations) - test_count
+    # train, val and test entries (the backbone stays frozen: the test reads them), once each
+    assert len(list((tmp_path / "two" / "cache").glob("*/*.pt"))) == len(locations)
     metrics = {name: json.loads((tmp_path / name / "ddp" / "version_0" / "metrics.json").read_text())
                for name in ("one", "two")}
     # every test location exactly once, not the padded 10
