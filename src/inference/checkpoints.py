@@ -144,6 +144,18 @@ def read_test_locations(path: str | Path, flag: str = "--checkpoint") -> list[tu
     return sorted((str(uuid), Path(folder)) for uuid, folder in saved)
 
 
+def backbone_trained(path: str | Path, flag: str = "--checkpoint") -> bool:
+    """Whether a checkpoint's backbone was trained in its run (an unfreeze epoch at or before the checkpoint's
+    epoch); False means it holds the weights its run started from, as the feature cache keys them. Checkpoints
+    that do not record their unfreeze epoch count as trained."""
+    checkpoint = read_checkpoint(path, flag)
+    hparams = checkpoint["hyper_parameters"]
+    if "unfreeze_at_epoch" not in hparams:
+        return True
+    unfreeze = hparams["unfreeze_at_epoch"]
+    return unfreeze is not None and int(checkpoint.get("epoch", 0)) >= int(unfreeze)
+
+
 def load_model(path: str | Path, device: str = "cpu", flag: str = "--checkpoint",
                reports_dir: str | Path | None = REPORTS_DIR, **overrides):
     """A GeoModel from a src.train checkpoint, in eval mode on `device`; a missing file's message lists the
