@@ -12,7 +12,10 @@ Every location gets a row: unreadable views are replaced by readable views of th
 a location without any readable view gets the training prior (train-mean location); both are listed
 on stderr. stdout carries only the CSV. --engine picks torch or ONNX Runtime (`src.export`; auto: ONNX
 Runtime on the CPU, torch on a GPU); the ONNX export is made once and kept in the shared export store
-(data/cache/onnx, `src.inference.engine`).
+(data/cache/onnx, `src.inference.engine`). A checkpoint whose backbone was never trained (frozen in its run)
+reads its backbone features from the feature cache src.train filled (--cache-dir; missing entries computed
+with the engine and stored) and runs only its head; --no-cache-features or --tta (mirrored views) use the
+images throughout.
 """
 
 import argparse
@@ -25,7 +28,7 @@ from typing import TYPE_CHECKING
 from src.core.choices import CENTROID_KINDS, ENGINES, PREDICT_RULES
 from src.core.errors import run_cli
 from src.core.flags import Rule, at_least, check_ranges
-from src.core.paths import REPORTS_DIR
+from src.core.paths import REPORTS_DIR, default_feature_cache_dir
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -58,6 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--engine", choices=ENGINES, default="auto",
                         help="torch, or ONNX Runtime (exported once into data/cache/onnx); auto: onnx on the CPU, "
                              "torch on a GPU (default: auto)")
+    parser.add_argument("--cache-features", action=argparse.BooleanOptionalAction, default=True,
+                        help="a checkpoint whose backbone was never trained reads its backbone features from the "
+                             "feature cache (missing entries computed and stored) and runs only its head; not with "
+                             "--tta (default: on)")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="feature cache folder, the one src.train fills (default: data/cache/features, or "
+                             "$FEATURE_CACHE_DIR when set)")
     parser.add_argument("--out", type=Path, help="write the CSV here (atomically) instead of stdout")
     parser.add_argument("--reports-dir", type=Path, default=REPORTS_DIR,
                         help="where the default checkpoint is searched (default: reports/)")
@@ -71,11 +81,10 @@ def main(argv: list[str] | None = None) -> "pd.DataFrame":
     import torch  # the library after parsing: --help and flag errors stay instant
 
     from src.core.files import atomic_path
-    from src.inference.checkpoints import checkpoint_phase, find_checkpoint, load_model, read_checkpoint
+    from src.inference.checkpoints import backbone_trained, find_checkpoint, load_model
     from src.inference.engine import engine_model, resolve_engine
-    from src.inference.predictor import (check_device, ensemble_prior, locations_from_checkpoint,
+    from src.inference.predictor import (cached_backbone, check_device, ensemble_prior, locations_from_checkpoint,
                                          locations_from_images, predict_locations)
-    from src.model.finetune import FINE_TUNING
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     check_ranges(args, [Rule("batch_size", at_least(1), "a number of locations >= 1 (e.g. 32)"),
@@ -87,18 +96,24 @@ def main(argv: list[str] | None = None) -> "pd.DataFrame":
     # anything a library prints while loading or predicting must not end up in the CSV
     with contextlib.redirect_stdout(sys.stderr):
         checkpoints = args.checkpoint or [find_checkpoint(args.reports_dir)]
-        models = []
+        models, caches = [], []
         for path in checkpoints:
             model = load_model(path, args.device, reports_dir=args.reports_dir,
                                centroids=args.centroids, topk=args.topk, predict_rule=args.predict_rule)
-            models.append(engine_model(model, path, engine))
+            trained = backbone_trained(path)
+            # TTA mirrors the views: the cache holds the features of the unmirrored ones
+            cache = (cached_backbone(model, args.cache_dir or default_feature_cache_dir(), engine)
+                     if args.cache_features and not args.tta and not trained else None)
+            models.append(model if cache is not None else engine_model(model, path, engine))
+            caches.append(cache)
             hp = models[-1].hparams
             how = (f", {hp.get('fusion', 'concat')} fusion, rule {hp.get('predict_rule', 'mean')} over "
                    f"{hp.get('centroids')} centroids, top-{hp.get('topk') or 'all'}"
                    if hp.get("approach") != "regression" else "")
-            backbone = "fine-tuned" if checkpoint_phase(read_checkpoint(path)) == FINE_TUNING else "frozen"
+            backbone = "fine-tuned" if trained else "frozen"
+            features = f", backbone features from the feature cache {cache.cache.directory}" if cache else ""
             print(f"checkpoint {path}: {hp.get('approach')} {hp.get('backbone')} ({backbone}) {hp.get('image_size')} px"
-                  f"{how}, engine {engine}", file=sys.stderr)
+                  f"{how}, engine {engine}{features}", file=sys.stderr)
         if args.images is not None:
             locations = locations_from_images(args.images)
             source = f"--images {args.images}"
@@ -109,7 +124,11 @@ def main(argv: list[str] | None = None) -> "pd.DataFrame":
               f"{' with TTA' if args.tta else ''}{f', ensemble of {len(models)}' if len(models) > 1 else ''}",
               file=sys.stderr)
         frame, issues = predict_locations(models, locations, args.tta, args.batch_size, args.num_workers,
-                                          args.device)
+                                          args.device, caches=caches)
+        for path, cache in zip(checkpoints, caches):
+            if cache is not None:
+                print(f"feature cache of {path}: {cache.cache.computed} location(s) computed, {cache.cache.reused} "
+                      "reused", file=sys.stderr)
         for line in issues.report(ensemble_prior(models)):
             print(line, file=sys.stderr)
     if args.out is not None:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from src.core.errors import UserError, run_cli
 from src.core.flags import Rule, at_least, check_ranges, non_negative_finite, positive_finite
-from src.core.paths import FEATURE_CACHE_DIR
+from src.core.paths import default_feature_cache_dir
 from src.data.config import AUGMENT_CHOICES, LoaderConfig, add_data_arguments, add_locations_argument
 from src.core.choices import BACKBONES, CENTROID_KINDS, ENGINES, FUSIONS, PREDICT_RULES
 from src.model.config import (APPROACHES, DEFAULT_FUSION, DEFAULT_LABEL_SMOOTHING_KM, DEFAULT_PREDICT_RULE, OPTIMIZERS,
@@ -124,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="probability of mirroring an augmented training quadruplet: all views flipped, 90/270 swapped (default: 0)")
     data.add_argument("--cache-features", action=argparse.BooleanOptionalAction, default=True,
                       help="reuse backbone features from disk while the backbone is frozen and unaugmented (default: on)")
-    data.add_argument("--cache-dir", type=Path, default=FEATURE_CACHE_DIR, help="feature cache folder (default: data/cache/features)")
+    data.add_argument("--cache-dir", type=Path, default=None,
+                      help="feature cache folder, shared with src.predict (default: data/cache/features, or "
+                           "$FEATURE_CACHE_DIR when set)")
     data.add_argument("--engine", choices=ENGINES, default="auto",
                       help="fills the feature cache: torch, or ONNX Runtime (backbone exported once into the cache "
                            "folder); auto: onnx on the CPU, torch on a GPU (default: auto)")
@@ -216,10 +218,11 @@ def run_config(args: argparse.Namespace, first_epoch: int = 0) -> RunConfig:
     optim = OptimConfig(lr=args.lr, lr_finetune=args.lr_finetune, unfreeze_at_epoch=choices.unfreeze_at_epoch,
                         unfreeze_blocks=args.unfreeze_blocks, freeze_bn=args.freeze_bn, optimizer=args.optimizer,
                         weight_decay=args.weight_decay, scheduler=args.scheduler, warmup_epochs=args.warmup_epochs)
+    cache_dir = args.cache_dir or default_feature_cache_dir()
     loader = LoaderConfig(image_size=choices.image_size, mean=tuple(spec.mean), std=tuple(spec.std),
                           batch_size=args.batch_size, num_workers=num_workers, augment=args.augment,
                           mirror_p=args.mirror_p, unfreeze_at_epoch=choices.unfreeze_at_epoch,
-                          cache_dir=str(args.cache_dir) if args.cache_features else None,
+                          cache_dir=str(cache_dir) if args.cache_features else None,
                           backbone=choices.backbone, engine=args.engine, first_epoch=first_epoch)
     trainer = TrainerConfig(
         epochs=choices.epochs, out_dir=args.out_dir, run_name=args.run_name, accelerator=args.accelerator,

@@ -21,6 +21,20 @@ def onnx_export_store(tmp_path_factory):
         os.environ["ONNX_CACHE_DIR"] = previous
 
 
+@pytest.fixture(scope="session", autouse=True)
+def feature_cache_dir(tmp_path_factory):
+    """The default feature cache folder of src.train and src.predict (src.core.paths) in a temporary folder, for
+    this process and the commands it starts, instead of the checkout's data/cache/features."""
+    folder = tmp_path_factory.mktemp("feature_cache")
+    previous = os.environ.get("FEATURE_CACHE_DIR")
+    os.environ["FEATURE_CACHE_DIR"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("FEATURE_CACHE_DIR", None)
+    else:
+        os.environ["FEATURE_CACHE_DIR"] = previous
+
+
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory):
     """A generated LUMEN-format demo dataset: 120 locations, 64 px views, seed 0. Treat as read-only."""

@@ -230,8 +230,9 @@ def test_resolve_engine():
 
 
 def test_predict_engines_agree(tiny_checkpoints, demo_dir, capsys):
+    # the whole model on each engine (a frozen checkpoint's head would read one cache whichever engine filled it)
     frames = {engine: predict_main(["--checkpoint", str(tiny_checkpoints["classification"]), "--images",
-                                    str(demo_dir), "--engine", engine, "--num-workers", "0"])
+                                    str(demo_dir), "--engine", engine, "--num-workers", "0", "--no-cache-features"])
               for engine in ("torch", "onnx")}
     assert "engine onnx" in capsys.readouterr().err
     torch_frame, onnx_frame = frames["torch"], frames["onnx"]
@@ -324,7 +325,8 @@ def test_hybrid_median_export_matches_torch(demo_dir, tmp_path):
     images = tmp_path / "seven"
     for folder in sorted((demo_dir / "data").iterdir())[:7]:
         shutil.copytree(folder, images / folder.name)
-    common = ["--checkpoint", str(checkpoint), "--images", str(images), "--predict-rule", "mode", "--num-workers", "0"]
+    common = ["--checkpoint", str(checkpoint), "--images", str(images), "--predict-rule", "mode", "--num-workers", "0",
+              "--no-cache-features"]
     onnx_rows = predict_main([*common, "--engine", "onnx", "--batch-size", "7"])
     torch_rows = predict_main([*common, "--engine", "torch"])
     np.testing.assert_allclose(onnx_rows[["latitude", "longitude"]], torch_rows[["latitude", "longitude"]], atol=1e-6)

@@ -56,6 +56,22 @@ def test_cached_features_equal_fresh_ones_and_are_reused(image_dirs, tmp_path):
     torch.testing.assert_close(again.load_all(image_dirs), stacked)
 
 
+def test_features_fill_and_stack_in_one_pass(image_dirs, tmp_path):
+    torch.manual_seed(0)
+    backbone = create_backbone("tiny", pretrained=False)
+    cache = FeatureCache(tmp_path / "cache", "tiny", backbone, 32)
+    cache.compute_missing(image_dirs[:2], backbone, TRANSFORM)  # two entries exist, four are missing
+    wanted = [image_dirs[3], *image_dirs, image_dirs[0]]  # a location may come twice: it gets both rows
+    stacked = cache.features(wanted, backbone, TRANSFORM, batch_size=4)
+    assert (cache.computed, cache.reused) == (6, 2)
+    expected = torch.stack([fresh_features(backbone, image_dir) for image_dir in wanted])
+    torch.testing.assert_close(stacked, expected, rtol=1e-5, atol=1e-6)
+    # what was computed is stored: a later object reads the same features from disk alone
+    later = FeatureCache(tmp_path / "cache", "tiny", backbone, 32)
+    torch.testing.assert_close(later.load_all(wanted), stacked, rtol=0, atol=0)
+    assert torch.equal(later.features(wanted, backbone, TRANSFORM), stacked) and later.computed == 0
+
+
 def test_cache_key_covers_image_file_weights_and_size(image_dirs, tmp_path):
     torch.manual_seed(0)
     backbone = create_backbone("tiny", pretrained=False)

@@ -1,4 +1,4 @@
-"""Predict: the TTA mirror, view substitution, row-per-uuid CSV output and ensemble averaging."""
+"""Predict: the TTA mirror, view substitution, row-per-uuid CSV output, ensemble averaging, cached features."""
 
 import contextlib
 import io
@@ -17,7 +17,7 @@ from src.core import geo
 from src.data.quadruplets import eval_transform, mirror_views
 from src.core.errors import UserError
 from src.data.images import VIEWS, load_image
-from src.inference.checkpoints import load_model, read_test_locations
+from src.inference.checkpoints import backbone_trained, load_model, read_test_locations
 from src.inference.predictor import predict_locations
 from src.predict import main as predict_main
 from src.train import main as train_main
@@ -229,3 +229,63 @@ def test_a_reader_that_went_away_ends_predict_quietly(checkpoints, demo_dir):
         os.close(write)
     assert run.returncode == 141, run.stderr
     assert "Traceback" not in run.stderr and "BrokenPipe" not in run.stderr and "error" not in run.stderr.lower()
+
+
+def predict_quietly(argv, capsys) -> tuple[pd.DataFrame, str]:
+    frame = predict_main([str(a) for a in argv])
+    return frame, capsys.readouterr().err
+
+
+def test_a_frozen_checkpoint_reads_the_features_train_cached_and_runs_only_its_head(checkpoints, demo_dir, tmp_path,
+                                                                                   capsys):
+    reports, classification, regression = checkpoints
+    train_cache = reports / "cache"  # filled by the two training runs: train, val and test entries
+    assert not backbone_trained(classification) and not backbone_trained(regression)
+    n_test = len(read_test_locations(classification))
+    # the default run (the checkpoint's test split): src.train cached every test location already
+    cached, err = predict_quietly(["--checkpoint", classification, "--cache-dir", train_cache, "--num-workers", 0],
+                                  capsys)
+    assert "backbone features from the feature cache" in err
+    assert f"0 location(s) computed, {n_test} reused" in err
+    full, err = predict_quietly(["--checkpoint", classification, "--num-workers", 0, "--no-cache-features"], capsys)
+    assert "feature cache" not in err
+    assert cached["uuid"].tolist() == full["uuid"].tolist()
+    np.testing.assert_allclose(cached[["latitude", "longitude"]], full[["latitude", "longitude"]], atol=1e-6)
+    # --images: the missing entries are computed (ONNX Runtime) and stored, then read by the next run
+    common = ["--checkpoint", regression, "--images", demo_dir, "--cache-dir", tmp_path / "cache", "--num-workers", 0]
+    first, err = predict_quietly(common, capsys)
+    assert "120 location(s) computed, 0 reused" in err
+    second, err = predict_quietly(common, capsys)
+    assert "0 location(s) computed, 120 reused" in err
+    full, _ = predict_quietly([*common, "--no-cache-features"], capsys)
+    assert len(full) == 120 and first["uuid"].tolist() == full["uuid"].tolist()
+    np.testing.assert_allclose(first[["latitude", "longitude"]], full[["latitude", "longitude"]], atol=1e-6)
+    pd.testing.assert_frame_equal(first, second)
+    # the head on the cached features is the model on the images, by hand
+    model = load_model(regression, reports_dir=None).eval()
+    folders = sorted((demo_dir / "data").iterdir())[:5]
+    np.testing.assert_allclose(first[["latitude", "longitude"]].to_numpy()[:5],
+                               [to_latlng(reference_xy(model, folder)) for folder in folders], atol=1e-6)
+
+
+def test_a_fine_tuned_checkpoint_and_tta_predict_from_the_images(checkpoints, demo_dir, tmp_path, capsys):
+    reports, classification, _ = checkpoints
+    tuned = train_checkpoint(["--approach", "classification", "--dataset-dirs", demo_dir, "--backbone", "tiny",
+                              "--no-pretrained", "--image-size", 32, "--epochs", 1, "--unfreeze-at-epoch", 0,
+                              "--num-workers", 0, "--out-dir", tmp_path / "runs", "--cache-dir", tmp_path / "train"])
+    assert backbone_trained(tuned)
+    images = tmp_path / "subset"
+    for folder in sorted((demo_dir / "data").iterdir())[:6]:
+        shutil.copytree(folder, images / folder.name)
+    cache = tmp_path / "cache"
+    frames = []
+    for argv in (["--checkpoint", tuned], ["--checkpoint", classification, "--tta"]):
+        frame, err = predict_quietly([*argv, "--images", images, "--cache-dir", cache, "--num-workers", 0], capsys)
+        assert "feature cache" not in err and not cache.exists()  # the whole model on the images
+        full, _ = predict_quietly([*argv, "--images", images, "--no-cache-features", "--num-workers", 0], capsys)
+        pd.testing.assert_frame_equal(frame, full)
+        frames.append(frame)
+    model = load_model(tuned, reports_dir=None).eval()
+    for row in frames[0].itertuples():  # the fine-tuned backbone on the images
+        assert (row.latitude, row.longitude) == pytest.approx(to_latlng(reference_xy(model, images / row.uuid)),
+                                                               abs=1e-6)

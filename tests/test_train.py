@@ -15,13 +15,16 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from src.core import geo
-from src.data.datamodule import GeoDataModule
+from src.data.datamodule import FeatureDataset, GeoDataModule, QuadrupletDataset
+from src.data.features import FeatureCache
 from src.data.quadruplets import eval_transform, load_quadruplet
 from src.data.enrich import enrich
 from src.core.errors import run_cli
 from src.model.config import DEFAULT_LABEL_SMOOTHING_KM
 from src.model.finetune import FreezeThenUnfreeze, phase_of, phase_starts
+from src.model.geomodel import snapped_km
 from src.training.callbacks import RandomStates
+from src.training.callbacks import TestCollector as Collector  # (pytest would collect a Test* name)
 from src.training.run import resolve_choices
 from src.inference.checkpoints import load_model, read_data_config, read_test_locations
 from tests.builders import enriched_classes, geo_model, loader_config
@@ -187,6 +190,72 @@ def test_backbone_stays_frozen_until_the_unfreeze_epoch(demo_dir, tmp_path, cach
     assert not same(record.head[0], record.head[1])  # the head trains from the first epoch
     assert all(p.requires_grad for p in model.backbone.parameters())
     assert bool(data._features) == cache
+
+
+def tiny_classifier(enriched, unfreeze_at_epoch: int | None = None):
+    pl.seed_everything(0, verbose=False)
+    return geo_model("classification", enriched=enriched, hidden=16, lr_finetune=1e-2, scheduler="none",
+                     unfreeze_at_epoch=unfreeze_at_epoch)
+
+
+def fit_then_test(enriched, loader, epochs: int, unfreeze_at_epoch: int | None = None):
+    """A tiny classifier fitted through `loader`'s DataModule for `epochs`, then tested on its last weights."""
+    model = tiny_classifier(enriched, unfreeze_at_epoch)
+    data = GeoDataModule(enriched.locations, loader)
+    tests = Collector()
+    trainer = pl.Trainer(max_epochs=epochs, callbacks=[FreezeThenUnfreeze(unfreeze_at_epoch), tests], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         reload_dataloaders_every_n_epochs=1, limit_val_batches=1)
+    trainer.fit(model, datamodule=data)
+    trainer.test(model, datamodule=data, verbose=False)
+    return model, data, trainer, tests
+
+
+@pytest.mark.parametrize("augment", ["finetune", "always"])
+def test_a_frozen_run_tests_on_cached_features_with_the_metrics_of_the_images(demo_dir, tmp_path, augment):
+    enriched = enrich([demo_dir], spacing=1.0, seed=0, progress=False)
+    locations = enriched.locations
+    loader = loader_config(32, batch_size=32, augment=augment, cache_dir=tmp_path / "cache", backbone="tiny",
+                           engine="onnx")
+    model, data, trainer, tests = fit_then_test(enriched, loader, epochs=1)
+    assert isinstance(trainer.test_dataloaders.dataset, FeatureDataset)  # even with augment always: eval features
+    # one pass of ONNX Runtime filled the test entries with the others; the test computed none
+    cached_splits = ["val", "test"] if augment == "always" else ["train", "val", "test"]
+    assert data.feature_cache_counts() == {"computed": locations.split.isin(cached_splits).sum(), "reused": 0}
+    assert len(list((tmp_path / "cache").glob("*/*.pt"))) == data.feature_cache.computed
+    on_cache = tests.km.copy()
+    assert len(on_cache) == (locations.split == "test").sum()
+    # the same weights tested on the images (a DataModule without a cache): the same km
+    trainer.test(model, datamodule=GeoDataModule(locations, loader_config(32, batch_size=32)), verbose=False)
+    assert isinstance(trainer.test_dataloaders.dataset, QuadrupletDataset)
+    assert on_cache.mean() == pytest.approx(tests.km.mean(), rel=1e-4)
+    np.testing.assert_allclose(on_cache, tests.km, rtol=1e-3, atol=1e-3)
+
+
+def test_a_fine_tuned_run_tests_on_images_through_the_fine_tuned_backbone(demo_dir, tmp_path):
+    enriched = enrich([demo_dir], spacing=1.0, seed=0, progress=False)
+    locations = enriched.locations
+    loader = loader_config(32, batch_size=32, unfreeze_at_epoch=1, augment="none", cache_dir=tmp_path / "cache",
+                           backbone="tiny", engine="onnx")
+    model, data, trainer, tests = fit_then_test(enriched, loader, epochs=2, unfreeze_at_epoch=1)
+    assert isinstance(trainer.test_dataloaders.dataset, QuadrupletDataset)
+    # the frozen epoch filled train and val, in the folder of the starting weights; no test entry anywhere
+    assert data.feature_cache.computed == locations.split.isin(["train", "val"]).sum()
+    assert [len(list(folder.iterdir())) for folder in (tmp_path / "cache").iterdir()] == [data.feature_cache.computed]
+    tuned = FeatureCache(tmp_path / "cache", "tiny", model.backbone, 32, preprocessing=repr(data.eval_transform()))
+    assert tuned.directory != data.feature_cache.directory  # the key holds the weights: no stale entry can match
+    # the test's points are the fine-tuned model's on the images...
+    test = data.split("test")
+    lat, lng = test["latitude"].to_numpy(), test["longitude"].to_numpy()
+    views = torch.stack([load_quadruplet(d, 32, data.eval_transform()) for d in test["image_dir"]])
+    expected, km = snapped_km(model.locate(views).numpy(), lat, lng)
+    np.testing.assert_allclose(tests.xy, expected, atol=1e-3)  # metres
+    np.testing.assert_allclose(tests.km, km, rtol=1e-6)
+    # ...not the ones the starting (frozen-phase) backbone's features would give through the fine-tuned head
+    start = tiny_classifier(enriched, unfreeze_at_epoch=1).backbone.eval()
+    with torch.no_grad():
+        stale = model.outputs_to_xy(model.head_forward(start(views.flatten(0, 1)).view(len(test), 4, -1)))
+    assert np.abs(snapped_km(stale.numpy(), lat, lng)[0] - tests.xy).max() > 100  # metres
 
 
 def test_unfreezing_only_the_last_stages(demo_dir, tmp_path):

@@ -1,8 +1,8 @@
 """The LightningDataModule over the enrich stage: train/val/test loaders of quadruplets or cached features.
 
 A batch is a dict: `views` [B, 4, 3, H, W] (or `features` [B, 4, D] from the feature cache while
-the backbone is frozen), `label` [B] (class index), `xy` [B, 2] (EPSG:3766 metres), `lat`/`lng` [B]
-(degrees) and `index` [B] (row in the split's table).
+the backbone is frozen, and at test time when it was never trained), `label` [B] (class index), `xy` [B, 2]
+(EPSG:3766 metres), `lat`/`lng` [B] (degrees) and `index` [B] (row in the split's table).
 """
 
 import logging
@@ -70,6 +70,9 @@ class GeoDataModule(pl.LightningDataModule):
     first use with the model's own backbone); with augmentation `always` training uses images
     throughout. A run fits each phase on its own (`src.model.finetune`), `loader.first_epoch` set to the
     phase's first epoch; a single fit across the unfreeze epoch needs `reload_dataloaders_every_n_epochs=1`.
+    The test loader serves the cached features too when the tested backbone's weights are the ones the cache
+    was filled with (a backbone never trained in the run; the test never augments), and images through the
+    backbone otherwise (fine-tuned): the cache's key holds the weights, so no stale entry can be read.
 
     `data` (the DataConfig the locations came from) and the test split's (uuid, folder) pairs are saved
     in every checkpoint (Lightning's `datamodule_hyper_parameters`): analyze and predict read them there.
@@ -103,10 +106,32 @@ class GeoDataModule(pl.LightningDataModule):
         return self.loader.unfreeze_at_epoch is None or self._epoch() < self.loader.unfreeze_at_epoch
 
     def uses_cache(self, split: str) -> bool:
-        """Whether `split`'s loader serves cached features in the current epoch."""
-        if self.loader.cache_dir is None or not self.frozen_epoch() or split == "test":
+        """Whether `split`'s loader serves cached features in the current epoch (while fitting, for the test
+        split: whether prepare_data fills its entries, see `frozen_throughout`)."""
+        if self.loader.cache_dir is None:
+            return False
+        if split == "test":
+            return self.test_uses_cache() if self.trainer is not None and self.trainer.testing \
+                else self.frozen_throughout()
+        if not self.frozen_epoch():
             return False
         return split == "val" or self.loader.augment != "always"
+
+    def frozen_throughout(self) -> bool:
+        """Whether the backbone stays frozen in every epoch of the run (no unfreeze epoch before max_epochs):
+        then prepare_data fills the test split's entries along with the train and val ones."""
+        unfreeze, epochs = self.loader.unfreeze_at_epoch, self.trainer.max_epochs if self.trainer else None
+        return unfreeze is None or (epochs is not None and 0 <= epochs <= unfreeze)
+
+    def test_uses_cache(self) -> bool:
+        """Whether the test reads cached features: the run's cache exists and the tested backbone's weights are
+        those it was keyed with (never trained), and, with several processes, prepare_data filled the test
+        entries (`frozen_throughout`); else the test runs the images through the backbone."""
+        if self.loader.cache_dir is None or self._feature_cache is None:
+            return False
+        if self.trainer.world_size > 1 and not self.frozen_throughout():
+            return False
+        return self._new_feature_cache().directory == self._feature_cache.directory
 
     def _augmented(self) -> bool:
         augment = self.loader.augment
@@ -126,23 +151,30 @@ class GeoDataModule(pl.LightningDataModule):
         )
 
     def prepare_data(self) -> None:
-        """Fill the feature cache of the splits that use it now, once (Lightning calls this on
-        rank 0 of each node only, the other processes wait, then read the cache)."""
-        for split in ("train", "val"):
-            if self.uses_cache(split) and split not in self._filled:  # trainer.test calls it again
-                self._fill_cache(split)
+        """Fill the feature cache of the splits that use it now (the test split's too when the backbone stays
+        frozen throughout), once, in one pass (Lightning calls this on rank 0 of each node only, the other
+        processes wait, then read the cache). trainer.test calls it again: it fills nothing then (with one
+        process a test entry still missing is filled when the test loader is built)."""
+        if self.trainer is not None and self.trainer.testing:
+            return
+        splits = [split for split in ("train", "val", "test") if self.uses_cache(split) and split not in self._filled]
+        if splits:
+            self._fill_cache(splits)
 
     def eval_transform(self) -> Callable:
         """The evaluation transform (cached features are computed with it)."""
         return eval_transform(self.loader.image_size, self.loader.mean, self.loader.std)
 
+    def _new_feature_cache(self) -> FeatureCache:
+        """The cache of the model's backbone as its weights are now (they are part of its key)."""
+        return FeatureCache(self.loader.cache_dir, self.loader.backbone, self.trainer.lightning_module.backbone,
+                            self.loader.image_size, preprocessing=repr(self.eval_transform()))
+
     @property
     def feature_cache(self) -> FeatureCache:
         """The cache of the model's (frozen) backbone; its `computed`/`reused` count this run's entries."""
         if self._feature_cache is None:
-            self._feature_cache = FeatureCache(self.loader.cache_dir, self.loader.backbone,
-                                               self.trainer.lightning_module.backbone, self.loader.image_size,
-                                               preprocessing=repr(self.eval_transform()))
+            self._feature_cache = self._new_feature_cache()
         return self._feature_cache
 
     def feature_cache_counts(self) -> dict[str, int] | None:
@@ -150,27 +182,35 @@ class GeoDataModule(pl.LightningDataModule):
         cache = self._feature_cache
         return None if cache is None else {"computed": cache.computed, "reused": cache.reused}
 
-    def _fill_cache(self, split: str) -> None:
+    def _fill_cache(self, splits: list[str]) -> None:
+        """Compute the missing entries of `splits` in one pass; this process keeps their features (read or
+        computed on the way), so it does not read them back."""
         from src.inference.engine import OnnxFeatureExtractor, resolve_engine  # noqa: PLC0415 (onnx: only here)
 
         device = self.trainer.strategy.root_device  # in prepare_data the model is not on it yet
         backbone = self.trainer.lightning_module.backbone.to(device)
-        image_dirs = self.split(split)["image_dir"].astype(str).tolist()
+        image_dirs = {split: self.split(split)["image_dir"].astype(str).tolist() for split in splits}
+        every = [d for split in splits for d in image_dirs[split]]
         cache = self.feature_cache
         extract = None  # ONNX Runtime exports the backbone on its first call, so only when entries are missing
         if resolve_engine(self.loader.engine, device) == "onnx":
             extract = OnnxFeatureExtractor(backbone, self.loader.image_size, preprocessing=repr(self.eval_transform()))
-        computed = cache.compute_missing(image_dirs, backbone, self.eval_transform(), batch_size=self.loader.batch_size,
-                                         num_workers=self.loader.num_workers, device=device, extract=extract)
-        log.info("feature cache (%s): %d computed, %d reused", split, computed, len(image_dirs) - computed)
-        self._filled.add(split)
+        computed_before = cache.computed
+        features = cache.features(every, backbone, self.eval_transform(), batch_size=self.loader.batch_size,
+                                  num_workers=self.loader.num_workers, device=device, extract=extract)
+        computed = cache.computed - computed_before
+        log.info("feature cache (%s): %d computed, %d reused", ", ".join(splits), computed, len(set(every)) - computed)
+        for split, part in zip(splits, features.split([len(image_dirs[split]) for split in splits])):
+            self._features[split] = part
+        self._filled.update(splits)
 
     def cached_features(self, split: str) -> torch.Tensor:
         """[N, 4, D] backbone features of `split`, computed into the cache when missing, loaded once."""
         if split not in self._features:
             if self.trainer.world_size == 1 and split not in self._filled:  # under DDP prepare_data filled it
-                self._fill_cache(split)
-            self._features[split] = self.feature_cache.load_all(self.split(split)["image_dir"].astype(str).tolist())
+                self._fill_cache([split])
+            else:  # filled by another process
+                self._features[split] = self.feature_cache.load_all(self.split(split)["image_dir"].astype(str).tolist())
         return self._features[split]
 
     def _dataset(self, split: str, train: bool) -> Dataset:

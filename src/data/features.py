@@ -8,6 +8,9 @@ so a changed image, other weights or another input size never reuse a stale entr
 Entries are written to a temporary file and renamed. An entry that cannot be read back as a
 finite float [4, D] tensor (truncated, zero-byte, garbage, wrong shape) is treated as missing:
 it is deleted and recomputed, with a warning that counts and lists such entries.
+
+`features` fills the cache and returns the stacked features of every location in one pass: each entry is
+read at most once (to check it) and none that it has just computed is read back.
 """
 
 import hashlib
@@ -82,11 +85,13 @@ class FeatureCache:
 
     def put(self, image_dir: str | Path, features: torch.Tensor) -> None:
         """Store a location's [4, D] features (atomically)."""
+        self._write(self.entry_path(image_dir), features)
+
+    def _write(self, path: Path, features: torch.Tensor) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        with atomic_path(self.entry_path(image_dir)) as tmp:
+        with atomic_path(path) as tmp:
             torch.save(features.detach().cpu().contiguous().clone(), tmp)
 
-    @torch.no_grad()
     def compute_missing(
         self,
         image_dirs: Sequence[str],
@@ -106,18 +111,52 @@ class FeatureCache:
         `extract` computes the features in place of the backbone's forward (ONNX Runtime,
         `src.export.OnnxFeatureExtractor`); its features agree with torch's, so entries stay interchangeable.
         """
+        return self._fill(image_dirs, backbone, transform, batch_size, num_workers, device, extract, out=None)
+
+    def features(
+        self,
+        image_dirs: Sequence[str],
+        backbone: Backbone,
+        transform: Callable,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        device: torch.device | str = "cpu",
+        extract: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """`compute_missing`, then the stacked [len(image_dirs), 4, D] features (as `load_all` gives them),
+        in one pass: the entries found are read once, the ones computed are not read back."""
+        out = torch.empty(len(image_dirs), N_VIEWS, self.dim)
+        self._fill(image_dirs, backbone, transform, batch_size, num_workers, device, extract, out=out)
+        return out
+
+    @torch.no_grad()
+    def _fill(self, image_dirs: Sequence[str], backbone: Backbone, transform: Callable, batch_size: int,
+              num_workers: int, device: torch.device | str, extract: Callable | None,
+              out: torch.Tensor | None) -> int:
+        """Compute and store the missing entries; with `out`, also write every location's features into its row."""
+        rows: dict[str, list[int]] = {}  # each distinct location and its rows in `out`
+        for row, image_dir in enumerate(image_dirs):
+            rows.setdefault(str(image_dir), []).append(row)
         corrupt_before = len(self.corrupt)
-        missing = [image_dir for image_dir in dict.fromkeys(image_dirs) if self.get(image_dir) is None]
+        paths, missing = {}, []
+        for image_dir, location_rows in rows.items():
+            paths[image_dir] = path = self.entry_path(image_dir)
+            found = self._read(path)
+            if found is None:
+                missing.append(image_dir)
+            elif out is not None:
+                for row in location_rows:  # basic indexing: a plain copy (a list index would scatter)
+                    out[row] = found
         corrupt = self.corrupt[corrupt_before:]
         if corrupt:
             listed = ", ".join(str(p) for p in corrupt[:LISTED_CORRUPT])
             more = f" and {len(corrupt) - LISTED_CORRUPT} more" if len(corrupt) > LISTED_CORRUPT else ""
             log.warning("warning: feature cache: %d corrupt entr%s (truncated, unreadable or wrong shape) "
                         "deleted and recomputed: %s%s", len(corrupt), "y" if len(corrupt) == 1 else "ies", listed, more)
-        self.reused += len(set(image_dirs)) - len(missing)
+        self.reused += len(rows) - len(missing)
         if not missing:
             return 0
-        log.info("feature cache: computing %d of %d locations into %s", len(missing), len(set(image_dirs)), self.directory)
+        log.info("feature cache: computing %d of %d locations into %s", len(missing), len(rows), self.directory)
         was_training = backbone.training
         backbone.eval()
         folders = QuadrupletFolders(missing, {"views": (self.image_size, transform)}, validate=False)
@@ -127,9 +166,13 @@ class FeatureCache:
             for indices, batches, _, _ in tqdm(loader, desc="caching features", unit="batch", leave=False):
                 views = batches["views"]
                 batch, n_views = views.shape[:2]
-                features = (extract or backbone)(views.flatten(0, 1).to(device)).view(batch, n_views, -1)
+                features = (extract or backbone)(views.flatten(0, 1).to(device)).view(batch, n_views, -1).cpu()
                 for index, location_features in zip(indices.tolist(), features):
-                    self.put(missing[index], location_features)
+                    image_dir = missing[index]
+                    self._write(paths[image_dir], location_features)
+                    if out is not None:
+                        for row in rows[image_dir]:
+                            out[row] = location_features
                     self.computed += 1
         finally:
             backbone.train(was_training)

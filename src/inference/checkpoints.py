@@ -154,6 +154,18 @@ def checkpoint_phase(checkpoint: dict[str, Any]) -> str:
     return phase_of(checkpoint["hyper_parameters"].get("unfreeze_at_epoch"), int(checkpoint.get("epoch", 0)))
 
 
+def backbone_trained(path: str | Path, flag: str = "--checkpoint") -> bool:
+    """Whether a checkpoint's backbone was trained in its run (written in the fine-tuning phase); False means it
+    holds the weights its run started from, as the feature cache keys them. Checkpoints that record neither
+    their phase nor their unfreeze epoch count as trained."""
+    from src.model.finetune import FINE_TUNING, PHASE_KEY  # noqa: PLC0415 (Lightning: only when asked)
+
+    checkpoint = read_checkpoint(path, flag)
+    if PHASE_KEY not in checkpoint and "unfreeze_at_epoch" not in checkpoint["hyper_parameters"]:
+        return True
+    return checkpoint_phase(checkpoint) == FINE_TUNING
+
+
 def load_model(path: str | Path, device: str = "cpu", flag: str = "--checkpoint",
                reports_dir: str | Path | None = REPORTS_DIR, **overrides):
     """A GeoModel from a src.train checkpoint, in eval mode on `device`; a missing file's message lists the

@@ -4,11 +4,17 @@ Coordinates are averaged over models (and the TTA mirror, `src.data.quadruplets.
 moved onto land when the average lies outside Croatia, then converted to degrees. Every location gets a row:
 unreadable views are replaced by readable views of the same location, a location without any readable view
 gets the training prior; both are reported (`ViewIssues`).
+
+A model whose backbone was never trained (frozen in its run) can read its backbone features from the feature
+cache that training filled (`CachedBackbone`, `src.data.features`), computing the missing entries, and run
+only its head: the same points up to float tolerance, without decoding the images or running the backbone
+again. Only locations whose four views pass the image check do; the others go through the whole model.
 """
 
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -16,11 +22,16 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from src.data.quadruplets import QuadrupletFolders, collate_quadruplets, input_spec, mirror_views, spec_transforms
+from src.data.features import FeatureCache
+from src.data.images import check_image, view_paths
+from src.data.quadruplets import (QuadrupletFolders, collate_quadruplets, eval_transform, input_spec, mirror_views,
+                                  spec_transforms)
 from src.inference.checkpoints import read_test_locations
 from src.core.errors import UserError
 from src.core.geo import project, snap_to_land, unproject
 from src.data.ingest import find_image_root, list_location_dirs
+
+CACHED_CHUNK = 1024  # locations whose cached features are in memory at once
 
 
 
@@ -95,37 +106,99 @@ def ensemble_prior(models) -> tuple[float, float]:
     return float(lat), float(lng)
 
 
+@dataclass
+class CachedBackbone:
+    """A model's backbone features from the feature cache: `cache` keyed by the model's backbone weights,
+    image size and evaluation transform (`transform`), as src.train keys it; missing entries are computed by
+    `extract` (ONNX Runtime) or, when None, the model's torch backbone."""
+
+    cache: FeatureCache
+    transform: Callable
+    extract: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def locate(self, model, image_dirs: Sequence[str], batch_size: int = 32, num_workers: int = 0,
+               device: str = "cpu") -> np.ndarray:
+        """EPSG:3766 x/y [N, 2] (float64) of `model` (a GeoModel) at the locations in `image_dirs`: the
+        features from the cache (missing entries computed and stored), then only the head, chunk by chunk."""
+        was_training = model.training
+        model.eval()
+        try:
+            xy = []
+            for start in range(0, len(image_dirs), CACHED_CHUNK):
+                features = self.cache.features(image_dirs[start:start + CACHED_CHUNK], model.backbone, self.transform,
+                                               batch_size=batch_size, num_workers=num_workers, device=device,
+                                               extract=self.extract)
+                xy.append(model.outputs_to_xy(model.head_forward(features.to(model.device))).double().cpu().numpy())
+        finally:
+            model.train(was_training)
+        return np.concatenate(xy) if xy else np.empty((0, 2))
+
+
+def cached_backbone(model, cache_dir: str | Path, engine: str = "torch") -> CachedBackbone:
+    """The feature cache of a GeoModel's backbone under `cache_dir` (the folder src.train fills), its missing
+    entries computed by ONNX Runtime (`engine` "onnx") or torch."""
+    from src.inference.engine import OnnxFeatureExtractor  # noqa: PLC0415 (onnx: only here)
+
+    size, mean, std = input_spec(model.hparams)
+    transform = eval_transform(size, mean, std)
+    preprocessing = repr(transform)  # as the training DataModule describes it: the same cache folder
+    cache = FeatureCache(cache_dir, str(model.hparams["backbone"]), model.backbone, size, preprocessing=preprocessing)
+    extract = OnnxFeatureExtractor(model.backbone, size, preprocessing=preprocessing) if engine == "onnx" else None
+    return CachedBackbone(cache, transform, extract)
+
+
+def checked_views(folders: Sequence[Path]) -> np.ndarray:
+    """Per location folder: whether all four views pass the image check (then no view is replaced)."""
+    return np.array([all(check_image(path) is None for path in view_paths(folder)) for folder in folders], bool)
+
+
 def predict_locations(models, locations: list[tuple[str, Path]], tta: bool = False, batch_size: int = 32,
-                      num_workers: int = 0, device: str = "cpu", progress: bool = True
-                      ) -> tuple[pd.DataFrame, ViewIssues]:
+                      num_workers: int = 0, device: str = "cpu", progress: bool = True,
+                      caches: Sequence[CachedBackbone | None] | None = None) -> tuple[pd.DataFrame, ViewIssues]:
     """Stream `locations` through the ensemble `models`; one row (uuid, latitude, longitude) per location.
 
     Coordinates are averaged over models (and the TTA mirror) in EPSG:3766, moved onto land when the
-    average lies outside Croatia (`src.geo.snap_to_land`), then converted to degrees.
+    average lies outside Croatia (`src.geo.snap_to_land`), then converted to degrees. A model with a
+    CachedBackbone in `caches` (aligned with `models`; not with `tta`: the cache holds the unmirrored views'
+    features) reads the features of the locations whose views all pass the image check from the cache and
+    runs only its head there; every other location goes through the whole model.
     """
+    caches = list(caches or [None] * len(models))
+    if tta and any(caches):
+        raise ValueError("TTA mirrors the views: cached features cannot be used with it")
     specs = [input_spec(m.hparams) for m in models]
     uuids = [uuid for uuid, _ in locations]
-    folders = QuadrupletFolders([folder for _, folder in locations], spec_transforms(specs))
-    loader = DataLoader(folders, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=collate_quadruplets, pin_memory=device.startswith("cuda"))
-    prior = ensemble_prior(models)
-    prior_xy = np.array(project(prior[0], prior[1]), float)
+    folders = [folder for _, folder in locations]
+    xy_sum = np.zeros((len(locations), 2))
+    clean = checked_views(folders) if any(caches) else np.zeros(len(locations), bool)
+    clean_dirs = [str(folder) for folder, ok in zip(folders, clean) if ok]
+    for model, cache in zip(models, caches):
+        if cache is not None and clean_dirs:
+            xy_sum[clean] += cache.locate(model, clean_dirs, batch_size, num_workers, device)
+    # the locations some model reads the images of
+    streamed = np.flatnonzero(~clean) if all(cache is not None for cache in caches) else np.arange(len(locations))
+    usable = np.ones(len(locations), bool)
     issues = ViewIssues()
-    all_uuids, all_xy = [], []
-    for indices, batches, usable, substitutions in tqdm(loader, desc="predict", unit="batch", file=sys.stderr,
-                                                        disable=not progress):
-        batch_uuids = [uuids[i] for i in indices.tolist()]
-        xy = torch.zeros(len(batch_uuids), 2, dtype=torch.float64)
-        for model, spec in zip(models, specs):
-            xy += member_xy(model, batches[spec].to(device, non_blocking=True), tta).cpu()
-        xy = (xy / len(models)).numpy()
-        xy[~usable.numpy()] = prior_xy
-        issues.replaced += [f"{uuids[i]} {view}.jpg: {reason} -> used {used}.jpg"
-                            for i, view, reason, used in substitutions]
-        issues.no_views += [u for u, ok in zip(batch_uuids, usable.tolist()) if not ok]
-        all_uuids += batch_uuids
-        all_xy.append(xy)
-    xy = np.concatenate(all_xy)
+    if len(streamed):
+        dataset = QuadrupletFolders([folders[i] for i in streamed], spec_transforms(specs))
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                            collate_fn=collate_quadruplets, pin_memory=device.startswith("cuda"))
+        for indices, batches, batch_usable, substitutions in tqdm(loader, desc="predict", unit="batch",
+                                                                  file=sys.stderr, disable=not progress):
+            rows = streamed[indices.numpy()]
+            for model, spec, cache in zip(models, specs, caches):
+                take = ~clean[rows] if cache is not None else np.ones(len(rows), bool)
+                if take.any():
+                    views = batches[spec][torch.from_numpy(take)]
+                    xy_sum[rows[take]] += member_xy(model, views.to(device, non_blocking=True), tta).cpu().numpy()
+            usable[rows] = batch_usable.numpy()
+            issues.replaced += [f"{uuids[streamed[i]]} {view}.jpg: {reason} -> used {used}.jpg"
+                                for i, view, reason, used in substitutions]
+            issues.no_views += [uuids[row] for row, ok in zip(rows, batch_usable.tolist()) if not ok]
+    prior = ensemble_prior(models)
+    xy = xy_sum / len(models)
+    xy[~usable] = np.array(project(prior[0], prior[1]), float)
     lat, lng = unproject(*snap_to_land(xy[:, 0], xy[:, 1]))
-    frame = pd.DataFrame({"uuid": all_uuids, "latitude": lat, "longitude": lng})
+    frame = pd.DataFrame({"uuid": uuids, "latitude": lat, "longitude": lng})
     return frame.sort_values("uuid", ignore_index=True), issues
