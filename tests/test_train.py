@@ -198,15 +198,13 @@ def tiny_classifier(enriched, unfreeze_at_epoch: int | None = None):
                      unfreeze_at_epoch=unfreeze_at_epoch)
 
 
-def fit_then_test(enriched, loader, epochs: int, unfreeze_at_epoch: int | None = None):
-    """A tiny classifier fitted through `loader`'s DataModule for `epochs`, then tested on its last weights."""
-    model = tiny_classifier(enriched, unfreeze_at_epoch)
+def fit_then_test(enriched, loader, epochs: int, tmp_path, unfreeze_at_epoch: int | None = None):
+    """A tiny classifier fitted in its phases through `loader`'s DataModule for `epochs`, then tested on its last
+    weights (the phases' checkpoints under tmp_path/phases)."""
     data = GeoDataModule(enriched.locations, loader)
     tests = Collector()
-    trainer = pl.Trainer(max_epochs=epochs, callbacks=[FreezeThenUnfreeze(unfreeze_at_epoch), tests], logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         reload_dataloaders_every_n_epochs=1, limit_val_batches=1)
-    trainer.fit(model, datamodule=data)
+    trainer, model = fit_in_phases(lambda: tiny_classifier(enriched, unfreeze_at_epoch), data, epochs,
+                                   tmp_path / "phases", [tests], limit_val_batches=1)
     trainer.test(model, datamodule=data, verbose=False)
     return model, data, trainer, tests
 
@@ -217,7 +215,7 @@ def test_a_frozen_run_tests_on_cached_features_with_the_metrics_of_the_images(de
     locations = enriched.locations
     loader = loader_config(32, batch_size=32, augment=augment, cache_dir=tmp_path / "cache", backbone="tiny",
                            engine="onnx")
-    model, data, trainer, tests = fit_then_test(enriched, loader, epochs=1)
+    model, data, trainer, tests = fit_then_test(enriched, loader, 1, tmp_path)
     assert isinstance(trainer.test_dataloaders.dataset, FeatureDataset)  # even with augment always: eval features
     # one pass of ONNX Runtime filled the test entries with the others; the test computed none
     cached_splits = ["val", "test"] if augment == "always" else ["train", "val", "test"]
@@ -237,7 +235,7 @@ def test_a_fine_tuned_run_tests_on_images_through_the_fine_tuned_backbone(demo_d
     locations = enriched.locations
     loader = loader_config(32, batch_size=32, unfreeze_at_epoch=1, augment="none", cache_dir=tmp_path / "cache",
                            backbone="tiny", engine="onnx")
-    model, data, trainer, tests = fit_then_test(enriched, loader, epochs=2, unfreeze_at_epoch=1)
+    model, data, trainer, tests = fit_then_test(enriched, loader, 2, tmp_path, unfreeze_at_epoch=1)
     assert isinstance(trainer.test_dataloaders.dataset, QuadrupletDataset)
     # the frozen epoch filled train and val, in the folder of the starting weights; no test entry anywhere
     assert data.feature_cache.computed == locations.split.isin(["train", "val"]).sum()
