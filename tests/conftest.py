@@ -7,18 +7,31 @@ import pytest
 from src.data.synthetic import write_demo_dataset
 
 
+def temporary_env_folder(tmp_path_factory, variable: str, name: str):
+    """A temporary folder named in the environment variable `variable` while the session runs (for this
+    process and the commands it starts); the previous value afterwards."""
+    folder = tmp_path_factory.mktemp(name)
+    previous = os.environ.get(variable)
+    os.environ[variable] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop(variable, None)
+    else:
+        os.environ[variable] = previous
+
+
 @pytest.fixture(scope="session", autouse=True)
 def onnx_export_store(tmp_path_factory):
     """The engines' ONNX export store (src.inference.engine) in a temporary folder, for this process and the
     commands it starts, instead of the checkout's data/cache/onnx."""
-    store = tmp_path_factory.mktemp("onnx_store")
-    previous = os.environ.get("ONNX_CACHE_DIR")
-    os.environ["ONNX_CACHE_DIR"] = str(store)
-    yield store
-    if previous is None:
-        os.environ.pop("ONNX_CACHE_DIR", None)
-    else:
-        os.environ["ONNX_CACHE_DIR"] = previous
+    yield from temporary_env_folder(tmp_path_factory, "ONNX_CACHE_DIR", "onnx_store")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def image_check_cache(tmp_path_factory):
+    """The default folder of the remembered image checks (src.data.config, --check-cache) in a temporary folder,
+    for this process and the commands it starts, instead of the checkout's data/cache/image_checks."""
+    yield from temporary_env_folder(tmp_path_factory, "IMAGE_CHECK_CACHE_DIR", "image_checks")
 
 
 @pytest.fixture(scope="session")

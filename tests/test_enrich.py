@@ -1,3 +1,4 @@
+import os
 import re
 import shutil
 import subprocess
@@ -170,9 +171,15 @@ def test_holdout_dir_must_be_a_dataset_dir(demo_dir, tmp_path):
         enrich([demo_dir], holdout_dirs=[tmp_path], progress=False)
 
 
+# the temporary folder of the image checks (conftest.image_check_cache), and no bytecode written into the checkout
+PASSED_ENV = ("IMAGE_CHECK_CACHE_DIR", "PYTHONDONTWRITEBYTECODE")
+
+
 def run_enrich(*args, cwd):
+    """`python -m src.enrich ARGS` in its own process (for its exit status), with a bare environment."""
     return subprocess.run([sys.executable, "-m", "src.enrich", *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+                          text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin",
+                                          **{name: os.environ[name] for name in PASSED_ENV if name in os.environ}})
 
 
 def test_enrich_cli_end_to_end(demo_dir, tmp_path, monkeypatch, capsys):

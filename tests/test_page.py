@@ -5,6 +5,7 @@ screenshot of each, written under pytest's temporary folder (never into the chec
 import asyncio
 import base64
 import colorsys
+import os
 import re
 import shutil
 import signal
@@ -52,8 +53,9 @@ def api(url: str, path: str, folder: Path | None = None, files: dict | None = No
 
 
 @pytest.fixture(scope="module")
-def browser():
-    """Headless Chromium through chromedriver. Missing, it fails (never skips): setup.sh installs both."""
+def browser(tmp_path_factory):
+    """Headless Chromium through chromedriver. Missing, it fails (never skips): setup.sh installs both. Its
+    temporary files (profile, singleton socket) go under pytest's temporary folder."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -63,7 +65,9 @@ def browser():
     options.binary_location = chromium
     for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,900"):
         options.add_argument(argument)
-    driver = webdriver.Chrome(service=Service(chromedriver), options=options)
+    scratch = tmp_path_factory.mktemp("chromium")
+    driver = webdriver.Chrome(service=Service(chromedriver, env={**os.environ, "TMPDIR": str(scratch)}),
+                              options=options)
     yield driver
     driver.quit()
 
