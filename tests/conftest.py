@@ -60,3 +60,16 @@ def tiny_checkpoints(demo_dir, tmp_path_factory):
                         "--engine", "torch", "--out-dir", str(out), "--cache-dir", str(out / "cache")])
         checkpoints[approach] = Path(stdout.getvalue().splitlines()[-1].removeprefix("checkpoint: "))
     return checkpoints
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_checkpoints):
+    """One `python -m src.serve` of both tiny checkpoints (classification first: the default model), micro-batches
+    of up to 8, uploads up to 1 MB, cross-origin posts from tests.servers.ALLOWED_ORIGIN: for the server and page
+    tests that neither stop it nor change it."""
+    from tests.servers import ALLOWED_ORIGIN, Server
+
+    server = Server("--checkpoint", tiny_checkpoints["classification"], tiny_checkpoints["regression"],
+                    "--max-batch", 8, "--batch-wait-ms", 10, "--max-upload-mb", 1, "--cors-origin", ALLOWED_ORIGIN)
+    yield server
+    server.close()

@@ -8,8 +8,6 @@ import colorsys
 import os
 import re
 import shutil
-import signal
-import subprocess
 from pathlib import Path
 
 import aiohttp
@@ -17,23 +15,16 @@ import pytest
 from PIL import Image
 
 from src.data.images import VIEWS
-from tests.servers import Server
 
 REPO = Path(__file__).resolve().parent.parent
 DESKTOP, PHONE = (1200, 900), (390, 844)
 
 
 @pytest.fixture(scope="module")
-def server(tiny_checkpoints):
-    """Both tiny checkpoints, classification first (the default model)."""
-    server = Server("--checkpoint", tiny_checkpoints["classification"], tiny_checkpoints["regression"])
-    yield server
-    server.process.send_signal(signal.SIGTERM)
-    try:
-        server.process.wait(10)
-    except subprocess.TimeoutExpired:
-        server.process.kill()
-        server.process.wait()
+def server(tiny_server):
+    """The session's server (conftest.tiny_server): both tiny checkpoints, classification first (the default
+    model)."""
+    return tiny_server
 
 
 def api(url: str, path: str, folder: Path | None = None, files: dict | None = None, params: dict | None = None):
