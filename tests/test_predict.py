@@ -15,7 +15,7 @@ import torch
 
 from src.core import geo
 from src.data.quadruplets import eval_transform, mirror_views
-from src.core.errors import UserError
+from src.core.errors import UserError, run_cli
 from src.data.images import VIEWS, load_image
 from src.inference.checkpoints import load_model, read_test_locations
 from src.inference.predictor import predict_locations
@@ -115,14 +115,13 @@ def damaged_images(demo_dir, tmp_path):
     return tmp_path / "testset", root, names
 
 
-def test_row_for_every_folder_with_corrupt_and_missing_views(checkpoints, damaged_images):
+def test_row_for_every_folder_with_corrupt_and_missing_views(checkpoints, damaged_images, capfd):
     _, classification, _ = checkpoints
     dataset, root, names = damaged_images
-    run = subprocess.run([sys.executable, "-m", "src.predict", "--checkpoint", str(classification),
-                          "--images", str(dataset), "--batch-size", "3"], cwd=REPO, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr
-    assert run.stdout.splitlines()[0] == "uuid,latitude,longitude"
-    submission = pd.read_csv(io.StringIO(run.stdout))
+    run_cli(predict_main, ["--checkpoint", str(classification), "--images", str(dataset), "--batch-size", "3"])
+    run = capfd.readouterr()  # the command ended without SystemExit: exit status 0
+    assert run.out.splitlines()[0] == "uuid,latitude,longitude"
+    submission = pd.read_csv(io.StringIO(run.out))
     assert submission["uuid"].tolist() == sorted(names)
     assert np.isfinite(submission[["latitude", "longitude"]].to_numpy()).all()
     got = submission.set_index("uuid")
@@ -140,7 +139,7 @@ def test_row_for_every_folder_with_corrupt_and_missing_views(checkpoints, damage
         assert got.loc[uuid].tolist() == pytest.approx(to_latlng(reference_xy(model, root / uuid, views)), abs=1e-6)
     for text in (f"{names[0]} 90.jpg: truncated JPEG", f"{names[1]} 0.jpg: missing -> used 90.jpg",
                  f"{names[2]} 270.jpg: not a readable image", "1 location(s) have no readable view", names[3]):
-        assert text in run.stderr
+        assert text in run.err
 
 
 def test_default_checkpoint_and_test_split_to_out_file(checkpoints, tmp_path, capsys):
