@@ -15,16 +15,11 @@ from src.train import main as train_main
 
 
 @pytest.fixture(scope="module")
-def trained(demo_dir, tmp_path_factory):
-    """A 2-epoch tiny classification run on the demo set: (reports dir, its best checkpoint)."""
-    out = tmp_path_factory.mktemp("checkpoints")
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        train_main(["--approach", "classification", "--dataset-dirs", str(demo_dir), "--backbone", "tiny",
-                    "--no-pretrained", "--epochs", "2", "--image-size", "32", "--num-workers", "0",
-                    "--out-dir", str(out / "reports"), "--cache-dir", str(out / "cache"), "--run-name", "cls"])
-    best = Path(printed.getvalue().splitlines()[-1].removeprefix("checkpoint: "))
-    return out / "reports", best
+def trained(tiny_checkpoints):
+    """The session's tiny classification run on the demo set (conftest.tiny_checkpoints, read-only): (its
+    reports dir, its best checkpoint)."""
+    best = tiny_checkpoints["classification"]
+    return best.parents[3], best  # <reports>/<run>/version_N/checkpoints/best-...
 
 
 def place(source: Path, reports: Path, run: str, name: str, mtime: float) -> Path:
