@@ -1,6 +1,8 @@
-"""Shared fixtures: datasets the tests generate themselves (no third-party photos)."""
+"""Shared fixtures: temporary folders for what the commands write, data the tests generate themselves (no
+third-party photos), tiny trained runs and a server shared by the session, and the Quickstart started early."""
 
 import os
+import signal
 
 import pytest
 
@@ -32,6 +34,28 @@ def image_check_cache(tmp_path_factory):
     """The default folder of the remembered image checks (src.data.config, --check-cache) in a temporary folder,
     for this process and the commands it starts, instead of the checkout's data/cache/image_checks."""
     yield from temporary_env_folder(tmp_path_factory, "IMAGE_CHECK_CACHE_DIR", "image_checks")
+
+
+@pytest.fixture(scope="session")
+def quickstart(tmp_path_factory):
+    """(folder, process): the README's Quickstart running in the background in a fresh copy of the project under
+    folder (tests.test_readme.start_quickstart); killed at the end of the session if still running."""
+    from tests.test_readme import start_quickstart
+
+    folder = tmp_path_factory.mktemp("quickstart")
+    process = start_quickstart(folder)
+    yield folder, process
+    if process.poll() is None:  # the session ended first (e.g. -x): bash and the command it runs
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def quickstart_early(request):
+    """Starts the Quickstart as the session starts when a selected test uses it: it needs nothing from the other
+    tests, so its minute of CPU overlaps theirs (the test waits for it)."""
+    if any("quickstart" in getattr(item, "fixturenames", ()) for item in request.session.items):
+        request.getfixturevalue("quickstart")
 
 
 @pytest.fixture(scope="session")
