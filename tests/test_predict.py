@@ -90,6 +90,16 @@ def reference_xy(model, folder: Path, views: list[int] | None = None, mirror: bo
     return model.locate(quad[None]).double().numpy()[0]
 
 
+def reference_xys(model, folders: list[Path], mirror: bool = False) -> np.ndarray:
+    """reference_xy of many locations (all four views each) in one forward pass: [len(folders), 2]."""
+    size = model.hparams.image_size
+    transform = eval_transform(size, model.hparams.image_mean, model.hparams.image_std)
+    quads = torch.stack([torch.stack([transform(load_image(f / f"{v}.jpg", size)) for v in VIEWS]) for f in folders])
+    if mirror:  # as reference_xy: every view flipped left-right, the 90 and 270 views swapped
+        quads = quads[:, [0, 3, 2, 1]].flip(-1)
+    return model.locate(quads).double().numpy()
+
+
 def to_latlng(xy) -> tuple[float, float]:
     """A predicted EPSG:3766 point as the submission writes it: moved onto land, in degrees."""
     lat, lng = geo.unproject(*geo.snap_to_land(xy[0], xy[1]))
@@ -183,7 +193,7 @@ def test_ensemble_averages_x_y_across_checkpoints(checkpoints, demo_dir, capsys)
     # by hand: each model's TTA mean in EPSG:3766, averaged over the two models, then moved onto land
     models = [load_model(p, reports_dir=None).eval() for p in (classification, regression)]
     folders = sorted((demo_dir / "data").iterdir())
-    xy = np.mean([[(reference_xy(m, f) + reference_xy(m, f, mirror=True)) / 2 for f in folders] for m in models], axis=0)
+    xy = np.mean([(reference_xys(m, folders) + reference_xys(m, folders, mirror=True)) / 2 for m in models], axis=0)
     lat, lng = geo.unproject(*geo.snap_to_land(xy[:, 0], xy[:, 1]))
     np.testing.assert_allclose(ensemble["latitude"], lat, atol=1e-6)
     np.testing.assert_allclose(ensemble["longitude"], lng, atol=1e-6)
