@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+ALLOWED_ORIGIN = "http://allowed.example"  # the shared server's one --cors-origin (conftest.tiny_server)
 
 
 class Server:
@@ -32,3 +33,13 @@ class Server:
         code = self.process.wait(timeout)
         self.drain.join(timeout)
         return code, time.monotonic() - start, "".join(self.stderr)
+
+    def close(self) -> None:
+        """SIGTERM, then SIGKILL after 10 s; waits for the exit."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()

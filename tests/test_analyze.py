@@ -178,7 +178,7 @@ def test_oracle_ceiling_on_a_hand_made_grid(tmp_path):
     cells = enriched.grid.cells.loc[enriched.classes["cell"]]
     # precondition: both class cells are whole squares of land, so the plain centroid is the square's centre
     assert np.allclose(shapely.area(cells["land"].to_numpy()), cells.to_crs("EPSG:3766").geometry.area, rtol=1e-6)
-    table = oracle_ceiling(enriched, [0.5, 0.01], split="all")
+    table = oracle_ceiling(enriched, [0.5, 0.05], split="all")
     coarse = table.set_index("spacing").loc[0.5]
     # weighted: a and b are each half their 0.1 degree separation from their mean; c is its own mean
     assert coarse["weighted_km"] == pytest.approx((2 * 0.05 * KM_PER_DEG_LAT + 0) / 3, rel=2e-3)
@@ -189,8 +189,8 @@ def test_oracle_ceiling_on_a_hand_made_grid(tmp_path):
     assert coarse["plain_km"] == pytest.approx(expected, abs=0.3)
     assert coarse["clipped_km"] == pytest.approx(coarse["plain_km"], abs=1e-9)
     assert (coarse["classes"], coarse["locations"]) == (2, 3)
-    # with 0.01 degree cells every point is alone in its class: the weighted oracle is exact
-    fine = table.set_index("spacing").loc[0.01]
+    # with 0.05 degree cells every point is alone in its class: the weighted oracle is exact
+    fine = table.set_index("spacing").loc[0.05]
     assert fine["classes"] == 3 and fine["weighted_km"] == pytest.approx(0.0, abs=1e-6)
 
 

@@ -15,16 +15,11 @@ from src.train import main as train_main
 
 
 @pytest.fixture(scope="module")
-def trained(demo_dir, tmp_path_factory):
-    """A 2-epoch tiny classification run on the demo set: (reports dir, its best checkpoint)."""
-    out = tmp_path_factory.mktemp("checkpoints")
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        train_main(["--approach", "classification", "--dataset-dirs", str(demo_dir), "--backbone", "tiny",
-                    "--no-pretrained", "--epochs", "2", "--image-size", "32", "--num-workers", "0",
-                    "--out-dir", str(out / "reports"), "--cache-dir", str(out / "cache"), "--run-name", "cls"])
-    best = Path(printed.getvalue().splitlines()[-1].removeprefix("checkpoint: "))
-    return out / "reports", best
+def trained(tiny_checkpoints):
+    """The session's tiny classification run on the demo set (conftest.tiny_checkpoints, read-only): (its
+    reports dir, its best checkpoint)."""
+    best = tiny_checkpoints["classification"]
+    return best.parents[3], best  # <reports>/<run>/version_N/checkpoints/best-...
 
 
 def place(source: Path, reports: Path, run: str, name: str, mtime: float) -> Path:
@@ -124,12 +119,9 @@ LEGACY = Path(__file__).resolve().parent / "fixtures" / "legacy_classification_l
 LEGACY_TEST_MEAN_KM = 134.67172395898783
 
 
-def legacy_checkpoint(tmp_path: Path) -> tuple[Path, Path]:
-    """(the legacy checkpoint in a run folder under tmp_path, the regenerated demo set it was trained on), its
-    data paths moved to where the demo set is now (as after moving the data)."""
-    from src.data.synthetic import write_demo_dataset
-
-    demo = write_demo_dataset(tmp_path / "legacy_demo", n_locations=120, image_size=64, seed=0)
+def legacy_checkpoint(tmp_path: Path, demo: Path) -> tuple[Path, Path]:
+    """(the legacy checkpoint in a run folder under tmp_path, `demo`), its data paths moved to `demo`, the demo set
+    it was trained on regenerated elsewhere (as after moving the data): conftest's demo_dir is that set."""
     saved = torch.load(LEGACY, map_location="cpu", weights_only=False)
     hparams = saved["hyper_parameters"]
     assert "datamodule_hyper_parameters" not in saved and hparams["dataset_dirs"] == ["/tmp/legacy/demo"]
@@ -142,7 +134,7 @@ def legacy_checkpoint(tmp_path: Path) -> tuple[Path, Path]:
     return path, demo
 
 
-def test_a_checkpoint_written_before_the_redesign_predicts_analyzes_and_resumes(tmp_path, capsys):
+def test_a_checkpoint_written_before_the_redesign_predicts_analyzes_and_resumes(demo_dir, tmp_path, capsys):
     import pandas as pd
 
     from src.analyze import main as analyze_main
@@ -150,7 +142,7 @@ def test_a_checkpoint_written_before_the_redesign_predicts_analyzes_and_resumes(
     from src.inference.checkpoints import read_data_config, read_test_locations
     from src.predict import main as predict_main
 
-    path, demo = legacy_checkpoint(tmp_path)
+    path, demo = legacy_checkpoint(tmp_path, demo_dir)
     model = load_model(path, reports_dir=None)
     assert (model.config.approach, model.config.backbone, model.config.fusion) == ("classification", "tiny", "mean")
     data = read_data_config(path)

@@ -19,7 +19,7 @@ def run(demo_dir, out, *extra):
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         main(["--approach", "classification", "--dataset-dirs", str(demo_dir), "--backbone", "tiny", "--no-pretrained",
-              "--image-size", "32", "--hidden", "16", "--epochs", "3", "--batch-size", "16", "--lr", "3e-3",
+              "--image-size", "32", "--hidden", "16", "--epochs", "2", "--batch-size", "16", "--lr", "3e-3",
               "--out-dir", str(out), "--run-name", "run", "--seed", "3", *map(str, extra)])
     best = Path(stdout.getvalue().splitlines()[-1].removeprefix("checkpoint: "))
     version = out / "run" / "version_0"

@@ -1,3 +1,4 @@
+import os
 import re
 import shutil
 import subprocess
@@ -170,24 +171,30 @@ def test_holdout_dir_must_be_a_dataset_dir(demo_dir, tmp_path):
         enrich([demo_dir], holdout_dirs=[tmp_path], progress=False)
 
 
+# the temporary folder of the image checks (conftest.image_check_cache), and no bytecode written into the checkout
+PASSED_ENV = ("IMAGE_CHECK_CACHE_DIR", "PYTHONDONTWRITEBYTECODE")
+
+
 def run_enrich(*args, cwd):
+    """`python -m src.enrich ARGS` in its own process (for its exit status), with a bare environment."""
     return subprocess.run([sys.executable, "-m", "src.enrich", *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+                          text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin",
+                                          **{name: os.environ[name] for name in PASSED_ENV if name in os.environ}})
 
 
 def test_enrich_cli_end_to_end(demo_dir, tmp_path, monkeypatch, capsys):
     out = tmp_path / "enriched.csv"
-    result = run_enrich("--dataset-dirs", demo_dir, "--spacing", "0.4", "--seed", "1", "--out", out,
-                        "--figures-dir", tmp_path / "figures", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+    run_cli(enrich_main, ["--dataset-dirs", str(demo_dir), "--spacing", "0.4", "--seed", "1", "--out", str(out),
+                          "--figures-dir", str(tmp_path / "figures")])
+    result = capsys.readouterr()  # the command ended without SystemExit: exit status 0
     table = pd.read_csv(out)
     assert list(table.columns) == OUTPUT_COLUMNS and len(table) == 120
-    assert "locations kept" in result.stdout and "classes (cells with train data)" in result.stdout
+    assert "locations kept" in result.out and "classes (cells with train data)" in result.out
     tag = f"{demo_dir.name}_grid0.4"
     figures = sorted(p.name for p in (tmp_path / "figures").iterdir())
     assert figures == [f"{name}_{tag}.png" for name in ("centroids", "class_sizes", "distribution", "grid")]
     assert (tmp_path / "enriched_skipped.csv").exists()
-    assert "warning: training data is thin" in result.stderr  # 96 train locations over ~60 cells
+    assert "warning: training data is thin" in result.err  # 96 train locations over ~60 cells
     # without --out, outputs are named by dataset and cells (another dataset or cells never overwrite them)
     # and the command says where they went
     monkeypatch.chdir(tmp_path)
@@ -201,29 +208,30 @@ def test_enrich_cli_end_to_end(demo_dir, tmp_path, monkeypatch, capsys):
     assert len(list((tmp_path / "figures").iterdir())) == 8
 
 
-def test_enrich_cli_lists_skips_and_writes_the_report(demo_dir, tmp_path):
+def test_enrich_cli_lists_skips_and_writes_the_report(demo_dir, tmp_path, capsys):
     shutil.copytree(demo_dir, tmp_path / "d")
     folders = sorted((tmp_path / "d" / "data").iterdir())
     for folder in folders[:12]:
         (folder / "90.jpg").unlink()
-    result = run_enrich("--dataset-dirs", tmp_path / "d", "--out", tmp_path / "e.csv", "--no-figures", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert "warning: skipped 12 location(s): bad view" in result.stderr
-    assert "... and 2 more in" in result.stderr
+    run_cli(enrich_main, ["--dataset-dirs", str(tmp_path / "d"), "--out", str(tmp_path / "e.csv"), "--no-figures"])
+    result = capsys.readouterr()  # the command ended without SystemExit: exit status 0
+    assert "warning: skipped 12 location(s): bad view" in result.err
+    assert "... and 2 more in" in result.err
     report = pd.read_csv(tmp_path / "e_skipped.csv")
     assert sorted(report["uuid"]) == sorted(f.name for f in folders[:12])
     assert len(pd.read_csv(tmp_path / "e.csv")) == 108
 
 
-def test_enrich_cli_user_errors_are_one_line_exit_2(demo_dir, tmp_path):
+def test_enrich_cli_user_errors_are_one_line_exit_2(demo_dir, tmp_path, capsys):
     shutil.copytree(demo_dir, tmp_path / "d")
     pd.read_csv(demo_dir / "data.csv").drop(columns=["uuid"]).to_csv(tmp_path / "d" / "data.csv", index=False)
-    result = run_enrich("--dataset-dirs", tmp_path / "d", cwd=tmp_path)
+    result = run_enrich("--dataset-dirs", tmp_path / "d", cwd=tmp_path)  # the real command's exit status
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "missing column(s) uuid" in result.stderr
     assert "Traceback" not in result.stderr
-    result = run_enrich("--dataset-dirs", demo_dir, "--split", "0.9", "0.2", "0.1", cwd=tmp_path)
-    assert result.returncode == 2 and "--split" in result.stderr
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(enrich_main, ["--dataset-dirs", str(demo_dir), "--split", "0.9", "0.2", "0.1"])
+    assert exit_.value.code == 2 and "--split" in capsys.readouterr().err
 
 
 def test_an_enriched_csv_is_reused_without_reading_the_dataset(demo_dir, tmp_path):

@@ -38,17 +38,12 @@ def test_true_half_precisions_are_refused_before_training_in_one_line(demo_dir, 
     assert "-mixed" in error and not (tmp_path / "demo").exists()
 
 
-def test_every_other_precision_keeps_the_geometry_in_float64(demo_dir, tmp_path):
+def test_every_other_precision_keeps_the_geometry_in_float64(demo_dir, tiny_checkpoints):
     """The float64 centroids, targets and distances stay outside the converted module: the same checkpoint
     tested under 64-true scores as under 32-true (within 0.1 km); under the mixed precisions the buffers stay
     float64 and the same logits give the same points inside autocast as outside (only the network's own
     arithmetic changes)."""
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        train_main(["--approach", "classification", "--dataset-dirs", str(demo_dir), "--backbone", "tiny",
-                    "--no-pretrained", "--epochs", "1", "--image-size", "32", "--num-workers", "0",
-                    "--out-dir", str(tmp_path), "--cache-dir", str(tmp_path / "cache")])
-    checkpoint = printed.getvalue().splitlines()[-1].removeprefix("checkpoint: ")
+    checkpoint = tiny_checkpoints["classification"]  # a 1-epoch tiny run on the demo set at 32 px
     locations = enrich([demo_dir], progress=False).locations
     km = {}
     for precision in ("32-true", "64-true", "bf16-mixed", "16-mixed"):

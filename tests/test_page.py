@@ -5,10 +5,9 @@ screenshot of each, written under pytest's temporary folder (never into the chec
 import asyncio
 import base64
 import colorsys
+import os
 import re
 import shutil
-import signal
-import subprocess
 from pathlib import Path
 
 import aiohttp
@@ -16,23 +15,16 @@ import pytest
 from PIL import Image
 
 from src.data.images import VIEWS
-from tests.servers import Server
 
 REPO = Path(__file__).resolve().parent.parent
 DESKTOP, PHONE = (1200, 900), (390, 844)
 
 
 @pytest.fixture(scope="module")
-def server(tiny_checkpoints):
-    """Both tiny checkpoints, classification first (the default model)."""
-    server = Server("--checkpoint", tiny_checkpoints["classification"], tiny_checkpoints["regression"])
-    yield server
-    server.process.send_signal(signal.SIGTERM)
-    try:
-        server.process.wait(10)
-    except subprocess.TimeoutExpired:
-        server.process.kill()
-        server.process.wait()
+def server(tiny_server):
+    """The session's server (conftest.tiny_server): both tiny checkpoints, classification first (the default
+    model)."""
+    return tiny_server
 
 
 def api(url: str, path: str, folder: Path | None = None, files: dict | None = None, params: dict | None = None):
@@ -52,8 +44,9 @@ def api(url: str, path: str, folder: Path | None = None, files: dict | None = No
 
 
 @pytest.fixture(scope="module")
-def browser():
-    """Headless Chromium through chromedriver. Missing, it fails (never skips): setup.sh installs both."""
+def browser(tmp_path_factory):
+    """Headless Chromium through chromedriver. Missing, it fails (never skips): setup.sh installs both. Its
+    temporary files (profile, singleton socket) go under pytest's temporary folder."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -63,7 +56,9 @@ def browser():
     options.binary_location = chromium
     for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,900"):
         options.add_argument(argument)
-    driver = webdriver.Chrome(service=Service(chromedriver), options=options)
+    scratch = tmp_path_factory.mktemp("chromium")
+    driver = webdriver.Chrome(service=Service(chromedriver, env={**os.environ, "TMPDIR": str(scratch)}),
+                              options=options)
     yield driver
     driver.quit()
 

@@ -15,7 +15,7 @@ import torch
 
 from src.core import geo
 from src.data.quadruplets import eval_transform, mirror_views
-from src.core.errors import UserError
+from src.core.errors import UserError, run_cli
 from src.data.images import VIEWS, load_image
 from src.inference.checkpoints import backbone_trained, load_model, read_test_locations
 from src.inference.predictor import predict_locations
@@ -90,6 +90,16 @@ def reference_xy(model, folder: Path, views: list[int] | None = None, mirror: bo
     return model.locate(quad[None]).double().numpy()[0]
 
 
+def reference_xys(model, folders: list[Path], mirror: bool = False) -> np.ndarray:
+    """reference_xy of many locations (all four views each) in one forward pass: [len(folders), 2]."""
+    size = model.hparams.image_size
+    transform = eval_transform(size, model.hparams.image_mean, model.hparams.image_std)
+    quads = torch.stack([torch.stack([transform(load_image(f / f"{v}.jpg", size)) for v in VIEWS]) for f in folders])
+    if mirror:  # as reference_xy: every view flipped left-right, the 90 and 270 views swapped
+        quads = quads[:, [0, 3, 2, 1]].flip(-1)
+    return model.locate(quads).double().numpy()
+
+
 def to_latlng(xy) -> tuple[float, float]:
     """A predicted EPSG:3766 point as the submission writes it: moved onto land, in degrees."""
     lat, lng = geo.unproject(*geo.snap_to_land(xy[0], xy[1]))
@@ -115,14 +125,13 @@ def damaged_images(demo_dir, tmp_path):
     return tmp_path / "testset", root, names
 
 
-def test_row_for_every_folder_with_corrupt_and_missing_views(checkpoints, damaged_images):
+def test_row_for_every_folder_with_corrupt_and_missing_views(checkpoints, damaged_images, capfd):
     _, classification, _ = checkpoints
     dataset, root, names = damaged_images
-    run = subprocess.run([sys.executable, "-m", "src.predict", "--checkpoint", str(classification),
-                          "--images", str(dataset), "--batch-size", "3"], cwd=REPO, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr
-    assert run.stdout.splitlines()[0] == "uuid,latitude,longitude"
-    submission = pd.read_csv(io.StringIO(run.stdout))
+    run_cli(predict_main, ["--checkpoint", str(classification), "--images", str(dataset), "--batch-size", "3"])
+    run = capfd.readouterr()  # the command ended without SystemExit: exit status 0
+    assert run.out.splitlines()[0] == "uuid,latitude,longitude"
+    submission = pd.read_csv(io.StringIO(run.out))
     assert submission["uuid"].tolist() == sorted(names)
     assert np.isfinite(submission[["latitude", "longitude"]].to_numpy()).all()
     got = submission.set_index("uuid")
@@ -140,7 +149,7 @@ def test_row_for_every_folder_with_corrupt_and_missing_views(checkpoints, damage
         assert got.loc[uuid].tolist() == pytest.approx(to_latlng(reference_xy(model, root / uuid, views)), abs=1e-6)
     for text in (f"{names[0]} 90.jpg: truncated JPEG", f"{names[1]} 0.jpg: missing -> used 90.jpg",
                  f"{names[2]} 270.jpg: not a readable image", "1 location(s) have no readable view", names[3]):
-        assert text in run.stderr
+        assert text in run.err
 
 
 def test_default_checkpoint_and_test_split_to_out_file(checkpoints, tmp_path, capsys):
@@ -184,7 +193,7 @@ def test_ensemble_averages_x_y_across_checkpoints(checkpoints, demo_dir, capsys)
     # by hand: each model's TTA mean in EPSG:3766, averaged over the two models, then moved onto land
     models = [load_model(p, reports_dir=None).eval() for p in (classification, regression)]
     folders = sorted((demo_dir / "data").iterdir())
-    xy = np.mean([[(reference_xy(m, f) + reference_xy(m, f, mirror=True)) / 2 for f in folders] for m in models], axis=0)
+    xy = np.mean([(reference_xys(m, folders) + reference_xys(m, folders, mirror=True)) / 2 for m in models], axis=0)
     lat, lng = geo.unproject(*geo.snap_to_land(xy[:, 0], xy[:, 1]))
     np.testing.assert_allclose(ensemble["latitude"], lat, atol=1e-6)
     np.testing.assert_allclose(ensemble["longitude"], lng, atol=1e-6)

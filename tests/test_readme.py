@@ -1,4 +1,8 @@
-"""The README's Quickstart, run verbatim in a fresh copy of the project; Set-up and Tests match .ci/run."""
+"""The README's Quickstart, run verbatim in a fresh copy of the project; Set-up and Tests match .ci/run.
+
+The Quickstart's commands need nothing from the other tests: when its test is selected they start in the
+background as the session starts (conftest.quickstart) and the test waits for them, so their minute of CPU
+overlaps the rest of the suite instead of adding to it."""
 
 import re
 import shutil
@@ -32,16 +36,35 @@ def test_setup_and_tests_commands_are_what_ci_runs():
                                                                             "python -m pip install --quiet") in ci, command
 
 
-def test_quickstart_verbatim(tmp_path):
-    shutil.copytree(ROOT / "src", tmp_path / "src", ignore=shutil.ignore_patterns("__pycache__"))
-    (tmp_path / "data").mkdir()
-    shutil.copy(ROOT / "data" / "croatia.geojson", tmp_path / "data" / "croatia.geojson")
-    lines = [line for block in bash_blocks(section("Quickstart")) for line in block.splitlines()
-             if line.strip() and not line.startswith("tensorboard")]
+def quickstart_lines() -> list[str]:
+    """The Quickstart's command lines, in order (not tensorboard, which serves until stopped)."""
+    return [line for block in bash_blocks(section("Quickstart")) for line in block.splitlines()
+            if line.strip() and not line.startswith("tensorboard")]
+
+
+def start_quickstart(folder: Path) -> subprocess.Popen:
+    """The Quickstart's lines as one bash script run in folder/project, a fresh copy of the project (src/ and the
+    border, nothing else; a bare environment), started in the background; its output goes to folder/stdout and
+    folder/stderr."""
+    project = folder / "project"
+    shutil.copytree(ROOT / "src", project / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    (project / "data").mkdir()
+    shutil.copy(ROOT / "data" / "croatia.geojson", project / "data" / "croatia.geojson")
+    script = "set -euo pipefail\n" + "\n".join(quickstart_lines()) + "\n"
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(project)}
+    with open(folder / "stdout", "w") as stdout, open(folder / "stderr", "w") as stderr:
+        return subprocess.Popen(["bash", "-c", script], cwd=project, stdout=stdout, stderr=stderr, env=env,
+                                start_new_session=True)  # its own process group: stopped as one
+
+
+def test_quickstart_verbatim(quickstart):
+    folder, process = quickstart  # started as the session started (conftest.quickstart_early)
+    lines = quickstart_lines()
     assert lines[0].startswith("python -m src.train") and any(line.startswith("python -m src.score") for line in lines)
-    script = "set -euo pipefail\n" + "\n".join(lines) + "\n"
-    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(tmp_path)}
-    run = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
+    process.wait(timeout=600)
+    run = subprocess.CompletedProcess(process.args, process.returncode, (folder / "stdout").read_text(),
+                                      (folder / "stderr").read_text())
+    tmp_path = folder / "project"
     assert run.returncode == 0, run.stderr[-3000:]
     # Lightning's noise is filtered: no availability lines, no advert, no word about the default val interval
     assert not re.search(r"GPU available|Tip:|val_check_interval|litlogger", run.stderr), run.stderr[-3000:]

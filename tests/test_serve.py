@@ -26,7 +26,7 @@ from src.core.errors import run_cli
 from src.predict import main as predict_main
 from src.serve import build_parser
 from src.serve import main as serve_main
-from tests.servers import Server
+from tests.servers import ALLOWED_ORIGIN, Server
 from tests.test_images import encode, photo, with_size, zeroed_middle
 
 REPO = Path(__file__).resolve().parent.parent
@@ -53,19 +53,14 @@ async def call(url: str, method: str = "GET", path: str = "/api/health", **kwarg
             return response.status, kind, json.loads(body) if kind.endswith("json") else body
 
 
-ALLOWED_ORIGIN = "http://allowed.example"
 TOKEN = "t0ken-for-the-tests-only"
 
 
 @pytest.fixture(scope="module")
-def server(tiny_checkpoints):
-    """One server with both tiny checkpoints (classification first: the default model), micro-batches of up to 8."""
-    server = Server("--checkpoint", tiny_checkpoints["classification"], tiny_checkpoints["regression"],
-                    "--max-batch", 8, "--batch-wait-ms", 10, "--max-upload-mb", 1, "--cors-origin", ALLOWED_ORIGIN)
-    yield server
-    if server.process.poll() is None:
-        server.process.kill()
-        server.process.wait()
+def server(tiny_server):
+    """The session's server (conftest.tiny_server): both tiny checkpoints, classification first (the default
+    model), micro-batches of up to 8, uploads up to 1 MB, CORS for ALLOWED_ORIGIN."""
+    return tiny_server
 
 
 def test_page_health_models_border_examples(server, tiny_checkpoints):
@@ -366,10 +361,11 @@ def test_bombs_are_refused_from_the_header_and_large_views_do_not_keep_memory(se
 
 @pytest.fixture(scope="module")
 def guarded(tiny_checkpoints):
-    """A server with --token and short read timeouts (1 s for headers, 2 s for a body). At the end: the token
-    appears nowhere in what it printed."""
-    server = Server("--checkpoint", tiny_checkpoints["classification"], "--token", TOKEN, "--header-timeout", 1,
-                    "--body-timeout", 2)
+    """A server with --token and short read timeouts (1 s for headers, 2 s for a body), without --checkpoint: it
+    serves the best checkpoint of the newest run under the tiny runs' reports dir. At the end: the token appears
+    nowhere in what it printed."""
+    reports = Path(tiny_checkpoints["classification"]).parents[3]  # <reports>/<run>/version_N/checkpoints/
+    server = Server("--reports-dir", reports, "--token", TOKEN, "--header-timeout", 1, "--body-timeout", 2)
     yield server
     _, _, stderr = server.stop()
     assert TOKEN not in stderr + server.process.stdout.read()
@@ -620,12 +616,13 @@ def test_serve_help_lists_every_flag_with_its_default():
             assert f"(default: {action.default}" in text, action.option_strings
 
 
-def test_a_port_in_use_is_a_one_line_error(server, tiny_checkpoints):
+def test_a_port_in_use_is_a_one_line_error(server, tiny_checkpoints, capsys):
     port = server.url.rsplit(":", 1)[1].rstrip("/")
-    run_ = subprocess.run([sys.executable, "-m", "src.serve", "--checkpoint", str(tiny_checkpoints["regression"]),
-                           "--port", port], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert run_.returncode == 2 and "Traceback" not in run_.stderr, run_.stderr
-    assert run_.stderr.strip().splitlines()[-1].startswith(f"error: --host 127.0.0.1 --port {port}: cannot listen")
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(serve_main, ["--checkpoint", str(tiny_checkpoints["regression"]), "--port", port])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith(f"error: --host 127.0.0.1 --port {port}: cannot listen")
 
 
 # ---- the page in a real browser ------------------------------------------------------------------------------
@@ -643,14 +640,10 @@ def test_class_cells_are_the_runs_grid_squares_and_none_for_other_cells(tiny_che
     assert class_cells({**hparams, "cells": "adaptive"})[2] is None
 
 
-def test_the_default_checkpoint_is_named_on_the_first_line(tiny_checkpoints):
-    reports = Path(tiny_checkpoints["classification"]).parents[3]  # <reports>/<run>/version_N/checkpoints/
-    server = Server("--reports-dir", reports)
-    try:
-        deadline = time.monotonic() + 10
-        while not server.stderr and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert server.stderr[0].startswith("checkpoint ") and f"the newest run under {reports}" in server.stderr[0]
-        assert any(line.startswith("model ") for line in server.stderr)
-    finally:
-        server.stop()
+def test_the_default_checkpoint_is_named_on_the_first_line(guarded, tiny_checkpoints):
+    reports = Path(tiny_checkpoints["classification"]).parents[3]  # guarded's --reports-dir, no --checkpoint
+    deadline = time.monotonic() + 10
+    while not any(line.startswith("model ") for line in guarded.stderr) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert guarded.stderr[0].startswith("checkpoint ") and f"the newest run under {reports}" in guarded.stderr[0]
+    assert any(line.startswith("model ") for line in guarded.stderr)

@@ -508,7 +508,7 @@ TINY = ["--backbone", "tiny", "--no-pretrained", "--image-size", 32, "--num-work
 
 
 def test_cross_validation_predicts_every_location_once_out_of_fold(demo_dir, tmp_path):
-    lines = run_main(["--approach", "classification", "--dataset-dirs", demo_dir, *TINY, "--epochs", 2,
+    lines = run_main(["--approach", "classification", "--dataset-dirs", demo_dir, *TINY, "--epochs", 1,
                       "--folds", 3, "--seed", 1, "--out-dir", tmp_path, "--cache-dir", tmp_path / "cache",
                       "--run-name", "cv"])
     folder = tmp_path / "cv" / "version_0"

@@ -7,14 +7,15 @@ by the DataModule (`hparams`, the keys older checkpoints stored among the model'
 
 import argparse
 import math
-from dataclasses import dataclass, replace
+import os
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
 from src.core.choices import CELL_KINDS, SPLIT_BY
 from src.core.errors import UserError
 from src.core.flags import SEED_RULE, Rule, check_ranges
-from src.core.paths import IMAGE_CHECK_CACHE_DIR
+from src.core.paths import IMAGE_CHECK_CACHE_DIR, ROOT
 
 # column prefix of each centroid kind in the class table and the enriched CSV
 CENTROID_PREFIX = {"plain": "centroid", "clipped": "clipped", "weighted": "weighted"}
@@ -23,6 +24,12 @@ DEFAULT_SPACINGS = (0.25, 0.5, 1.0, 2.0)  # the grid spacings of src.analyze's o
 SPACING_RANGE = (0.01, 10.0)  # degrees: below ~1 km cells the grid gets huge, above it is one cell
 MAX_CLASSES = 5000  # adaptive cells: k-means cost grows with locations x classes
 LOCATIONS_FILE = "locations.csv"  # a training run's enriched locations, in its version_N folder
+CHECK_CACHE_ENV = "IMAGE_CHECK_CACHE_DIR"  # overrides the image checks' default folder (the tests use a temporary one)
+
+
+def default_check_cache() -> Path:
+    """The default folder of the remembered image checks: $IMAGE_CHECK_CACHE_DIR, else data/cache/image_checks."""
+    return Path(os.environ.get(CHECK_CACHE_ENV) or IMAGE_CHECK_CACHE_DIR)
 
 
 def spacing_rule(name: str = "spacing") -> Rule:
@@ -46,7 +53,7 @@ class DataConfig:
     full_decode: bool = False
     max_outside_km: float = 10.0
     mainland_only: bool = False
-    check_cache: str | None = str(IMAGE_CHECK_CACHE_DIR)
+    check_cache: str | None = field(default_factory=lambda: str(default_check_cache()))
     fold: tuple[int, int] | None = None  # (k, K): fold k of a K-fold cross-validation is the test split
 
     def validate(self) -> "DataConfig":
@@ -125,9 +132,11 @@ def add_data_arguments(parser: argparse.ArgumentParser, require_dataset: bool = 
                        help="reject points farther than this outside the border (default: 10)")
     group.add_argument("--mainland-only", action="store_true",
                        help="use the mainland polygon only, without islands (default: off)")
-    group.add_argument("--check-cache", type=Path, default=IMAGE_CHECK_CACHE_DIR, metavar="DIR",
+    check_cache = default_check_cache()
+    shown = check_cache.relative_to(ROOT) if check_cache.is_relative_to(ROOT) else check_cache
+    group.add_argument("--check-cache", type=Path, default=check_cache, metavar="DIR",
                        help="remember image checks here, keyed by path, size and mtime, so unchanged images are "
-                            "not re-opened (default: data/cache/image_checks)")
+                            f"not re-opened (default: {shown}; ${CHECK_CACHE_ENV} when set)")
     group.add_argument("--no-check-cache", dest="check_cache", action="store_const", const=None,
                        help="check every image again and remember nothing")
 
