@@ -3,7 +3,8 @@
 Coordinates are averaged over models (and the TTA mirror, `src.data.quadruplets.mirror_views`) in EPSG:3766,
 moved onto land when the average lies outside Croatia, then converted to degrees. Every location gets a row:
 unreadable views are replaced by readable views of the same location, a location without any readable view
-gets the training prior; both are reported (`ViewIssues`).
+gets the training prior; both are reported (`ViewIssues`). With `details`, each row also gets the confidence
+regions and the most likely cells (`src.evaluation.calibration.prediction_details`).
 """
 
 import sys
@@ -17,7 +18,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from src.data.quadruplets import QuadrupletFolders, collate_quadruplets, input_spec, mirror_views, spec_transforms
+from src.evaluation.calibration import DEFAULT_TOP, details_columns, member, prediction_details
 from src.inference.checkpoints import read_test_locations
+from src.inference.engine import infer
 from src.core.errors import UserError
 from src.core.geo import project, snap_to_land, unproject
 from src.data.ingest import find_image_root, list_location_dirs
@@ -80,12 +83,15 @@ class ViewIssues:
 
 
 @torch.no_grad()
-def member_xy(model, views: torch.Tensor, tta: bool = False) -> torch.Tensor:
-    """EPSG:3766 x/y [B, 2] of one model; with `tta` the mean over the quadruplet and its mirror."""
-    xy = model.locate(views)
+def member_outputs(model, views: torch.Tensor, tta: bool = False) -> tuple[np.ndarray | None, np.ndarray]:
+    """(class probabilities [B, C] or None for regression, EPSG:3766 x/y [B, 2] float64) of one model; with
+    `tta` the means over the quadruplet and its mirror."""
+    probabilities, xy = infer(model, views)
     if tta:
-        xy = (xy + model.locate(mirror_views(views))) / 2
-    return xy.double()
+        mirrored_probabilities, mirrored_xy = infer(model, mirror_views(views))
+        xy = (xy + mirrored_xy) / 2
+        probabilities = None if probabilities is None else (probabilities + mirrored_probabilities) / 2
+    return probabilities, xy
 
 
 def ensemble_prior(models) -> tuple[float, float]:
@@ -96,12 +102,14 @@ def ensemble_prior(models) -> tuple[float, float]:
 
 
 def predict_locations(models, locations: list[tuple[str, Path]], tta: bool = False, batch_size: int = 32,
-                      num_workers: int = 0, device: str = "cpu", progress: bool = True
-                      ) -> tuple[pd.DataFrame, ViewIssues]:
+                      num_workers: int = 0, device: str = "cpu", progress: bool = True, details: bool = False,
+                      top: int = DEFAULT_TOP) -> tuple[pd.DataFrame, ViewIssues]:
     """Stream `locations` through the ensemble `models`; one row (uuid, latitude, longitude) per location.
 
     Coordinates are averaged over models (and the TTA mirror) in EPSG:3766, moved onto land when the
-    average lies outside Croatia (`src.geo.snap_to_land`), then converted to degrees.
+    average lies outside Croatia (`src.geo.snap_to_land`), then converted to degrees. With `details` the rows
+    also hold the --details columns (`src.evaluation.calibration.DETAILS_COLUMNS`: the 50% and 90% radii, the
+    top cell's probability and the `top` most likely cells), empty for a location predicted at the prior.
     """
     specs = [input_spec(m.hparams) for m in models]
     uuids = [uuid for uuid, _ in locations]
@@ -111,21 +119,29 @@ def predict_locations(models, locations: list[tuple[str, Path]], tta: bool = Fal
     prior = ensemble_prior(models)
     prior_xy = np.array(project(prior[0], prior[1]), float)
     issues = ViewIssues()
-    all_uuids, all_xy = [], []
+    all_uuids, all_xy, all_details = [], [], []
     for indices, batches, usable, substitutions in tqdm(loader, desc="predict", unit="batch", file=sys.stderr,
                                                         disable=not progress):
         batch_uuids = [uuids[i] for i in indices.tolist()]
-        xy = torch.zeros(len(batch_uuids), 2, dtype=torch.float64)
-        for model, spec in zip(models, specs):
-            xy += member_xy(model, batches[spec].to(device, non_blocking=True), tta).cpu()
-        xy = (xy / len(models)).numpy()
-        xy[~usable.numpy()] = prior_xy
+        outputs = [member_outputs(model, batches[spec].to(device, non_blocking=True), tta)
+                   for model, spec in zip(models, specs)]
+        xy = sum(member_xy for _, member_xy in outputs) / len(models)
+        usable = usable.numpy()
+        xy[~usable] = prior_xy
+        snapped = np.column_stack(snap_to_land(xy[:, 0], xy[:, 1]))
         issues.replaced += [f"{uuids[i]} {view}.jpg: {reason} -> used {used}.jpg"
                             for i, view, reason, used in substitutions]
         issues.no_views += [u for u, ok in zip(batch_uuids, usable.tolist()) if not ok]
         all_uuids += batch_uuids
-        all_xy.append(xy)
+        all_xy.append(snapped)
+        if details:
+            found = prediction_details([member(model, probabilities, member_xy)
+                                        for model, (probabilities, member_xy) in zip(models, outputs)], snapped, top)
+            found.blank(~usable)  # at the prior: the model saw no view
+            all_details.append(pd.DataFrame(details_columns(found)))
     xy = np.concatenate(all_xy)
-    lat, lng = unproject(*snap_to_land(xy[:, 0], xy[:, 1]))
+    lat, lng = unproject(xy[:, 0], xy[:, 1])
     frame = pd.DataFrame({"uuid": all_uuids, "latitude": lat, "longitude": lng})
+    if details:
+        frame = pd.concat([frame, pd.concat(all_details, ignore_index=True)], axis=1)
     return frame.sort_values("uuid", ignore_index=True), issues
