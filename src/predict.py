@@ -15,7 +15,9 @@ Runtime on the CPU, torch on a GPU); the ONNX export is made once and kept in th
 (data/cache/onnx, `src.inference.engine`). A checkpoint whose backbone was never trained (frozen in its run)
 reads its backbone features from the feature cache src.train filled (--cache-dir; missing entries computed
 with the engine and stored) and runs only its head; --no-cache-features or --tta (mirrored views) use the
-images throughout.
+images throughout; --details PATH also writes, per location, the radii in km of the
+discs around the point that hold 50% and 90% of the calibrated predicted probability, the top cell's
+probability and the --details-top most likely cells (`src.evaluation.calibration`).
 """
 
 import argparse
@@ -69,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="feature cache folder, the one src.train fills (default: data/cache/features, or "
                              "$FEATURE_CACHE_DIR when set)")
     parser.add_argument("--out", type=Path, help="write the CSV here (atomically) instead of stdout")
+    parser.add_argument("--details", type=Path, metavar="PATH",
+                        help="also write uuid,latitude,longitude,radius50_km,radius90_km,top1_probability,top to PATH "
+                             "(atomically): the 50%% and 90%% confidence radii and the most likely cells")
+    parser.add_argument("--details-top", type=int, default=5, metavar="K",
+                        help="cells listed in --details' top column (default: 5)")
     parser.add_argument("--reports-dir", type=Path, default=REPORTS_DIR,
                         help="where the default checkpoint is searched (default: reports/)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
@@ -80,7 +87,8 @@ def main(argv: list[str] | None = None) -> "pd.DataFrame":
     args = build_parser().parse_args(argv)
     import torch  # the library after parsing: --help and flag errors stay instant
 
-    from src.core.files import atomic_path
+    from src.core.files import atomic_path, write_csv
+    from src.evaluation.calibration import DETAILS_COLUMNS, UNCALIBRATED_NOTE
     from src.inference.checkpoints import backbone_trained, find_checkpoint, load_model
     from src.inference.engine import engine_model, resolve_engine
     from src.inference.predictor import (cached_backbone, check_device, ensemble_prior, locations_from_checkpoint,
@@ -89,7 +97,8 @@ def main(argv: list[str] | None = None) -> "pd.DataFrame":
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     check_ranges(args, [Rule("batch_size", at_least(1), "a number of locations >= 1 (e.g. 32)"),
                         Rule("num_workers", at_least(0), "0 (decode in the main process) or more"),
-                        Rule("topk", at_least(0), "0 (all classes) or a number of classes >= 1")])
+                        Rule("topk", at_least(0), "0 (all classes) or a number of classes >= 1"),
+                        Rule("details_top", at_least(1), "a number of cells >= 1 (e.g. 5)")])
     check_device(args.device)
     engine = resolve_engine(args.engine, args.device)
     stdout = sys.stdout
@@ -114,6 +123,8 @@ def main(argv: list[str] | None = None) -> "pd.DataFrame":
             features = f", backbone features from the feature cache {cache.cache.directory}" if cache else ""
             print(f"checkpoint {path}: {hp.get('approach')} {hp.get('backbone')} ({backbone}) {hp.get('image_size')} px"
                   f"{how}, engine {engine}{features}", file=sys.stderr)
+            if args.details is not None and not model.calibration.calibrated:
+                print(f"warning: --details: {path} {UNCALIBRATED_NOTE}", file=sys.stderr)
         if args.images is not None:
             locations = locations_from_images(args.images)
             source = f"--images {args.images}"
@@ -124,13 +135,18 @@ def main(argv: list[str] | None = None) -> "pd.DataFrame":
               f"{' with TTA' if args.tta else ''}{f', ensemble of {len(models)}' if len(models) > 1 else ''}",
               file=sys.stderr)
         frame, issues = predict_locations(models, locations, args.tta, args.batch_size, args.num_workers,
-                                          args.device, caches=caches)
+                                          args.device, caches=caches, details=args.details is not None,
+                                          top=args.details_top)
         for path, cache in zip(checkpoints, caches):
             if cache is not None:
                 print(f"feature cache of {path}: {cache.cache.computed} location(s) computed, {cache.cache.reused} "
                       "reused", file=sys.stderr)
         for line in issues.report(ensemble_prior(models)):
             print(line, file=sys.stderr)
+    if args.details is not None:
+        write_csv(frame[DETAILS_COLUMNS], args.details, float_format="%.7f")
+        print(f"wrote the details of {len(frame)} locations to {args.details}", file=sys.stderr)
+        frame = frame[DETAILS_COLUMNS[:3]]
     if args.out is not None:
         with atomic_path(args.out) as tmp:
             frame.to_csv(tmp, index=False, float_format="%.7f")

@@ -167,3 +167,56 @@ def test_a_checkpoint_written_before_the_redesign_predicts_analyzes_and_resumes(
     assert printed.getvalue().splitlines()[-1].startswith(f"checkpoint: {path.parent}/")
     resumed = torch.load(path, map_location="cpu", weights_only=False)
     assert resumed["epoch"] == 2 and resumed["datamodule_hyper_parameters"]["data"]["dataset_dirs"] == [str(demo.resolve())]
+
+
+def test_each_checkpoint_carries_the_calibration_fitted_on_its_val_split(trained):
+    """The temperature in the best checkpoint is the NLL fit on the val locations' logits of its own weights; its
+    class samples lie on the land of their class's cell."""
+    import numpy as np
+    import pandas as pd
+    import shapely
+
+    from src.data.cells import build_grid
+    from src.data.quadruplets import eval_transform, load_quadruplet
+    from src.evaluation.calibration import fit_temperature
+
+    _, best = trained
+    saved = read_checkpoint(best)["calibration"]
+    model = load_model(best, reports_dir=None)
+    assert model.calibration.calibrated and model.calibration.temperature == saved["temperature"]
+    locations = pd.read_csv(best.parents[1] / "locations.csv", dtype={"uuid": str})
+    val = locations[locations["split"] == "val"]
+    assert saved["fitted_on"] == len(val) > 0
+    hp = model.hparams
+    transform = eval_transform(hp.image_size, hp.image_mean, hp.image_std)
+    views = torch.stack([load_quadruplet(Path(folder), hp.image_size, transform) for folder in val["image_dir"]])
+    with torch.no_grad():
+        logits = model(views)
+    expected = fit_temperature(logits, torch.tensor(val["label"].to_numpy()))
+    assert saved["temperature"] == pytest.approx(expected, rel=1e-3)
+    samples = model.calibration.class_samples
+    land = build_grid(0.5).cells.loc[hp.classes["cell"], "land"].to_numpy()
+    assert samples.shape == (len(land), 32, 2)
+    assert all(shapely.intersects_xy(polygon, *points.T).all() for polygon, points in zip(land, samples))
+    assert len(np.unique(samples.reshape(-1, 2), axis=0)) == samples.shape[0] * 32  # spread, not repeated
+    # last.ckpt carries the last validation's own fit
+    assert read_checkpoint(best.parent / "last.ckpt")["calibration"]["fitted_on"] == len(val)
+
+
+def test_a_checkpoint_without_calibration_loads_uncalibrated_and_says_so(tmp_path, capsys, demo_dir):
+    import pandas as pd
+
+    from src.predict import main as predict_main
+
+    path, demo = legacy_checkpoint(tmp_path, demo_dir)
+    assert "calibration" not in read_checkpoint(path)
+    model = load_model(path, reports_dir=None)
+    calibration = model.calibration
+    assert not calibration.calibrated and calibration.temperature == 1.0
+    assert calibration.class_samples.tolist() == [[xy] for xy in model.hparams.classes["weighted"]]  # the centroids
+    details = tmp_path / "details.csv"
+    predict_main(["--checkpoint", str(path), "--details", str(details), "--engine", "torch", "--num-workers", "0"])
+    assert f"warning: --details: {path} carries no calibration" in capsys.readouterr().err
+    written = pd.read_csv(details)
+    assert len(written) == 9 and (written["radius50_km"] <= written["radius90_km"]).all()
+    assert (written["top1_probability"] > 0).all()

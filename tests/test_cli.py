@@ -203,6 +203,8 @@ CASES = {
         ("no checkpoint under reports", "--reports-dir {bad}/empty", ["no best checkpoint", "--checkpoint PATH"]),
         ("missing images dir", "--checkpoint {ckpt} --images {bad}/nope", ["--images", "not a directory"]),
         ("empty images dir", "--checkpoint {ckpt} --images {bad}/empty", ["--images", "no location folders"]),
+        ("no cells in details", "--checkpoint {ckpt} --images {demo} --details {bad}/d.csv --details-top 0",
+         ["--details-top 0"]),
         ("images without uuid folders", "--checkpoint {ckpt} --images {bad}/no_uuid_folders",
          ["no location folders"]),
         ("zero batch size", "--checkpoint {ckpt} --images {demo} --batch-size 0", ["--batch-size 0"]),
@@ -500,7 +502,7 @@ def test_help_lists_every_flag_with_its_default(command, tmp_path):
 # ---- atomic outputs ---------------------------------------------------------------------------------------
 
 def test_every_output_file_is_written_atomically(bad, tmp_path, monkeypatch):
-    """Every file enrich, predict --out, score --errors-out and analyze write arrives by a rename of a
+    """Every file enrich, predict --out and --details, score --errors-out and analyze write arrives by a rename of a
     temporary file in the same folder (src.files.atomic_path), never by writing the final name."""
     _, checkpoint, demo = bad
     renamed = []
@@ -523,7 +525,7 @@ def test_every_output_file_is_written_atomically(bad, tmp_path, monkeypatch):
         enrich_main(["--dataset-dirs", str(demo), "--out", str(out / "enriched.csv"), "--figures-dir",
                      str(out / "figures")])
         predict_main(["--checkpoint", str(checkpoint), "--images", str(demo), "--out", str(out / "sub.csv"),
-                      "--num-workers", "0"])
+                      "--details", str(out / "details.csv"), "--num-workers", "0"])
         score_main([str(out / "sub.csv"), str(demo / "data.csv"), "--errors-out", str(out / "errors.csv")])
         locations = pd.read_csv(out / "enriched.csv")
         test = locations[locations["split"] == "test"][["uuid", "latitude", "longitude"]]
@@ -531,7 +533,8 @@ def test_every_output_file_is_written_atomically(bad, tmp_path, monkeypatch):
         analyze_main(["--dataset-dirs", str(demo), "--submission", str(tmp_path / "oracle.csv"), "--spacings", "0.5",
                       "--worst", "2", "--figures-dir", str(out / "figures"), "--tables-dir", str(out / "tables")])
     written = sorted(p for p in out.rglob("*") if p.is_file())
-    assert len(written) == 15  # enriched + skip report + 4 figures, submission, errors, analysis: 4 tables + 3 figures
+    # enriched + skip report + 4 figures, submission, details, errors, analysis: 4 tables + 3 figures
+    assert len(written) == 16
     destinations = {dst for _, dst in renamed}
     for path in written:
         assert path in destinations, f"{path} was not renamed into place"

@@ -122,6 +122,39 @@ def test_uploaded_photos_and_the_example_give_the_apis_answer(server, browser, d
     assert driver.find_element(By.ID, "error").text == ""
 
 
+def km_text(km: float) -> str:
+    """A radius as the page writes it: whole km, one decimal below 10 km."""
+    return f"{km:.1f}" if km < 10 else f"{round(km)}"
+
+
+def test_the_confidence_regions_are_drawn_around_the_point_and_said_in_words(server, browser, demo_dir):
+    from selenium.webdriver.common.by import By
+
+    driver = open_page(browser, server.url, DESKTOP)
+    folder = sorted((demo_dir / "data").iterdir())[7]
+    for view in VIEWS:
+        driver.find_element(By.ID, f"file-{view}").send_keys(str(folder / f"{view}.jpg"))
+    driver.find_element(By.ID, "predict").click()
+    wait_for(driver, lambda d: d.find_element(By.ID, "coords").get_attribute("data-lat"))
+    answer = api(server.url, "/api/predict", folder)
+    assert answer["calibrated"] and 0 < answer["radius50_km"] <= answer["radius90_km"]
+    sentence = driver.find_element(By.ID, "confidence").text
+    assert sentence == (f"90% sure it is within {km_text(answer['radius90_km'])} km, "
+                        f"50% within {km_text(answer['radius50_km'])} km")
+    point = driver.find_element(By.ID, "predicted-point")
+    # the map: 140 px per degree of latitude, a degree being 6371.0088 km * pi / 180
+    px_per_km = 140 / (6371.0088 * 3.141592653589793 / 180)
+    for level in (90, 50):
+        circle = driver.find_element(By.ID, f"region-{level}")
+        assert circle.tag_name == "circle" and circle.is_displayed()
+        assert float(circle.get_attribute("r")) == pytest.approx(answer[f"radius{level}_km"] * px_per_km, rel=1e-3)
+        assert (float(circle.get_attribute("cx")), float(circle.get_attribute("cy"))) == pytest.approx(
+            (float(point.get_attribute("cx")), float(point.get_attribute("cy"))))
+    # drawn under the point, which stays visible on top
+    order = driver.execute_script("return [...document.querySelectorAll('#map circle')].map((c) => c.id)")
+    assert order.index("region-90") < order.index("predicted-point")
+
+
 def luminance(colour: str) -> float:
     """Lightness of an SVG fill '#rrggbb'."""
     return colorsys.rgb_to_hls(*(int(colour[i:i + 2], 16) / 255 for i in (1, 3, 5)))[1]
@@ -211,6 +244,10 @@ def test_a_regression_model_shows_its_point_without_cells(server, browser, demo_
     assert float(coords.get_attribute("data-lat")) == pytest.approx(answer["latitude"], abs=1e-9)
     assert not driver.find_elements(By.CSS_SELECTOR, "#cells rect")
     assert not driver.find_element(By.ID, "top-cells").is_displayed()
+    # its regions come from the val residuals
+    assert driver.find_element(By.ID, "confidence").text.startswith(
+        f"90% sure it is within {km_text(answer['radius90_km'])} km")
+    assert driver.find_element(By.ID, "region-90")
     assert not driver.find_element(By.ID, "scale-box").is_displayed()
 
 

@@ -224,6 +224,83 @@ def test_centroids_and_topk_flags(checkpoints, demo_dir, tmp_path, capsys):
         predict_main(["--checkpoint", str(classification), "--images", str(images), "--topk", "-1"])
 
 
+def test_details_hold_the_confidence_regions_and_the_top_cells(checkpoints, demo_dir, tmp_path, capsys):
+    """--details: the columns promised, a row per location with the submission's coordinates; the top cells are
+    softmax(logits / T) of the torch model; each radius is the smallest holding more than its level's share (the
+    level map's) of that mass spread over the class samples (checked by brute force)."""
+    _, classification, _ = checkpoints
+    folders = sorted((demo_dir / "data").iterdir())[:6]
+    images = tmp_path / "subset"
+    for folder in folders:
+        shutil.copytree(folder, images / folder.name)
+    path = tmp_path / "out" / "details.csv"
+    submission = predict_main(["--checkpoint", str(classification), "--images", str(images), "--details", str(path),
+                               "--details-top", "3", "--num-workers", "0"])
+    assert list(submission.columns) == ["uuid", "latitude", "longitude"]
+    assert f"wrote the details of 6 locations to {path}" in capsys.readouterr().err
+    details = pd.read_csv(path, dtype={"uuid": str, "top": str})
+    assert list(details.columns) == ["uuid", "latitude", "longitude", "radius50_km", "radius90_km", "top1_probability",
+                                     "top"]
+    assert details["uuid"].tolist() == submission["uuid"].tolist() == [f.name for f in folders]
+    np.testing.assert_allclose(details[["latitude", "longitude"]], submission[["latitude", "longitude"]], atol=1e-7)
+    model = load_model(classification, reports_dir=None).eval()
+    calibration, size = model.calibration, model.hparams.image_size
+    assert calibration.calibrated and calibration.class_samples.shape == (len(model.hparams.classes["cell"]), 32, 2)
+    cells = np.asarray(model.hparams.classes["cell"])
+    for folder, row in zip(folders, details.itertuples()):
+        quad = torch.stack([eval_transform(size)(load_image(folder / f"{v}.jpg", size)) for v in VIEWS])
+        with torch.no_grad():
+            probabilities = torch.softmax(model(quad[None])[0].double() / calibration.temperature, dim=0).numpy()
+        best = np.argsort(-probabilities)[:3]
+        assert row.top == ";".join(f"{cells[k]}:{probabilities[k]:.4f}" for k in best)
+        assert row.top1_probability == pytest.approx(probabilities[best[0]], abs=5.1e-5)
+        x, y = geo.project(row.latitude, row.longitude)
+        distance_km = np.hypot(calibration.class_samples[..., 0] - x, calibration.class_samples[..., 1] - y) / 1000
+
+        def mass_within(km: float) -> float:
+            return float((probabilities * (distance_km <= km).mean(axis=1)).sum())
+
+        # the disc of each level holds just more than the mass share the level map gives it (the CSV rounds radii
+        # to 0.01 km)
+        for share, radius in zip(calibration.mass_levels([0.5, 0.9]), (row.radius50_km, row.radius90_km)):
+            assert mass_within(radius + 0.006) > share and mass_within(radius - 0.006) <= share + 1e-9
+    with pytest.raises(UserError, match="--details-top 0"):
+        predict_main(["--checkpoint", str(classification), "--images", str(images), "--details", str(path),
+                      "--details-top", "0"])
+
+
+def test_details_of_regression_and_of_an_ensemble(checkpoints, demo_dir, tmp_path):
+    """Regression: the radii are order statistics of the distances from the final point to the model's own point
+    moved by each val residual (at the level map's shares), no cells. An ensemble: the mixture of both, the cells
+    of its classification member."""
+    _, classification, regression = checkpoints
+    folders = sorted((demo_dir / "data").iterdir())[:8]
+    images = tmp_path / "subset"
+    for folder in folders:
+        shutil.copytree(folder, images / folder.name)
+    run = {}
+    for name, paths in (("regression", [regression]), ("classification", [classification]),
+                        ("ensemble", [classification, regression])):
+        predict_main(["--checkpoint", *map(str, paths), "--images", str(images), "--details",
+                      str(tmp_path / f"{name}.csv"), "--num-workers", "0"])
+        run[name] = pd.read_csv(tmp_path / f"{name}.csv", dtype={"uuid": str, "top": str}, keep_default_na=False)
+    model = load_model(regression, reports_dir=None).eval()
+    residuals = model.calibration.residuals_m
+    assert model.calibration.calibrated and residuals.shape[1] == 2 and len(residuals) == model.calibration.fitted_on
+    # the first distance at which more than the share of the residuals lies within
+    ranks = np.minimum(np.floor(model.calibration.mass_levels([0.5, 0.9]) * len(residuals) + 1e-9).astype(int),
+                       len(residuals) - 1)
+    for folder, row in zip(folders, run["regression"].itertuples()):
+        final = np.array(geo.project(row.latitude, row.longitude))
+        distance_km = np.sort(np.hypot(*(reference_xy(model, folder) + residuals - final).T)) / 1000
+        assert (float(row.radius50_km), float(row.radius90_km)) == pytest.approx(distance_km[ranks], abs=0.0051)
+        assert row.top == row.top1_probability == ""
+    ensemble, single = run["ensemble"], run["classification"]
+    assert (ensemble["top"] == single["top"]).all() and (ensemble["top1_probability"] == single["top1_probability"]).all()
+    assert (ensemble["radius50_km"].astype(float) <= ensemble["radius90_km"].astype(float)).all()
+    assert not np.allclose(ensemble["radius90_km"].astype(float), single["radius90_km"].astype(float))
+
+
 def test_a_reader_that_went_away_ends_predict_quietly(checkpoints, demo_dir):
     """`python -m src.predict | head` once head has exited: no BrokenPipeError traceback, and the exit status
     of a process killed by SIGPIPE (141), as other command-line tools end."""

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import aiohttp
 import numpy as np
+import pandas as pd
 import pytest
 import shapely
 from PIL import Image
@@ -100,9 +101,10 @@ def test_predict_gives_src_predicts_coordinates_and_reports_substituted_views(se
     _, _, models = run(call(server.url, path="/api/models"))
     [cls, _] = models["models"]
     expected = predict_main(["--checkpoint", str(tiny_checkpoints["classification"]), "--images", str(tmp_path),
-                             "--engine", "onnx"])
+                             "--engine", "onnx", "--details", str(tmp_path / "details.csv")])
     assert "replaced 4 missing" in capsys.readouterr().err
-    for folder, row in zip(folders, expected.itertuples()):
+    details = pd.read_csv(tmp_path / "details.csv", dtype={"uuid": str, "top": str})
+    for folder, row, detail in zip(folders, expected.itertuples(), details.itertuples()):
         status, _, answer = run(call(server.url, "POST", "/api/predict", data=views_form(folder, sent[folder.name])))
         assert status == 200, answer
         assert (answer["latitude"], answer["longitude"]) == pytest.approx((row.latitude, row.longitude), abs=1e-6)
@@ -110,6 +112,13 @@ def test_predict_gives_src_predicts_coordinates_and_reports_substituted_views(se
         top = answer["top"]
         assert len(top) == 5 and all(a["probability"] >= b["probability"] for a, b in zip(top, top[1:]))
         assert all(0 < t["probability"] <= 1 and len(t["bounds"]) == 4 for t in top)
+        # the confidence fields are src.predict --details' (its CSV rounds to 2 and 4 decimals)
+        assert answer["calibrated"] is True and "note" not in answer
+        assert (answer["radius50_km"], answer["radius90_km"]) == pytest.approx((detail.radius50_km, detail.radius90_km),
+                                                                               abs=0.0051)
+        assert answer["top1_probability"] == pytest.approx(detail.top1_probability, abs=5.1e-5)
+        assert detail.top == ";".join(f"{t['cell']}:{t['probability']:.4f}" for t in top)
+        assert answer["top1_probability"] == pytest.approx(top[0]["probability"], abs=1e-4)
         west, south, east, north = top[0]["bounds"]
         assert west < east and south < north and east - west == pytest.approx(0.5)  # the run's 0.5 degree cells
     status, _, answer = run(call(server.url, "POST", "/api/predict", data=views_form(folders[1], (0, 180, 270))))
@@ -125,6 +134,9 @@ def test_model_parameter_selects_a_checkpoint(server, demo_dir):
     status, _, answer = run(call(server.url, "POST", "/api/predict", params={"model": regression},
                                  data=views_form(folder)))
     assert status == 200 and answer["model"] == regression and answer["top"] == []
+    # a regression model's regions come from its val residuals; it has no cell probabilities
+    assert answer["calibrated"] is True and 0 < answer["radius50_km"] <= answer["radius90_km"]
+    assert answer["top1_probability"] is None
     status, _, default = run(call(server.url, "POST", "/api/predict", data=views_form(folder)))
     assert default["latitude"] != answer["latitude"]
     status, kind, error = run(call(server.url, "POST", "/api/predict", params={"model": "nope"},

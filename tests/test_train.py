@@ -74,6 +74,13 @@ def test_end_to_end_training_beats_the_constant_baseline(trained, demo_dir):
     assert (out / "e2e" / "version_0" / "checkpoints" / "last.ckpt").exists()
     assert list((out / "e2e" / "version_0").glob("events.out.tfevents.*"))
     assert "approach: classification" in (out / "e2e" / "version_0" / "hparams.yaml").read_text()
+    # the confidence regions on the test split: printed, in metrics.json, drawn
+    metrics = json.loads((out / "e2e" / "version_0" / "metrics.json").read_text())
+    confidence = metrics["confidence"]
+    assert confidence["count"] == metrics["test"]["count"] and confidence["calibrated"]
+    assert 0 < confidence["median_radius50_km"] <= confidence["median_radius90_km"]
+    assert any(line.startswith("confidence regions on the test split") for line in lines)
+    assert (out / "e2e" / "version_0" / "reliability.png").stat().st_size > 10_000
 
 
 def test_checkpoint_holds_what_predict_needs(trained, demo_dir):
@@ -531,6 +538,22 @@ def test_cross_validation_predicts_every_location_once_out_of_fold(demo_dir, tmp
         baseline.append(geo.haversine_km(train.latitude.mean(), train.longitude.mean(), test.latitude, test.longitude))
     assert metrics["oof_constant_baseline"]["mean_km"] == pytest.approx(np.concatenate(baseline).mean(), rel=1e-9)
     assert any("out of fold" in line for line in lines) and lines[-1] == f"out-of-fold predictions: {folder / 'oof.csv'}"
+    # the reliability check: the printed and saved shares inside the 50% and 90% discs against oof_details.csv's
+    # radii (2 decimals) and the independent haversine
+    details = pd.read_csv(folder / "oof_details.csv", dtype={"uuid": str, "top": str})
+    assert list(details.columns) == ["uuid", "latitude", "longitude", "radius50_km", "radius90_km",
+                                     "top1_probability", "top"]
+    assert details["uuid"].tolist() == oof["uuid"].tolist()
+    np.testing.assert_allclose(details[["latitude", "longitude"]], oof[["latitude", "longitude"]], atol=1e-7)
+    confidence = metrics["confidence"]
+    assert len(confidence["temperatures"]) == 3 and confidence["calibrated"]
+    for level in ("50", "90"):
+        inside = (km <= details[f"radius{level}_km"]).mean()
+        assert confidence[f"inside_{level}"] == pytest.approx(inside, abs=1.01 / len(truth))
+        row = next(line for line in lines if line.startswith(f"| {level}%"))
+        assert f"{100 * confidence[f'inside_{level}']:.1f}%" in row
+    assert any(line.startswith("confidence regions on out-of-fold predictions (120 locations") for line in lines)
+    assert (folder / "reliability.png").stat().st_size > 10_000
 
 
 def test_a_final_fit_on_all_labelled_data_keeps_the_last_checkpoint(demo_dir, tmp_path, capsys):

@@ -47,6 +47,7 @@ from PIL import Image
 from src.core import geo
 from src.data.quadruplets import eval_transform, input_spec, read_quadruplet
 from src.core.errors import UserError, brief
+from src.evaluation.calibration import UNCALIBRATED_NOTE, member, prediction_details
 from src.inference.engine import engine_model, infer
 from src.data.images import TOO_MANY_PIXELS, VIEWS, check_image, decode_checked, image_header
 from src.inference.checkpoints import load_model
@@ -156,6 +157,7 @@ class ServedModel:
     cell_lat: np.ndarray = field(default_factory=lambda: np.empty(0))  # class centroids (the model's kind)
     cell_lng: np.ndarray = field(default_factory=lambda: np.empty(0))
     cell_bounds: list | None = None  # [west, south, east, north] of each class's grid cell
+    class_of_cell: dict[int, int] = field(default_factory=dict)  # cell id -> class index
     shown_path: str = ""  # the checkpoint as /api/models names it: relative to the reports folder, else its file name
 
     @property
@@ -216,6 +218,7 @@ def load_models(checkpoints: list[Path], engine: str, device: str, threads: int 
                              shown_path=shown_path(Path(path), reports_dir))
         if model.hparams["approach"] != "regression":  # classification and hybrid: class probabilities
             served.cell_lat, served.cell_lng, served.cell_bounds = class_cells(model.hparams)
+            served.class_of_cell = {int(cell): k for k, cell in enumerate(model.hparams["classes"]["cell"])}
         models[served.name] = served
         hp = model.hparams
         print(f"model {served.name}: {hp['approach']} {hp['backbone']} {hp['image_size']} px, engine {engine} "
@@ -556,17 +559,33 @@ async def predict(request: web.Request) -> web.Response:
     pixels = check_views(views, request.app["limits"].max_pixels)
     quadruplet, substituted = await decode_in_pool(request.app, views, input_spec(served.hparams), pixels)
     probabilities, xy = await served.batcher.predict(quadruplet)
-    lat, lng = geo.unproject(*geo.snap_to_land(xy[0], xy[1]))
-    answer = {"latitude": float(lat), "longitude": float(lng), "top": [], "substituted_views": substituted,
-              "model": served.name, "engine": served.engine}
-    if probabilities is not None:
-        top = np.argsort(-probabilities)[:request.app["top"]]
-        answer["top"] = [{"latitude": float(served.cell_lat[k]), "longitude": float(served.cell_lng[k]),
-                          "probability": float(probabilities[k]), "cell": int(served.hparams["classes"]["cell"][k]),
-                          "bounds": served.cell_bounds[k] if served.cell_bounds else None} for k in top]
+    point = np.column_stack(geo.snap_to_land(xy[0], xy[1]))
+    lat, lng = geo.unproject(point[0, 0], point[0, 1])
+    details = prediction_details([member(served.model, None if probabilities is None else probabilities[None],
+                                         xy[None])], point, request.app["top"])
+    answer = {"latitude": float(lat), "longitude": float(lng), **answer_details(details),
+              "top": [], "substituted_views": substituted, "model": served.name, "engine": served.engine}
+    for cell, probability in zip(details.top_cells[0], details.top_probabilities[0]):
+        k = served.class_of_cell[int(cell)]
+        answer["top"].append({"latitude": float(served.cell_lat[k]), "longitude": float(served.cell_lng[k]),
+                              "probability": float(probability), "cell": int(cell),
+                              "bounds": served.cell_bounds[k] if served.cell_bounds else None})
     answer["milliseconds"] = round(1000 * (time.perf_counter() - start), 2)
     counters.predictions += 1
     return web.json_response(answer)
+
+
+def answer_details(details) -> dict:
+    """The confidence fields of an answer: the --details columns of src.predict as JSON numbers (null where
+    unknown), whether the radii are calibrated and, when not, a note saying so."""
+    def number(value: float, decimals: int) -> float | None:
+        return round(float(value), decimals) if np.isfinite(value) else None
+
+    fields = {"radius50_km": number(details.radius(0.5)[0], 2), "radius90_km": number(details.radius(0.9)[0], 2),
+              "top1_probability": number(details.top1[0], 4), "calibrated": details.calibrated}
+    if not details.calibrated:
+        fields["note"] = f"this model {UNCALIBRATED_NOTE}"
+    return fields
 
 
 async def health(request: web.Request) -> web.Response:

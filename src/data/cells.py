@@ -24,6 +24,7 @@ CLIP_INSET_M = 100.0
 VORONOI_MARGIN_M = 20_000.0
 KMEANS_MAX_ITER = 300
 KMEANS_BLOCK = 2**23  # distances per block (rows x centres): 64 MB of float64
+SAMPLES_PER_CLASS = 32  # points per class spreading its probability over its cell (confidence regions)
 
 
 class Cells:
@@ -281,6 +282,19 @@ def class_table(grid: Cells, cell: np.ndarray, crs_x: np.ndarray, crs_y: np.ndar
         table[f"{prefix}_lat"], table[f"{prefix}_lng"] = geo.unproject(table[f"{prefix}_x"], table[f"{prefix}_y"])
     table.index.name = "class"
     return table
+
+
+def class_samples(table: pd.DataFrame, grid: Cells, per_class: int = SAMPLES_PER_CLASS, seed: int = 0) -> np.ndarray:
+    """Points [C, per_class, 2] (EPSG:3766) drawn uniformly over the land part of each class's cell (seeded):
+    where a class's probability lies, for the confidence regions (`src.evaluation.calibration`). A cell without
+    land area gets its plain centroid repeated."""
+    land = gpd.GeoSeries(grid.cells.loc[table["cell"].to_numpy(), "land"].to_numpy(), crs=geo.CROATIA_CRS)
+    samples = np.repeat(table[["centroid_x", "centroid_y"]].to_numpy(float)[:, None, :], per_class, axis=1)
+    has_area = (land.area > 0).to_numpy()
+    if has_area.any():
+        drawn = land[has_area].sample_points(per_class, rng=np.random.default_rng(seed))
+        samples[has_area] = np.stack([shapely.get_coordinates(points) for points in drawn])
+    return samples
 
 
 def nearest_class(table: pd.DataFrame, grid: Cells, cell: np.ndarray, lat, lng) -> np.ndarray:

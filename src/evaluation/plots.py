@@ -218,3 +218,38 @@ def training_curves(history: list[dict[str, float]], baseline_km: float | None, 
             axes.legend()
     figure.tight_layout()
     return save_figure(figure, Path(path))
+
+
+def reliability_figure(levels, inside: dict, count: int, title: str, path: Path, tolerance: float = 0.05) -> Path:
+    """The reliability of the confidence regions: the share of true locations inside the disc of each nominal
+    level, for each variant of `inside` (name -> shares: calibrated, temperature only, uncalibrated), against
+    the diagonal and a band of +-`tolerance`; the calibrated 50% and 90% points labelled."""
+    levels = np.asarray(levels, float)
+    figure, axes = plt.subplots(figsize=(6.4, 7.4))
+    axes.fill_between([0, 1], [-tolerance, 1 - tolerance], [tolerance, 1 + tolerance], color="0.9",
+                      label=f"within {100 * tolerance:.0f} points")
+    axes.plot([0, 1], [0, 1], color="0.4", linestyle="--", linewidth=1, label="perfectly calibrated")
+    styles = {"uncalibrated": ("tab:orange", "uncalibrated (T = 1, no level map)"),
+              "temperature only": ("tab:green", "temperature only"),
+              "val split only": ("tab:purple", "calibrated on each fold's val split"),
+              "calibrated": ("tab:blue", "calibrated (temperature and level map)")}
+    for name, (colour, label) in styles.items():
+        if name in inside:
+            axes.plot(levels, inside[name], marker="o", markersize=4 if name == "calibrated" else 3, color=colour,
+                      label=label, zorder=3 if name == "calibrated" else 2)
+    calibrated = inside["calibrated"]
+    for level, offset in ((0.5, (10, -22)), (0.9, (-10, 14))):
+        j = int(np.argmin(np.abs(levels - level)))
+        axes.annotate(f"{100 * calibrated[j]:.0f}% inside the {100 * level:.0f}% disc", (levels[j], calibrated[j]),
+                      xytext=offset, textcoords="offset points", ha="left" if offset[0] > 0 else "right",
+                      color="tab:blue", arrowprops={"arrowstyle": "-", "color": "tab:blue", "linewidth": 0.8})
+    axes.set(xlim=(0, 1), ylim=(0, 1), xlabel="nominal level of the disc around the prediction",
+             ylabel=f"share of true locations inside ({count} locations)", title=title)
+    percent = FuncFormatter(lambda value, _: f"{100 * value:.0f}%")
+    axes.xaxis.set_major_formatter(percent)
+    axes.yaxis.set_major_formatter(percent)
+    axes.set_aspect("equal")
+    axes.grid(alpha=0.3)
+    axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, fontsize="small")
+    figure.tight_layout()
+    return save_figure(figure, Path(path))

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from src.core.files import atomic_path
 from src.core.paths import REPORTS_DIR
 from src.core.errors import UserError, brief
 
@@ -166,14 +167,26 @@ def backbone_trained(path: str | Path, flag: str = "--checkpoint") -> bool:
     return checkpoint_phase(checkpoint) == FINE_TUNING
 
 
+def write_calibration(path: str | Path, calibration) -> None:
+    """Replace the calibration a checkpoint carries (`src.evaluation.calibration.Calibration`; the
+    cross-validation's out-of-fold fit), atomically."""
+    checkpoint = read_checkpoint(path)  # memory-mapped: the old file stays readable until the rename
+    checkpoint["calibration"] = calibration.to_checkpoint()
+    with atomic_path(path) as tmp:
+        torch.save(checkpoint, tmp)
+
+
 def load_model(path: str | Path, device: str = "cpu", flag: str = "--checkpoint",
                reports_dir: str | Path | None = REPORTS_DIR, **overrides):
     """A GeoModel from a src.train checkpoint, in eval mode on `device`; a missing file's message lists the
     checkpoints under `reports_dir` (default: reports/, for commands without --reports-dir).
 
     `overrides` replace model config values that only change how outputs become coordinates (`centroids`,
-    `topk`, `predict_rule`); None values are ignored. Every checkpoint src.train has written loads here.
+    `topk`, `predict_rule`); None values are ignored. Every checkpoint src.train has written loads here. The
+    model's `calibration` is the checkpoint's (`src.evaluation.calibration`); a checkpoint written before
+    calibration existed gets an uncalibrated one (temperature 1, each class at its centroid).
     """
+    from src.evaluation.calibration import Calibration  # noqa: PLC0415
     from src.model.config import configs_from_hparams  # noqa: PLC0415 (Lightning: only where a model is built)
     from src.model.geomodel import GeoModel  # noqa: PLC0415
 
@@ -186,6 +199,7 @@ def load_model(path: str | Path, device: str = "cpu", flag: str = "--checkpoint"
                                **{key: value for key, value in overrides.items() if value is not None})
         model = GeoModel(model_config, optim, classes)
         model.load_state_dict(checkpoint["state_dict"])
+        model.calibration = Calibration.from_checkpoint(checkpoint.get("calibration"), default=model.calibration)
     except Exception as error:  # a state dict that does not fit the hparams (edited or foreign weights)
         raise UserError(f"{flag} {path}: not a loadable GeoModel checkpoint ({brief(error)}); "
                         "pass a .ckpt written by src.train") from None

@@ -254,11 +254,13 @@ def compare_with_torch(model, path: str | Path, views: torch.Tensor, backbone_on
 
 
 class OnnxGeoModel:
-    """ONNX Runtime in place of a GeoModel at predict time: the same `hparams`, `locate` and `infer`."""
+    """ONNX Runtime in place of a GeoModel at predict time: the same `hparams`, `calibration`, `locate` and
+    `infer` (the temperature is applied to its probabilities outside the graph, `src.evaluation.calibration`)."""
 
-    def __init__(self, path: str | Path, hparams, threads: int | None = None):
+    def __init__(self, path: str | Path, hparams, threads: int | None = None, calibration=None):
         self.path = Path(path)
         self.hparams = hparams
+        self.calibration = calibration
         self.session = session(path, threads)
         self.device = torch.device("cpu")
 
@@ -277,7 +279,11 @@ def infer(model, views: torch.Tensor) -> tuple[np.ndarray | None, np.ndarray]:
     """(class probabilities or None, EPSG:3766 x/y float64) of a GeoModel or an OnnxGeoModel."""
     if isinstance(model, OnnxGeoModel):
         return model.infer(views)
-    outputs = model(views.to(model.device))
+    return head_inference(model, model(views.to(model.device)))
+
+
+def head_inference(model, outputs: torch.Tensor) -> tuple[np.ndarray | None, np.ndarray]:
+    """(class probabilities or None, EPSG:3766 x/y float64) of a GeoModel's head outputs."""
     xy = model.outputs_to_xy(outputs).double().cpu().numpy()
     if model.hparams.approach == "regression":
         return None, xy
@@ -298,7 +304,7 @@ def engine_model(model, checkpoint: str | Path, engine: str, threads: int | None
 
     path = stored_export("model", model_key(model), QuadrupletGraph(model), example_views(model), "views",
                          output_names(model.hparams.approach), check)
-    return OnnxGeoModel(path, model.hparams, threads)
+    return OnnxGeoModel(path, model.hparams, threads, model.calibration)
 
 
 def backbone_session(backbone: Backbone, image_size: int, preprocessing: str = "",

@@ -9,6 +9,8 @@ A model whose backbone was never trained (frozen in its run) can read its backbo
 cache that training filled (`CachedBackbone`, `src.data.features`), computing the missing entries, and run
 only its head: the same points up to float tolerance, without decoding the images or running the backbone
 again. Only locations whose four views pass the image check do; the others go through the whole model.
+With `details`, each row also gets the confidence
+regions and the most likely cells (`src.evaluation.calibration.prediction_details`).
 """
 
 import sys
@@ -26,7 +28,9 @@ from src.data.features import FeatureCache
 from src.data.images import check_image, view_paths
 from src.data.quadruplets import (QuadrupletFolders, collate_quadruplets, eval_transform, input_spec, mirror_views,
                                   spec_transforms)
+from src.evaluation.calibration import DEFAULT_TOP, details_columns, member, prediction_details
 from src.inference.checkpoints import read_test_locations
+from src.inference.engine import head_inference, infer
 from src.core.errors import UserError
 from src.core.geo import project, snap_to_land, unproject
 from src.data.ingest import find_image_root, list_location_dirs
@@ -91,12 +95,15 @@ class ViewIssues:
 
 
 @torch.no_grad()
-def member_xy(model, views: torch.Tensor, tta: bool = False) -> torch.Tensor:
-    """EPSG:3766 x/y [B, 2] of one model; with `tta` the mean over the quadruplet and its mirror."""
-    xy = model.locate(views)
+def member_outputs(model, views: torch.Tensor, tta: bool = False) -> tuple[np.ndarray | None, np.ndarray]:
+    """(class probabilities [B, C] or None for regression, EPSG:3766 x/y [B, 2] float64) of one model; with
+    `tta` the means over the quadruplet and its mirror."""
+    probabilities, xy = infer(model, views)
     if tta:
-        xy = (xy + model.locate(mirror_views(views))) / 2
-    return xy.double()
+        mirrored_probabilities, mirrored_xy = infer(model, mirror_views(views))
+        xy = (xy + mirrored_xy) / 2
+        probabilities = None if probabilities is None else (probabilities + mirrored_probabilities) / 2
+    return probabilities, xy
 
 
 def ensemble_prior(models) -> tuple[float, float]:
@@ -117,22 +124,42 @@ class CachedBackbone:
     extract: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @torch.no_grad()
-    def locate(self, model, image_dirs: Sequence[str], batch_size: int = 32, num_workers: int = 0,
-               device: str = "cpu") -> np.ndarray:
-        """EPSG:3766 x/y [N, 2] (float64) of `model` (a GeoModel) at the locations in `image_dirs`: the
-        features from the cache (missing entries computed and stored), then only the head, chunk by chunk."""
+    def infer(self, model, image_dirs: Sequence[str], batch_size: int = 32, num_workers: int = 0,
+              device: str = "cpu") -> tuple[np.ndarray | None, np.ndarray]:
+        """(class probabilities [N, C] or None for regression, EPSG:3766 x/y [N, 2] float64) of `model` (a
+        GeoModel) at the locations in `image_dirs`: the features from the cache (missing entries computed and
+        stored), then only the head, chunk by chunk."""
         was_training = model.training
         model.eval()
         try:
-            xy = []
+            probabilities, xy = [], []
             for start in range(0, len(image_dirs), CACHED_CHUNK):
                 features = self.cache.features(image_dirs[start:start + CACHED_CHUNK], model.backbone, self.transform,
                                                batch_size=batch_size, num_workers=num_workers, device=device,
                                                extract=self.extract)
-                xy.append(model.outputs_to_xy(model.head_forward(features.to(model.device))).double().cpu().numpy())
+                chunk_probabilities, chunk_xy = head_inference(model, model.head_forward(features.to(model.device)))
+                probabilities.append(chunk_probabilities)
+                xy.append(chunk_xy)
         finally:
             model.train(was_training)
-        return np.concatenate(xy) if xy else np.empty((0, 2))
+        if not xy:
+            return None, np.empty((0, 2))
+        return (None if probabilities[0] is None else np.concatenate(probabilities)), np.concatenate(xy)
+
+
+@dataclass
+class MemberOutputs:
+    """One ensemble member's outputs at every location, filled batch by batch (cache and images)."""
+
+    xy: np.ndarray  # [N, 2] EPSG:3766
+    probabilities: np.ndarray | None = None  # [N, C], None for regression
+
+    def put(self, rows: np.ndarray, probabilities: np.ndarray | None, xy: np.ndarray) -> None:
+        self.xy[rows] = xy
+        if probabilities is not None:
+            if self.probabilities is None:
+                self.probabilities = np.zeros((len(self.xy), probabilities.shape[1]), probabilities.dtype)
+            self.probabilities[rows] = probabilities
 
 
 def cached_backbone(model, cache_dir: str | Path, engine: str = "torch") -> CachedBackbone:
@@ -155,14 +182,17 @@ def checked_views(folders: Sequence[Path]) -> np.ndarray:
 
 def predict_locations(models, locations: list[tuple[str, Path]], tta: bool = False, batch_size: int = 32,
                       num_workers: int = 0, device: str = "cpu", progress: bool = True,
-                      caches: Sequence[CachedBackbone | None] | None = None) -> tuple[pd.DataFrame, ViewIssues]:
+                      caches: Sequence[CachedBackbone | None] | None = None, details: bool = False,
+                      top: int = DEFAULT_TOP) -> tuple[pd.DataFrame, ViewIssues]:
     """Stream `locations` through the ensemble `models`; one row (uuid, latitude, longitude) per location.
 
     Coordinates are averaged over models (and the TTA mirror) in EPSG:3766, moved onto land when the
     average lies outside Croatia (`src.geo.snap_to_land`), then converted to degrees. A model with a
     CachedBackbone in `caches` (aligned with `models`; not with `tta`: the cache holds the unmirrored views'
     features) reads the features of the locations whose views all pass the image check from the cache and
-    runs only its head there; every other location goes through the whole model.
+    runs only its head there; every other location goes through the whole model. With `details` the rows
+    also hold the --details columns (`src.evaluation.calibration.DETAILS_COLUMNS`: the 50% and 90% radii, the
+    top cell's probability and the `top` most likely cells), empty for a location predicted at the prior.
     """
     caches = list(caches or [None] * len(models))
     if tta and any(caches):
@@ -170,12 +200,12 @@ def predict_locations(models, locations: list[tuple[str, Path]], tta: bool = Fal
     specs = [input_spec(m.hparams) for m in models]
     uuids = [uuid for uuid, _ in locations]
     folders = [folder for _, folder in locations]
-    xy_sum = np.zeros((len(locations), 2))
+    outputs = [MemberOutputs(np.zeros((len(locations), 2))) for _ in models]
     clean = checked_views(folders) if any(caches) else np.zeros(len(locations), bool)
     clean_dirs = [str(folder) for folder, ok in zip(folders, clean) if ok]
-    for model, cache in zip(models, caches):
+    for model, cache, output in zip(models, caches, outputs):
         if cache is not None and clean_dirs:
-            xy_sum[clean] += cache.locate(model, clean_dirs, batch_size, num_workers, device)
+            output.put(np.flatnonzero(clean), *cache.infer(model, clean_dirs, batch_size, num_workers, device))
     # the locations some model reads the images of
     streamed = np.flatnonzero(~clean) if all(cache is not None for cache in caches) else np.arange(len(locations))
     usable = np.ones(len(locations), bool)
@@ -187,18 +217,24 @@ def predict_locations(models, locations: list[tuple[str, Path]], tta: bool = Fal
         for indices, batches, batch_usable, substitutions in tqdm(loader, desc="predict", unit="batch",
                                                                   file=sys.stderr, disable=not progress):
             rows = streamed[indices.numpy()]
-            for model, spec, cache in zip(models, specs, caches):
+            for k, (model, spec, cache) in enumerate(zip(models, specs, caches)):
                 take = ~clean[rows] if cache is not None else np.ones(len(rows), bool)
                 if take.any():
                     views = batches[spec][torch.from_numpy(take)]
-                    xy_sum[rows[take]] += member_xy(model, views.to(device, non_blocking=True), tta).cpu().numpy()
+                    outputs[k].put(rows[take], *member_outputs(model, views.to(device, non_blocking=True), tta))
             usable[rows] = batch_usable.numpy()
             issues.replaced += [f"{uuids[streamed[i]]} {view}.jpg: {reason} -> used {used}.jpg"
                                 for i, view, reason, used in substitutions]
             issues.no_views += [uuids[row] for row, ok in zip(rows, batch_usable.tolist()) if not ok]
     prior = ensemble_prior(models)
-    xy = xy_sum / len(models)
+    xy = sum(output.xy for output in outputs) / len(models)
     xy[~usable] = np.array(project(prior[0], prior[1]), float)
-    lat, lng = unproject(*snap_to_land(xy[:, 0], xy[:, 1]))
+    snapped = np.column_stack(snap_to_land(xy[:, 0], xy[:, 1]))
+    lat, lng = unproject(snapped[:, 0], snapped[:, 1])
     frame = pd.DataFrame({"uuid": uuids, "latitude": lat, "longitude": lng})
+    if details:
+        found = prediction_details([member(model, output.probabilities, output.xy)
+                                    for model, output in zip(models, outputs)], snapped, top)
+        found.blank(~usable)  # at the prior: the model saw no view
+        frame = pd.concat([frame, pd.DataFrame(details_columns(found))], axis=1)
     return frame.sort_values("uuid", ignore_index=True), issues

@@ -4,7 +4,7 @@ prior). GeoModel takes these three; its checkpoint hparams are their flat union 
 same keys src.train has always saved, so every checkpoint reads back with `configs_from_hparams`.
 """
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping
 
 from src.core.choices import CENTROID_KINDS
@@ -79,6 +79,9 @@ class ClassTable:
     cells: str = "grid"
     spacing: float = 0.5
     mainland_only: bool = False
+    # [C, M, 2] EPSG:3766 points over each class's cell (`src.data.cells.class_samples`): where its probability
+    # lies, for the confidence regions; saved in the checkpoint's calibration, not among the hparams
+    samples: Any = field(default=None, compare=False)
 
     def __len__(self) -> int:
         return len(self.cell)

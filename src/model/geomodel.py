@@ -23,6 +23,7 @@ from src.model.config import APPROACHES, ClassTable, ModelConfig, OptimConfig, m
 from src.model.heads import HybridHead, create_fusion, haversine_smoothing_loss, hybrid_loss, hybrid_points, point_by_rule
 from src.core.choices import PREDICT_RULES
 from src.data.images import N_VIEWS
+from src.evaluation.calibration import Calibration, Labelled, centroid_samples, fit_calibration
 
 
 
@@ -105,6 +106,14 @@ class GeoModel(pl.LightningModule):
         self.register_buffer("class_lng", torch.as_tensor(np.atleast_1d(class_lng), dtype=torch.float64), persistent=False)
         radius = classes.radius if classes.radius is not None else [1.0] * self.n_classes
         self.register_buffer("class_radius", torch.tensor(radius, dtype=torch.float64), persistent=False)
+        # the calibration of the confidence regions is fitted after every validation and saved with each
+        # checkpoint (not a buffer: EMA would average it); until then, uncalibrated
+        samples = None
+        if model.approach != "regression":
+            samples = (np.asarray(classes.samples, np.float64) if classes.samples is not None
+                       else centroid_samples(class_xy.numpy()))
+        self.calibration = Calibration(class_samples=samples)
+        self._val_outputs: list[tuple[torch.Tensor, ...]] = []  # per val batch: xy, true xy, logits, labels
 
     # ---- forward ------------------------------------------------------------------------------
     def view_features(self, views: torch.Tensor) -> torch.Tensor:
@@ -181,15 +190,15 @@ class GeoModel(pl.LightningModule):
         return hybrid_loss(logits, offsets, batch["label"], batch["xy"], self.class_xy, self.class_radius,
                            config.offset_weight, classification_loss=classification)
 
-    def _step(self, batch: dict[str, torch.Tensor], stage: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Loss and predicted x/y of a batch; train and val log epoch means of the loss, accuracy and km,
-        computed on the module's device without any host transfer (test results are returned by test_step,
+    def _step(self, batch: dict[str, torch.Tensor], stage: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Loss, predicted x/y and outputs of a batch; train and val log epoch means of the loss, accuracy and
+        km, computed on the module's device without any host transfer (test results are returned by test_step,
         for `src.training.callbacks.TestCollector`, not logged as single-point charts)."""
         outputs = self._outputs(batch)
         loss = self.loss(outputs, batch)
         xy = self.outputs_to_xy(outputs.detach(), fixed_steps=True)
         if stage == "test":
-            return loss, xy
+            return loss, xy, outputs
         km = xy_to_km(xy, batch["lat"], batch["lng"])
         # epoch metrics averaged over all processes: every rank picks the same best checkpoint
         log = {"batch_size": len(outputs), "on_step": False, "on_epoch": True, "sync_dist": True}
@@ -198,19 +207,60 @@ class GeoModel(pl.LightningModule):
             self.log(f"{stage}/acc", accuracy, **log)
         self.log(f"{stage}/loss", loss, prog_bar=True, **log)
         self.log(f"{stage}/km_mean", km.mean().float(), prog_bar=stage == "val", **log)
-        return loss, xy
+        return loss, xy, outputs
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")[0]
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, "val")
+        _, xy, outputs = self._step(batch, "val")
+        logits = None if self.config.approach == "regression" else self.class_logits(outputs).detach().float()
+        self._val_outputs.append((xy.detach().double(), batch["xy"].double(), logits, batch["label"]))
+
+    # ---- calibration ---------------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._val_outputs = []
+
+    def on_validation_epoch_end(self) -> None:
+        """Fit the calibration on this validation's outputs of every process (`src.evaluation.calibration.
+        fit_calibration`: the temperature of the class probabilities or the residuals of regression, and the
+        level map of the confidence regions). The checkpoints saved after this validation carry it."""
+        stashed, self._val_outputs = self._val_outputs, []
+        if self.trainer.sanity_checking or not stashed:
+            return
+        xy, true_xy, logits, labels = (self._gathered(torch.cat(part)) if part[0] is not None else None
+                                       for part in zip(*stashed))
+        xy, true_xy = xy.cpu().numpy(), true_xy.cpu().numpy()
+        point_xy = np.column_stack(snap_to_land(xy[:, 0], xy[:, 1]))  # where predict puts the point
+        self.calibration = fit_calibration(self.calibration,
+                                           [Labelled(self.calibration, logits, labels, xy, point_xy, true_xy)])
+        if logits is not None:
+            self.log("val/temperature", self.calibration.temperature, on_step=False, on_epoch=True, sync_dist=False)
+
+    def _gathered(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` [N, ...] of every process, concatenated (each process holds as many val locations: the
+        DistributedSampler evens them out)."""
+        if self.trainer.world_size > 1:
+            return self.all_gather(tensor).flatten(0, 1)
+        return tensor
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["calibration"] = self.calibration.to_checkpoint()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.calibration = Calibration.from_checkpoint(checkpoint.get("calibration"), default=self.calibration)
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        """[5, B] rows of (split index, predicted x, predicted y, true latitude, true longitude), float64 on the
-        module's device (`src.training.callbacks.TestCollector` moves the points onto land and scores them)."""
-        _, xy = self._step(batch, "test")
-        return torch.stack([batch["index"].double(), *xy.double().T, batch["lat"].double(), batch["lng"].double()])
+        """[5 + C, B] rows of (split index, predicted x, predicted y, true latitude, true longitude, and for
+        classification and hybrid the C class probabilities), float64 on the module's device
+        (`src.training.callbacks.TestCollector` moves the points onto land, scores them and measures the
+        confidence regions)."""
+        _, xy, outputs = self._step(batch, "test")
+        rows = torch.stack([batch["index"].double(), *xy.double().T, batch["lat"].double(), batch["lng"].double()])
+        if self.config.approach == "regression":
+            return rows
+        probabilities = self.class_logits(outputs).float().softmax(dim=1).double()
+        return torch.cat([rows, probabilities.T])
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self.outputs_to_xy(self._outputs(batch), fixed_steps=True)

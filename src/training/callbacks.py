@@ -18,6 +18,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from src.core.files import atomic_path
+from src.evaluation.calibration import Details, Member, member, variant_details
 from src.inference.checkpoints import read_checkpoint
 from src.model.geomodel import snapped_km
 
@@ -169,15 +170,18 @@ class ConstantBaseline(pl.Callback):
 
 
 class TestCollector(pl.Callback):
-    """The test step's rows (split index, predicted x, y, true lat, lng) of every batch, gathered from every
-    process once the epoch ends (not in the steps): `xy` (moved onto land, as predict moves them) and their
-    `km` per test location in the split's order, the locations DistributedSampler repeats to even out the
-    processes' shares counted once."""
+    """The test step's rows (split index, predicted x, y, true lat, lng, class probabilities) of every batch,
+    gathered from every process once the epoch ends (not in the steps): `xy` (moved onto land, as predict moves
+    them) and their `km` per test location in the split's order, the locations DistributedSampler repeats to
+    even out the processes' shares counted once; `details`, the confidence regions at RELIABILITY_LEVELS with
+    the checkpoint's calibration and without parts of it (`src.evaluation.calibration.variant_details`)."""
 
     def __init__(self):
         self.rows: list[torch.Tensor] = []
         self.km = np.empty(0)
         self.xy = np.empty((0, 2))
+        self.member: Member | None = None  # the test rows' predictions with the checkpoint's calibration
+        self.details: dict[str, Details] = {}
 
     def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.rows = []
@@ -194,7 +198,10 @@ class TestCollector(pl.Callback):
             local = local.permute(1, 0, 2).flatten(1)
         local = local.cpu().numpy()
         _, first = np.unique(local[0].astype(np.int64), return_index=True)
-        self.xy, self.km = snapped_km(local[1:3].T[first], local[3][first], local[4][first])
+        rows = local[:, first]
+        self.xy, self.km = snapped_km(rows[1:3].T, rows[3], rows[4])
+        self.member = member(pl_module, rows[5:].T if len(rows) > 5 else None, rows[1:3].T)
+        self.details = variant_details([self.member], self.xy)
 
 
 def resume_command(argv: list[str], checkpoint: Path) -> str:

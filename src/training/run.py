@@ -28,12 +28,15 @@ from src.core import geo
 from src.core.errors import UserError
 from src.core.files import write_csv, write_text
 from src.core.paths import DEMO_DIR
+from src.data.cells import class_samples
 from src.data.config import CENTROID_PREFIX, LOCATIONS_FILE, DataConfig
 from src.data.datamodule import GeoDataModule
 from src.data.enrich import Enriched, enrich_data
 from src.data.locations import write_locations_csv
-from src.evaluation.plots import training_curves
-from src.inference.checkpoints import checkpoint_phase, read_data_config
+from src.evaluation.calibration import (DETAILS_COLUMNS, VAL_SPLIT, Details, Labelled, Member, Reliability,
+                                        cross_fitted, details_columns, variant_details)
+from src.evaluation.plots import reliability_figure, training_curves
+from src.inference.checkpoints import checkpoint_phase, read_data_config, write_calibration
 from src.model.backbones import backbone_spec, default_backbone
 from src.model.config import ClassTable, ModelConfig
 from src.model.finetune import FINE_TUNING, FreezeThenUnfreeze, phase_starts
@@ -43,6 +46,9 @@ from src.training.callbacks import (AtomicCheckpointIO, ConstantBaseline, EpochH
                                     QuietTensorBoardLogger, RandomStates, TestCollector)
 from src.training.config import CPU_DEFAULTS, DDP_TIMEOUT_MIN, DEMO_DEFAULTS, GPU_DEFAULTS, QUICK_DEFAULTS, RunConfig
 from src.training.output import quiet_callbacks, quiet_lightning
+
+
+RELIABILITY_FIGURE = "reliability.png"
 
 
 @rank_zero_only
@@ -185,18 +191,19 @@ def resumed_version(config: RunConfig) -> str | None:
 def build_class_table(enriched: Enriched, config: DataConfig, model: ModelConfig) -> ClassTable:
     """The classes a model predicts: cells, train counts and centroids per kind of the enriched data, the
     train prior and scaler; for the hybrid head each class's cell radius around its centroids (the unit of
-    its offsets)."""
+    its offsets); points over each class's cell for the confidence regions (not for regression)."""
     classes = enriched.classes
     train = enriched.locations[enriched.locations["split"] == "train"]
     radius = (class_radius_m(classes, enriched.grid.cells, model.centroids).tolist()
               if model.approach == "hybrid" else None)
+    samples = class_samples(classes, enriched.grid, seed=config.seed) if model.approach != "regression" else None
     return ClassTable(
         cell=[int(c) for c in classes["cell"]], n_train=[int(n) for n in classes["n_train"]],
         centroids={kind: classes[[f"{prefix}_x", f"{prefix}_y"]].to_numpy(float).tolist()
                    for kind, prefix in CENTROID_PREFIX.items()},
         scaler={k: float(v) for k, v in enriched.scaler.items()},
         prior_lat=float(train["latitude"].mean()), prior_lng=float(train["longitude"].mean()), radius=radius,
-        cells=config.cells, spacing=float(config.spacing), mainland_only=bool(config.mainland_only))
+        cells=config.cells, spacing=float(config.spacing), mainland_only=bool(config.mainland_only), samples=samples)
 
 
 def adapt_to_splits(config: RunConfig, has_val: bool) -> RunConfig:
@@ -317,6 +324,13 @@ class FitResult:
     baseline_km: np.ndarray  # the constant (train mean) prediction's km on the test rows
     checkpoint: Path
     metrics: dict[str, Any]
+    member: Member | None = None  # the test rows' predictions with the checkpoint's calibration
+    details: dict[str, Details] | None = None  # their confidence regions (variant_details)
+
+    def labelled(self) -> Labelled:
+        """The test rows' predictions as labelled data to calibrate another fold's model on."""
+        return Labelled.of(self.member, self.test["label"].to_numpy(), self.test_xy,
+                           self.test[["crs_x", "crs_y"]].to_numpy(float))
 
 
 def fit(config: RunConfig, interrupt: Interrupt, version: str | None = None, report: bool = True) -> FitResult | None:
@@ -399,6 +413,10 @@ def report_run(config: RunConfig, parts: RunParts, datamodule: GeoDataModule, cl
                "test": geo.summarize_km(test_km) if has_test else None,
                "test_constant_baseline": geo.summarize_km(baseline_km) if has_test else None,
                "feature_cache": datamodule.feature_cache_counts()}
+    details = parts.tests.details if has_test else None
+    reliability = Reliability.of([details], test_km) if details else None
+    if reliability is not None:
+        metrics["confidence"] = reliability.summary()
     write_text(json.dumps(metrics, indent=2) + "\n", Path(logger.log_dir) / "metrics.json")
     curves = training_curves(parts.history.rows, metrics["val_constant_baseline_km"],
                              Path(logger.log_dir) / "curves.png")
@@ -408,10 +426,22 @@ def report_run(config: RunConfig, parts: RunParts, datamodule: GeoDataModule, cl
         if rows:
             print(f"test split of {dirs}:")
             print(geo.km_table(rows, "model"))
+            if reliability is not None:
+                report_reliability(reliability, "the test split", Path(logger.log_dir))
         else:
             print(f"no test split: nothing to test ({dirs})")
         print(f"checkpoint: {best}")
-    return FitResult(test, test_km, test_xy, baseline_km, best, metrics)
+    return FitResult(test, test_km, test_xy, baseline_km, best, metrics, parts.tests.member if has_test else None,
+                     details)
+
+
+def report_reliability(reliability: Reliability, what: str, folder: Path) -> None:
+    """Print the share of true locations inside the 50% and 90% regions and draw reliability.png in `folder`."""
+    print(f"confidence regions on {what} ({reliability.count} locations, {reliability.describe_temperatures()}):")
+    print(reliability.table())
+    figure = reliability_figure(reliability.levels, reliability.inside, reliability.count,
+                                f"Confidence regions on {what}", folder / RELIABILITY_FIGURE)
+    say(f"reliability figure: {figure}")
 
 
 def cross_validate(config: RunConfig, interrupt: Interrupt) -> None:
@@ -419,7 +449,7 @@ def cross_validate(config: RunConfig, interrupt: Interrupt) -> None:
     version_N/oof.csv and their km against the constant baseline in version_N/oof_metrics.json."""
     trainer_config, n_folds = config.trainer, config.trainer.folds
     version = f"version_{TensorBoardLogger(trainer_config.out_dir, name=trainer_config.run_name).version}"
-    predictions, truths, baselines, checkpoints = [], [], [], []
+    predictions, truths, baselines, results = [], [], [], []
     for k in range(n_folds):
         say(f"fold {k + 1} of {n_folds}")
         fold = replace(config, data=config.data.with_fold(k, n_folds))
@@ -431,24 +461,49 @@ def cross_validate(config: RunConfig, interrupt: Interrupt) -> None:
                                          "latitude": np.atleast_1d(lat), "longitude": np.atleast_1d(lng)}))
         truths.append(result.test_km)
         baselines.append(result.baseline_km)
-        checkpoints.append(str(result.checkpoint))
+        results.append(result)
         say(f"fold {k + 1}: {len(result.test_km)} test locations, mean {result.test_km.mean():.1f} km "
             f"(constant {result.baseline_km.mean():.1f} km)")
     if not predictions:
         return
     folder = trainer_config.out_dir / trainer_config.run_name / version
-    oof = pd.concat(predictions, ignore_index=True).sort_values("uuid", ignore_index=True)
+    details = calibrate_out_of_fold(results)
+    oof = pd.concat(predictions, ignore_index=True)
+    # the out-of-fold predictions with their confidence regions, in --details' format
+    columns = [details_columns(d["calibrated"]) for d in details]  # the folds' test rows, as `predictions`
+    oof_details = oof.assign(**{column: [value for fold in columns for value in fold[column]]
+                                for column in DETAILS_COLUMNS[3:]})
+    oof = oof.sort_values("uuid", ignore_index=True)
     write_csv(oof, folder / "oof.csv", float_format="%.7f")
+    write_csv(oof_details.sort_values("uuid", ignore_index=True), folder / "oof_details.csv", float_format="%.7f")
     km, baseline = np.concatenate(truths), np.concatenate(baselines)
     rows = [(f"{config.model.approach} ({config.model.backbone}), out of fold", geo.summarize_km(km)),
             ("constant (each fold's train mean)", geo.summarize_km(baseline))]
-    metrics = {"folds": n_folds, "checkpoints": checkpoints, "oof": geo.summarize_km(km),
-               "oof_constant_baseline": geo.summarize_km(baseline)}
+    reliability = Reliability.of(details, km)
+    metrics = {"folds": n_folds, "checkpoints": [str(result.checkpoint) for result in results],
+               "oof": geo.summarize_km(km),
+               "oof_constant_baseline": geo.summarize_km(baseline), "confidence": reliability.summary()}
     write_text(json.dumps(metrics, indent=2) + "\n", folder / "oof_metrics.json")
     print(f"{n_folds}-fold cross-validation of {', '.join(config.data.dataset_dirs)} "
           f"({len(oof)} locations, each predicted by the run that did not train on it):")
     print(geo.km_table(rows, "model"))
+    report_reliability(reliability, "out-of-fold predictions", folder)
     print(f"out-of-fold predictions: {folder / 'oof.csv'}")
+
+
+def calibrate_out_of_fold(results: list[FitResult]) -> list[dict[str, Details]]:
+    """Each fold's calibration refitted on the out-of-fold predictions of the other folds
+    (`src.evaluation.calibration.cross_fitted`: a val split of a few locations is too few to fit it), written
+    into the fold's best checkpoint; the confidence regions of each fold's test rows with it and, for the
+    reliability check, with its own val split's."""
+    calibrations = cross_fitted([result.member.calibration for result in results],
+                                [result.labelled() for result in results])
+    details = []
+    for result, calibration in zip(results, calibrations):
+        write_calibration(result.checkpoint, calibration)
+        found = variant_details([replace(result.member, calibration=calibration)], result.test_xy)
+        details.append({"calibrated": found.pop("calibrated"), VAL_SPLIT: result.details["calibrated"], **found})
+    return details
 
 
 def train(config: RunConfig, interrupt: Interrupt) -> None:

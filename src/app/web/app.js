@@ -3,6 +3,7 @@
 
 const VIEWS = ["0", "90", "180", "270"];
 const PX_PER_DEGREE = 140, PAD = 10;  // the map's viewBox is Croatia's extent at this scale, so it fills its panel
+const KM_PER_DEGREE = 6371.0088 * Math.PI / 180;  // a degree of latitude; the map is true to scale in its middle
 // cell probability colours (ColorBrewer YlOrRd), pale = unlikely, dark red = likely
 const COLOURS = ["#ffeda0", "#fed976", "#feb24c", "#fd8d3c", "#fc4e2a", "#e31a1c", "#bd0026", "#800026"];
 const files = {};          // view -> Blob chosen, dropped or taken from an example
@@ -153,9 +154,29 @@ function drawTable(top) {
 }
 
 function clearAnswer() {
-  $("cells").replaceChildren(); $("points").replaceChildren();
+  $("cells").replaceChildren(); $("regions").replaceChildren(); $("points").replaceChildren();
   $("top-cells").replaceChildren(); $("top-cells").hidden = true; $("scale-box").hidden = true;
-  $("details").replaceChildren();
+  $("details").replaceChildren(); $("confidence").textContent = "";
+}
+
+const kmText = (km) => (km < 10 ? km.toFixed(1) : String(Math.round(km)));
+
+// The discs around the prediction that hold 90% and 50% of the predicted probability, and the sentence.
+function drawConfidence(answer) {
+  if (answer.radius90_km == null || answer.radius50_km == null) {
+    $("confidence").textContent = "no confidence region: " + (answer.note || "this model has none");
+    return;
+  }
+  $("confidence").textContent = `90% sure it is within ${kmText(answer.radius90_km)} km, ` +
+    `50% within ${kmText(answer.radius50_km)} km` + (answer.calibrated ? "" : " (uncalibrated)");
+  if (!project) return;
+  const [cx, cy] = project([answer.longitude, answer.latitude]);
+  for (const [level, km] of [[90, answer.radius90_km], [50, answer.radius50_km]]) {
+    const circle = svg("circle", { cx, cy, r: km * PX_PER_DEGREE / KM_PER_DEGREE, class: "region region" + level,
+                                   id: "region-" + level });
+    circle.appendChild(svg("title", {})).textContent = `${level}% region: within ${kmText(km)} km`;
+    $("regions").appendChild(circle);
+  }
 }
 
 function drawAnswer(answer) {
@@ -176,10 +197,12 @@ function drawAnswer(answer) {
   coords.dataset.lat = answer.latitude;
   coords.dataset.lng = answer.longitude;
   coords.textContent = `${answer.latitude.toFixed(5)}° N, ${answer.longitude.toFixed(5)}° E`;
+  drawConfidence(answer);
   const lines = [`model ${answer.model} (${answer.engine}), ${answer.milliseconds} ms`];
   if (truth) lines.push(`true location ${truth.latitude.toFixed(5)}° N, ${truth.longitude.toFixed(5)}° E ` +
                         `(${haversineKm(truth, answer).toFixed(1)} km off; green dot)`);
   if (!top.length) lines.push("a regression model: one point, no cell probabilities");
+  if (answer.note) lines.push(answer.note);
   for (const s of answer.substituted_views) lines.push(`view ${s.view}° ${s.reason}: used the ${s.used}° photo`);
   $("details").replaceChildren(...lines.map((text) => Object.assign(document.createElement("div"), { textContent: text })));
 }
