@@ -22,9 +22,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from src.core.choices import CENTROID_KINDS, ENGINES, PREDICT_RULES
+from src.core.choices import CENTROID_KINDS, ENGINES, PREDICT_RULES, REFINE_METHODS
 from src.core.errors import run_cli
-from src.core.flags import Rule, at_least, check_ranges
+from src.core.flags import REFINE_RULES, Rule, at_least, check_ranges
 from src.core.paths import REPORTS_DIR
 
 if TYPE_CHECKING:
@@ -48,6 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--predict-rule", choices=PREDICT_RULES, default=None,
                         help="class probabilities -> point: probability-weighted mean, geometric median (minimises "
                              "the expected km) or mode (the most likely class) (default: as trained)")
+    parser.add_argument("--refine", choices=REFINE_METHODS, default=None,
+                        help="knn: the point from the k nearest locations of the checkpoint's gallery (embedding "
+                             "cosine similarity) within its most likely classes; none: the head's point "
+                             "(default: as trained)")
+    parser.add_argument("--refine-k", type=int, default=None,
+                        help="--refine knn: gallery neighbours whose geometric median is the point (default: as trained)")
+    parser.add_argument("--refine-gate", type=float, default=None, metavar="P",
+                        help="--refine knn: search the most likely classes up to a cumulative probability of P; 1 "
+                             "for the whole gallery (default: as trained)")
     parser.add_argument("--tta", action="store_true",
                         help="also predict the mirrored quadruplet (views flipped, 90/270 swapped) and average")
     parser.add_argument("--batch-size", type=int, default=32, help="locations per batch (default: 32)")
@@ -75,11 +84,12 @@ def main(argv: list[str] | None = None) -> "pd.DataFrame":
     from src.inference.engine import engine_model, resolve_engine
     from src.inference.predictor import (check_device, ensemble_prior, locations_from_checkpoint,
                                          locations_from_images, predict_locations)
+    from src.inference.retrieval import refinement
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     check_ranges(args, [Rule("batch_size", at_least(1), "a number of locations >= 1 (e.g. 32)"),
                         Rule("num_workers", at_least(0), "0 (decode in the main process) or more"),
-                        Rule("topk", at_least(0), "0 (all classes) or a number of classes >= 1")])
+                        Rule("topk", at_least(0), "0 (all classes) or a number of classes >= 1"), *REFINE_RULES])
     check_device(args.device)
     engine = resolve_engine(args.engine, args.device)
     stdout = sys.stdout
@@ -89,14 +99,15 @@ def main(argv: list[str] | None = None) -> "pd.DataFrame":
         models = []
         for path in checkpoints:
             model = load_model(path, args.device, reports_dir=args.reports_dir,
-                               centroids=args.centroids, topk=args.topk, predict_rule=args.predict_rule)
+                               centroids=args.centroids, topk=args.topk, predict_rule=args.predict_rule,
+                               refine=args.refine, refine_k=args.refine_k, refine_gate=args.refine_gate)
             models.append(engine_model(model, path, engine))
             hp = models[-1].hparams
             how = (f", {hp.get('fusion', 'concat')} fusion, rule {hp.get('predict_rule', 'mean')} over "
                    f"{hp.get('centroids')} centroids, top-{hp.get('topk') or 'all'}"
                    if hp.get("approach") != "regression" else "")
-            print(f"checkpoint {path}: {hp.get('approach')} {hp.get('backbone')} {hp.get('image_size')} px{how}, "
-                  f"engine {engine}", file=sys.stderr)
+            print(f"checkpoint {path}: {hp.get('approach')} {hp.get('backbone')} {hp.get('image_size')} px{how}"
+                  f"{refinement(models[-1])}, engine {engine}", file=sys.stderr)
         if args.images is not None:
             locations = locations_from_images(args.images)
             source = f"--images {args.images}"

@@ -150,8 +150,11 @@ def load_model(path: str | Path, device: str = "cpu", flag: str = "--checkpoint"
     checkpoints under `reports_dir` (default: reports/, for commands without --reports-dir).
 
     `overrides` replace model config values that only change how outputs become coordinates (`centroids`,
-    `topk`, `predict_rule`); None values are ignored. Every checkpoint src.train has written loads here.
+    `topk`, `predict_rule`, `refine`, `refine_k`, `refine_gate`); None values are ignored. The checkpoint's
+    retrieval gallery, when it has one, is loaded as `model.gallery`; `refine` knn without one is a one-line
+    UserError. Every checkpoint src.train has written loads here.
     """
+    from src.inference.retrieval import checkpoint_gallery  # noqa: PLC0415
     from src.model.config import configs_from_hparams  # noqa: PLC0415 (Lightning: only where a model is built)
     from src.model.geomodel import GeoModel  # noqa: PLC0415
 
@@ -167,4 +170,5 @@ def load_model(path: str | Path, device: str = "cpu", flag: str = "--checkpoint"
     except Exception as error:  # a state dict that does not fit the hparams (edited or foreign weights)
         raise UserError(f"{flag} {path}: not a loadable GeoModel checkpoint ({brief(error)}); "
                         "pass a .ckpt written by src.train") from None
+    model.gallery = checkpoint_gallery(checkpoint, model_config.refine, flag, path)
     return model.to(device).eval()

@@ -18,6 +18,8 @@ from tqdm import tqdm
 
 from src.data.quadruplets import QuadrupletFolders, collate_quadruplets, input_spec, mirror_views, spec_transforms
 from src.inference.checkpoints import read_test_locations
+from src.inference.engine import infer
+from src.inference.retrieval import refine
 from src.core.errors import UserError
 from src.core.geo import project, snap_to_land, unproject
 from src.data.ingest import find_image_root, list_location_dirs
@@ -79,13 +81,19 @@ class ViewIssues:
         return lines
 
 
+def located(model, views: torch.Tensor) -> np.ndarray:
+    """EPSG:3766 x/y [B, 2] of one model (torch or ONNX Runtime), refined by its gallery with `--refine knn`."""
+    probabilities, xy, embedding = infer(model, views)
+    return refine(model, xy, embedding, probabilities)
+
+
 @torch.no_grad()
 def member_xy(model, views: torch.Tensor, tta: bool = False) -> torch.Tensor:
     """EPSG:3766 x/y [B, 2] of one model; with `tta` the mean over the quadruplet and its mirror."""
-    xy = model.locate(views)
+    xy = located(model, views)
     if tta:
-        xy = (xy + model.locate(mirror_views(views))) / 2
-    return xy.double()
+        xy = (xy + located(model, mirror_views(views))) / 2
+    return torch.from_numpy(np.asarray(xy, dtype=np.float64))
 
 
 def ensemble_prior(models) -> tuple[float, float]:
