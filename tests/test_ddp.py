@@ -50,6 +50,11 @@ def test_two_processes_match_one_process(small_demo, tmp_path):
     assert checkpoint.is_file() and checkpoint.parent == tmp_path / "two" / "ddp" / "version_0" / "checkpoints"
     # train + val entries, once each
     assert len(list((tmp_path / "two" / "cache").glob("*/*.pt"))) == len(locations) - test_count
+    # --refine knn (the default): every process builds the gallery (its test refines by it), rank 0 says so and
+    # writes it into the best checkpoint
+    assert two.stderr.count("refine: a gallery of") == 1
+    gallery = torch.load(checkpoint, map_location="cpu", weights_only=False)["gallery"]
+    assert sorted(gallery["uuids"]) == sorted(locations[locations.split != "test"].uuid)
     metrics = {name: json.loads((tmp_path / name / "ddp" / "version_0" / "metrics.json").read_text())
                for name in ("one", "two")}
     # every test location exactly once, not the padded 10
