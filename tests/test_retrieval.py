@@ -66,19 +66,19 @@ def test_refined_point_is_the_weighted_geometric_median_of_the_neighbours():
                       ["p", "q", "r"])
     far_away = np.array([[9e5, 9e5]])
     point = refine_points(gallery, far_away, QUERY, np.array([[1.0]]), k=3, gate=1.0, weighting="uniform")
-    np.testing.assert_allclose(point, [[1000, 0]], atol=0.01)
+    np.testing.assert_allclose(point, [[1000, 0]], atol=1.0)  # Weiszfeld stops within a metre
     # inverse cosine distances 1 / (1 - cos): the weighted median on a line is where half the weight is reached
     weights = 1 / (1 - np.cos(np.radians([5, 20, 40])))
     np.testing.assert_allclose(neighbour_weights(np.cos(np.radians([5, 20, 40]))[None], np.ones((1, 3), bool),
                                                  "inverse")[0], weights, rtol=1e-5)
     point = refine_points(gallery, far_away, unit([5]), None, k=3, gate=1.0, weighting="inverse")
     assert weights[0] > weights[1:].sum()  # p outweighs the others: the median sits on p
-    np.testing.assert_allclose(point, [[0, 0]], atol=0.01)
+    np.testing.assert_allclose(point, [[0, 0]], atol=1.0)
     # four neighbours symmetric about (2000, 3000), equally similar in pairs: the median is the centre
     square = Gallery(unit([10, -10, 30, -30]), np.array([[1000, 3000], [3000, 3000], [2000, 2000], [2000, 4000]]),
                      np.zeros(4, int), list("wxyz"))
     point = refine_points(square, far_away, QUERY, None, k=4, gate=1.0, weighting="inverse")
-    np.testing.assert_allclose(point, [[2000, 3000]], atol=0.01)
+    np.testing.assert_allclose(point, [[2000, 3000]], atol=1.0)
 
 
 def test_a_location_without_candidates_keeps_its_point(gallery):
@@ -93,8 +93,10 @@ def test_refine_follows_the_hparams_and_the_state_round_trips(gallery):
 
     model = Model()
     model.gallery = Gallery.from_state(gallery.state())  # float16 embeddings, exact points and uuids
-    assert model.gallery.uuids == UUIDS and model.gallery.state()["embeddings"].dtype == torch.float16
-    np.testing.assert_array_equal(model.gallery.xy, gallery.xy)
+    # the rows in class order (stable): a, b, e of class 0, then c, d, then f
+    assert model.gallery.uuids == gallery.uuids == ["a", "b", "e", "c", "d", "f"]
+    assert model.gallery.state()["embeddings"].dtype == torch.float16
+    np.testing.assert_array_equal(model.gallery.xy, np.array(XY, float)[[0, 1, 4, 2, 3, 5]])
     xy = np.array([[50.0, 50.0]])
     np.testing.assert_allclose(refine(model, xy, QUERY, PROBABILITIES), [[0, 0]], atol=1e-6)
     model.hparams = {**model.hparams, "refine": "none"}

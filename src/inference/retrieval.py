@@ -25,13 +25,15 @@ from src.model.heads import geometric_median_xy
 
 GALLERY_KEY = "gallery"  # the checkpoint entry holding `Gallery.state()`
 DEFAULT_WEIGHTING = "inverse"
+MEDIAN_TOLERANCE_M = 1.0  # Weiszfeld's steps stop when no point moves more (errors here are kilometres)
 NEAR_COPY = 1e-3  # cosine distance below which gallery locations count as copies of the query (equal weights)
 
 
 @dataclass(repr=False)
 class Gallery:
     """Embeddings [N, D] (float32 in memory, rows of unit length), EPSG:3766 x/y [N, 2] (metres), class index
-    [N] and uuid of each gallery location."""
+    [N] and uuid of each gallery location. The rows are kept in class order (a stable sort of the given rows), so
+    a class's embeddings are one contiguous block that the search multiplies without copying."""
 
     embeddings: np.ndarray
     xy: np.ndarray
@@ -39,18 +41,17 @@ class Gallery:
     uuids: list[str]
 
     def __post_init__(self):
-        self.embeddings = np.ascontiguousarray(self.embeddings, dtype=np.float32)
-        self.xy = np.asarray(self.xy, dtype=np.float64).reshape(-1, 2)
-        self.labels = np.asarray(self.labels, dtype=np.int64)
-        self.uuids = [str(u) for u in self.uuids]
-        if not len(self.embeddings) == len(self.xy) == len(self.labels) == len(self.uuids):
+        labels = np.asarray(self.labels, dtype=np.int64)
+        if not len(self.embeddings) == len(self.xy) == len(labels) == len(self.uuids):
             raise ValueError("a gallery needs one embedding, point, class and uuid per location")
-        # the rows of each class, contiguous in `by_class` (a stable sort keeps row order within a class)
-        self.by_class = np.argsort(self.labels, kind="stable")
-        sorted_labels = self.labels[self.by_class]
+        order = np.argsort(labels, kind="stable")
+        self.labels = labels[order]
+        self.embeddings = np.ascontiguousarray(np.asarray(self.embeddings, dtype=np.float32)[order])
+        self.xy = np.asarray(self.xy, dtype=np.float64).reshape(-1, 2)[order]
+        self.uuids = [str(self.uuids[i]) for i in order]
         n_classes = int(self.labels.max()) + 1 if len(self.labels) else 0
-        self.class_start = np.searchsorted(sorted_labels, np.arange(n_classes), side="left")
-        self.class_end = np.searchsorted(sorted_labels, np.arange(n_classes), side="right")
+        self.class_start = np.searchsorted(self.labels, np.arange(n_classes), side="left")
+        self.class_end = np.searchsorted(self.labels, np.arange(n_classes), side="right")
 
     def __len__(self) -> int:
         return len(self.uuids)
@@ -71,11 +72,11 @@ class Gallery:
                    np.asarray(state["labels"]), list(state["uuids"]))
 
     # ---- search ---------------------------------------------------------------------------------------------
-    def rows_of(self, classes: np.ndarray) -> np.ndarray:
-        """The gallery rows whose class is among `classes`."""
+    def spans_of(self, classes: np.ndarray) -> list[tuple[int, int]]:
+        """The (start, end) row ranges of `classes` (those with gallery locations)."""
         classes = classes[classes < len(self.class_start)]
-        spans = [self.by_class[self.class_start[c]:self.class_end[c]] for c in classes]
-        return np.concatenate(spans) if spans else np.empty(0, np.int64)
+        return [(int(self.class_start[c]), int(self.class_end[c])) for c in classes
+                if self.class_end[c] > self.class_start[c]]
 
     def neighbours(self, embeddings: np.ndarray, k: int, probabilities: np.ndarray | None = None,
                    gate: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
@@ -85,12 +86,12 @@ class Gallery:
         embeddings = np.asarray(embeddings, dtype=np.float32)
         rows = np.full((len(embeddings), k), -1, np.int64)
         similarity = np.full((len(embeddings), k), -np.inf, np.float32)
-        everything = np.arange(len(self))
         for i, query in enumerate(embeddings):
-            candidates = everything if probabilities is None else self.rows_of(gated_classes(probabilities[i], gate))
-            if len(candidates) == 0:
+            spans = [(0, len(self))] if probabilities is None else self.spans_of(gated_classes(probabilities[i], gate))
+            if not spans:
                 continue
-            scores = self.embeddings[candidates] @ query
+            candidates = np.concatenate([np.arange(start, end) for start, end in spans])
+            scores = np.concatenate([self.embeddings[start:end] @ query for start, end in spans])
             n = min(k, len(candidates))
             top = np.argpartition(-scores, n - 1)[:n] if n < len(candidates) else np.arange(n)
             top = top[np.lexsort((candidates[top], -scores[top]))]  # nearest first; ties: the lower row
@@ -135,7 +136,8 @@ def refine_points(gallery: Gallery, xy: np.ndarray, embeddings: np.ndarray, prob
     rows, found = rows[has], found[has]
     weights = neighbour_weights(similarity[has], found, weighting)
     points = gallery.xy[np.where(found, rows, rows[:, :1])]  # [b, k, 2]; missing rows repeat the nearest (weight 0)
-    refined[has] = geometric_median_xy(torch.from_numpy(weights), torch.from_numpy(points)).numpy()
+    median = geometric_median_xy(torch.from_numpy(weights), torch.from_numpy(points), tol_m=MEDIAN_TOLERANCE_M)
+    refined[has] = median.numpy()
     return refined
 
 
