@@ -2,6 +2,7 @@
 
 import contextlib
 import io
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -180,7 +181,7 @@ def test_a_checkpoint_written_before_the_redesign_predicts_analyzes_and_resumes(
     assert resumed["epoch"] == 2 and resumed["datamodule_hyper_parameters"]["data"]["dataset_dirs"] == [str(demo.resolve())]
 
 
-def test_the_best_checkpoint_holds_the_gallery_of_its_train_and_val_locations(trained):
+def test_the_best_checkpoint_holds_the_gallery_of_its_train_and_val_locations(trained, caplog):
     """--refine knn (the default): the best checkpoint carries the fused embeddings (here the mean of the four view
     features, normalised) of the run's train and val locations with their points, classes and uuids."""
     _, best = trained
@@ -202,9 +203,13 @@ def test_the_best_checkpoint_holds_the_gallery_of_its_train_and_val_locations(tr
     assert read_checkpoint(best)["gallery"]["embeddings"].dtype == torch.float16
     tuned = load_model(best, refine_k=3, refine_gate=0.4)
     assert (tuned.hparams.refine_k, tuned.hparams.refine_gate) == (3, 0.4) and len(tuned.gallery) == len(gallery)
-    # last.ckpt (a run with a val split) has no gallery: knn is a one-line error, none loads it
+    # last.ckpt (a run with a val split) has no gallery: asking for knn is a one-line error; as trained it loads
+    # with the head's points, and says so
     last = best.parent / "last.ckpt"
     with pytest.raises(UserError, match=r"holds no gallery for --refine knn") as error:
-        load_model(last)
+        load_model(last, refine="knn")
     assert "\n" not in str(error.value) and str(error.value).startswith(f"--checkpoint {last}: ")
-    assert load_model(last, refine="none").gallery is None
+    with caplog.at_level(logging.WARNING):
+        as_trained = load_model(last)
+    assert as_trained.gallery is None and as_trained.hparams.refine == "none"
+    assert f"{last}: trained with --refine knn but holds no gallery" in caplog.text

@@ -136,10 +136,11 @@ def test_row_for_every_folder_with_corrupt_and_missing_views(checkpoints, damage
         names[0]: [0, 180, 180, 270], names[1]: [90, 90, 180, 270], names[2]: [0, 90, 180, 0],
         names[4]: [0, 90, 180, 270],
     }
-    # (ONNX Runtime, the default engine, against torch: within 1e-5 degrees, about 1 m: the refinement's inverse
-    # distance weights magnify the engines' 1e-6 differences of embeddings near a gallery copy of the location)
+    # (ONNX Runtime, the default engine, against torch: within 5e-5 degrees, a few metres: the refinement's inverse
+    # distance weights magnify the engines' 1e-6 differences of the embedding, and its geometric median stops
+    # within a metre)
     for uuid, views in expected.items():
-        assert got.loc[uuid].tolist() == pytest.approx(to_latlng(reference_xy(model, root / uuid, views)), abs=1e-5)
+        assert got.loc[uuid].tolist() == pytest.approx(to_latlng(reference_xy(model, root / uuid, views)), abs=5e-5)
     for text in (f"{names[0]} 90.jpg: truncated JPEG", f"{names[1]} 0.jpg: missing -> used 90.jpg",
                  f"{names[2]} 270.jpg: not a readable image", "1 location(s) have no readable view", names[3]):
         assert text in run.stderr
