@@ -4,19 +4,26 @@
     python -m benchmarks.accuracy_levers [--dataset-dir ../shared/data/lumen_external_subset] [--folds 5]
 
 Every configuration trains K runs with the same seeded folds, so each location is predicted once by a run
-that never saw it; the table gives the out-of-fold mean and median km, and the constant baseline (each
-fold's train-mean location). The last line is the best configuration's mean km against the constant's.
+that never saw it; the table gives the out-of-fold mean and median km, the share within 25 km, the standard
+error of the mean, and the constant baseline (each fold's train-mean location). The levers are measured on top
+of the head before the levers; the `defaults --refine` rows on top of src.train's defaults. The last line is
+the best configuration's mean km against the constant's.
 """
 
 import argparse
 import json
+import math
 import shlex
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 from tabulate import tabulate
+
+from src.core import geo
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATASET = ROOT.parent / "shared" / "data" / "lumen_external_subset"
@@ -38,6 +45,11 @@ LEVERS = [
     ("--backbone efficientnet_lite2", ["--backbone", "efficientnet_lite2"]),
     ("--spacing 0.7", ["--spacing", "0.7"]),
 ]
+# on top of src.train's defaults: the retrieval refinement against the head's own point
+ON_DEFAULTS = [
+    ("defaults --refine none", ["--refine", "none"]),
+    ("defaults --refine knn", ["--refine", "knn"]),
+]
 
 
 def run(dataset: Path, out: Path, name: str, flags: list[str], folds: int, seed: int) -> dict:
@@ -53,7 +65,13 @@ def run(dataset: Path, out: Path, name: str, flags: list[str], folds: int, seed:
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"{name}: src.train failed:\n{result.stderr[-3000:]}")
-    return json.loads((out / run_name / "version_0" / "oof_metrics.json").read_text())
+    folder = out / run_name / "version_0"
+    metrics = json.loads((folder / "oof_metrics.json").read_text())
+    oof = pd.read_csv(folder / "oof.csv", dtype={"uuid": str}).set_index("uuid")
+    truth = pd.read_csv(folder / "fold_0" / "locations.csv", dtype={"uuid": str}).set_index("uuid").loc[oof.index]
+    km = geo.haversine_km(oof.latitude, oof.longitude, truth.latitude, truth.longitude)
+    metrics["oof"]["se_km"] = float(np.std(km, ddof=1) / math.sqrt(len(km)))
+    return metrics
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -71,6 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out-dir", type=Path, default=None, help="where the runs go (default: a temporary dir)")
     args = parser.parse_args(argv)
     levers = [(n, None if f is None else BEFORE + f) for n, f in LEVERS if args.levers is None or n in args.levers]
+    levers += [(n, f) for n, f in ON_DEFAULTS if args.levers is None or n in args.levers]
     levers += [(flags, shlex.split(flags)) for flags in args.combination]
     common = shlex.split(args.train_flags)
     levers = [(name, None if flags is None and not common else common + (flags or [])) for name, flags in levers]
@@ -83,13 +102,15 @@ def main(argv: list[str] | None = None) -> None:
             rows.append((name, metrics["oof"]))
             print(f"{name}: out-of-fold mean {metrics['oof']['mean_km']:.1f} km, median "
                   f"{metrics['oof']['median_km']:.1f} km", file=sys.stderr, flush=True)
-    table = [["constant (train mean)", constant["count"], f"{constant['mean_km']:.1f}", f"{constant['median_km']:.1f}", ""]]
+    table = [["constant (train mean)", constant["count"], f"{constant['mean_km']:.1f}", f"{constant['median_km']:.1f}",
+              f"{100 * constant['within_25km']:.0f}%", "", ""]]
     for name, oof in rows:
         table.append([name, oof["count"], f"{oof['mean_km']:.1f}", f"{oof['median_km']:.1f}",
+                      f"{100 * oof['within_25km']:.0f}%", f"{oof['se_km']:.1f}",
                       f"{100 * (oof['mean_km'] / constant['mean_km'] - 1):+.1f}%"])
     print(f"{args.folds}-fold cross-validation on {args.dataset_dir}:")
-    print(tabulate(table, headers=["configuration", "n", "oof mean km", "oof median km", "mean vs constant"],
-                   tablefmt="github", disable_numparse=True))
+    print(tabulate(table, headers=["configuration", "n", "oof mean km", "oof median km", "<= 25 km", "se of mean",
+                                   "mean vs constant"], tablefmt="github", disable_numparse=True))
     best_name, best = min(rows, key=lambda row: row[1]["mean_km"])
     print(f"best: {best_name}: {best['mean_km']:.1f} km vs constant {constant['mean_km']:.1f} km: "
           f"ratio {constant['mean_km'] / best['mean_km']:.2f}x")

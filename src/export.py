@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     if args.out.is_dir():
         raise UserError(f"--out {args.out}: is a directory; give a file name such as model.onnx")
-    model = load_model(args.checkpoint, "cpu")
+    model = load_model(args.checkpoint, "cpu", refine="none")  # the refinement runs after the graph
     views, source = check_inputs(args.checkpoint, model, args.check_images)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=args.out.parent):  # an unwritable --out fails here, in one line

@@ -27,9 +27,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from src.core.choices import CENTROID_KINDS, ENGINES, PREDICT_RULES
+from src.core.choices import CENTROID_KINDS, ENGINES, PREDICT_RULES, REFINE_METHODS
 from src.core.errors import run_cli
-from src.core.flags import Rule, at_least, check_ranges
+from src.core.flags import REFINE_RULES, Rule, at_least, check_ranges
 from src.core.paths import REPORTS_DIR, default_feature_cache_dir
 
 if TYPE_CHECKING:
@@ -53,6 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--predict-rule", choices=PREDICT_RULES, default=None,
                         help="class probabilities -> point: probability-weighted mean, geometric median (minimises "
                              "the expected km) or mode (the most likely class) (default: as trained)")
+    parser.add_argument("--refine", choices=REFINE_METHODS, default=None,
+                        help="knn: the point from the k nearest locations of the checkpoint's gallery (embedding "
+                             "cosine similarity) within its most likely classes; none: the head's point "
+                             "(default: as trained)")
+    parser.add_argument("--refine-k", type=int, default=None,
+                        help="--refine knn: gallery neighbours whose geometric median is the point (default: as trained)")
+    parser.add_argument("--refine-gate", type=float, default=None, metavar="P",
+                        help="--refine knn: search the most likely classes up to a cumulative probability of P; 1 "
+                             "for the whole gallery (default: as trained)")
     parser.add_argument("--tta", action="store_true",
                         help="also predict the mirrored quadruplet (views flipped, 90/270 swapped) and average")
     parser.add_argument("--batch-size", type=int, default=32, help="locations per batch (default: 32)")
@@ -93,12 +102,13 @@ def main(argv: list[str] | None = None) -> "pd.DataFrame":
     from src.inference.engine import engine_model, resolve_engine
     from src.inference.predictor import (cached_backbone, check_device, ensemble_prior, locations_from_checkpoint,
                                          locations_from_images, predict_locations)
+    from src.inference.retrieval import refinement
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     check_ranges(args, [Rule("batch_size", at_least(1), "a number of locations >= 1 (e.g. 32)"),
                         Rule("num_workers", at_least(0), "0 (decode in the main process) or more"),
                         Rule("topk", at_least(0), "0 (all classes) or a number of classes >= 1"),
-                        Rule("details_top", at_least(1), "a number of cells >= 1 (e.g. 5)")])
+                        Rule("details_top", at_least(1), "a number of cells >= 1 (e.g. 5)"), *REFINE_RULES])
     check_device(args.device)
     engine = resolve_engine(args.engine, args.device)
     stdout = sys.stdout
@@ -108,7 +118,8 @@ def main(argv: list[str] | None = None) -> "pd.DataFrame":
         models, caches = [], []
         for path in checkpoints:
             model = load_model(path, args.device, reports_dir=args.reports_dir,
-                               centroids=args.centroids, topk=args.topk, predict_rule=args.predict_rule)
+                               centroids=args.centroids, topk=args.topk, predict_rule=args.predict_rule,
+                               refine=args.refine, refine_k=args.refine_k, refine_gate=args.refine_gate)
             trained = backbone_trained(path)
             # TTA mirrors the views: the cache holds the features of the unmirrored ones
             cache = (cached_backbone(model, args.cache_dir or default_feature_cache_dir(), engine)
@@ -122,7 +133,7 @@ def main(argv: list[str] | None = None) -> "pd.DataFrame":
             backbone = "fine-tuned" if trained else "frozen"
             features = f", backbone features from the feature cache {cache.cache.directory}" if cache else ""
             print(f"checkpoint {path}: {hp.get('approach')} {hp.get('backbone')} ({backbone}) {hp.get('image_size')} px"
-                  f"{how}, engine {engine}{features}", file=sys.stderr)
+                  f"{how}{refinement(models[-1])}, engine {engine}{features}", file=sys.stderr)
             if args.details is not None and not model.calibration.calibrated:
                 print(f"warning: --details: {path} {UNCALIBRATED_NOTE}", file=sys.stderr)
         if args.images is not None:

@@ -24,7 +24,8 @@ import sys
 from pathlib import Path
 
 from src.core.errors import UserError, run_cli
-from src.core.flags import Rule, at_least, check_ranges, non_negative_finite, positive_finite
+from src.core.choices import REFINE_METHODS
+from src.core.flags import REFINE_RULES, Rule, at_least, check_ranges, non_negative_finite, positive_finite
 
 # the library (torch, ONNX Runtime, geopandas) is imported in main(), after parsing: --help and flag errors are fast
 
@@ -66,6 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds a client has to send an upload's body; slower uploads get 408 and are "
                              "disconnected (default: 60.0)")
     parser.add_argument("--top", type=int, default=5, help="most likely cells in each answer (default: 5)")
+    parser.add_argument("--refine", choices=REFINE_METHODS, default=None,
+                        help="knn: the point from the k nearest locations of the checkpoint's gallery within its most "
+                             "likely classes; none: the head's point (default: as trained)")
+    parser.add_argument("--refine-k", type=int, default=None,
+                        help="--refine knn: gallery neighbours whose geometric median is the point (default: as trained)")
+    parser.add_argument("--refine-gate", type=float, default=None, metavar="P",
+                        help="--refine knn: search the most likely classes up to a cumulative probability of P; 1 "
+                             "for the whole gallery (default: as trained)")
     parser.add_argument("--engine", default="auto", metavar="{auto,torch,onnx}",
                         help="torch or ONNX Runtime; auto: onnx on the CPU, torch on a GPU (default: auto)")
     parser.add_argument("--threads", type=int, default=0,
@@ -87,7 +96,7 @@ RULES = [Rule("port", lambda v: 0 <= v <= 65535, "a TCP port from 0 to 65535"),
          Rule("header_timeout", positive_finite, "more than 0 seconds"),
          Rule("body_timeout", positive_finite, "more than 0 seconds"),
          Rule("top", at_least(0), "0 or more cells"), Rule("threads", at_least(0), "0 (all cores) or more"),
-         Rule("shutdown_timeout", non_negative_finite, "0 or more seconds")]
+         Rule("shutdown_timeout", non_negative_finite, "0 or more seconds"), *REFINE_RULES]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -122,7 +131,8 @@ def main(argv: list[str] | None = None) -> None:
     if not args.checkpoint:  # which run is served when none was named: the first line
         print(f"checkpoint {checkpoints[0]} (the newest run under {reports_dir}; choose another with --checkpoint)",
               file=sys.stderr, flush=True)
-    served = load_models(checkpoints, engine, args.device, args.threads or None, reports_dir)  # says "model NAME: ..."
+    refine = {"refine": args.refine, "refine_k": args.refine_k, "refine_gate": args.refine_gate}
+    served = load_models(checkpoints, engine, args.device, args.threads or None, reports_dir, refine)  # "model NAME: ..."
     limits = Limits(args.max_upload_mb, int(args.max_megapixels * 1e6), args.body_timeout)
     access = Access(args.token, host_names(args.host, args.allowed_hosts), frozenset(args.cors_origin or []))
     app = build_app(served, args.max_batch, args.batch_wait_ms, args.top, demo_examples(), limits, access)

@@ -21,12 +21,13 @@ import sys
 from pathlib import Path
 
 from src.core.errors import UserError, run_cli
-from src.core.flags import Rule, at_least, check_ranges, non_negative_finite, positive_finite
+from src.core.flags import REFINE_RULES, Rule, at_least, check_ranges, non_negative_finite, positive_finite
 from src.core.paths import default_feature_cache_dir
 from src.data.config import AUGMENT_CHOICES, LoaderConfig, add_data_arguments, add_locations_argument
-from src.core.choices import BACKBONES, CENTROID_KINDS, ENGINES, FUSIONS, PREDICT_RULES
-from src.model.config import (APPROACHES, DEFAULT_FUSION, DEFAULT_LABEL_SMOOTHING_KM, DEFAULT_PREDICT_RULE, OPTIMIZERS,
-                              SCHEDULERS, ModelConfig, OptimConfig)
+from src.core.choices import BACKBONES, CENTROID_KINDS, ENGINES, FUSIONS, PREDICT_RULES, REFINE_METHODS
+from src.model.config import (APPROACHES, DEFAULT_FUSION, DEFAULT_LABEL_SMOOTHING_KM, DEFAULT_PREDICT_RULE,
+                              DEFAULT_REFINE, DEFAULT_REFINE_GATE, DEFAULT_REFINE_K, OPTIMIZERS, SCHEDULERS,
+                              ModelConfig, OptimConfig)
 from src.training.config import (CACHE_SCOPES, MAX_IMAGE_SIZE, PRECISIONS, UNSUPPORTED_PRECISIONS, RunConfig,
                                  TrainerConfig, default_num_workers, processes_per_node, usable_cores)
 
@@ -54,6 +55,7 @@ RULES = [
     Rule("label_smoothing_km", non_negative_finite, "0 (off) or a distance in km, e.g. 12"),
     Rule("offset_weight", non_negative_finite, "0 or more"),
     Rule("folds", lambda v: 2 <= v <= 100, "a number of folds from 2 to 100"),
+    *REFINE_RULES,
 ]
 
 
@@ -88,6 +90,19 @@ def build_parser() -> argparse.ArgumentParser:
                             f"cross-entropy (default: {DEFAULT_LABEL_SMOOTHING_KM:g})")
     model.add_argument("--offset-weight", type=float, default=1.0,
                        help="hybrid: weight of the offset loss beside the cell loss (default: 1)")
+    model.add_argument("--refine", choices=REFINE_METHODS, default=DEFAULT_REFINE,
+                       help="knn: after training, keep a gallery of the fused embeddings of the train and val locations "
+                            "in the best checkpoint, and predict the geometric median of the k nearest gallery "
+                            "locations (cosine) within the most likely classes; none: the head's point "
+                            f"(default: {DEFAULT_REFINE})")
+    model.add_argument("--refine-k", type=int, default=DEFAULT_REFINE_K,
+                       help=f"--refine knn: gallery neighbours whose geometric median is the point (default: {DEFAULT_REFINE_K})")
+    model.add_argument("--refine-gate", type=float, default=DEFAULT_REFINE_GATE, metavar="P",
+                       help="--refine knn: search the most likely classes up to a cumulative probability of P; 1 for "
+                            f"the whole gallery; regression always searches it all (default: {DEFAULT_REFINE_GATE:g})")
+    model.add_argument("--gallery-dirs", nargs="+", type=Path, default=[], metavar="DIR",
+                       help="--refine knn: dataset dirs whose locations join the gallery (e.g. a downloaded set; "
+                            "copies of test locations are left out) (default: none)")
     model.add_argument("--hidden", type=int, default=512, help="hidden units of the head, 0 for a linear head (default: 512)")
     model.add_argument("--dropout", type=float, default=0.2, help="dropout in the head (default: 0.2)")
     opt = parser.add_argument_group("optimisation")
@@ -175,6 +190,13 @@ def run_config(args: argparse.Namespace, first_epoch: int = 0) -> RunConfig:
     if args.folds is not None and (args.resume is not None or args.locations is not None):
         raise UserError(f"--folds {args.folds}: cross-validation splits the dataset dirs itself; "
                         "drop --resume / --locations")
+    if args.gallery_dirs:
+        if args.refine != "knn":
+            raise UserError(f"--gallery-dirs {' '.join(map(str, args.gallery_dirs))}: the gallery is only built with "
+                            "--refine knn")
+        from src.data.ingest import check_dataset_dirs  # noqa: PLC0415
+
+        check_dataset_dirs(args.gallery_dirs)
     demo = not args.dataset_dirs and args.locations is None
     if demo:
         args.dataset_dirs = [ensure_demo_dataset()]
@@ -214,7 +236,8 @@ def run_config(args: argparse.Namespace, first_epoch: int = 0) -> RunConfig:
         backbone_weights="imagenet" if args.pretrained else "random", fusion=args.fusion, hidden=args.hidden,
         dropout=args.dropout, centroids=args.centroids, topk=args.topk, predict_rule=args.predict_rule,
         label_smoothing_km=args.label_smoothing_km, offset_weight=args.offset_weight, image_mean=tuple(spec.mean),
-        image_std=tuple(spec.std), channels_last=channels_last)
+        image_std=tuple(spec.std), channels_last=channels_last, refine=args.refine, refine_k=args.refine_k,
+        refine_gate=args.refine_gate)
     optim = OptimConfig(lr=args.lr, lr_finetune=args.lr_finetune, unfreeze_at_epoch=choices.unfreeze_at_epoch,
                         unfreeze_blocks=args.unfreeze_blocks, freeze_bn=args.freeze_bn, optimizer=args.optimizer,
                         weight_decay=args.weight_decay, scheduler=args.scheduler, warmup_epochs=args.warmup_epochs)
@@ -231,7 +254,8 @@ def run_config(args: argparse.Namespace, first_epoch: int = 0) -> RunConfig:
         gradient_clip_val=args.gradient_clip_val, early_stopping_patience=args.early_stopping_patience,
         val_check_interval=args.val_check_interval, ema=args.ema, quick=args.quick, resume=args.resume,
         folds=args.folds, cache_scope=args.cache_scope)
-    return RunConfig(data, model, optim, loader, trainer)
+    gallery_dirs = tuple(str(Path(d).resolve()) for d in args.gallery_dirs)
+    return RunConfig(data, model, optim, loader, trainer, gallery_dirs)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,15 +2,19 @@
 
 import contextlib
 import io
+import logging
 import os
 import shutil
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from src.inference.checkpoints import REPORTS_DIR, checkpoints_listing, find_checkpoint, list_checkpoints, load_model, read_checkpoint, read_hparams, val_km
 from src.core.errors import UserError
+from src.data.quadruplets import QuadrupletFolders, collate_quadruplets, input_spec, spec_transforms
 from src.train import main as train_main
 
 
@@ -220,3 +224,37 @@ def test_a_checkpoint_without_calibration_loads_uncalibrated_and_says_so(tmp_pat
     written = pd.read_csv(details)
     assert len(written) == 9 and (written["radius50_km"] <= written["radius90_km"]).all()
     assert (written["top1_probability"] > 0).all()
+
+
+def test_the_best_checkpoint_holds_the_gallery_of_its_train_and_val_locations(trained, caplog):
+    """--refine knn (the default): the best checkpoint carries the fused embeddings (here the mean of the four view
+    features, normalised) of the run's train and val locations with their points, classes and uuids."""
+    _, best = trained
+    locations = pd.read_csv(best.parent.parent / "locations.csv", dtype={"uuid": str})
+    labelled = locations[locations.split != "test"].set_index("uuid")
+    model = load_model(best)
+    gallery = model.gallery
+    assert model.hparams.refine == "knn" and sorted(gallery.uuids) == sorted(labelled.index)
+    rows = labelled.loc[gallery.uuids]
+    np.testing.assert_allclose(gallery.xy, rows[["crs_x", "crs_y"]].to_numpy(float), atol=1e-6)
+    np.testing.assert_array_equal(gallery.labels, rows["label"].to_numpy())
+    spec = input_spec(model.hparams)
+    folders = QuadrupletFolders(rows["image_dir"].tolist()[:8], spec_transforms([spec]))
+    views = collate_quadruplets([folders[i] for i in range(8)])[1][spec]
+    with torch.no_grad():
+        features = model.backbone(views.flatten(0, 1)).view(8, 4, -1).mean(dim=1)
+    expected = (features / features.norm(dim=1, keepdim=True)).numpy()
+    np.testing.assert_allclose(gallery.embeddings[:8], expected, atol=2e-3)  # stored as float16
+    assert read_checkpoint(best)["gallery"]["embeddings"].dtype == torch.float16
+    tuned = load_model(best, refine_k=3, refine_gate=0.4)
+    assert (tuned.hparams.refine_k, tuned.hparams.refine_gate) == (3, 0.4) and len(tuned.gallery) == len(gallery)
+    # last.ckpt (a run with a val split) has no gallery: asking for knn is a one-line error; as trained it loads
+    # with the head's points, and says so
+    last = best.parent / "last.ckpt"
+    with pytest.raises(UserError, match=r"holds no gallery for --refine knn") as error:
+        load_model(last, refine="knn")
+    assert "\n" not in str(error.value) and str(error.value).startswith(f"--checkpoint {last}: ")
+    with caplog.at_level(logging.WARNING):
+        as_trained = load_model(last)
+    assert as_trained.gallery is None and as_trained.hparams.refine == "none"
+    assert f"{last}: trained with --refine knn but holds no gallery" in caplog.text

@@ -121,6 +121,12 @@ def test_two_processes_fine_tune_in_a_second_fit_like_one_process_and_resume_exa
         assert torch.equal(frozen[0][key], initial[key]) and torch.equal(frozen[1][key], initial[key]), key
         assert not torch.equal(value, initial[key]), key
 
+    # --refine knn (the default): every process builds the gallery (its test refines by it), rank 0 says so and
+    # writes it into the best checkpoint
+    assert two.stderr.count("refine: a gallery of") == 1
+    gallery = torch.load(checkpoint, map_location="cpu", weights_only=False)["gallery"]
+    assert sorted(gallery["uuids"]) == sorted(locations[locations.split != "test"].uuid)
+
     # every test location exactly once (not the padded 10), close to one process's two-phase run
     metrics = {name: json.loads((tmp_path / name / "ddp" / "version_0" / "metrics.json").read_text())
                for name in ("one", "two")}

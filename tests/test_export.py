@@ -22,7 +22,7 @@ from src.core import geo
 from src.model.backbones import create_backbone
 from src.data.quadruplets import eval_transform, load_quadruplet
 from src.core.errors import UserError, run_cli
-from src.inference.engine import (OPSET, OnnxFeatureExtractor, OnnxGeoModel, backbone_session, engine_model,
+from src.inference.engine import (OPSET, OnnxFeatureExtractor, OnnxGeoModel, backbone_session, engine_model, infer,
                                   resolve_engine, stored_key)
 from src.export import build_parser
 from src.export import main as export_main
@@ -49,22 +49,24 @@ def test_export_matches_torch_on_real_images_with_any_batch_size(approach, tiny_
     checkpoint = tiny_checkpoints[approach]
     out = tmp_path / "model.onnx"
     check = export_main(["--checkpoint", str(checkpoint), "--out", str(out), "--check-images", str(demo_dir)])
-    assert check["max_abs_diff"] < 1e-4 and check["max_distance_m"] < 1.0
+    assert check["max_abs_diff"] < 1e-4 and check["max_distance_m"] < 1.0 and check["embedding_max_abs_diff"] < 1e-4
     proto = onnx.load(str(out))
     onnx.checker.check_model(proto)
     assert {o.domain: o.version for o in proto.opset_import}[""] == OPSET
     assert [i.name for i in proto.graph.input] == ["views"]
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # the batch axis is symbolic
-    expected_outputs = ["probabilities" if approach == "classification" else "scaled_xy", "xy"]
+    expected_outputs = ["probabilities" if approach == "classification" else "scaled_xy", "xy", "embedding"]
     assert [o.name for o in proto.graph.output] == expected_outputs
 
     model = load_model(checkpoint)
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     for batch in (1, 7):
         views = demo_views(demo_dir, batch, 32)
-        outputs, xy = session.run(None, {"views": views.numpy()})
+        outputs, xy, embedding = session.run(None, {"views": views.numpy()})
         assert xy.shape == (batch, 2) and xy.dtype == np.float64
-        reference = model.locate(views).double().numpy()
+        _, reference, reference_embedding = infer(model, views)  # the head's point: the refinement follows the graph
+        np.testing.assert_allclose(embedding, reference_embedding, atol=1e-5)
+        np.testing.assert_allclose(np.linalg.norm(embedding, axis=1), 1.0, atol=1e-5)
         got_lat, got_lng = geo.unproject(xy[:, 0], xy[:, 1])
         ref_lat, ref_lng = geo.unproject(reference[:, 0], reference[:, 1])
         assert geo.haversine_km(got_lat, got_lng, ref_lat, ref_lng).max() * 1000 < 1.0
@@ -151,6 +153,9 @@ def test_engine_exports_once_into_the_store_shared_by_checkpoints(tiny_checkpoin
     copy.write_bytes(checkpoint.read_bytes())
     assert engine_model(load_model(copy), copy, "onnx").path == path and path.stat().st_mtime_ns == first
     assert "exporting" not in capsys.readouterr().err
+    # the refinement runs after the graph: other refinement settings reuse the file too
+    refined_otherwise = load_model(checkpoint, refine="none", refine_k=3, refine_gate=0.2)
+    assert engine_model(refined_otherwise, checkpoint, "onnx").path == path and len(store_files(store)) == 1
     # another prediction rule changes the graph: a second file; other weights: a third
     median = engine_model(load_model(checkpoint, predict_rule="median"), checkpoint, "onnx")
     regression = engine_model(load_model(tiny_checkpoints["regression"]), tiny_checkpoints["regression"], "onnx")
@@ -225,17 +230,21 @@ def test_resolve_engine():
         resolve_engine("onnx", "cuda")
 
 
-def test_predict_engines_agree(tiny_checkpoints, demo_dir, capsys):
-    # the whole model on each engine (a frozen checkpoint's head would read one cache whichever engine filled it)
+@pytest.mark.parametrize("refine, within_m", [("none", 1.0), ("knn", 25.0)])
+def test_predict_engines_agree(tiny_checkpoints, demo_dir, capsys, refine, within_m):
+    """The head's points agree within 1 m; the refined ones within metres: the neighbours' inverse cosine distance
+    weights magnify the engines' ~1e-6 differences of the embedding (max 8 m on these 120 locations). The whole
+    model on each engine (a frozen checkpoint's head would read one cache whichever engine filled it)."""
     frames = {engine: predict_main(["--checkpoint", str(tiny_checkpoints["classification"]), "--images",
-                                    str(demo_dir), "--engine", engine, "--num-workers", "0", "--no-cache-features"])
+                                    str(demo_dir), "--engine", engine, "--num-workers", "0", "--no-cache-features",
+                                    "--refine", refine])
               for engine in ("torch", "onnx")}
     assert "engine onnx" in capsys.readouterr().err
     torch_frame, onnx_frame = frames["torch"], frames["onnx"]
     assert onnx_frame["uuid"].tolist() == torch_frame["uuid"].tolist() and len(onnx_frame) == 120
     metres = 1000 * geo.haversine_km(torch_frame["latitude"], torch_frame["longitude"],
                                      onnx_frame["latitude"], onnx_frame["longitude"])
-    assert metres.max() < 1.0
+    assert metres.max() < within_m, metres.max()
 
 
 def test_feature_cache_entries_from_either_engine_are_interchangeable(demo_dir, tmp_path, monkeypatch):
@@ -310,13 +319,15 @@ def test_hybrid_median_export_matches_torch(demo_dir, tmp_path):
     out = tmp_path / "hybrid.onnx"
     check = export_main(["--checkpoint", str(checkpoint), "--out", str(out), "--check-images", str(demo_dir)])
     assert check["max_abs_diff"] < 1e-4 and check["max_distance_m"] < 1.0
-    assert [o.name for o in onnx.load(str(out)).graph.output] == ["probabilities", "xy"]
+    assert [o.name for o in onnx.load(str(out)).graph.output] == ["probabilities", "xy", "embedding"]
     model = load_model(checkpoint)
     views = demo_views(demo_dir, 5, 32)
-    probabilities, xy = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(
+    probabilities, xy, embedding = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(
         None, {"views": views.numpy()})
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
-    assert np.hypot(*(xy - model.locate(views).double().numpy()).T).max() < 1.0  # metres
+    _, head_xy, reference_embedding = infer(model, views)
+    assert np.hypot(*(xy - head_xy).T).max() < 1.0  # metres
+    np.testing.assert_allclose(embedding, reference_embedding, atol=1e-5)  # the attention block's output
     # the mode rule, chosen at predict time: the ONNX engine's export has a symbolic batch axis too
     images = tmp_path / "seven"
     for folder in sorted((demo_dir / "data").iterdir())[:7]:

@@ -127,6 +127,39 @@ def test_predict_gives_src_predicts_coordinates_and_reports_substituted_views(se
     assert [(s["view"], s["used"]) for s in answer["substituted_views"]] == [(0, 180), (90, 180), (270, 180)]
 
 
+def test_refinement_in_serve_agrees_with_predict_with_either_engine(tiny_checkpoints, demo_dir, tmp_path, capsys):
+    """A torch-engine server refining with the nearest gallery location (--refine-k 1) answers what src.predict
+    writes with ONNX Runtime and with torch; --refine knn on a checkpoint without a gallery is one error line."""
+    checkpoint = tiny_checkpoints["classification"]
+    folders = sorted((demo_dir / "data").iterdir())[-6:]
+    for folder in folders:
+        shutil.copytree(folder, tmp_path / "images" / folder.name)
+    refine = ["--refine-k", "1", "--refine-gate", "0.6"]
+    server = Server("--checkpoint", checkpoint, "--engine", "torch", *refine)
+    try:
+        _, _, models = run(call(server.url, path="/api/models"))
+        assert models["models"][0]["refine"] == "knn" and models["models"][0]["engine"] == "torch"
+        answers = [run(call(server.url, "POST", "/api/predict", data=views_form(folder)))[2] for folder in folders]
+    finally:
+        server.stop(timeout=60)
+    assert any("refine knn (k 1, classes up to p 0.6, gallery of" in line for line in server.stderr)
+    for engine in ("onnx", "torch"):
+        expected = predict_main(["--checkpoint", str(checkpoint), "--images", str(tmp_path), "--engine", engine,
+                                 "--num-workers", "0", *refine])
+        for answer, row in zip(answers, expected.itertuples()):
+            assert (answer["latitude"], answer["longitude"]) == pytest.approx((row.latitude, row.longitude), abs=1e-6)
+    head = predict_main(["--checkpoint", str(checkpoint), "--images", str(tmp_path), "--num-workers", "0",
+                         "--refine", "none"])
+    assert not np.allclose(head[["latitude", "longitude"]], [[a["latitude"], a["longitude"]] for a in answers])
+    capsys.readouterr()
+    last = checkpoint.parent / "last.ckpt"  # a run with a val split keeps its gallery in the best checkpoint only
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(serve_main, ["--checkpoint", str(last), "--refine", "knn", "--port", "0"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith(f"error: --checkpoint {last}: holds no gallery for --refine knn"), err
+
+
 def test_model_parameter_selects_a_checkpoint(server, demo_dir):
     folder = sorted((demo_dir / "data").iterdir())[0]
     _, _, models = run(call(server.url, path="/api/models"))
@@ -594,7 +627,8 @@ def test_serve_cli_errors_are_one_line(tmp_path, capsys):
                            (["--token", "abc", "--no-auth"], "--token"), (["--token", " "], "--token"),
                            (["--max-megapixels", "0"], "--max-megapixels 0"),
                            (["--header-timeout", "0"], "--header-timeout 0"),
-                           (["--body-timeout", "-1"], "--body-timeout -1")]:
+                           (["--body-timeout", "-1"], "--body-timeout -1"), (["--refine-k", "0"], "--refine-k 0"),
+                           (["--refine-gate", "2"], "--refine-gate 2"), (["--refine", "vote"], "--refine")]:
         with pytest.raises(SystemExit) as exit_:
             run_cli(serve_main, [str(a) for a in args])
         err = capsys.readouterr().err

@@ -411,10 +411,19 @@ def test_resume_with_other_data_flags_is_refused(trained, demo_dir, tmp_path, ca
 
 @pytest.mark.parametrize("flag, value", [("--epochs", 0), ("--epochs", -3), ("--batch-size", 0), ("--image-size", 8),
                                          ("--image-size", 100000), ("--num-workers", -2), ("--lr", 0),
-                                         ("--dropout", 1.5), ("--mirror-p", -0.1)])
+                                         ("--dropout", 1.5), ("--mirror-p", -0.1), ("--refine-k", 0),
+                                         ("--refine-gate", 1.5)])
 def test_nonsense_numbers_are_one_line_errors(flag, value, tmp_path, capsys):
     error = one_line_error(["--approach", "regression", "--dataset-dirs", tmp_path / "nowhere", flag, value], capsys)
     assert error.startswith(f"error: {flag} ") and ": must be " in error
+
+
+def test_gallery_dirs_need_refine_knn_and_a_dataset_dir(demo_dir, tmp_path, capsys):
+    common = ["--approach", "classification", "--dataset-dirs", demo_dir, "--out-dir", tmp_path]
+    error = one_line_error([*common, "--refine", "none", "--gallery-dirs", demo_dir], capsys)
+    assert error.startswith(f"error: --gallery-dirs {demo_dir}: the gallery is only built with --refine knn")
+    error = one_line_error([*common, "--gallery-dirs", tmp_path / "nowhere"], capsys)
+    assert "nowhere" in error and "no such dataset directory" in error
 
 
 def test_demo_backbone_reason_reads_cleanly(capsys):

@@ -49,6 +49,7 @@ from src.data.quadruplets import eval_transform, input_spec, read_quadruplet
 from src.core.errors import UserError, brief
 from src.evaluation.calibration import UNCALIBRATED_NOTE, member, prediction_details
 from src.inference.engine import engine_model, infer
+from src.inference.retrieval import refine, refinement
 from src.data.images import TOO_MANY_PIXELS, VIEWS, check_image, decode_checked, image_header
 from src.inference.checkpoints import load_model
 
@@ -76,6 +77,13 @@ class Counters:
     batches: int = 0
     locations: int = 0
     largest_batch: int = 0
+
+
+def predict_batch(model, views: torch.Tensor) -> tuple[np.ndarray | None, np.ndarray]:
+    """(class probabilities [B, C] or None, EPSG:3766 x/y [B, 2]) of a batch of quadruplets, the points refined
+    by the model's gallery with --refine knn (in the inference thread: numpy, off the event loop)."""
+    probabilities, xy, embedding = infer(model, views)
+    return probabilities, refine(model, xy, embedding, probabilities)
 
 
 class MicroBatcher:
@@ -131,7 +139,7 @@ class MicroBatcher:
                 continue
             try:
                 views = torch.stack([views for views, _ in batch])
-                probabilities, xy = await loop.run_in_executor(self.executor, infer, self.model, views)
+                probabilities, xy = await loop.run_in_executor(self.executor, predict_batch, self.model, views)
             except Exception as error:  # reported to each waiting request as a server error
                 for _, future in batch:
                     if not future.done():
@@ -169,7 +177,8 @@ class ServedModel:
         return {"name": self.name, "checkpoint": self.shown_path, "approach": hp["approach"],
                 "backbone": hp["backbone"], "image_size": int(hp["image_size"]),
                 "classes": len(hp["classes"]["cell"]) if hp["approach"] != "regression" else 0,
-                "centroids": hp.get("centroids"), "engine": self.engine}
+                "centroids": hp.get("centroids"), "engine": self.engine,
+                "refine": hp.get("refine", "none") if getattr(self.model, "gallery", None) is not None else "none"}
 
 
 def model_name(checkpoint: Path, taken: set[str]) -> str:
@@ -210,10 +219,13 @@ def class_cells(hparams) -> tuple[np.ndarray, np.ndarray, list | None]:
 
 
 def load_models(checkpoints: list[Path], engine: str, device: str, threads: int | None,
-                reports_dir: Path | None = None) -> dict[str, ServedModel]:
+                reports_dir: Path | None = None, refine_overrides: dict | None = None) -> dict[str, ServedModel]:
+    """The checkpoints loaded for `engine`; `refine_overrides` (refine, refine_k, refine_gate: None for as
+    trained) change how each refines its points."""
     models: dict[str, ServedModel] = {}
     for path in checkpoints:
-        model = engine_model(load_model(path, device, reports_dir=reports_dir), path, engine, threads)
+        loaded = load_model(path, device, reports_dir=reports_dir, **(refine_overrides or {}))
+        model = engine_model(loaded, path, engine, threads)
         served = ServedModel(model_name(path, set(models)), Path(path), model, engine,
                              shown_path=shown_path(Path(path), reports_dir))
         if model.hparams["approach"] != "regression":  # classification and hybrid: class probabilities
@@ -221,8 +233,8 @@ def load_models(checkpoints: list[Path], engine: str, device: str, threads: int 
             served.class_of_cell = {int(cell): k for k, cell in enumerate(model.hparams["classes"]["cell"])}
         models[served.name] = served
         hp = model.hparams
-        print(f"model {served.name}: {hp['approach']} {hp['backbone']} {hp['image_size']} px, engine {engine} "
-              f"({path})", file=sys.stderr, flush=True)
+        print(f"model {served.name}: {hp['approach']} {hp['backbone']} {hp['image_size']} px{refinement(model)}, "
+              f"engine {engine} ({path})", file=sys.stderr, flush=True)
     return models
 
 

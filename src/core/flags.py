@@ -46,3 +46,6 @@ def non_negative_finite(v: float) -> bool:
 
 
 SEED_RULE = Rule("seed", lambda v: 0 <= v <= MAX_SEED, f"a whole number from 0 to {MAX_SEED}")
+# the retrieval refinement's flags (train, predict, serve)
+REFINE_RULES = [Rule("refine_k", at_least(1), "a number of gallery neighbours >= 1 (e.g. 10)"),
+                Rule("refine_gate", lambda v: 0 <= v <= 1, "a cumulative probability in [0, 1] (1: the whole gallery)")]

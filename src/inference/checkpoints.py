@@ -6,6 +6,7 @@ with a file (missing, a directory, damaged, not written by src.train) is a one-l
 the flag, the file and, where it helps, the checkpoints that do exist.
 """
 
+import logging
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -17,6 +18,7 @@ from src.core.files import atomic_path
 from src.core.paths import REPORTS_DIR
 from src.core.errors import UserError, brief
 
+log = logging.getLogger(__name__)
 # hparams every GeoModel checkpoint carries (predict needs the rest: prior_lat/lng, scaler, ...)
 MODEL_HPARAMS = ("approach", "backbone", "image_size", "classes")
 PREDICT_HPARAMS = ("image_size", "prior_lat", "prior_lng")
@@ -182,25 +184,36 @@ def load_model(path: str | Path, device: str = "cpu", flag: str = "--checkpoint"
     checkpoints under `reports_dir` (default: reports/, for commands without --reports-dir).
 
     `overrides` replace model config values that only change how outputs become coordinates (`centroids`,
-    `topk`, `predict_rule`); None values are ignored. Every checkpoint src.train has written loads here. The
-    model's `calibration` is the checkpoint's (`src.evaluation.calibration`); a checkpoint written before
-    calibration existed gets an uncalibrated one (temperature 1, each class at its centroid).
+    `topk`, `predict_rule`, `refine`, `refine_k`, `refine_gate`); None values are ignored. Every checkpoint
+    src.train has written loads here. The model's `calibration` is the checkpoint's
+    (`src.evaluation.calibration`); a checkpoint written before calibration existed gets an uncalibrated one
+    (temperature 1, each class at its centroid). The checkpoint's retrieval gallery, when it has one, is loaded
+    as `model.gallery`: asking for `refine` knn without one is a one-line UserError; a checkpoint trained with
+    knn that holds none (the last.ckpt beside a best checkpoint, an interrupted run) predicts the head's points,
+    with a warning.
     """
     from src.evaluation.calibration import Calibration  # noqa: PLC0415
+    from src.inference.retrieval import checkpoint_gallery  # noqa: PLC0415
     from src.model.config import configs_from_hparams  # noqa: PLC0415 (Lightning: only where a model is built)
     from src.model.geomodel import GeoModel  # noqa: PLC0415
 
     checkpoint = read_checkpoint(path, flag, reports_dir)
     hparams = checkpoint["hyper_parameters"]
     require_hparams(hparams, PREDICT_HPARAMS, flag, path)
+    gallery = checkpoint_gallery(checkpoint, overrides.get("refine"), flag, path)
     try:
         model_config, optim, classes = configs_from_hparams(hparams)
         model_config = replace(model_config, channels_last=model_config.channels_last and str(device).startswith("cuda"),
                                **{key: value for key, value in overrides.items() if value is not None})
+        if model_config.refine == "knn" and gallery is None:
+            log.warning("warning: %s %s: trained with --refine knn but holds no gallery (a run keeps it in its best "
+                        "checkpoint); predicting the head's points", flag, path)
+            model_config = replace(model_config, refine="none")
         model = GeoModel(model_config, optim, classes)
         model.load_state_dict(checkpoint["state_dict"])
         model.calibration = Calibration.from_checkpoint(checkpoint.get("calibration"), default=model.calibration)
     except Exception as error:  # a state dict that does not fit the hparams (edited or foreign weights)
         raise UserError(f"{flag} {path}: not a loadable GeoModel checkpoint ({brief(error)}); "
                         "pass a .ckpt written by src.train") from None
+    model.gallery = gallery
     return model.to(device).eval()

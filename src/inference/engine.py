@@ -1,8 +1,9 @@
 """The inference engines: torch or ONNX Runtime (the CPU engine), and the ONNX export of a model or backbone.
 
 An exported model maps `views` [B, 4, 3, S, S] (normalised, view order 0, 90, 180, 270) to `probabilities`
-[B, C] (classification; `scaled_xy` [B, 2] for regression) and `xy` [B, 2], the predicted EPSG:3766 position
-in metres (float64); `src.core.geo.unproject` turns it into latitude/longitude. A backbone export maps
+[B, C] (classification; `scaled_xy` [B, 2] for regression), `xy` [B, 2], the head's EPSG:3766 position in
+metres (float64; `src.core.geo.unproject` turns it into latitude/longitude), and `embedding` [B, F], the fused
+embedding, L2-normalised, that `src.inference.retrieval` searches its gallery with (in numpy, after the graph). A backbone export maps
 `images` [N, 3, S, S] to `features` [N, D]. The batch axis is dynamic; the opset is `OPSET`. Exports are
 checked against torch, made once and kept, stamped with a key that a stale file fails. `resolve_engine`
 picks the engine for --engine {auto,torch,onnx}: auto means ONNX Runtime on the CPU and torch on a GPU.
@@ -17,7 +18,7 @@ tests/test_export.py trains in such a child.
 ONNX Runtime; auto means ONNX Runtime on the CPU and torch on a GPU. The engines keep their exports in one
 store shared by every checkpoint and feature cache folder (data/cache/onnx, or $ONNX_CACHE_DIR), one file per
 key: a hash of what changes the graph (the weights, input size, preprocessing, the whole model's hparams
-such as its head and prediction rule, opset, exporter, torch version and `EXPORT_VERSION`). A missing file
+such as its head and prediction rule but not the refinement's, which runs after the graph, opset, exporter, torch version and `EXPORT_VERSION`). A missing file
 is exported once, under a lock file, to a temporary name unique to the host and process, checked, then
 renamed into place, so DDP ranks and commands running at once never read a partial file.
 """
@@ -46,12 +47,13 @@ from src.core.errors import UserError
 from src.core.files import atomic_path
 from src.core.paths import ONNX_CACHE_DIR
 from src.model.backbones import Backbone
+from src.model.config import REFINE_HPARAMS
 
 log = logging.getLogger(__name__)
 
 OPSET = 18
 EXPORTER = "torchscript"  # torch.onnx.export(dynamo=False)
-EXPORT_VERSION = 2  # bump when what an export writes changes: stored files of older versions are not reused
+EXPORT_VERSION = 3  # bump when what an export writes changes: stored files of older versions are not reused
 KEY = "src.export.key"  # ONNX metadata entry holding what the file was exported from
 STORE_ENV = "ONNX_CACHE_DIR"  # overrides the store's folder (tests point it at a temporary folder)
 FEATURES_RTOL, FEATURES_ATOL = 1e-3, 1e-4  # a backbone export agrees with torch's features within these
@@ -72,22 +74,23 @@ def resolve_engine(engine: str, device: str | torch.device = "cpu") -> str:
 
 class QuadrupletGraph(nn.Module):
     """What the exported model computes: views -> (class probabilities, or scaled x/y for regression;
-    EPSG:3766 x/y by the checkpoint's prediction rule, before `src.geo.snap_to_land`)."""
+    EPSG:3766 x/y by the checkpoint's prediction rule, before refinement and `src.core.geo.snap_to_land`; the
+    normalised fused embedding)."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
-    def forward(self, views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        outputs = self.model(views)
+    def forward(self, views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        outputs, embedding = self.model.outputs_and_embedding(views)
         xy = self.model.outputs_to_xy(outputs).double()
         if self.model.hparams.approach == "regression":
-            return outputs.float(), xy
-        return self.model.class_logits(outputs).float().softmax(dim=1), xy
+            return outputs.float(), xy, embedding
+        return self.model.class_logits(outputs).float().softmax(dim=1), xy, embedding
 
 
 def output_names(approach: str) -> list[str]:
-    return ["scaled_xy" if approach == "regression" else "probabilities", "xy"]
+    return ["scaled_xy" if approach == "regression" else "probabilities", "xy", "embedding"]
 
 
 def session(path: str | Path, threads: int | None = None) -> ort.InferenceSession:
@@ -190,8 +193,9 @@ def model_key(model, backbone_only: bool = False) -> str:
     hp = model.hparams
     if backbone_only:
         return backbone_key(model.backbone, int(hp["image_size"]), input_preprocessing(hp))
+    graph_hparams = sorted((k, repr(v)) for k, v in hp.items() if k not in REFINE_HPARAMS)  # refinement: after the graph
     return store_key("model", weights_hash(model), image_size=int(hp["image_size"]),
-                     preprocessing=input_preprocessing(hp), hparams=sorted((k, repr(v)) for k, v in hp.items()))
+                     preprocessing=input_preprocessing(hp), hparams=graph_hparams)
 
 
 def backbone_key(backbone: nn.Module, image_size: int, preprocessing: str = "") -> str:
@@ -235,7 +239,7 @@ def export_model(model, out: str | Path, backbone_only: bool = False, key: str =
 def compare_with_torch(model, path: str | Path, views: torch.Tensor, backbone_only: bool = False) -> dict[str, float]:
     """Run torch and ONNX Runtime on `views` [B, 4, 3, S, S]: the max abs difference of the features,
     probabilities or scaled x/y and, for the whole model, the largest distance in metres between the two
-    predicted positions."""
+    predicted positions and the max abs difference of the embeddings."""
     model = model.cpu().eval()
     runtime = session(path)
     with torch.no_grad():
@@ -250,44 +254,48 @@ def compare_with_torch(model, path: str | Path, views: torch.Tensor, backbone_on
     result = {"max_abs_diff": float(np.abs(expected[0] - got[0]).max())}
     if not backbone_only:
         result["max_distance_m"] = float(np.hypot(*(expected[1] - got[1]).T).max())
+        result["embedding_max_abs_diff"] = float(np.abs(expected[2] - got[2]).max())
     return result
 
 
 class OnnxGeoModel:
-    """ONNX Runtime in place of a GeoModel at predict time: the same `hparams`, `calibration`, `locate` and
-    `infer` (the temperature is applied to its probabilities outside the graph, `src.evaluation.calibration`)."""
+    """ONNX Runtime in place of a GeoModel at predict time: the same `hparams`, `calibration`, `gallery` and
+    `infer` (the temperature is applied to its probabilities outside the graph, `src.evaluation.calibration`;
+    the retrieval search runs after it, `src.inference.retrieval`)."""
 
-    def __init__(self, path: str | Path, hparams, threads: int | None = None, calibration=None):
+    def __init__(self, path: str | Path, hparams, threads: int | None = None, calibration=None, gallery=None):
         self.path = Path(path)
         self.hparams = hparams
         self.calibration = calibration
+        self.gallery = gallery  # the GeoModel's retrieval gallery (src.inference.retrieval), or None
         self.session = session(path, threads)
         self.device = torch.device("cpu")
 
-    def infer(self, views: torch.Tensor) -> tuple[np.ndarray | None, np.ndarray]:
-        """[B, 4, 3, S, S] -> (class probabilities [B, C] or None for regression, EPSG:3766 x/y [B, 2] float64)."""
-        outputs, xy = self.session.run(None, {"views": views.detach().cpu().float().contiguous().numpy()})
-        return (outputs if self.hparams["approach"] != "regression" else None), xy
-
-    def locate(self, views: torch.Tensor) -> torch.Tensor:
-        """[B, 4, 3, S, S] -> EPSG:3766 x/y [B, 2] (torch float64), like GeoModel.locate."""
-        return torch.from_numpy(self.infer(views)[1])
+    def infer(self, views: torch.Tensor) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+        """[B, 4, 3, S, S] -> (class probabilities [B, C] or None for regression, the head's EPSG:3766 x/y
+        [B, 2] float64, the normalised fused embedding [B, F] float32)."""
+        outputs, xy, embedding = self.session.run(None, {"views": views.detach().cpu().float().contiguous().numpy()})
+        return (outputs if self.hparams["approach"] != "regression" else None), xy, embedding
 
 
 @torch.no_grad()
-def infer(model, views: torch.Tensor) -> tuple[np.ndarray | None, np.ndarray]:
-    """(class probabilities or None, EPSG:3766 x/y float64) of a GeoModel or an OnnxGeoModel."""
+def infer(model, views: torch.Tensor) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+    """(class probabilities or None, the head's EPSG:3766 x/y float64, the normalised fused embedding) of a
+    GeoModel or an OnnxGeoModel; `src.inference.retrieval.refine` turns them into the refined point."""
     if isinstance(model, OnnxGeoModel):
         return model.infer(views)
-    return head_inference(model, model(views.to(model.device)))
+    return fused_inference(model, model.fusion(model.view_features(views.to(model.device))))
 
 
-def head_inference(model, outputs: torch.Tensor) -> tuple[np.ndarray | None, np.ndarray]:
-    """(class probabilities or None, EPSG:3766 x/y float64) of a GeoModel's head outputs."""
+def fused_inference(model, fused: torch.Tensor) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+    """(class probabilities or None, the head's EPSG:3766 x/y float64, the normalised fused embedding) of a
+    GeoModel's fused view features [B, F]."""
+    outputs, embedding = model.head_outputs(fused), model.embedding(fused)
     xy = model.outputs_to_xy(outputs).double().cpu().numpy()
+    embedding = embedding.cpu().numpy()
     if model.hparams.approach == "regression":
-        return None, xy
-    return model.class_logits(outputs).float().softmax(dim=1).cpu().numpy(), xy
+        return None, xy, embedding
+    return model.class_logits(outputs).float().softmax(dim=1).cpu().numpy(), xy, embedding
 
 
 def engine_model(model, checkpoint: str | Path, engine: str, threads: int | None = None):
@@ -298,13 +306,15 @@ def engine_model(model, checkpoint: str | Path, engine: str, threads: int | None
     model = model.cpu().eval()
 
     def check(path: Path) -> None:
-        distance = compare_with_torch(model, path, example_views(model))["max_distance_m"]
-        if not distance < 1.0:
-            raise RuntimeError(f"ONNX export of {checkpoint} disagrees with torch by {distance:.3g} m")
+        result = compare_with_torch(model, path, example_views(model))
+        distance, embedding = result["max_distance_m"], result["embedding_max_abs_diff"]
+        if not (distance < 1.0 and embedding < FEATURES_RTOL):
+            raise RuntimeError(f"ONNX export of {checkpoint} disagrees with torch by {distance:.3g} m "
+                               f"(embedding by {embedding:.3g})")
 
     path = stored_export("model", model_key(model), QuadrupletGraph(model), example_views(model), "views",
                          output_names(model.hparams.approach), check)
-    return OnnxGeoModel(path, model.hparams, threads, model.calibration)
+    return OnnxGeoModel(path, model.hparams, threads, model.calibration, model.gallery)
 
 
 def backbone_session(backbone: Backbone, image_size: int, preprocessing: str = "",

@@ -30,7 +30,8 @@ from src.data.quadruplets import (QuadrupletFolders, collate_quadruplets, eval_t
                                   spec_transforms)
 from src.evaluation.calibration import DEFAULT_TOP, details_columns, member, prediction_details
 from src.inference.checkpoints import read_test_locations
-from src.inference.engine import head_inference, infer
+from src.inference.engine import fused_inference, infer
+from src.inference.retrieval import refine
 from src.core.errors import UserError
 from src.core.geo import project, snap_to_land, unproject
 from src.data.ingest import find_image_root, list_location_dirs
@@ -96,14 +97,21 @@ class ViewIssues:
 
 @torch.no_grad()
 def member_outputs(model, views: torch.Tensor, tta: bool = False) -> tuple[np.ndarray | None, np.ndarray]:
-    """(class probabilities [B, C] or None for regression, EPSG:3766 x/y [B, 2] float64) of one model; with
-    `tta` the means over the quadruplet and its mirror."""
-    probabilities, xy = infer(model, views)
+    """(class probabilities [B, C] or None for regression, EPSG:3766 x/y [B, 2] float64) of one model (torch
+    or ONNX Runtime), the points refined by its gallery with `--refine knn`; with `tta` the means over the
+    quadruplet and its mirror."""
+    probabilities, xy = refined(model, *infer(model, views))
     if tta:
-        mirrored_probabilities, mirrored_xy = infer(model, mirror_views(views))
+        mirrored_probabilities, mirrored_xy = refined(model, *infer(model, mirror_views(views)))
         xy = (xy + mirrored_xy) / 2
         probabilities = None if probabilities is None else (probabilities + mirrored_probabilities) / 2
     return probabilities, xy
+
+
+def refined(model, probabilities: np.ndarray | None, xy: np.ndarray,
+            embedding: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+    """(probabilities, the head's points refined by the model's gallery: `src.inference.retrieval.refine`)."""
+    return probabilities, np.asarray(refine(model, xy, embedding, probabilities), dtype=np.float64)
 
 
 def ensemble_prior(models) -> tuple[float, float]:
@@ -137,7 +145,8 @@ class CachedBackbone:
                 features = self.cache.features(image_dirs[start:start + CACHED_CHUNK], model.backbone, self.transform,
                                                batch_size=batch_size, num_workers=num_workers, device=device,
                                                extract=self.extract)
-                chunk_probabilities, chunk_xy = head_inference(model, model.head_forward(features.to(model.device)))
+                chunk_probabilities, chunk_xy = refined(model, *fused_inference(model, model.fusion(
+                    features.to(model.device))))
                 probabilities.append(chunk_probabilities)
                 xy.append(chunk_xy)
         finally:

@@ -23,6 +23,13 @@ DEFAULT_PREDICT_RULE = "mean"
 # targets spread over the neighbouring cells, which suits thin data (a median of 2 train locations per
 # class). PIGEON's 65-75 km suits world-scale cells. Scale tau with the cell size for other spacings.
 DEFAULT_LABEL_SMOOTHING_KM = 40.0
+# retrieval refinement (src.inference.retrieval): the k nearest gallery locations within the most likely classes
+# whose probabilities first add up to the gate (see docs/accuracy.md for how these were chosen)
+DEFAULT_REFINE = "knn"
+DEFAULT_REFINE_K = 5
+DEFAULT_REFINE_GATE = 0.8
+# hparams that change only the numpy refinement after the graph, not the graph (the ONNX store key leaves them out)
+REFINE_HPARAMS = ("refine", "refine_k", "refine_gate")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -46,6 +53,9 @@ class ModelConfig:
     image_mean: tuple[float, float, float] = IMAGENET_MEAN
     image_std: tuple[float, float, float] = IMAGENET_STD
     channels_last: bool = False  # the backbone's memory format (a GPU speed choice, not a result)
+    refine: str = "none"  # "knn": the point from the nearest gallery locations (src.inference.retrieval)
+    refine_k: int = DEFAULT_REFINE_K
+    refine_gate: float = DEFAULT_REFINE_GATE
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,8 @@ from torch.nn import functional as F
 
 from src.model.backbones import Backbone, create_backbone
 from src.core.geo import haversine_km, haversine_km_torch, snap_to_land, unproject, unproject_torch
-from src.core.choices import CENTROID_KINDS
+from src.core.choices import CENTROID_KINDS, REFINE_METHODS
+from src.inference.retrieval import refine
 from src.model.config import APPROACHES, ClassTable, ModelConfig, OptimConfig, model_hparams
 from src.model.heads import HybridHead, create_fusion, haversine_smoothing_loss, hybrid_loss, hybrid_points, point_by_rule
 from src.core.choices import PREDICT_RULES
@@ -75,9 +76,12 @@ class GeoModel(pl.LightningModule):
             raise ValueError(f"centroids must be one of {CENTROID_KINDS}")
         if model.predict_rule not in PREDICT_RULES:
             raise ValueError(f"predict_rule must be one of {PREDICT_RULES}")
+        if model.refine not in REFINE_METHODS:
+            raise ValueError(f"refine must be one of {REFINE_METHODS}")
         if model.approach == "hybrid" and classes.radius is None:
             raise ValueError("a hybrid model needs classes.radius (src.model.heads.class_radius_m)")
         self.config, self.optim, self.classes = model, optim, classes
+        self.gallery = None  # a src.inference.retrieval.Gallery for --refine knn (set after training, or loaded)
         self.save_hyperparameters(model_hparams(model, optim, classes), logger=False)
         self.backbone: Backbone = create_backbone(model.backbone, pretrained)
         if model.channels_last:  # every registered backbone is convolutional
@@ -127,15 +131,29 @@ class GeoModel(pl.LightningModule):
     def head_forward(self, features: torch.Tensor) -> torch.Tensor:
         """[B, 4, D] view features -> outputs: class logits [B, C], scaled x/y [B, 2], or for hybrid the
         logits and the flattened cell offsets side by side [B, 3C] (see `split_hybrid`)."""
-        outputs = self.head(self.fusion(features))
+        return self.head_outputs(self.fusion(features))
+
+    def head_outputs(self, fused: torch.Tensor) -> torch.Tensor:
+        """The head on the fused embedding [B, F] (the fusion's output; see `head_forward`)."""
+        outputs = self.head(fused)
         if isinstance(outputs, tuple):
             logits, offsets = outputs
             return torch.cat([logits, offsets.flatten(1)], dim=1)
         return outputs
 
+    @staticmethod
+    def embedding(fused: torch.Tensor) -> torch.Tensor:
+        """The fused embedding [B, F] as the retrieval gallery stores it: float32, L2-normalised."""
+        return F.normalize(fused.float(), dim=1)
+
     def forward(self, views: torch.Tensor) -> torch.Tensor:
         """[B, 4, 3, H, W] -> the head's outputs (see `head_forward`)."""
         return self.head_forward(self.view_features(views))
+
+    def outputs_and_embedding(self, views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, 4, 3, H, W] -> (the head's outputs, the normalised fused embedding [B, F]) in one forward."""
+        fused = self.fusion(self.view_features(views))
+        return self.head_outputs(fused), self.embedding(fused)
 
     def split_hybrid(self, outputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Hybrid outputs [B, 3C] -> (logits [B, C], offsets [B, C, 2] in cell radii)."""
@@ -157,13 +175,25 @@ class GeoModel(pl.LightningModule):
         probabilities = self.class_logits(outputs).float().softmax(dim=1)
         return point_by_rule(config.predict_rule, probabilities, points, config.topk, fixed_steps)
 
+    def refined_xy(self, outputs: torch.Tensor, xy: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        """`xy` [B, 2] refined by the gallery (`src.inference.retrieval.refine`: numpy, on the host) when the
+        model has one and its config says `refine: knn`; else `xy` itself."""
+        if self.gallery is None or self.config.refine == "none":
+            return xy
+        probabilities = (None if self.config.approach == "regression"
+                         else self.class_logits(outputs).float().softmax(dim=1).cpu().numpy())
+        refined = refine(self, xy.double().cpu().numpy(), embedding.float().cpu().numpy(), probabilities)
+        return torch.from_numpy(refined).to(device=xy.device, dtype=xy.dtype)
+
     def locate(self, views: torch.Tensor) -> torch.Tensor:
-        """[B, 4, 3, H, W] -> predicted EPSG:3766 x/y [B, 2] in metres (eval mode, no grad)."""
+        """[B, 4, 3, H, W] -> predicted EPSG:3766 x/y [B, 2] in metres (eval mode, no grad), refined by the
+        gallery with `refine: knn`."""
         was_training = self.training
         self.eval()
         try:
             with torch.no_grad():
-                return self.outputs_to_xy(self(views.to(self.device)))
+                outputs, embedding = self.outputs_and_embedding(views.to(self.device))
+                return self.refined_xy(outputs, self.outputs_to_xy(outputs), embedding)
         finally:
             self.train(was_training)
 
@@ -191,14 +221,12 @@ class GeoModel(pl.LightningModule):
                            config.offset_weight, classification_loss=classification)
 
     def _step(self, batch: dict[str, torch.Tensor], stage: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Loss, predicted x/y and outputs of a batch; train and val log epoch means of the loss, accuracy and
-        km, computed on the module's device without any host transfer (test results are returned by test_step,
+        """Loss, predicted x/y and outputs of a train or val batch; both log epoch means of the loss, accuracy
+        and km, computed on the module's device without any host transfer (test results are returned by test_step,
         for `src.training.callbacks.TestCollector`, not logged as single-point charts)."""
         outputs = self._outputs(batch)
         loss = self.loss(outputs, batch)
         xy = self.outputs_to_xy(outputs.detach(), fixed_steps=True)
-        if stage == "test":
-            return loss, xy, outputs
         km = xy_to_km(xy, batch["lat"], batch["lng"])
         # epoch metrics averaged over all processes: every rank picks the same best checkpoint
         log = {"batch_size": len(outputs), "on_step": False, "on_epoch": True, "sync_dist": True}
@@ -254,8 +282,12 @@ class GeoModel(pl.LightningModule):
         """[5 + C, B] rows of (split index, predicted x, predicted y, true latitude, true longitude, and for
         classification and hybrid the C class probabilities), float64 on the module's device
         (`src.training.callbacks.TestCollector` moves the points onto land, scores them and measures the
-        confidence regions)."""
-        _, xy, outputs = self._step(batch, "test")
+        confidence regions); the points are refined by the gallery with `refine: knn` (a host round trip, at
+        test time only)."""
+        features = batch["features"] if "features" in batch else self.view_features(batch["views"])
+        fused = self.fusion(features)
+        outputs = self.head_outputs(fused)
+        xy = self.refined_xy(outputs, self.outputs_to_xy(outputs, fixed_steps=True), self.embedding(fused))
         rows = torch.stack([batch["index"].double(), *xy.double().T, batch["lat"].double(), batch["lng"].double()])
         if self.config.approach == "regression":
             return rows

@@ -58,6 +58,7 @@ class RunConfig:
     optim: OptimConfig
     loader: LoaderConfig
     trainer: TrainerConfig
+    gallery_dirs: tuple[str, ...] = ()  # --refine knn: dataset dirs whose locations join the retrieval gallery
 
     @property
     def gpu(self) -> bool:

@@ -36,7 +36,7 @@ from src.data.locations import write_locations_csv
 from src.evaluation.calibration import (DETAILS_COLUMNS, VAL_SPLIT, Details, Labelled, Member, Reliability,
                                         cross_fitted, details_columns, variant_details)
 from src.evaluation.plots import reliability_figure, training_curves
-from src.inference.checkpoints import checkpoint_phase, read_data_config, write_calibration
+from src.inference.checkpoints import checkpoint_phase, read_checkpoint, read_data_config, write_calibration
 from src.model.backbones import backbone_spec, default_backbone
 from src.model.config import ClassTable, ModelConfig
 from src.model.finetune import FINE_TUNING, FreezeThenUnfreeze, phase_starts
@@ -382,12 +382,33 @@ def fit(config: RunConfig, interrupt: Interrupt, version: str | None = None, rep
         resume = parts.last.best_model_path
     trainer = parts.trainer
     best = Path(parts.checkpoint.best_model_path or parts.last.best_model_path)
-    if has_test:
-        with contextlib.redirect_stdout(sys.stderr):
+    with contextlib.redirect_stdout(sys.stderr):
+        if config.model.refine != "none":
+            attach_gallery(config, trainer, model, datamodule, enriched, best)
+        if has_test:
             trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)
     if not trainer.is_global_zero:  # the other DDP processes have the same results: rank 0 reports
         return None
     return report_run(config, parts, datamodule, classes, best, val_baseline if has_val else None, report)
+
+
+def attach_gallery(config: RunConfig, trainer: pl.Trainer, model: GeoModel, datamodule: GeoDataModule,
+                   enriched: Enriched, best: Path) -> None:
+    """The post-fit step of --refine knn: the retrieval gallery of the run, built with the best checkpoint's
+    weights (`src.training.gallery`), set on `model` (its test refines by it; every process builds it) and added
+    to the best checkpoint (rank 0 writes)."""
+    from src.inference.retrieval import Gallery  # noqa: PLC0415
+    from src.training.gallery import build_gallery, save_gallery  # noqa: PLC0415
+
+    checkpoint = read_checkpoint(best)
+    model.load_state_dict(checkpoint["state_dict"])
+    backbone_trained = checkpoint_phase(checkpoint) == FINE_TUNING
+    gallery, report = build_gallery(model, datamodule, enriched, config.data, config.gallery_dirs, backbone_trained,
+                                    trainer.strategy.root_device)
+    model.gallery = Gallery.from_state(gallery.state())  # as predict loads it (float16 embeddings)
+    if trainer.is_global_zero:
+        save_gallery(best, gallery)
+    say(report.line(len(gallery)))
 
 
 def report_run(config: RunConfig, parts: RunParts, datamodule: GeoDataModule, classes: ClassTable, best: Path,
