@@ -102,12 +102,16 @@ def tiny_checkpoints(demo_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_server(tiny_checkpoints):
-    """One `python -m src.serve` of both tiny checkpoints (classification first: the default model), micro-batches
+    """One `python -m src.serve` of both tiny checkpoints (classification first: the default model), the head's points, micro-batches
     of up to 8, uploads up to 1 MB, cross-origin posts from tests.servers.ALLOWED_ORIGIN: for the server and page
     tests that neither stop it nor change it."""
     from tests.servers import ALLOWED_ORIGIN, Server
 
+    # the head's points (--refine none): the refinement's inverse-distance weights magnify a batch's float
+    # differences to centimetres, and these tests compare answers across batches and with src.predict to 1e-6
+    # degrees; the refinement in serve has its own test (test_serve.test_refinement_in_serve_agrees_with_predict...)
     server = Server("--checkpoint", tiny_checkpoints["classification"], tiny_checkpoints["regression"],
-                    "--max-batch", 8, "--batch-wait-ms", 10, "--max-upload-mb", 1, "--cors-origin", ALLOWED_ORIGIN)
+                    "--max-batch", 8, "--batch-wait-ms", 10, "--max-upload-mb", 1, "--cors-origin", ALLOWED_ORIGIN,
+                    "--refine", "none")
     yield server
     server.close()

@@ -101,7 +101,7 @@ def test_predict_gives_src_predicts_coordinates_and_reports_substituted_views(se
     _, _, models = run(call(server.url, path="/api/models"))
     [cls, _] = models["models"]
     expected = predict_main(["--checkpoint", str(tiny_checkpoints["classification"]), "--images", str(tmp_path),
-                             "--engine", "onnx", "--details", str(tmp_path / "details.csv")])
+                             "--engine", "onnx", "--details", str(tmp_path / "details.csv"), "--refine", "none"])
     assert "replaced 4 missing" in capsys.readouterr().err
     details = pd.read_csv(tmp_path / "details.csv", dtype={"uuid": str, "top": str})
     for folder, row, detail in zip(folders, expected.itertuples(), details.itertuples()):
