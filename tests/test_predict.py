@@ -146,8 +146,7 @@ def test_row_for_every_folder_with_corrupt_and_missing_views(checkpoints, damage
         names[4]: [0, 90, 180, 270],
     }
     # (ONNX Runtime, the default engine, against torch: within 5e-5 degrees, a few metres: the refinement's inverse
-    # distance weights magnify the engines' 1e-6 differences of the embedding, and its geometric median stops
-    # within a metre)
+    # distance weights magnify the engines' 1e-6 differences of the embedding)
     for uuid, views in expected.items():
         assert got.loc[uuid].tolist() == pytest.approx(to_latlng(reference_xy(model, root / uuid, views)), abs=5e-5)
     for text in (f"{names[0]} 90.jpg: truncated JPEG", f"{names[1]} 0.jpg: missing -> used 90.jpg",

@@ -25,7 +25,6 @@ from src.model.heads import geometric_median_xy
 
 GALLERY_KEY = "gallery"  # the checkpoint entry holding `Gallery.state()`
 DEFAULT_WEIGHTING = "inverse"
-MEDIAN_TOLERANCE_M = 1.0  # Weiszfeld's steps stop when no point moves more (errors here are kilometres)
 NEAR_COPY = 1e-3  # cosine distance below which gallery locations count as copies of the query (equal weights)
 
 
@@ -136,8 +135,8 @@ def refine_points(gallery: Gallery, xy: np.ndarray, embeddings: np.ndarray, prob
     rows, found = rows[has], found[has]
     weights = neighbour_weights(similarity[has], found, weighting)
     points = gallery.xy[np.where(found, rows, rows[:, :1])]  # [b, k, 2]; missing rows repeat the nearest (weight 0)
-    median = geometric_median_xy(torch.from_numpy(weights), torch.from_numpy(points), tol_m=MEDIAN_TOLERANCE_M)
-    refined[has] = median.numpy()
+    # a fixed number of Weiszfeld steps: a location's point does not depend on the others in its batch
+    refined[has] = geometric_median_xy(torch.from_numpy(weights), torch.from_numpy(points), fixed_steps=True).numpy()
     return refined
 
 
