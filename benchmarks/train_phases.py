@@ -91,26 +91,27 @@ def entry_point_dir(folder: Path) -> Path:
     return folder
 
 
-def tree_rss(pid: int) -> int:
-    """Resident bytes of process `pid` and all its descendants (from /proc)."""
+def tree_pss(pid: int) -> int:
+    """Proportional set size in bytes of process `pid` and all its descendants (from /proc): pages shared by
+    the processes (a forked DataLoader worker shares the parent's libraries) are counted once in all."""
     children: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
-    page = os.sysconf("SC_PAGE_SIZE")
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             stat = Path(f"/proc/{entry}/stat").read_text()
-            fields = stat[stat.rindex(")") + 2:].split()
-            children.setdefault(int(fields[1]), []).append(int(entry))
-            rss[int(entry)] = int(fields[21]) * page
+            children.setdefault(int(stat[stat.rindex(")") + 2:].split()[1]), []).append(int(entry))
         except (OSError, ValueError, IndexError):  # a process that ended meanwhile
             continue
     total, stack = 0, [pid]
     while stack:
         current = stack.pop()
-        total += rss.get(current, 0)
         stack += children.get(current, [])
+        try:
+            rollup = Path(f"/proc/{current}/smaps_rollup").read_text()
+        except OSError:
+            continue
+        total += next((int(line.split()[1]) * 1024 for line in rollup.splitlines() if line.startswith("Pss:")), 0)
     return total
 
 
@@ -139,7 +140,7 @@ def run_train(checkout: Path, dataset_dirs: list[str], image_size: int, epochs: 
             pid, status, usage = os.wait4(child.pid, os.WNOHANG)
             if pid:
                 break
-            peak = max(peak, tree_rss(child.pid))
+            peak = max(peak, tree_pss(child.pid))
             time.sleep(0.2)
         end = time.time()
         child.returncode = os.waitstatus_to_exitcode(status)
@@ -167,8 +168,8 @@ def show(name: str, result: dict) -> None:
     for phase, seconds in result["phases"].items():
         print(f"  {phase:<22} {seconds:7.1f} s")
     print(f"  per epoch (with val): {', '.join(f'{s:.1f} s' for s in result['epochs'])}")
-    print(f"  peak RSS: largest process {result['peak_process'] / GIB:.2f} GiB (getrusage), process tree "
-          f"{result['peak_tree'] / GIB:.2f} GiB (sampled every 0.2 s)")
+    print(f"  peak memory: largest process {result['peak_process'] / GIB:.2f} GiB RSS (getrusage, as /usr/bin/time -v "
+          f"reports it), process tree {result['peak_tree'] / GIB:.2f} GiB PSS (sampled every 0.2 s)")
     print(f"  test mean {result['test_km']:.3f} km; feature cache entries {result['feature_cache']}")
 
 

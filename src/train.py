@@ -138,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--mirror-p", type=float, default=0.0,
                       help="probability of mirroring an augmented training quadruplet: all views flipped, 90/270 swapped (default: 0)")
     data.add_argument("--cache-features", action=argparse.BooleanOptionalAction, default=True,
-                      help="reuse backbone features from disk while the backbone is frozen and unaugmented (default: on)")
+                      help="reuse backbone features from disk while the backbone is frozen and unaugmented, and in the "
+                           "test of a backbone that stayed frozen (default: on)")
     data.add_argument("--cache-dir", type=Path, default=None,
                       help="feature cache folder, shared with src.predict (default: data/cache/features, or "
                            "$FEATURE_CACHE_DIR when set)")
