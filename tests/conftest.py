@@ -53,7 +53,10 @@ def quickstart(tmp_path_factory):
 @pytest.fixture(scope="session", autouse=True)
 def quickstart_early(request):
     """Starts the Quickstart as the session starts when a selected test uses it: it needs nothing from the other
-    tests, so its minute of CPU overlaps theirs (the test waits for it)."""
+    tests, so its minute of CPU overlaps theirs (the test waits for it). Not in pytest-xdist workers, which all
+    see every test: there the test starts it when it runs."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return
     if any("quickstart" in getattr(item, "fixturenames", ()) for item in request.session.items):
         request.getfixturevalue("quickstart")
 

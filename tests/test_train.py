@@ -580,7 +580,7 @@ def test_a_final_fit_on_all_labelled_data_keeps_the_last_checkpoint(demo_dir, tm
     ("classification", ["--fusion", "mean", "--predict-rule", "mode", "--cells", "adaptive", "--classes", 6]),
 ])
 def test_head_levers_train_end_to_end_and_are_saved(demo_dir, tmp_path, approach, extra):
-    lines = run_main(["--approach", approach, "--dataset-dirs", demo_dir, *TINY, "--epochs", 2,
+    lines = run_main(["--approach", approach, "--dataset-dirs", demo_dir, *TINY, "--epochs", 1,
                       "--out-dir", tmp_path, "--cache-dir", tmp_path / "cache", *extra])
     path = checkpoint_path(lines)
     assert f"/{demo_dir.name}-{approach}-tiny/version_0/" in path  # the run name says which data it used
