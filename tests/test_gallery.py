@@ -20,7 +20,7 @@ from src.data.synthetic import write_demo_dataset
 from src.inference.checkpoints import load_model, read_test_locations
 from src.inference.engine import infer
 from src.train import main as train_main
-from src.training.gallery import views_digest
+from src.training.gallery import copy_digests, views_digest
 
 pytestmark = pytest.mark.filterwarnings(r"ignore:.*isinstance\(treespec, LeafSpec\)")
 TINY = ["--backbone", "tiny", "--no-pretrained", "--image-size", 32, "--num-workers", 0, "--engine", "torch",
@@ -98,3 +98,17 @@ def test_no_out_of_fold_location_is_its_own_neighbour(corpus, tmp_path):
                 names = [gallery.uuids[r] for r in found if r >= 0]
                 assert names and uuid not in names
                 assert digest[path] not in {digest[folders[name]] for name in names}
+
+
+def test_only_locations_whose_view_sizes_collide_are_hashed(tmp_path):
+    """copy_digests reads the views of a location only when another has the same four file sizes; a copy and its
+    original get equal digests, a location of other sizes gets none."""
+    dataset = write_demo_dataset(tmp_path / "d", n_locations=3, image_size=32, seed=5)
+    first, second, third = sorted((dataset / "data").iterdir())
+    copy_location(first, tmp_path / "copy")
+    shutil.rmtree(third)
+    copy_location(second, third, reencode=True)  # the same pictures, other bytes (and other sizes)
+    dirs = [str(first), str(second), str(third), str(tmp_path / "copy")]
+    digests = copy_digests(dirs)
+    assert digests[0] == digests[3] == views_digest(first)
+    assert digests[1] is None and digests[2] is None

@@ -213,6 +213,14 @@ class GeoDataModule(pl.LightningDataModule):
                 self._features[split] = self.feature_cache.load_all(self.split(split)["image_dir"].astype(str).tolist())
         return self._features[split]
 
+    def features_in_memory(self, cache_directory: str) -> dict[str, torch.Tensor]:
+        """The [4, D] features this process holds (of the splits read or filled so far), by image dir, if they are
+        those of the cache in `cache_directory` (the same backbone weights and preprocessing), else none."""
+        if self._feature_cache is None or str(self._feature_cache.directory) != cache_directory:
+            return {}
+        return {image_dir: row for split, features in self._features.items()
+                for image_dir, row in zip(self.split(split)["image_dir"].astype(str), features)}
+
     def _dataset(self, split: str, train: bool) -> Dataset:
         locations = self.split(split)
         if self.uses_cache(split):

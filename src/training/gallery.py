@@ -6,12 +6,14 @@ Its locations are the run's labelled locations outside the test split (train and
 location that is the same place as a test location is left out: the same uuid, byte-identical views, or a
 position within SAME_PLACE_M; so with cross-validation each fold's gallery holds only locations that fold
 trained on (or extra ones), and no test location can find itself. The embeddings come from the feature cache
-when the backbone stayed frozen (the cached train and val entries are reused; only the extra dirs are computed),
+when the backbone stayed frozen (the train and val features the DataModule holds are reused, not read again;
+only the extra dirs are read or computed),
 else from one pass over the images with the final model.
 """
 
 import hashlib
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,17 +77,31 @@ def extra_locations(dirs: list[str], enriched: Enriched, data: DataConfig) -> pd
     return frame[COLUMNS]
 
 
+def view_sizes(image_dir: str | Path) -> tuple[int, ...]:
+    """The byte sizes of a location's four view files (-1: missing): equal for byte-identical copies."""
+    return tuple(path.stat().st_size if path.is_file() else -1 for path in view_paths(image_dir))
+
+
+def copy_digests(image_dirs: list[str]) -> list[str | None]:
+    """`views_digest` of each location whose four view sizes some other location shares, else None: only those
+    can be byte-identical copies, so most locations are never read."""
+    sizes = [view_sizes(d) for d in image_dirs]
+    shared = pd.Series(sizes).duplicated(keep=False).to_numpy()
+    return [views_digest(d) if is_shared else None for d, is_shared in zip(image_dirs, shared)]
+
+
 def gallery_locations(locations: pd.DataFrame, extra: pd.DataFrame | None) -> tuple[pd.DataFrame, GalleryReport]:
     """The gallery's rows (COLUMNS): the run's train and val rows, then `extra`'s, without any row that is the
     same place as a test row (uuid, identical views, or within SAME_PLACE_M) or as an earlier gallery row."""
     test = locations[locations["split"] == "test"]
     own = locations[locations["split"] != "test"][COLUMNS]
     candidates = pd.concat([own, extra], ignore_index=True) if extra is not None and len(extra) else own.reset_index(drop=True)
-    digests = [views_digest(d) for d in candidates["image_dir"]]
-    test_digests = {views_digest(d) for d in test["image_dir"]}
+    digests = copy_digests([*candidates["image_dir"].astype(str), *test["image_dir"].astype(str)])
+    test_digests = {d for d in digests[len(candidates):] if d is not None}
+    digests = pd.Series(digests[:len(candidates)], dtype=object)
     keep = ~candidates["uuid"].astype(str).isin(set(test["uuid"].astype(str))).to_numpy()
-    keep &= np.array([d not in test_digests for d in digests], dtype=bool)
-    keep &= ~pd.Series(digests).duplicated().to_numpy() & ~candidates["uuid"].astype(str).duplicated().to_numpy()
+    keep &= ~digests.isin(test_digests).to_numpy()
+    keep &= ~(digests.notna() & digests.duplicated()).to_numpy() & ~candidates["uuid"].astype(str).duplicated().to_numpy()
     if len(test) and len(candidates):
         points = candidates[["crs_x", "crs_y"]].to_numpy(float)
         test_points = test[["crs_x", "crs_y"]].to_numpy(float)
@@ -99,9 +115,12 @@ def gallery_locations(locations: pd.DataFrame, extra: pd.DataFrame | None) -> tu
 
 @torch.no_grad()
 def fused_embeddings(model: GeoModel, image_dirs: list[str], loader: LoaderConfig, use_cache: bool,
-                     device: torch.device) -> np.ndarray:
+                     device: torch.device, known: Callable[[str], dict[str, torch.Tensor]] | None = None
+                     ) -> np.ndarray:
     """The normalised fused embeddings [N, F] of the locations in `image_dirs` under `model` (eval mode): from the
-    feature cache with `use_cache` (entries missing are computed into it), else from the images."""
+    feature cache with `use_cache` (entries missing are computed into it; `known(directory)` gives the features
+    already in memory for the cache in that directory, by image dir, which are not read again), else from the
+    images."""
     from src.inference.engine import OnnxFeatureExtractor, resolve_engine  # noqa: PLC0415 (onnx: only here)
 
     was_training = model.training
@@ -112,14 +131,17 @@ def fused_embeddings(model: GeoModel, image_dirs: list[str], loader: LoaderConfi
         if use_cache:
             cache = FeatureCache(loader.cache_dir, loader.backbone, model.backbone, loader.image_size,
                                  preprocessing=repr(transform))
-            extract = (OnnxFeatureExtractor(model.backbone, loader.image_size, preprocessing=repr(transform))
-                       if resolve_engine(loader.engine, device) == "onnx" else None)
-            cache.compute_missing(image_dirs, model.backbone, transform, batch_size=loader.batch_size,
-                                  num_workers=loader.num_workers, device=device, extract=extract)
-            features = cache.load_all(image_dirs)
-            for start in range(0, len(features), loader.batch_size):
-                fused = model.fusion(features[start:start + loader.batch_size].to(device))
-                embeddings.append(model.embedding(fused).cpu())
+            in_memory = known(str(cache.directory)) if known is not None else {}
+            rest = list(dict.fromkeys(d for d in image_dirs if d not in in_memory))
+            if rest:  # one pass: the entries found are read once, the missing ones computed
+                extract = (OnnxFeatureExtractor(model.backbone, loader.image_size, preprocessing=repr(transform))
+                           if resolve_engine(loader.engine, device) == "onnx" else None)
+                read = cache.features(rest, model.backbone, transform, batch_size=loader.batch_size,
+                                      num_workers=loader.num_workers, device=device, extract=extract)
+                in_memory = {**in_memory, **dict(zip(rest, read))}
+            for start in range(0, len(image_dirs), loader.batch_size):
+                batch = torch.stack([in_memory[d] for d in image_dirs[start:start + loader.batch_size]])
+                embeddings.append(model.embedding(model.fusion(batch.to(device))).cpu())
         else:
             folders = QuadrupletFolders(image_dirs, {"views": (loader.image_size, transform)}, validate=False)
             batches = DataLoader(folders, batch_size=loader.batch_size, num_workers=loader.num_workers,
@@ -140,7 +162,8 @@ def build_gallery(model: GeoModel, datamodule: GeoDataModule, enriched: Enriched
     extra = extra_locations(list(gallery_dirs), enriched, data) if gallery_dirs else None
     rows, report = gallery_locations(datamodule.locations, extra)
     use_cache = datamodule.loader.cache_dir is not None and not backbone_trained
-    embeddings = fused_embeddings(model, rows["image_dir"].astype(str).tolist(), datamodule.loader, use_cache, device)
+    embeddings = fused_embeddings(model, rows["image_dir"].astype(str).tolist(), datamodule.loader, use_cache, device,
+                                  known=datamodule.features_in_memory)
     gallery = Gallery(embeddings, rows[["crs_x", "crs_y"]].to_numpy(float), rows["label"].to_numpy(),
                       rows["uuid"].astype(str).tolist())
     return gallery, report
