@@ -5,9 +5,12 @@
 
 Every configuration trains K runs with the same seeded folds, so each location is predicted once by a run
 that never saw it; the table gives the out-of-fold mean and median km, the share within 25 km, the standard
-error of the mean, and the constant baseline (each fold's train-mean location). The levers are measured on top
-of the head before the levers; the `defaults --refine` rows on top of src.train's defaults. The last line is
-the best configuration's mean km against the constant's.
+error of the mean, the share of true locations inside the calibrated 50% and 90% confidence regions, and the
+constant baseline (each fold's train-mean location). The levers are measured on top of the head before the
+levers (its own point, no refinement); the `defaults --refine` rows on top of src.train's defaults. A second
+table holds the calibration rows: each configuration's shares inside the regions with the saved calibration
+(temperature and level map, fitted out of fold), with the temperature only, and uncalibrated. The last line
+is the best configuration's mean km against the constant's.
 """
 
 import argparse
@@ -28,9 +31,10 @@ from src.data.ingest import read_datasets
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATASET = ROOT.parent / "shared" / "data" / "lumen_external_subset"
-# the head before the levers (the reference's: concatenated views, one-hot cross-entropy); each lever's
-# flags follow it (argparse keeps the last value), "current defaults" is src.train as it is
-BEFORE = ["--fusion", "concat", "--label-smoothing-km", "0"]
+# the head before the levers (the reference's: concatenated views, one-hot cross-entropy, the head's own point
+# without the retrieval refinement); each lever's flags follow it (argparse keeps the last value), "current
+# defaults" is src.train as it is
+BEFORE = ["--fusion", "concat", "--label-smoothing-km", "0", "--refine", "none"]
 LEVERS = [
     ("current defaults", None),
     ("before the levers", []),
@@ -94,6 +98,20 @@ def errors_km(out: Path, name: str, truth: pd.DataFrame) -> pd.Series:
     return pd.Series(np.asarray(km, float), index=joined["uuid"])
 
 
+# the calibration rows: the variants the out-of-fold reliability check saves (oof_metrics.json "confidence")
+CALIBRATION_VARIANTS = [("calibrated (saved)", ""), ("temperature only", "_temperature_only"),
+                        ("uncalibrated", "_uncalibrated")]
+
+
+def coverage(confidence: dict | None, variant: str) -> str:
+    """'inside 50% / inside 90%' of one calibration variant ('' for the calibrated one) of a run's confidence
+    summary (display string; blank for a regression run, which has none of these variants' keys)."""
+    keys = (f"inside_50{variant}", f"inside_90{variant}")
+    if not confidence or any(key not in confidence for key in keys):
+        return ""
+    return " / ".join(f"{100 * confidence[key]:.0f}%" for key in keys)
+
+
 def summary(km) -> list[str]:
     """n, mean ± standard error, median, share within 25 km (display strings)."""
     km = np.asarray(km, float)
@@ -128,17 +146,23 @@ def main(argv: list[str] | None = None) -> None:
             metrics = run(args.dataset_dir, out, name, flags, args.folds, args.seed)
             constant = metrics["oof_constant_baseline"]
             km = errors_km(out, name, truth)
-            rows.append((name, km))
+            rows.append((name, km, metrics.get("confidence")))
             print(f"{name}: out-of-fold mean {km.mean():.1f} km, median {np.median(km):.1f} km",
                   file=sys.stderr, flush=True)
     table = [["constant (each fold's train mean)", str(constant["count"]), f"{constant['mean_km']:.1f}",
-              f"{constant['median_km']:.1f}", f"{100 * constant['within_25km']:.0f}%", ""]]
-    for name, km in rows:
-        table.append([name, *summary(km), f"{100 * (km.mean() / constant['mean_km'] - 1):+.1f}%"])
+              f"{constant['median_km']:.1f}", f"{100 * constant['within_25km']:.0f}%", "", ""]]
+    for name, km, confidence in rows:
+        table.append([name, *summary(km), coverage(confidence, ""),
+                      f"{100 * (km.mean() / constant['mean_km'] - 1):+.1f}%"])
     print(f"{args.folds}-fold cross-validation on {args.dataset_dir}:")
     print(tabulate(table, headers=["configuration", "n", "oof mean km ± se", "oof median km", "within 25 km",
-                                   "mean vs constant"], tablefmt="github", disable_numparse=True))
-    best_name, best = min(rows, key=lambda row: row[1].mean())
+                                   "inside 50% / 90%", "mean vs constant"], tablefmt="github", disable_numparse=True))
+    calibration = [[f"{name}: {label}", coverage(confidence, variant)]
+                   for name, _, confidence in rows if confidence for label, variant in CALIBRATION_VARIANTS]
+    print("confidence regions out of fold (goal: within 5 points of 50% and 90%):")
+    print(tabulate(calibration, headers=["configuration: probabilities", "inside 50% / 90%"], tablefmt="github",
+                   disable_numparse=True))
+    best_name, best, _ = min(rows, key=lambda row: row[1].mean())
     print(f"best: {best_name}: {best.mean():.1f} km vs constant {constant['mean_km']:.1f} km: "
           f"{best.mean() / constant['mean_km']:.2f}x (the minimum of {len(rows)} noisy figures: optimistic; "
           f"python -m benchmarks.nested_selection gives the honest figure)")

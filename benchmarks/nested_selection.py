@@ -24,11 +24,13 @@ import numpy as np
 import pandas as pd
 from tabulate import tabulate
 
-from benchmarks.accuracy_levers import BEFORE, DEFAULT_DATASET, LEVERS, errors_km, read_truth, run, summary
+from benchmarks.accuracy_levers import BEFORE, DEFAULT_DATASET, LEVERS, ON_DEFAULTS, errors_km, read_truth, run, summary
 from src.inference.checkpoints import read_test_locations
 
-DEFAULT_CANDIDATES = ["current defaults", "before the levers", "--fusion mean", "--label-smoothing-km 40",
-                      "--approach hybrid", "--approach regression"]
+# the defaults with and without the refinement, the head before the levers and each of the defaults' two head
+# levers alone (their runs: the head's own point)
+DEFAULT_CANDIDATES = ["defaults --refine knn", "defaults --refine none", "before the levers", "--fusion mean",
+                      "--label-smoothing-km 40"]
 
 
 def inner_dataset(locations: pd.DataFrame, out: Path) -> Path:
@@ -50,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--folds", type=int, default=5, help="outer folds")
     parser.add_argument("--inner-folds", type=int, default=4, help="inner folds (within each outer training set)")
     parser.add_argument("--seed", type=int, default=0, help="outer seed (the inner runs use seed + 1)")
-    names = [name for name, _ in LEVERS]
+    names = [name for name, _ in LEVERS + ON_DEFAULTS]
     parser.add_argument("--candidates", nargs="+", default=DEFAULT_CANDIDATES, choices=names, metavar="NAME",
                         help=f"levers of benchmarks.accuracy_levers to choose among (default: {DEFAULT_CANDIDATES})")
     parser.add_argument("--combination", action="append", default=[], metavar="FLAGS",
@@ -59,11 +61,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out-dir", type=Path, default=None, help="where the runs go (default: a temporary dir)")
     args = parser.parse_args(argv)
 
-    levers = dict(LEVERS)
+    # as benchmarks.accuracy_levers builds them: None runs src.train's defaults, a lever follows the head before
+    # the levers, an ON_DEFAULTS row follows the defaults
+    levers = {**{name: None if flags is None else BEFORE + flags for name, flags in LEVERS}, **dict(ON_DEFAULTS)}
     common = shlex.split(args.train_flags)
     candidates = []
-    for name in args.candidates:  # as benchmarks.accuracy_levers builds them: None runs src.train's defaults
-        flags = None if levers[name] is None else BEFORE + levers[name]
+    for name in args.candidates:
+        flags = levers[name]
         candidates.append((name, None if flags is None and not common else common + (flags or [])))
     candidates += [(flags, common + shlex.split(flags)) for flags in args.combination]
 
