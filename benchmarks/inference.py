@@ -36,13 +36,13 @@ import aiohttp
 import torch
 
 from benchmarks import DEFAULT_DATASET
-from src.app.server import predict_batch
 from src.core import geo
 from src.data.features import FeatureCache
 from src.data.images import VIEWS
 from src.data.quadruplets import eval_transform, load_quadruplet
 from src.inference.checkpoints import load_model
 from src.inference.engine import OnnxFeatureExtractor, engine_model
+from src.inference.predictor import member_outputs
 from src.model.backbones import backbone_spec, create_backbone
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,7 +85,7 @@ def decode(folder: Path, image_size: int, mean, std) -> torch.Tensor:
 
 def predict_one(model, folder: Path, image_size: int, mean, std) -> tuple[float, float]:
     """What serving one location costs: decode 4 JPEGs, run the model, refine the point, convert to degrees."""
-    _, xy = predict_batch(model, decode(folder, image_size, mean, std))
+    _, xy = member_outputs(model, decode(folder, image_size, mean, std))
     lat, lng = geo.unproject(xy[0, 0], xy[0, 1])
     return float(lat), float(lng)
 

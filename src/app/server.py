@@ -48,8 +48,9 @@ from src.core import geo
 from src.data.quadruplets import eval_transform, input_spec, read_quadruplet
 from src.core.errors import UserError, brief
 from src.evaluation.calibration import UNCALIBRATED_NOTE, member, prediction_details
-from src.inference.engine import engine_model, infer
-from src.inference.retrieval import refine, refinement
+from src.inference.engine import engine_model
+from src.inference.predictor import member_outputs
+from src.inference.retrieval import refinement
 from src.data.images import TOO_MANY_PIXELS, VIEWS, check_image, decode_checked, image_header
 from src.inference.checkpoints import load_model
 
@@ -77,13 +78,6 @@ class Counters:
     batches: int = 0
     locations: int = 0
     largest_batch: int = 0
-
-
-def predict_batch(model, views: torch.Tensor) -> tuple[np.ndarray | None, np.ndarray]:
-    """(class probabilities [B, C] or None, EPSG:3766 x/y [B, 2]) of a batch of quadruplets, the points refined
-    by the model's gallery with --refine knn (in the inference thread: numpy, off the event loop)."""
-    probabilities, xy, embedding = infer(model, views)
-    return probabilities, refine(model, xy, embedding, probabilities)
 
 
 class MicroBatcher:
@@ -139,7 +133,8 @@ class MicroBatcher:
                 continue
             try:
                 views = torch.stack([views for views, _ in batch])
-                probabilities, xy = await loop.run_in_executor(self.executor, predict_batch, self.model, views)
+                # the model and the refinement (numpy) in the inference thread, off the event loop
+                probabilities, xy = await loop.run_in_executor(self.executor, member_outputs, self.model, views)
             except Exception as error:  # reported to each waiting request as a server error
                 for _, future in batch:
                     if not future.done():
