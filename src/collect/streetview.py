@@ -187,6 +187,7 @@ class StreetViewClient:
         url = self.url(suffix, params)
         reason = "no attempt"
         answers_before, refused = self.answers, 0
+        retry_after = None  # the last answer's Retry-After header
         for attempt in range(self.settings.retries + 1):
             if attempt:
                 await self._backoff(attempt - 1, retry_after)

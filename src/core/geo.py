@@ -8,6 +8,7 @@ so s = 65.6 km: a guess 65.6 km off scores 5000/e = 1839, one 10 km off scores 4
 
 import math
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import geopandas as gpd
 import numpy as np
@@ -16,6 +17,9 @@ from pyproj import Transformer
 from tabulate import tabulate
 
 from src.core.paths import BORDER_FILE
+
+if TYPE_CHECKING:  # for the annotations only: the torch functions import it when called
+    import torch
 
 WGS84 = "EPSG:4326"
 CROATIA_CRS = "EPSG:3766"  # HTRS96 / Croatia LCC, metres
