@@ -72,6 +72,20 @@ def test_median_matches_a_brute_force_grid_search():
         assert found < expected_distance(weighted_centroid_xy(weights[row:row + 1], points)[0], weights[row], points)
 
 
+def test_median_of_a_location_does_not_depend_on_its_batch():
+    """Each location stops at its own convergence: alone or beside locations that converge later, its point is
+    bit-identical, and within the tolerance of the fixed-step (ONNX) point."""
+    generator = torch.Generator().manual_seed(1)
+    points = torch.rand(6, 9, 2, generator=generator, dtype=torch.float64) * 300 * KM
+    probabilities = torch.rand(6, 9, generator=generator, dtype=torch.float64) ** 4
+    batch = geometric_median_xy(probabilities, points)
+    for row in range(6):
+        alone = geometric_median_xy(probabilities[row:row + 1], points[row:row + 1])
+        assert torch.equal(alone[0], batch[row])
+    fixed = geometric_median_xy(probabilities, points, fixed_steps=True)
+    assert (fixed - batch).norm(dim=1).max() < 0.01  # metres
+
+
 def test_mode_and_topk():
     probabilities = torch.tensor([[0.1, 0.5, 0.4], [0.45, 0.1, 0.45]])
     torch.testing.assert_close(point_by_rule("mode", probabilities, LINE), LINE[[1, 0]])

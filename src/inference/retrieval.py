@@ -135,8 +135,8 @@ def refine_points(gallery: Gallery, xy: np.ndarray, embeddings: np.ndarray, prob
     rows, found = rows[has], found[has]
     weights = neighbour_weights(similarity[has], found, weighting)
     points = gallery.xy[np.where(found, rows, rows[:, :1])]  # [b, k, 2]; missing rows repeat the nearest (weight 0)
-    # a fixed number of Weiszfeld steps: a location's point does not depend on the others in its batch
-    refined[has] = geometric_median_xy(torch.from_numpy(weights), torch.from_numpy(points), fixed_steps=True).numpy()
+    # each location stops at its own convergence: its point does not depend on the others in its batch
+    refined[has] = geometric_median_xy(torch.from_numpy(weights), torch.from_numpy(points)).numpy()
     return refined
 
 

@@ -53,9 +53,10 @@ def geometric_median_xy(probabilities: torch.Tensor, class_xy: torch.Tensor, top
 
     Uses Vardi and Zhang's (2000) step, so an iterate landing exactly on a centroid neither divides by
     zero nor sticks there unless that centroid is the optimum (its weight >= the pull of the others).
-    Starts at the weighted mean; stops when no point moves more than `tol_m` metres, or after `max_iter`
-    steps (always all of them with `fixed_steps`, which needs no host synchronisation, and while it is
-    exported to ONNX, so the graph computes the same point).
+    Starts at the weighted mean; each location stops at the first step that moves it no more than `tol_m`
+    metres (so its point does not depend on the other locations of its batch), all of them after `max_iter`
+    steps (always all the steps with `fixed_steps`, which needs no host synchronisation, and while it is
+    exported to ONNX, so the graph computes the same point to within `tol_m`).
     """
     weights = top_probabilities(probabilities.to(torch.float64), topk)
     points = _per_location(class_xy.to(torch.float64), weights.shape[0])
@@ -64,6 +65,7 @@ def geometric_median_xy(probabilities: torch.Tensor, class_xy: torch.Tensor, top
     span = (points.amax(dim=1) - points.amin(dim=1)).amax(dim=1, keepdim=True)  # [B, 1]
     coincide_m = 1e-9 * span.clamp_min(1.0)
     check = not (fixed_steps or torch.compiler.is_exporting() or torch.jit.is_tracing())
+    moving = torch.ones(current.shape[0], 1, dtype=torch.bool, device=current.device) if check else None
     for _ in range(max_iter):
         offsets = points - current.unsqueeze(1)  # [B, C, 2]
         distance = offsets.norm(dim=2)  # [B, C]
@@ -76,9 +78,11 @@ def geometric_median_xy(probabilities: torch.Tensor, class_xy: torch.Tensor, top
         keep = (held / pull.clamp_min(tiny)).clamp(max=1.0)
         stay = (pull <= held) | (inverse.sum(1, keepdim=True) == 0)
         following = torch.where(stay, current, (1 - keep) * update + keep * current)
-        step = (following - current).norm(dim=1).max() if check else None
+        if check:  # a location that has converged keeps its point
+            following = torch.where(moving, following, current)
+            moving = moving & ((following - current).norm(dim=1, keepdim=True) > tol_m)
         current = following
-        if check and step <= tol_m:
+        if check and not moving.any():
             break
     return current
 
