@@ -26,11 +26,11 @@ import numpy as np
 import pandas as pd
 from tabulate import tabulate
 
+from benchmarks import DEFAULT_DATASET
 from src.core import geo
 from src.data.ingest import read_datasets
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DATASET = ROOT.parent / "shared" / "data" / "lumen_external_subset"
 # the head before the levers (the reference's: concatenated views, one-hot cross-entropy, the head's own point
 # without the retrieval refinement); each lever's flags follow it (argparse keeps the last value), "current
 # defaults" is src.train as it is

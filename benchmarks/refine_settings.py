@@ -17,7 +17,6 @@ import contextlib
 import itertools
 import json
 import shlex
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -27,6 +26,7 @@ import pandas as pd
 from tabulate import tabulate
 
 from benchmarks import DEFAULT_DATASET
+from benchmarks.accuracy_levers import run, run_name
 from src.core import geo
 from src.data.config import LOCATIONS_FILE
 from src.data.quadruplets import QuadrupletFolders, collate_quadruplets, input_spec, spec_transforms
@@ -34,23 +34,8 @@ from src.inference.checkpoints import load_model, read_test_locations
 from src.inference.engine import engine_model, infer
 from src.inference.retrieval import WEIGHTINGS, refine_points
 
-ROOT = Path(__file__).resolve().parent.parent
 KS = (1, 5, 10, 20)
 GATES = (0.5, 0.8, 0.95, 1.0)
-
-
-def cross_validate(dataset: Path, out: Path, folds: int, seed: int, flags: list[str]) -> Path:
-    """A `src.train --folds --refine knn` run; its version folder."""
-    command = [sys.executable, "-m", "src.train", "--approach", "classification", "--dataset-dirs", str(dataset),
-               "--folds", str(folds), "--seed", str(seed), "--out-dir", str(out), "--run-name", "refine",
-               "--cache-dir", str(out / "cache"), "--refine", "knn", *flags]
-    if "--approach" in flags:
-        at = command.index("--approach")
-        del command[at:at + 2]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"src.train failed:\n{result.stderr[-3000:]}")
-    return out / "refine" / "version_0"
 
 
 def fold_outputs(checkpoint: Path, truth: pd.DataFrame) -> dict:
@@ -87,8 +72,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out-dir", type=Path, default=None, help="where the run goes (default: a temporary dir)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        run_dir = args.run_dir or cross_validate(args.dataset_dir, args.out_dir or Path(tmp), args.folds, args.seed,
-                                                 shlex.split(args.train_flags))
+        out = args.out_dir or Path(tmp)
+        if args.run_dir is None:  # one `src.train --folds K --refine knn` run (resumed when --out-dir holds it)
+            run(args.dataset_dir, out, "refine", ["--refine", "knn", *shlex.split(args.train_flags)], args.folds,
+                args.seed)
+        run_dir = args.run_dir or out / run_name("refine") / "version_0"
         checkpoints = [Path(p) for p in json.loads((run_dir / "oof_metrics.json").read_text())["checkpoints"]]
         folds = [fold_outputs(path, pd.read_csv(path.parent.parent / LOCATIONS_FILE)) for path in checkpoints]
     regression = folds[0]["probabilities"] is None

@@ -27,9 +27,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from src.core.choices import CENTROID_KINDS, ENGINES, PREDICT_RULES, REFINE_METHODS
+from src.core.choices import CENTROID_KINDS, ENGINES, PREDICT_RULES
 from src.core.errors import run_cli
-from src.core.flags import REFINE_RULES, Rule, at_least, check_ranges
+from src.core.flags import REFINE_RULES, Rule, add_refine_arguments, at_least, check_ranges
 from src.core.paths import REPORTS_DIR, default_feature_cache_dir
 
 if TYPE_CHECKING:
@@ -53,15 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--predict-rule", choices=PREDICT_RULES, default=None,
                         help="class probabilities -> point: probability-weighted mean, geometric median (minimises "
                              "the expected km) or mode (the most likely class) (default: as trained)")
-    parser.add_argument("--refine", choices=REFINE_METHODS, default=None,
-                        help="knn: the point from the k nearest locations of the checkpoint's gallery (embedding "
-                             "cosine similarity) within its most likely classes; none: the head's point "
-                             "(default: as trained)")
-    parser.add_argument("--refine-k", type=int, default=None,
-                        help="--refine knn: gallery neighbours whose geometric median is the point (default: as trained)")
-    parser.add_argument("--refine-gate", type=float, default=None, metavar="P",
-                        help="--refine knn: search the most likely classes up to a cumulative probability of P; 1 "
-                             "for the whole gallery (default: as trained)")
+    add_refine_arguments(parser)
     parser.add_argument("--tta", action="store_true",
                         help="also predict the mirrored quadruplet (views flipped, 90/270 swapped) and average")
     parser.add_argument("--batch-size", type=int, default=32, help="locations per batch (default: 32)")

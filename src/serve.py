@@ -24,8 +24,8 @@ import sys
 from pathlib import Path
 
 from src.core.errors import UserError, run_cli
-from src.core.choices import REFINE_METHODS
-from src.core.flags import REFINE_RULES, Rule, at_least, check_ranges, non_negative_finite, positive_finite
+from src.core.flags import (REFINE_RULES, Rule, add_refine_arguments, at_least, check_ranges, non_negative_finite,
+                            positive_finite)
 
 # the library (torch, ONNX Runtime, geopandas) is imported in main(), after parsing: --help and flag errors are fast
 
@@ -67,14 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds a client has to send an upload's body; slower uploads get 408 and are "
                              "disconnected (default: 60.0)")
     parser.add_argument("--top", type=int, default=5, help="most likely cells in each answer (default: 5)")
-    parser.add_argument("--refine", choices=REFINE_METHODS, default=None,
-                        help="knn: the point from the k nearest locations of the checkpoint's gallery within its most "
-                             "likely classes; none: the head's point (default: as trained)")
-    parser.add_argument("--refine-k", type=int, default=None,
-                        help="--refine knn: gallery neighbours whose geometric median is the point (default: as trained)")
-    parser.add_argument("--refine-gate", type=float, default=None, metavar="P",
-                        help="--refine knn: search the most likely classes up to a cumulative probability of P; 1 "
-                             "for the whole gallery (default: as trained)")
+    add_refine_arguments(parser)
     parser.add_argument("--engine", default="auto", metavar="{auto,torch,onnx}",
                         help="torch or ONNX Runtime; auto: onnx on the CPU, torch on a GPU (default: auto)")
     parser.add_argument("--threads", type=int, default=0,

@@ -21,10 +21,11 @@ import sys
 from pathlib import Path
 
 from src.core.errors import UserError, run_cli
-from src.core.flags import REFINE_RULES, Rule, at_least, check_ranges, non_negative_finite, positive_finite
+from src.core.flags import (REFINE_RULES, Rule, add_refine_arguments, at_least, check_ranges, non_negative_finite,
+                            positive_finite)
 from src.core.paths import default_feature_cache_dir
 from src.data.config import AUGMENT_CHOICES, LoaderConfig, add_data_arguments, add_locations_argument
-from src.core.choices import BACKBONES, CENTROID_KINDS, ENGINES, FUSIONS, PREDICT_RULES, REFINE_METHODS
+from src.core.choices import BACKBONES, CENTROID_KINDS, ENGINES, FUSIONS, PREDICT_RULES
 from src.model.config import (APPROACHES, DEFAULT_FUSION, DEFAULT_LABEL_SMOOTHING_KM, DEFAULT_PREDICT_RULE,
                               DEFAULT_REFINE, DEFAULT_REFINE_GATE, DEFAULT_REFINE_K, OPTIMIZERS, SCHEDULERS,
                               ModelConfig, OptimConfig)
@@ -90,16 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
                             f"cross-entropy (default: {DEFAULT_LABEL_SMOOTHING_KM:g})")
     model.add_argument("--offset-weight", type=float, default=1.0,
                        help="hybrid: weight of the offset loss beside the cell loss (default: 1)")
-    model.add_argument("--refine", choices=REFINE_METHODS, default=DEFAULT_REFINE,
-                       help="knn: after training, keep a gallery of the fused embeddings of the train and val locations "
-                            "in the best checkpoint, and predict the geometric median of the k nearest gallery "
-                            "locations (cosine) within the most likely classes; none: the head's point "
-                            f"(default: {DEFAULT_REFINE})")
-    model.add_argument("--refine-k", type=int, default=DEFAULT_REFINE_K,
-                       help=f"--refine knn: gallery neighbours whose geometric median is the point (default: {DEFAULT_REFINE_K})")
-    model.add_argument("--refine-gate", type=float, default=DEFAULT_REFINE_GATE, metavar="P",
-                       help="--refine knn: search the most likely classes up to a cumulative probability of P; 1 for "
-                            f"the whole gallery; regression always searches it all (default: {DEFAULT_REFINE_GATE:g})")
+    add_refine_arguments(model, (DEFAULT_REFINE, DEFAULT_REFINE_K, DEFAULT_REFINE_GATE),
+                         knn="after training, keep a gallery of the fused embeddings of the train and val locations "
+                             "in the best checkpoint, and predict the geometric median of the k nearest gallery "
+                             "locations (cosine) within the most likely classes")
     model.add_argument("--gallery-dirs", nargs="+", type=Path, default=[], metavar="DIR",
                        help="--refine knn: dataset dirs whose locations join the gallery (e.g. a downloaded set; "
                             "copies of test locations are left out) (default: none)")

@@ -7,7 +7,6 @@ by the DataModule (`hparams`, the keys older checkpoints stored among the model'
 
 import argparse
 import math
-import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -15,7 +14,7 @@ from typing import Any, Mapping
 from src.core.choices import CELL_KINDS, SPLIT_BY
 from src.core.errors import UserError
 from src.core.flags import SEED_RULE, Rule, check_ranges
-from src.core.paths import IMAGE_CHECK_CACHE_DIR, ROOT
+from src.core.paths import CHECK_CACHE_ENV, ROOT, default_check_cache
 
 # column prefix of each centroid kind in the class table and the enriched CSV
 CENTROID_PREFIX = {"plain": "centroid", "clipped": "clipped", "weighted": "weighted"}
@@ -24,12 +23,6 @@ DEFAULT_SPACINGS = (0.25, 0.5, 1.0, 2.0)  # the grid spacings of src.analyze's o
 SPACING_RANGE = (0.01, 10.0)  # degrees: below ~1 km cells the grid gets huge, above it is one cell
 MAX_CLASSES = 5000  # adaptive cells: k-means cost grows with locations x classes
 LOCATIONS_FILE = "locations.csv"  # a training run's enriched locations, in its version_N folder
-CHECK_CACHE_ENV = "IMAGE_CHECK_CACHE_DIR"  # overrides the image checks' default folder (the tests use a temporary one)
-
-
-def default_check_cache() -> Path:
-    """The default folder of the remembered image checks: $IMAGE_CHECK_CACHE_DIR, else data/cache/image_checks."""
-    return Path(os.environ.get(CHECK_CACHE_ENV) or IMAGE_CHECK_CACHE_DIR)
 
 
 def spacing_rule(name: str = "spacing") -> Rule:

@@ -169,13 +169,19 @@ def backbone_trained(path: str | Path, flag: str = "--checkpoint") -> bool:
     return checkpoint_phase(checkpoint) == FINE_TUNING
 
 
-def write_calibration(path: str | Path, calibration) -> None:
-    """Replace the calibration a checkpoint carries (`src.evaluation.calibration.Calibration`; the
-    cross-validation's out-of-fold fit), atomically."""
+def write_checkpoint_entry(path: str | Path, key: str, value: Any) -> None:
+    """Set one entry of a checkpoint file (the gallery of --refine knn, a refitted calibration), rewritten
+    atomically: a reader sees the old or the new file."""
     checkpoint = read_checkpoint(path)  # memory-mapped: the old file stays readable until the rename
-    checkpoint["calibration"] = calibration.to_checkpoint()
+    checkpoint[key] = value
     with atomic_path(path) as tmp:
         torch.save(checkpoint, tmp)
+
+
+def write_calibration(path: str | Path, calibration) -> None:
+    """Replace the calibration a checkpoint carries (`src.evaluation.calibration.Calibration`; the
+    cross-validation's out-of-fold fit)."""
+    write_checkpoint_entry(path, "calibration", calibration.to_checkpoint())
 
 
 def load_model(path: str | Path, device: str = "cpu", flag: str = "--checkpoint",

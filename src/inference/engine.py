@@ -3,8 +3,8 @@
 An exported model maps `views` [B, 4, 3, S, S] (normalised, view order 0, 90, 180, 270) to `probabilities`
 [B, C] (classification; `scaled_xy` [B, 2] for regression), `xy` [B, 2], the head's EPSG:3766 position in
 metres (float64; `src.core.geo.unproject` turns it into latitude/longitude), and `embedding` [B, F], the fused
-embedding, L2-normalised, that `src.inference.retrieval` searches its gallery with (in numpy, after the graph). A backbone export maps
-`images` [N, 3, S, S] to `features` [N, D]. The batch axis is dynamic; the opset is `OPSET`. Exports are
+embedding, L2-normalised, that `src.inference.retrieval` searches its gallery with (in numpy, after the
+graph). A backbone export maps `images` [N, 3, S, S] to `features` [N, D]. The batch axis is dynamic; the opset is `OPSET`. Exports are
 checked against torch, made once and kept, stamped with a key that a stale file fails. `resolve_engine`
 picks the engine for --engine {auto,torch,onnx}: auto means ONNX Runtime on the CPU and torch on a GPU.
 
@@ -18,8 +18,8 @@ tests/test_export.py trains in such a child.
 ONNX Runtime; auto means ONNX Runtime on the CPU and torch on a GPU. The engines keep their exports in one
 store shared by every checkpoint and feature cache folder (data/cache/onnx, or $ONNX_CACHE_DIR), one file per
 key: a hash of what changes the graph (the weights, input size, preprocessing, the whole model's hparams
-such as its head and prediction rule but not the refinement's, which runs after the graph, opset, exporter, torch version and `EXPORT_VERSION`). A missing file
-is exported once, under a lock file, to a temporary name unique to the host and process, checked, then
+such as its head and prediction rule, but not the refinement's, which runs after the graph; the opset,
+exporter, torch version and `EXPORT_VERSION`). A missing file is exported once, under a lock file, to a temporary name unique to the host and process, checked, then
 renamed into place, so DDP ranks and commands running at once never read a partial file.
 """
 
@@ -45,7 +45,7 @@ from tqdm import tqdm
 from src.core.choices import ENGINES
 from src.core.errors import UserError
 from src.core.files import atomic_path
-from src.core.paths import ONNX_CACHE_DIR
+from src.core.paths import onnx_store_dir
 from src.model.backbones import Backbone
 from src.model.config import REFINE_HPARAMS
 
@@ -55,7 +55,6 @@ OPSET = 18
 EXPORTER = "torchscript"  # torch.onnx.export(dynamo=False)
 EXPORT_VERSION = 3  # bump when what an export writes changes: stored files of older versions are not reused
 KEY = "src.export.key"  # ONNX metadata entry holding what the file was exported from
-STORE_ENV = "ONNX_CACHE_DIR"  # overrides the store's folder (tests point it at a temporary folder)
 FEATURES_RTOL, FEATURES_ATOL = 1e-3, 1e-4  # a backbone export agrees with torch's features within these
 
 
@@ -126,11 +125,6 @@ def _export(module: nn.Module, example: torch.Tensor, out: Path, input_name: str
     onnx.save(proto, str(out))
 
 
-def store_dir() -> Path:
-    """The export store's folder: $ONNX_CACHE_DIR, else data/cache/onnx."""
-    return Path(os.environ.get(STORE_ENV) or ONNX_CACHE_DIR)
-
-
 def store_key(kind: str, weights: str, **graph) -> str:
     """The key of an export: what it is, a hash of the weights, whatever else changes its graph, and the
     opset, exporter, torch version and EXPORT_VERSION."""
@@ -167,7 +161,7 @@ def stored_export(what: str, key: str, module: nn.Module, example: torch.Tensor,
     Says `exporting the <what> to ONNX (once): N.N s` on stderr when it has exported. Under the lock, a second
     process waits and then finds the file; the temporary name holds host and pid, so even processes on
     different hosts sharing the folder never write the same file, and the rename is atomic."""
-    path = store_dir() / f"{what.split()[-1]}-{hashlib.sha256(key.encode()).hexdigest()[:24]}.onnx"
+    path = onnx_store_dir() / f"{what.split()[-1]}-{hashlib.sha256(key.encode()).hexdigest()[:24]}.onnx"
     if path.is_file():
         return path
     with _locked(path.with_suffix(".lock")):

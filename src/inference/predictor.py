@@ -9,8 +9,8 @@ A model whose backbone was never trained (frozen in its run) can read its backbo
 cache that training filled (`CachedBackbone`, `src.data.features`), computing the missing entries, and run
 only its head: the same points up to float tolerance, without decoding the images or running the backbone
 again. Only locations whose four views pass the image check do; the others go through the whole model.
-With `details`, each row also gets the confidence
-regions and the most likely cells (`src.evaluation.calibration.prediction_details`).
+With `details`, each row also gets the confidence regions and the most likely cells
+(`src.evaluation.calibration.prediction_details`).
 """
 
 import sys

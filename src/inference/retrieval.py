@@ -10,7 +10,7 @@ At prediction time, for each location: the candidate classes are the most likely
 add up to the gate (PIGEON refines within its top geocells; a cumulative gate takes one class when the head is
 sure and more when it is not; regression, which has no class probabilities, searches the whole gallery); among
 the gallery locations of those classes the k nearest by cosine similarity are found, and the point is their
-geometric median weighted by similarity (`refine_points`). The search runs in numpy on the embedding that both
+geometric median weighted by the inverse cosine distance (`refine_points`). The search runs in numpy on the embedding that both
 engines return (`src.inference.engine.infer`), so torch and ONNX Runtime refine alike.
 """
 

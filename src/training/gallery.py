@@ -1,5 +1,5 @@
 """The retrieval gallery of a training run (`--refine knn`, `src.inference.retrieval`): built after fit from the
-best checkpoint's weights and saved into that checkpoint.
+best checkpoint's weights and saved into that checkpoint (`src.inference.checkpoints.write_checkpoint_entry`).
 
 Its locations are the run's labelled locations outside the test split (train and val) and those of any
 `--gallery-dirs` (read and checked as the dataset dirs are, labelled with the run's classes by position). A
@@ -23,7 +23,6 @@ import torch
 from torch.utils.data import DataLoader
 
 from src.core import geo
-from src.core.files import atomic_path
 from src.data.cells import nearest_class
 from src.data.config import DataConfig, LoaderConfig
 from src.data.datamodule import GeoDataModule
@@ -32,7 +31,7 @@ from src.data.features import FeatureCache
 from src.data.images import view_paths
 from src.data.ingest import read_datasets
 from src.data.quadruplets import QuadrupletFolders, collate_quadruplets, eval_transform
-from src.inference.retrieval import GALLERY_KEY, Gallery
+from src.inference.retrieval import Gallery
 from src.model.geomodel import GeoModel
 
 SAME_PLACE_M = 1.0  # gallery locations closer than this to a test location count as that location
@@ -168,10 +167,3 @@ def build_gallery(model: GeoModel, datamodule: GeoDataModule, enriched: Enriched
                       rows["uuid"].astype(str).tolist())
     return gallery, report
 
-
-def save_gallery(checkpoint: str | Path, gallery: Gallery) -> None:
-    """Add `gallery` to the checkpoint file (rewritten atomically: a reader sees the old or the new file)."""
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    saved[GALLERY_KEY] = gallery.state()
-    with atomic_path(checkpoint) as tmp:
-        torch.save(saved, tmp)

@@ -36,7 +36,8 @@ from src.data.locations import write_locations_csv
 from src.evaluation.calibration import (DETAILS_COLUMNS, VAL_SPLIT, Details, Labelled, Member, Reliability,
                                         cross_fitted, details_columns, variant_details)
 from src.evaluation.plots import reliability_figure, training_curves
-from src.inference.checkpoints import checkpoint_phase, read_checkpoint, read_data_config, write_calibration
+from src.inference.checkpoints import (checkpoint_phase, read_checkpoint, read_data_config, write_calibration,
+                                      write_checkpoint_entry)
 from src.model.backbones import backbone_spec, default_backbone
 from src.model.config import ClassTable, ModelConfig
 from src.model.finetune import FINE_TUNING, FreezeThenUnfreeze, phase_starts
@@ -397,8 +398,8 @@ def attach_gallery(config: RunConfig, trainer: pl.Trainer, model: GeoModel, data
     """The post-fit step of --refine knn: the retrieval gallery of the run, built with the best checkpoint's
     weights (`src.training.gallery`), set on `model` (its test refines by it; every process builds it) and added
     to the best checkpoint (rank 0 writes)."""
-    from src.inference.retrieval import Gallery  # noqa: PLC0415
-    from src.training.gallery import build_gallery, save_gallery  # noqa: PLC0415
+    from src.inference.retrieval import GALLERY_KEY, Gallery  # noqa: PLC0415
+    from src.training.gallery import build_gallery  # noqa: PLC0415
 
     checkpoint = read_checkpoint(best)
     model.load_state_dict(checkpoint["state_dict"])
@@ -407,7 +408,7 @@ def attach_gallery(config: RunConfig, trainer: pl.Trainer, model: GeoModel, data
                                     trainer.strategy.root_device)
     model.gallery = Gallery.from_state(gallery.state())  # as predict loads it (float16 embeddings)
     if trainer.is_global_zero:
-        save_gallery(best, gallery)
+        write_checkpoint_entry(best, GALLERY_KEY, gallery.state())
     say(report.line(len(gallery)))
 
 
